@@ -1,0 +1,72 @@
+"""``qpo collect``: benchmark the prompt pool on the target and write the offline dataset D0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ._common import console, user_errors
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+def command(
+    task: Annotated[str, typer.Option(help="Built-in task (sst2, mr, cr, ag_news, tweet_emotion, gsm8k, svamp) or a task.json spec.")] = "sst2",
+    target: Annotated[str, typer.Option(help="Target LLM: model name/path, or a LangChain chat model as module:factory.")] = "smollm2-135m-instruct",
+    queries: Annotated[int, typer.Option(help="Train queries to score (the D0 query set).")] = 50,
+    prompts: Annotated[str, typer.Option(help="'all', a number N (first N of the pool), or a JSON file of prompts.")] = "all",
+    out: Annotated[Path, typer.Option(help="Run directory (created; re-run the same command to resume).")] = Path("runs/sst2"),
+    collect_queries: Annotated[int, typer.Option(help="Held-out queries for the training loops.")] = 100,
+    test_queries: Annotated[int, typer.Option(help="Held-out test queries.")] = 100,
+    shots: Annotated[int, typer.Option(help="Few-shot demonstrations per query (0 = zero-shot).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the splits and demonstrations.")] = 0,
+    data_dir: Annotated[str | None, typer.Option(help="Data collection root (default: $QPO_DATA).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Pairs per forward pass on a local target.")] = 16,
+    no_empty: Annotated[bool, typer.Option("--no-empty", help="Do not score the empty prompt (no instruction).")] = False,
+) -> None:
+    """Score every (train query, pool prompt) pair on the target and write D0 to OUT/dataset.jsonl."""
+    with user_errors():
+        from qpo_middleware.training.collect import CollectConfig, collect
+
+        config = CollectConfig(task=task, target=target, queries=queries, prompts=prompts,
+                               collect_queries=collect_queries, test_queries=test_queries, shots=shots, seed=seed,
+                               data_dir=data_dir, batch_size=batch_size, include_empty=not no_empty)
+        with progress_bar() as bar:
+            job = bar.add_task("scoring pairs", total=None)
+            summary = collect(config, out, progress=lambda done, total: bar.update(job, completed=done, total=total))
+    print_summary(summary)
+    console.print(f"[green]D0 written:[/] {out / 'dataset.jsonl'} ({summary.dataset_records} records)")
+
+
+def print_summary(summary: object) -> None:
+    table = Table(title=f"{summary.task} on {summary.target}: accuracy per prompt over {summary.queries} train queries")
+    table.add_column("prompt")
+    table.add_column("source", style="dim")
+    table.add_column("accuracy", justify="right")
+    for stats in summary.prompts:
+        text = stats.prompt if stats.prompt else "(no instruction)"
+        table.add_row(text if len(text) <= 70 else text[:67] + "...", stats.prompt_id, f"{stats.accuracy:.1%}")
+    console.print(table)
+    accuracies = [s.accuracy for s in summary.prompts]
+    console.print(
+        f"best single prompt: [bold]{summary.best_prompt.accuracy:.1%}[/] ({summary.best_prompt.prompt_id})   "
+        f"spread: {min(accuracies):.1%} - {max(accuracies):.1%}   per-query oracle: [bold]{summary.oracle_accuracy:.1%}[/]"
+    )
+    console.print(
+        f"target calls: {summary.target_calls}   from cache: {summary.cached_pairs}   failed: {summary.failed_pairs}   "
+        f"tokens scored: {summary.tokens_scored:,}   new records: {summary.records_written}"
+    )

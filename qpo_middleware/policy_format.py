@@ -1,0 +1,97 @@
+"""How a query becomes the policy's input ids, shared by training and the runtime.
+
+The policy is a plain causal LM. Its input is::
+
+    prefix_ids + [reward_token_id] + query_ids[:query_max_tokens] + separator_ids
+
+and it continues with the prompt tokens, then ``eos``. Reward conditioning is a
+special token per reward bucket (bucket 0 = lowest reward); at inference the
+policy is conditioned on the top bucket. Training builds its examples with
+:meth:`PolicyFormat.input_ids` and the runtime builds its inputs with the same
+method, read back from the bundle manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+class PolicyFormatError(ValueError):
+    """The policy format in a manifest or config is invalid."""
+
+
+def reward_token(bucket: int) -> str:
+    """The special token string of reward bucket ``bucket``."""
+    return f"<|qpo_reward_{bucket}|>"
+
+
+@dataclass(frozen=True)
+class PolicyFormat:
+    """Token-level layout of the policy's input; stored in the bundle's ``qpo.json``."""
+
+    reward_token_ids: tuple[int, ...]
+    separator_ids: tuple[int, ...]
+    eos_token_ids: tuple[int, ...]
+    prefix_ids: tuple[int, ...] = ()
+    query_max_tokens: int = 40
+    prompt_max_tokens: int = 40
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("reward_token_ids", "separator_ids", "eos_token_ids", "prefix_ids"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(i, int) and i >= 0 for i in value):
+                raise PolicyFormatError(f"policy.{name} must be a list of non-negative token ids; got {value!r}.")
+        if not self.reward_token_ids:
+            raise PolicyFormatError("policy.reward_token_ids is empty: the policy needs at least one reward token.")
+        if not self.eos_token_ids:
+            raise PolicyFormatError("policy.eos_token_ids is empty: decoding could never stop on EOS.")
+        for name in ("query_max_tokens", "prompt_max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= 4096:
+                raise PolicyFormatError(f"policy.{name} must be an integer in 1..4096; got {value!r}.")
+
+    @property
+    def top_bucket(self) -> int:
+        return len(self.reward_token_ids) - 1
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids the policy must never emit inside a prompt."""
+        return frozenset(self.reward_token_ids) | frozenset(self.separator_ids) | frozenset(self.eos_token_ids)
+
+    def input_ids(self, query_ids: Sequence[int], bucket: int | None = None) -> list[int]:
+        """The policy input for an already-tokenized query, conditioned on ``bucket`` (default: top)."""
+        bucket = self.top_bucket if bucket is None else bucket
+        if not 0 <= bucket <= self.top_bucket:
+            raise PolicyFormatError(f"Reward bucket {bucket} is outside 0..{self.top_bucket}.")
+        # A query made of the policy's own special tokens must not steer it: drop them.
+        special = self.special_ids
+        query = [int(t) for t in query_ids if int(t) not in special][: self.query_max_tokens]
+        return [*self.prefix_ids, self.reward_token_ids[bucket], *query, *self.separator_ids]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PolicyFormat:
+        if not isinstance(data, Mapping):
+            raise PolicyFormatError(f"policy must be a JSON object; got {type(data).__name__}.")
+        known = {"reward_token_ids", "separator_ids", "eos_token_ids", "prefix_ids", "query_max_tokens",
+                 "prompt_max_tokens", "pad_token_id"}
+        unknown = set(data) - known
+        if unknown:
+            raise PolicyFormatError(f"Unknown policy field(s) {sorted(unknown)}; known: {sorted(known)}.")
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key.endswith("_ids"):
+                if not isinstance(value, list | tuple):
+                    raise PolicyFormatError(f"policy.{key} must be a list of token ids; got {value!r}.")
+                value = tuple(value)
+            values[key] = value
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise PolicyFormatError(f"policy is missing a required field: {exc}") from exc

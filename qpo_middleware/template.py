@@ -1,0 +1,112 @@
+"""Render (prompt, query) into what the target LLM sees.
+
+Training scores prompts with :meth:`Template.render` and production renders
+with the very same function, so what was rewarded is what is sent. The query
+text always appears verbatim in the result; the prompt is only added around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Placement = Literal["before", "after", "system"]
+PLACEMENTS: tuple[str, ...] = ("before", "after", "system")
+
+_MAX_FIELD_CHARS = 4096
+
+
+class TemplateError(ValueError):
+    """A template description is invalid; the message says which field and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One few-shot demonstration: a query and its answer as the target should write it."""
+
+    query: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The rendered input: chat ``messages`` and the user turn as ``text``."""
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Template:
+    """Where the prompt goes relative to the query.
+
+    * ``before``: ``prompt + separator + query`` in the user turn (an instruction);
+    * ``after``: ``query + separator + prompt`` in the user turn (a suffix);
+    * ``system``: the prompt is the system message, the user turn is the query.
+
+    Demonstrations (few-shot) come before the query in the user turn, each as
+    ``demo_format`` joined by ``demo_separator``.
+    """
+
+    placement: Placement = "before"
+    separator: str = "\n\n"
+    demo_format: str = "{query}\nAnswer: {answer}"
+    demo_separator: str = "\n\n"
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise TemplateError(
+                f"Template placement must be one of {', '.join(PLACEMENTS)}; got {self.placement!r}."
+            )
+        for name in ("separator", "demo_format", "demo_separator"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TemplateError(f"Template field {name!r} must be a string; got {type(value).__name__}.")
+            if len(value) > _MAX_FIELD_CHARS:
+                raise TemplateError(f"Template field {name!r} is longer than {_MAX_FIELD_CHARS} characters.")
+        try:
+            self.demo_format.format(query="q", answer="a")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise TemplateError(
+                "Template demo_format may only use the fields {query} and {answer} "
+                f"(escape literal braces as {{{{ }}}}); got {self.demo_format!r}: {exc}"
+            ) from exc
+
+    def user_text(self, prompt: str, query: str, demos: Sequence[Demo] = ()) -> str:
+        """The user turn: demonstrations, then the query, with the prompt per ``placement``."""
+        body = query
+        if demos:
+            shots = self.demo_separator.join(self.demo_format.format(query=d.query, answer=d.answer) for d in demos)
+            body = shots + self.demo_separator + query
+        if not prompt or self.placement == "system":
+            return body
+        if self.placement == "before":
+            return prompt + self.separator + body
+        return body + self.separator + prompt
+
+    def render(self, prompt: str, query: str, demos: Sequence[Demo] = ()) -> Rendered:
+        """Render into chat messages plus the user-turn text; ``query`` is kept verbatim."""
+        text = self.user_text(prompt, query, demos)
+        messages: list[dict[str, str]] = []
+        if prompt and self.placement == "system":
+            messages.append({"role": "system", "content": prompt})
+        messages.append({"role": "user", "content": text})
+        return Rendered(messages=messages, text=text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Template:
+        """Build from a manifest/config mapping; unknown keys are an error (they signal a newer format)."""
+        if not isinstance(data, Mapping):
+            raise TemplateError(f"A template must be a JSON object; got {type(data).__name__}.")
+        known = {"placement", "separator", "demo_format", "demo_separator"}
+        unknown = set(data) - known
+        if unknown:
+            raise TemplateError(
+                f"Unknown template field(s) {sorted(unknown)}; known: {sorted(known)}. "
+                "Upgrade qpo-middleware if the bundle was made by a newer version."
+            )
+        return cls(**dict(data))

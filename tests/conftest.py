@@ -1,0 +1,34 @@
+"""Shared test setup: where the real data lives, and markers for the real-model tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+
+def data_dir() -> Path | None:
+    path = Path(os.environ.get("QPO_DATA", DEFAULT_DATA))
+    return path if (path / "sst2").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The public data collection (../shared/data); tests that need it skip with the fix when it is absent."""
+    path = data_dir()
+    if path is None:
+        pytest.skip("real data not found: set QPO_DATA to the data collection (../shared/data in this repo)")
+    os.environ.setdefault("QPO_DATA", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_target():
+    """One shared SmolLM2 target for the real-model tests (loading it takes a few seconds)."""
+    from qpo_middleware.training.targets import HFTarget
+
+    return HFTarget(batch_size=20)

