@@ -1,0 +1,48 @@
+"""``qpo export``: turn a trained policy checkpoint into a bundle for the torch-free runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ._common import console, user_errors
+
+
+def command(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="Policy checkpoint directory written by `qpo train` (holds qpo_policy.json)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")],
+    quantize: Annotated[
+        str | None, typer.Option(help="Quantize the model: 'int8' (dynamic, for CPU serving).")
+    ] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Export in half precision (for GPU serving).")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")
+    ] = False,
+) -> None:
+    """Export a policy checkpoint to a bundle: model.onnx + tokenizer.json + qpo.json (with checksums)."""
+    with user_errors():
+        from qpo_middleware.training.export import export_bundle, read_policy_meta
+
+        meta = read_policy_meta(checkpoint)
+        with console.status("Exporting…") as status:
+
+            def on_step(message: str) -> None:
+                console.log(message)
+                status.update(message + "…")
+
+            bundle = export_bundle(
+                checkpoint, out, quantize=quantize, fp16=fp16, overwrite=overwrite, on_step=on_step, **meta
+            )
+        table = Table(title=f"Bundle {bundle}", show_header=True)
+        table.add_column("file")
+        table.add_column("size", justify="right")
+        for path in sorted(bundle.iterdir()):
+            table.add_row(path.name, f"{path.stat().st_size / 1e6:.1f} MB")
+        console.print(table)
+        console.print(f"[green]Done.[/] Try it: qpo rewrite 'your query' --bundle {bundle}")

@@ -1,0 +1,455 @@
+"""Export a trained policy checkpoint into a QPO bundle (``model.onnx`` + ``tokenizer.json`` + ``qpo.json``).
+
+The decoder is exported with Optimum (task ``text-generation-with-past``: one
+merged ``model.onnx`` that takes an empty past to start), optionally quantized
+to dynamic int8 (``ORTQuantizer``, avx2 config) or exported in fp16. Names and
+KV-cache dims written to the manifest are read from the exported graph, never
+from the model type. The bundle is built in a temporary directory beside
+``out_dir`` and renamed into place, so a crash never leaves half a bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from qpo_middleware.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    GenerationConfig,
+    ModelSpec,
+    load_manifest,
+    sha256_file,
+)
+from qpo_middleware.policy_format import PolicyFormat
+from qpo_middleware.template import Template
+
+from .io import atomic_write_json, fsync_dir
+
+logger = logging.getLogger(__name__)
+
+POLICY_META_NAME = "qpo_policy.json"
+POLICY_META_FORMAT = "qpo-policy-meta"
+EXPORT_TASK = "text-generation-with-past"
+QUANTIZE_CHOICES = ("int8",)
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
+
+
+class ExportError(ValueError):
+    """The export cannot proceed; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------- policy metadata in a checkpoint
+
+
+def write_policy_meta(
+    checkpoint_dir: str | os.PathLike[str],
+    policy: PolicyFormat,
+    template: Template,
+    task: str,
+    base_model: str,
+    training_data_sha256: str,
+) -> Path:
+    """Write ``qpo_policy.json`` into a checkpoint so ``qpo export`` knows how the policy was trained."""
+    _check_sha256(training_data_sha256)
+    path = Path(checkpoint_dir) / POLICY_META_NAME
+    atomic_write_json(
+        path,
+        {
+            "format": POLICY_META_FORMAT,
+            "format_version": 1,
+            "policy": policy.to_dict(),
+            "template": template.to_dict(),
+            "task": task,
+            "base_model": base_model,
+            "training_data_sha256": training_data_sha256,
+        },
+    )
+    return path
+
+
+def read_policy_meta(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``qpo_policy.json``: returns ``policy`` (PolicyFormat), ``template`` (Template), ``task``,
+    ``base_model`` and ``training_data_sha256``, ready to pass to :func:`export_bundle` as keywords."""
+    import json
+
+    path = Path(checkpoint_dir) / POLICY_META_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {checkpoint_dir} is not a checkpoint saved by `qpo train` (it writes the policy "
+            "format there). Point at a checkpoint directory from `qpo train`, or write the file with "
+            "qpo_middleware.training.export.write_policy_meta()."
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != POLICY_META_FORMAT:
+        raise ExportError(
+            f"{path}: field 'format' must be {POLICY_META_FORMAT!r}; the file is not qpo policy metadata."
+        )
+    if data.get("format_version") != 1:
+        raise ExportError(
+            f"{path}: format_version {data.get('format_version')!r} is not supported; "
+            "re-save the checkpoint with a matching qpo-middleware."
+        )
+    for key in ("task", "base_model", "training_data_sha256"):
+        if not isinstance(data.get(key), str):
+            raise ExportError(f"{path}: field {key!r} must be a string; got {data.get(key)!r}.")
+    _check_sha256(data["training_data_sha256"])
+    return {
+        "policy": PolicyFormat.from_dict(data.get("policy")),
+        "template": Template.from_dict(data.get("template")),
+        "task": data["task"],
+        "base_model": data["base_model"],
+        "training_data_sha256": data["training_data_sha256"],
+    }
+
+
+def _check_sha256(value: Any) -> None:
+    if not isinstance(value, str) or not _SHA256.match(value):
+        raise ExportError(f"training_data_sha256 must be 64 lowercase hex digits (a SHA-256); got {value!r}.")
+
+
+# ---------------------------------------------------------------------------- the export
+
+
+def default_generation(policy: PolicyFormat) -> dict[str, Any]:
+    """Generation defaults: greedy, capped at the policy's prompt length, never emitting reward/separator tokens."""
+    eos = set(policy.eos_token_ids)
+    suppress = sorted({*policy.reward_token_ids, *policy.separator_ids} - eos)
+    return {
+        "max_new_tokens": policy.prompt_max_tokens,
+        "do_sample": False,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "suppress_token_ids": suppress,
+    }
+
+
+def export_bundle(
+    checkpoint_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    policy: PolicyFormat,
+    template: Template,
+    task: str,
+    base_model: str,
+    training_data_sha256: str,
+    quantize: str | None = None,
+    fp16: bool = False,
+    generation: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> Path:
+    """Export ``checkpoint_dir`` (a Hugging Face causal LM + tokenizer) as a bundle at ``out_dir``.
+
+    ``quantize="int8"`` applies dynamic int8 quantization (CPU serving);
+    ``fp16=True`` exports half precision (GPU serving). ``generation`` overrides
+    the decoding defaults of :func:`default_generation`. Returns ``out_dir``.
+    """
+    checkpoint = Path(checkpoint_dir).expanduser()
+    out = Path(out_dir).expanduser().absolute()
+    step = on_step or (lambda message: logger.info("%s", message))
+
+    # -- validate everything cheap before the slow part ----------------------------------
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} is not a Hugging Face checkpoint (no config.json); pass the directory written by "
+            "`qpo train` (model.save_pretrained + tokenizer.save_pretrained)."
+        )
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ExportError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} or None; got {quantize!r}.")
+    if quantize and fp16:
+        raise ExportError(
+            "Choose one of quantize='int8' (CPU serving) and fp16=True (GPU serving), not both."
+        )
+    _check_sha256(training_data_sha256)
+    if not isinstance(policy, PolicyFormat) or not isinstance(template, Template):
+        raise ExportError("policy must be a PolicyFormat and template a Template.")
+    gen = GenerationConfig.from_dict({**default_generation(policy), **dict(generation or {})})
+    _check_out_dir(out, overwrite)
+    dtype = "int8" if quantize else "fp16" if fp16 else "fp32"
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        work, staging = root / "work", root / "bundle"
+        staging.mkdir(parents=True)
+
+        step(f"Exporting {checkpoint} to ONNX ({EXPORT_TASK}, {'fp16' if fp16 else 'fp32'})")
+        onnx_dir = _optimum_export(checkpoint, work / "onnx", fp16=fp16)
+        if quantize:
+            step("Quantizing to dynamic int8 (avx2)")
+            onnx_dir = _quantize_int8(onnx_dir, work / "int8")
+
+        step("Writing the bundle")
+        model_files = _model_files(onnx_dir / MODEL_FILE)
+        for name in model_files:
+            os.replace(onnx_dir / name, staging / name)
+        _write_tokenizer(checkpoint, staging / TOKENIZER_FILE)
+
+        step("Checking the exported model")
+        spec = _inspect_model(staging / MODEL_FILE, dtype)
+        vocab_size = _smoke_test(staging, spec, policy)
+        spec = dataclasses.replace(spec, vocab_size=vocab_size)
+        _check_tokenizer(staging / TOKENIZER_FILE, policy, gen, vocab_size)
+
+        from qpo_middleware import __version__
+
+        files = {name: sha256_file(staging / name) for name in sorted([*model_files, TOKENIZER_FILE])}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created_by": f"qpo-middleware {__version__}",
+            "base_model": base_model,
+            "task": task,
+            "training_data_sha256": training_data_sha256,
+            "model": spec.to_dict(),
+            "tokenizer": {"file": TOKENIZER_FILE},
+            "policy": policy.to_dict(),
+            "template": template.to_dict(),
+            "generation": gen.to_dict(),
+            "files": files,
+        }
+        atomic_write_json(staging / MANIFEST_NAME, manifest)
+        load_manifest(staging, verify=False)  # the runtime's own validator must accept what we wrote
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        staging.chmod(0o755)
+
+        _publish(staging, out, root, overwrite)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    logger.info("Bundle written to %s (%s, %.1f MB)", out, dtype, size / 1e6)
+    return out
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        if not overwrite:
+            raise ExportError(f"{out} exists and is not a directory; pass --overwrite to replace it.")
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(
+            f"{out} already exists and is not empty; pass --overwrite (overwrite=True) to replace it, "
+            "or choose another output directory."
+        )
+
+
+def _publish(staging: Path, out: Path, root: Path, overwrite: bool) -> None:
+    """Move the finished bundle into place; an existing one is moved aside first and deleted after."""
+    _check_out_dir(out, overwrite)
+    if out.is_symlink() or out.exists():
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            os.replace(out, root / "previous")  # removed with the temp dir
+    os.replace(staging, out)
+    fsync_dir(out.parent)
+
+
+def _optimum_export(checkpoint: Path, target: Path, *, fp16: bool) -> Path:
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as exc:
+        raise ImportError(
+            "Exporting needs the training extras: pip install 'qpo-middleware[train]' (optimum-onnx, torch)."
+        ) from exc
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main_export(
+            str(checkpoint),
+            output=target,
+            task=EXPORT_TASK,
+            dtype="fp16" if fp16 else "fp32",
+            device="cpu",
+            framework="pt",
+            library_name="transformers",
+            local_files_only=True,
+            do_validation=False,
+        )
+    for warning in caught:  # tracer warnings are expected; keep them out of the user's console
+        logger.debug("export warning: %s", warning.message)
+    if not (target / MODEL_FILE).is_file():
+        made = sorted(p.name for p in target.glob("*.onnx"))
+        raise ExportError(
+            f"Optimum did not produce one merged {MODEL_FILE} (got {made}); this optimum-onnx version is not "
+            "supported (use optimum-onnx 0.1.x)."
+        )
+    return target
+
+
+def _quantize_int8(onnx_dir: Path, target: Path) -> Path:
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    external = len(_model_files(onnx_dir / MODEL_FILE)) > 1
+    quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name=MODEL_FILE)
+    config = AutoQuantizationConfig.avx2(is_static=False, per_channel=False)
+    quantizer.quantize(config, save_dir=target, file_suffix=None, use_external_data_format=external)
+    if not (target / MODEL_FILE).is_file():
+        raise ExportError(f"ORTQuantizer did not write {target / MODEL_FILE}.")
+    return target
+
+
+def _model_files(model_path: Path) -> list[str]:
+    """``model.onnx`` plus any external-data files it references (large models), all relative to its folder."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    names = {MODEL_FILE}
+    for tensor in _get_all_tensors(proto):
+        if uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+                raise ExportError(
+                    f"The exported model references external data at {location!r}, outside its folder."
+                )
+            names.add(location)
+    return sorted(names)
+
+
+def _write_tokenizer(checkpoint: Path, target: Path) -> None:
+    source = checkpoint / TOKENIZER_FILE
+    if source.is_file():
+        shutil.copyfile(source, target)
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, use_fast=True)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(
+            f"{checkpoint} has no tokenizer.json and its tokenizer has no fast version; the runtime needs a fast "
+            "(tokenizers) tokenizer. Save the checkpoint with a fast tokenizer."
+        )
+    backend.save(str(target))
+
+
+def _inspect_model(model_path: Path, dtype: str) -> ModelSpec:
+    """Read I/O names and KV-cache dims from the exported graph."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = {i.name: i for i in graph.input if i.name not in initializers}
+    outputs = {o.name: o for o in graph.output}
+
+    def layers(names: list[str], pattern: re.Pattern[str], what: str) -> int:
+        found: dict[str, set[int]] = {"key": set(), "value": set()}
+        for name in names:
+            match = pattern.match(name)
+            if match:
+                found[match.group(2)].add(int(match.group(1)))
+        count = len(found["key"])
+        if not count or found["key"] != found["value"] or found["key"] != set(range(count)):
+            raise ExportError(
+                f"The exported graph's {what} names {sorted(names)} do not follow the Optimum decoder layout "
+                f"({pattern.pattern}); the runtime cannot decode this model."
+            )
+        return count
+
+    num_layers = layers(list(inputs), _PAST, "past input")
+    if layers(list(outputs), _PRESENT, "present output") != num_layers:
+        raise ExportError("The exported graph has different numbers of past inputs and present outputs.")
+    for needed in ("input_ids", "attention_mask"):
+        if needed not in inputs:
+            raise ExportError(f"The exported graph has no {needed!r} input; inputs: {sorted(inputs)}.")
+    if "logits" not in outputs:
+        raise ExportError(f"The exported graph has no 'logits' output; outputs: {sorted(outputs)}.")
+    unknown = (
+        set(inputs) - {"input_ids", "attention_mask", "position_ids"} - {n for n in inputs if _PAST.match(n)}
+    )
+    if unknown:
+        raise ExportError(f"The exported graph takes input(s) {sorted(unknown)} the runtime cannot feed.")
+
+    dims = inputs["past_key_values.0.key"].type.tensor_type.shape.dim
+    if len(dims) != 4 or not dims[1].HasField("dim_value") or not dims[3].HasField("dim_value"):
+        raise ExportError(
+            "The past key input's KV-head and head-dim axes are not static; cannot size the KV cache."
+        )
+    logits_dims = outputs["logits"].type.tensor_type.shape.dim
+    vocab = logits_dims[-1].dim_value if logits_dims and logits_dims[-1].HasField("dim_value") else 1
+    return ModelSpec(
+        file=MODEL_FILE,
+        dtype=dtype,
+        input_names=tuple(inputs),
+        output_names=tuple(outputs),
+        num_layers=num_layers,
+        num_kv_heads=int(dims[1].dim_value),
+        head_dim=int(dims[3].dim_value),
+        past_key_name="past_key_values.{layer}.key",
+        past_value_name="past_key_values.{layer}.value",
+        present_key_name="present.{layer}.key",
+        present_value_name="present.{layer}.value",
+        vocab_size=int(vocab),
+        has_position_ids="position_ids" in inputs,
+    )
+
+
+def _smoke_test(bundle: Path, spec: ModelSpec, policy: PolicyFormat) -> int:
+    """Run one prefill with onnxruntime the way the runtime will; returns the vocabulary size from the logits."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from qpo_middleware.runtime import OnnxDecoder
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        str(bundle / spec.file), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    decoder = OnnxDecoder(session, spec)
+    ids = np.array([policy.input_ids([])], dtype=np.int64)
+    mask = np.ones_like(ids)
+    positions = np.arange(ids.shape[1], dtype=np.int64)[None, :]
+    logits, presents = decoder.forward(ids, mask, positions, decoder.empty_past(1))
+    if not np.isfinite(logits).all():
+        raise ExportError(
+            "The exported model returns non-finite logits; check the checkpoint (and try fp32)."
+        )
+    expected = (1, spec.num_kv_heads, ids.shape[1], spec.head_dim)
+    if presents[0].shape != expected:
+        raise ExportError(f"present KV shape {presents[0].shape} differs from the expected {expected}.")
+    return int(logits.shape[-1])
+
+
+def _check_tokenizer(path: Path, policy: PolicyFormat, gen: GenerationConfig, vocab_size: int) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > vocab_size:
+        raise ExportError(
+            f"The tokenizer has {size} tokens but the model only {vocab_size} embeddings; resize the model's "
+            "embeddings after adding the policy's special tokens (model.resize_token_embeddings(len(tokenizer)))."
+        )
+    ids = {
+        *policy.reward_token_ids,
+        *policy.separator_ids,
+        *policy.eos_token_ids,
+        *policy.prefix_ids,
+        *gen.suppress_token_ids,
+    }
+    unknown = sorted(i for i in ids if tokenizer.id_to_token(i) is None)
+    if unknown:
+        raise ExportError(
+            f"Token id(s) {unknown} of the policy format are not in the tokenizer (size {size})."
+        )
