@@ -1,0 +1,219 @@
+"""Policy tokens, reward buckets, examples, collation and the loss."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from _tiny_policy import load_tokenizer, make_records, tiny_model
+from qpo_middleware.training.policy import (
+    IGNORE_INDEX,
+    SEPARATOR_TOKEN,
+    Example,
+    PolicyDataError,
+    RewardBuckets,
+    add_policy_tokens,
+    build_examples,
+    collate,
+    policy_token_ids,
+    qpo_loss,
+)
+
+from qpo_middleware.policy_format import reward_token
+
+
+@pytest.fixture
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture
+def policy(tokenizer):
+    """(model, tokenizer, fmt) with 4 reward buckets and small caps."""
+    model = tiny_model(len(tokenizer))
+    fmt = add_policy_tokens(model, tokenizer, num_buckets=4, query_max_tokens=5, prompt_max_tokens=6)
+    return model, tokenizer, fmt
+
+
+# --- loss ---------------------------------------------------------------------
+
+
+def test_qpo_loss_matches_hand_worked_value_on_two_token_vocabulary():
+    # Vocabulary {0, 1}. Position 0 gives p(1) = 3/4, position 1 gives p(0) = 1/2;
+    # position 2's prediction has no next label and is never scored.
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0], [5.0, -5.0]]])  # (1, 3, 2)
+    labels = torch.tensor([[IGNORE_INDEX, 1, 0]])  # predicted from positions 0 and 1
+    expected = (-math.log(3 / 4) - math.log(1 / 2)) / 2
+    assert qpo_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+    # Masking the first target leaves only -log(1/2).
+    masked = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 0]])
+    assert qpo_loss(logits, masked).item() == pytest.approx(math.log(2), rel=1e-6)
+
+    # The mean is over supervised tokens of the whole batch, not per row.
+    batch_logits = torch.cat([logits, logits])  # (2, 3, 2)
+    batch_labels = torch.cat([labels, masked])
+    assert qpo_loss(batch_logits, batch_labels).item() == pytest.approx(
+        (-math.log(3 / 4) - 2 * math.log(1 / 2)) / 3, rel=1e-6
+    )
+
+
+def test_qpo_loss_without_supervised_tokens_is_zero_and_differentiable():
+    logits = torch.zeros((1, 3, 2), requires_grad=True)
+    loss = qpo_loss(logits, torch.full((1, 3), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert logits.grad is not None
+
+
+# --- tokens -------------------------------------------------------------------
+
+
+def test_add_policy_tokens_adds_special_tokens_and_anchor_initialised_rows(tokenizer):
+    model = tiny_model(len(tokenizer))
+    num_old = len(tokenizer)
+    old_mean = model.get_input_embeddings().weight.detach().mean(dim=0).clone()
+
+    fmt = add_policy_tokens(model, tokenizer, num_buckets=3)
+
+    assert len(tokenizer) == num_old + 4
+    assert model.get_input_embeddings().weight.shape[0] == num_old + 4
+    assert model.config.vocab_size == num_old + 4
+    assert fmt.reward_token_ids == tuple(tokenizer.convert_tokens_to_ids([reward_token(i) for i in range(3)]))
+    assert fmt.separator_ids == (tokenizer.convert_tokens_to_ids(SEPARATOR_TOKEN),)
+    assert fmt.eos_token_ids == (tokenizer.eos_token_id,)
+    assert fmt.pad_token_id == tokenizer.pad_token_id
+    # Special tokens: one id each, never split, dropped when decoding without specials.
+    text = reward_token(2) + "hello" + SEPARATOR_TOKEN
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == fmt.reward_token_ids[2] and ids[-1] == fmt.separator_ids[0]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "hello"
+    # Reward token i starts at the embedding of the number i, the separator at the mean row,
+    # each with tiny noise: the buckets are distinct before any training.
+    weight = model.get_input_embeddings().weight.detach()
+    for bucket, token in enumerate(fmt.reward_token_ids):
+        anchor = weight[tokenizer(str(bucket), add_special_tokens=False)["input_ids"]].mean(dim=0)
+        assert torch.allclose(weight[token], anchor, atol=0.05)
+    assert torch.allclose(weight[fmt.separator_ids[0]], old_mean, atol=0.05)
+    rewards = weight[list(fmt.reward_token_ids)]
+    assert torch.cdist(rewards, rewards).fill_diagonal_(1e9).min() > 0.1
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+
+
+def test_add_policy_tokens_is_idempotent(policy):
+    model, tokenizer, fmt = policy
+    size = len(tokenizer)
+    weights = model.get_input_embeddings().weight.detach().clone()
+
+    again = add_policy_tokens(model, tokenizer, num_buckets=4, query_max_tokens=5, prompt_max_tokens=6)
+
+    assert again == fmt
+    assert len(tokenizer) == size
+    assert torch.equal(model.get_input_embeddings().weight.detach(), weights)
+
+
+def test_add_policy_tokens_initialises_rows_when_only_the_tokenizer_has_them(policy):
+    _, tokenizer, fmt = policy  # tokenizer of a policy, model of the base vocabulary
+    base = tiny_model(fmt.reward_token_ids[0])
+    again = add_policy_tokens(base, tokenizer, num_buckets=4, query_max_tokens=5, prompt_max_tokens=6)
+    weight = base.get_input_embeddings().weight.detach()
+    assert again == fmt
+    assert weight.shape[0] == len(tokenizer)
+    separator = weight[fmt.separator_ids[0]]
+    assert torch.allclose(separator, weight[: fmt.reward_token_ids[0]].mean(dim=0), atol=0.05)
+    assert not torch.allclose(weight[fmt.reward_token_ids[0]], weight[fmt.reward_token_ids[1]], atol=0.05)
+
+
+def test_policy_token_ids_names_the_fix_when_tokens_are_missing(tokenizer):
+    with pytest.raises(PolicyDataError, match="add_policy_tokens"):
+        policy_token_ids(tokenizer, 10)
+
+
+# --- buckets ------------------------------------------------------------------
+
+
+def test_buckets_are_monotone_and_the_best_reward_is_in_the_top_bucket():
+    rng = random.Random(0)
+    rewards = [rng.gauss(0, 5) for _ in range(500)]
+    buckets = RewardBuckets.from_rewards(rewards, 10)
+    assert buckets.num_buckets == 10 and buckets.top == 9
+    assert buckets.edges == sorted(buckets.edges)
+    indices = [buckets.bucket(r) for r in sorted(rewards)]
+    assert indices == sorted(indices)
+    assert indices[0] == 0 and indices[-1] == 9
+    counts = [indices.count(b) for b in range(10)]
+    assert min(counts) >= 45 and max(counts) <= 55  # quantiles: about equal shares
+    assert buckets.bucket(-1e9) == 0 and buckets.bucket(1e9) == 9
+    assert RewardBuckets.from_dict(buckets.to_dict()) == buckets
+
+
+def test_buckets_with_tied_rewards_keep_the_best_on_top():
+    buckets = RewardBuckets.from_rewards([0.0] * 3 + [1.0] * 7, 10)
+    assert buckets.bucket(1.0) == 9
+    assert buckets.bucket(0.0) < buckets.bucket(1.0)
+    assert RewardBuckets.from_rewards([1.0, 2.0], 1).bucket(5.0) == 0
+
+
+def test_buckets_reject_bad_input():
+    with pytest.raises(PolicyDataError, match="empty"):
+        RewardBuckets.from_rewards([], 10)
+    with pytest.raises(PolicyDataError, match="finite"):
+        RewardBuckets.from_rewards([1.0, float("nan")], 2)
+    with pytest.raises(ValueError, match="ascending"):
+        RewardBuckets(edges=[2.0, 1.0])
+    with pytest.raises(ValueError, match=">= 1"):
+        RewardBuckets.from_rewards([1.0], 0)
+
+
+# --- examples -----------------------------------------------------------------
+
+
+def test_build_examples_supervises_only_the_prompt_and_eos(policy):
+    _, tokenizer, fmt = policy
+    records = make_records(16)
+    buckets = RewardBuckets.from_rewards([r.reward for r in records], 4)
+    examples = build_examples(records, tokenizer, fmt, buckets)
+    assert len(examples) == len(records)
+
+    truncated = 0
+    for record, example in zip(records, examples, strict=True):
+        query = tokenizer(record.query, add_special_tokens=False)["input_ids"]
+        truncated += len(query) > 5
+        prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"] if record.prompt else []
+        context = [fmt.reward_token_ids[buckets.bucket(record.reward)], *query[:5], fmt.separator_ids[0]]
+        target = [*prompt[:6], tokenizer.eos_token_id]
+        assert example.input_ids == context + target
+        assert example.labels == [IGNORE_INDEX] * len(context) + target
+        # The reward token opens the sequence and is the record's bucket's token.
+        assert example.input_ids[0] == fmt.reward_token_ids[buckets.bucket(record.reward)]
+        assert len(example.input_ids) - len(target) == 1 + min(len(query), 5) + 1
+    assert truncated > 0  # most made-up queries are longer than the cap of 5 tokens
+    assert any(len(e.labels) - e.labels.count(IGNORE_INDEX) == 7 for e in examples)  # 6-token cap + eos
+
+
+def test_build_examples_empty_prompt_targets_eos_or_is_dropped(policy):
+    _, tokenizer, fmt = policy
+    records = [r for r in make_records(16) if not r.prompt][:2] + [r for r in make_records(16) if r.prompt][
+        :1
+    ]
+    buckets = RewardBuckets.from_rewards([r.reward for r in records], 4)
+
+    kept = build_examples(records, tokenizer, fmt, buckets)
+    supervised = [[t for t in e.labels if t != IGNORE_INDEX] for e in kept]
+    assert supervised[0] == [tokenizer.eos_token_id] and supervised[1] == [tokenizer.eos_token_id]
+    assert len(build_examples(records, tokenizer, fmt, buckets, include_empty=False)) == 1
+
+
+def test_build_examples_rejects_a_bucket_count_mismatch(policy):
+    _, tokenizer, fmt = policy
+    with pytest.raises(PolicyDataError, match="num_buckets"):
+        build_examples(make_records(4), tokenizer, fmt, RewardBuckets(edges=[0.0]))
+
+
+def test_collate_right_pads():
+    batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]

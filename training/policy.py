@@ -1,0 +1,301 @@
+"""The QPO policy's training data: reward tokens, reward buckets, examples and the loss.
+
+QPO trains the policy by return-conditioned supervised learning: it learns
+``p(prompt | reward, query)`` with teacher forcing, and at inference it is
+conditioned on the top reward. The reward is given as one special token per
+reward bucket, so the policy stays a plain causal LM. The token layout of the
+conditioning part is owned by :class:`~qpo_middleware.policy_format.PolicyFormat`;
+this module adds the tokens to a model, turns :class:`Record` s into
+``(input_ids, labels)`` examples with that layout, and defines the loss.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qpo_middleware.policy_format import PolicyFormat, reward_token
+
+from .dataset import Record
+
+logger = logging.getLogger(__name__)
+
+SEPARATOR_TOKEN = "<|qpo_prompt|>"
+IGNORE_INDEX = -100
+# Added embedding rows start at the mean of the existing rows plus noise of this
+# size (relative to the existing rows' standard deviation), so the new tokens
+# are distinguishable but start close to "an average token".
+INIT_NOISE_SCALE = 0.01
+
+
+class PolicyDataError(ValueError):
+    """The records cannot be turned into policy examples; the message says why and what to do."""
+
+
+def policy_token_strings(num_buckets: int) -> list[str]:
+    """The special tokens a policy with ``num_buckets`` reward buckets needs: reward tokens, then separator."""
+    if not isinstance(num_buckets, int) or num_buckets < 1:
+        raise ValueError(f"num_buckets must be an integer >= 1; got {num_buckets!r}.")
+    return [reward_token(i) for i in range(num_buckets)] + [SEPARATOR_TOKEN]
+
+
+def policy_token_ids(tokenizer: Any, num_buckets: int) -> list[int]:
+    """Ids of the policy's special tokens in ``tokenizer``; raises if any is missing."""
+    vocab = tokenizer.get_vocab()
+    strings = policy_token_strings(num_buckets)
+    missing = [s for s in strings if s not in vocab]
+    if missing:
+        raise PolicyDataError(
+            f"The tokenizer lacks the policy token(s) {missing[:3]}{'...' if len(missing) > 3 else ''}. "
+            f"Call add_policy_tokens(model, tokenizer, num_buckets={num_buckets}) first, or pass the "
+            "num_buckets the policy checkpoint was trained with."
+        )
+    return [int(vocab[s]) for s in strings]
+
+
+def _register_special_tokens(tokenizer: Any, tokens: list[str]) -> None:
+    """Add ``tokens`` as additional special tokens (never split, skipped by ``decode(skip_special_tokens=True)``)."""
+    existing = getattr(tokenizer, "additional_special_tokens", None)
+    if isinstance(existing, list):  # transformers 4.x; passing old + new keeps the old ones
+        tokenizer.add_special_tokens({"additional_special_tokens": [*map(str, existing), *tokens]})
+        return
+    # transformers 5.x renamed the list; flagging the added tokens special works in both.
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True)
+
+
+@torch.no_grad()
+def _init_rows(
+    weight: torch.Tensor,
+    rows: list[int],
+    num_old: int,
+    generator: torch.Generator,
+    anchors: Sequence[Sequence[int]] | None = None,
+) -> None:
+    """Set ``weight[rows]`` to an anchor's embedding (or the mean of ``weight[:num_old]``) plus small noise.
+
+    ``anchors[i]`` lists existing token ids whose mean embedding row ``rows[i]``
+    starts from (an empty list: the mean of all old rows).
+    """
+    old = weight[:num_old].float()
+    mean = old.mean(dim=0)  # (hidden,)
+    std = old.std().item()
+    noise = torch.randn((len(rows), weight.shape[1]), generator=generator) * (INIT_NOISE_SCALE * std)
+    starts = torch.stack(
+        [old[list(ids)].mean(dim=0) if ids and max(ids) < num_old else mean for ids in (anchors or [[]] * len(rows))]
+    )  # (rows, hidden)
+    weight[rows] = (starts.cpu() + noise).to(weight.dtype).to(weight.device)
+
+
+def bucket_anchor_ids(tokenizer: Any, num_buckets: int) -> list[list[int]]:
+    """Existing tokens each reward token starts from: the number of its bucket ("0", "1", ...).
+
+    Distinct starting points make the reward tokens distinguishable before any
+    training, so a policy whose embedding rows stay frozen (``trainable="top:N"``)
+    still sees which bucket it is conditioned on.
+    """
+    return [list(tokenizer(str(i), add_special_tokens=False)["input_ids"]) for i in range(num_buckets)]
+
+
+def add_policy_tokens(
+    model: Any,
+    tokenizer: Any,
+    num_buckets: int = 10,
+    query_max_tokens: int = 40,
+    prompt_max_tokens: int = 40,
+    *,
+    seed: int = 0,
+) -> PolicyFormat:
+    """Give ``model`` and ``tokenizer`` the policy's reward and separator tokens; return the policy format.
+
+    New embedding rows start from existing ones plus tiny seeded noise (input
+    and, if untied, output embeddings): reward token i from the embedding of the
+    number i (see :func:`bucket_anchor_ids`), the separator from the mean row. Idempotent: tokens already
+    in the tokenizer (a policy checkpoint being trained further) are reused and
+    their rows left as they are.
+    """
+    if tokenizer.eos_token_id is None:
+        raise PolicyDataError(
+            "The tokenizer has no eos_token: set tokenizer.eos_token before adding policy tokens."
+        )
+    strings = policy_token_strings(num_buckets)
+    vocab = tokenizer.get_vocab()
+    missing = [s for s in strings if s not in vocab]
+    if missing:
+        _register_special_tokens(tokenizer, missing)
+
+    embeddings = model.get_input_embeddings()
+    num_old_rows = embeddings.weight.shape[0]
+    ids = policy_token_ids(tokenizer, num_buckets)
+    if len(tokenizer) > num_old_rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    # Rows to initialise: tokens added now, and tokens the tokenizer already had
+    # but the model lacked rows for (a tokenizer from a policy, a base model).
+    id_of = dict(zip(strings, ids, strict=True))
+    new_ids = sorted({i for i in ids if i >= num_old_rows} | {id_of[s] for s in missing})
+    if new_ids:
+        # Rows before the first new id are "existing" tokens; an embedding
+        # matrix padded beyond the vocabulary may hold untrained rows there too.
+        num_ref = min(min(new_ids), num_old_rows)
+        generator = torch.Generator().manual_seed(seed)
+        # Reward token i starts from the embedding of the number i; the separator from the mean.
+        anchor_of = dict(zip(ids, [*bucket_anchor_ids(tokenizer, num_buckets), []], strict=True))
+        anchors = [anchor_of.get(i, []) for i in new_ids]
+        _init_rows(model.get_input_embeddings().weight, new_ids, num_ref, generator, anchors)
+        output = model.get_output_embeddings()
+        if output is not None and output.weight is not model.get_input_embeddings().weight:
+            _init_rows(output.weight, new_ids, num_ref, generator, anchors)
+        logger.info("Added %d policy token(s) to the tokenizer and the model's embeddings", len(new_ids))
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return PolicyFormat(
+        reward_token_ids=tuple(ids[:num_buckets]),
+        separator_ids=(ids[num_buckets],),
+        eos_token_ids=(int(tokenizer.eos_token_id),),
+        query_max_tokens=query_max_tokens,
+        prompt_max_tokens=prompt_max_tokens,
+        pad_token_id=int(pad),
+    )
+
+
+@dataclass
+class RewardBuckets:
+    """Reward -> bucket index by quantile edges; bucket 0 = lowest rewards, the top bucket = the best.
+
+    ``edges`` are the ``n - 1`` ascending inner edges of ``n`` buckets; a reward
+    equal to an edge goes to the bucket above it, so the largest reward seen
+    always lands in the top bucket.
+    """
+
+    edges: list[float]
+
+    def __post_init__(self) -> None:
+        self.edges = [float(e) for e in self.edges]
+        if any(not math.isfinite(e) for e in self.edges):
+            raise ValueError(f"Reward bucket edges must be finite numbers; got {self.edges}.")
+        if any(b < a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError(f"Reward bucket edges must be ascending; got {self.edges}.")
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self.edges) + 1
+
+    @property
+    def top(self) -> int:
+        return len(self.edges)
+
+    @classmethod
+    def from_rewards(cls, rewards: Sequence[float], n: int) -> RewardBuckets:
+        """``n`` buckets holding about equal shares of ``rewards`` (fewer distinct ones when rewards tie)."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"The number of reward buckets must be an integer >= 1; got {n!r}.")
+        values = torch.tensor([float(r) for r in rewards], dtype=torch.float64)
+        if values.numel() == 0:
+            raise PolicyDataError("Cannot place reward buckets without rewards: the dataset is empty.")
+        if not torch.isfinite(values).all():
+            raise PolicyDataError("Rewards must be finite numbers to place reward buckets; found NaN or inf.")
+        if n == 1:
+            return cls(edges=[])
+        quantiles = torch.arange(1, n, dtype=torch.float64) / n
+        return cls(edges=torch.quantile(values, quantiles).tolist())
+
+    def bucket(self, reward: float) -> int:
+        return bisect.bisect_right(self.edges, float(reward))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"edges": list(self.edges)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RewardBuckets:
+        if not isinstance(data, Mapping) or not isinstance(data.get("edges"), list):
+            raise ValueError(f"Reward buckets must be an object with a list 'edges'; got {data!r}.")
+        return cls(edges=list(data["edges"]))
+
+
+@dataclass
+class Example:
+    """One teacher-forced sequence: conditioning + prompt + eos; ``labels`` is -100 where not supervised."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def build_examples(
+    records: Sequence[Record],
+    tokenizer: Any,
+    fmt: PolicyFormat,
+    buckets: RewardBuckets,
+    *,
+    include_empty: bool = True,
+) -> list[Example]:
+    """One example per record: ``fmt.input_ids(query, bucket(reward))`` then the prompt (capped) and eos.
+
+    Only the prompt tokens and eos are supervised. A record with an empty
+    prompt (the "no instruction" baseline) teaches the policy to answer with
+    eos alone; ``include_empty=False`` drops such records instead.
+    """
+    if buckets.num_buckets != len(fmt.reward_token_ids):
+        raise PolicyDataError(
+            f"The reward buckets ({buckets.num_buckets}) and the policy's reward tokens "
+            f"({len(fmt.reward_token_ids)}) differ in number; build both with the same num_buckets."
+        )
+    special = fmt.special_ids
+    eos = fmt.eos_token_ids[0]
+    examples: list[Example] = []
+    for record in records:
+        empty = not record.prompt.strip()
+        if empty and not include_empty:
+            continue
+        query_ids = tokenizer(record.query, add_special_tokens=False)["input_ids"]
+        context = fmt.input_ids(query_ids, buckets.bucket(record.reward))
+        prompt_ids: list[int] = []
+        if not empty:
+            prompt_ids = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
+            # A prompt must not teach the policy to emit its own control tokens.
+            prompt_ids = [int(t) for t in prompt_ids if int(t) not in special][: fmt.prompt_max_tokens]
+        target = [*prompt_ids, eos]
+        examples.append(Example(input_ids=context + target, labels=[IGNORE_INDEX] * len(context) + target))
+    return examples
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: ``input_ids`` with ``pad_id``, ``labels`` with -100; ``attention_mask`` 1 on real tokens."""
+    if not examples:
+        raise ValueError("Cannot collate an empty batch.")
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def qpo_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged over the supervised tokens (``labels != -100``).
+
+    ``logits`` is (B, T, V) and ``labels`` (B, T), aligned with the inputs:
+    position ``t`` predicts ``labels[:, t + 1]``. Computed in float32. A batch
+    with no supervised token gives 0 (still connected to the graph).
+    """
+    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:].to(shift_logits.device)  # (B, T-1)
+    count = (shift_labels != IGNORE_INDEX).sum()
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total / count.clamp(min=1)
