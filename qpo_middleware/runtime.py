@@ -294,7 +294,7 @@ class Generator:
 # ---------------------------------------------------------------------------- the public component
 
 
-def _clean(text: str) -> str:
+def clean_prompt(text: str) -> str:
     """Drop control/format characters (keep newline and tab), undecodable bytes, outer whitespace."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     kept = (
@@ -412,7 +412,7 @@ class PromptOptimizer:
     def _result(self, query: str, ids: Sequence[int], latency_ms: float) -> OptimizedPrompt:
         eos = set(self.policy.eos_token_ids)
         body = [t for t in ids if t not in eos]
-        prompt = _clean(self.tokenizer.decode(body, skip_special_tokens=True))
+        prompt = clean_prompt(self.tokenizer.decode(body, skip_special_tokens=True))
         rendered = self.template.render(prompt, query)
         return OptimizedPrompt(
             prompt=prompt,

@@ -302,7 +302,14 @@ def _quantize_int8(onnx_dir: Path, target: Path) -> Path:
     external = len(_model_files(onnx_dir / MODEL_FILE)) > 1
     quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name=MODEL_FILE)
     config = AutoQuantizationConfig.avx2(is_static=False, per_channel=False)
-    quantizer.quantize(config, save_dir=target, file_suffix=None, use_external_data_format=external)
+    # onnxruntime.quantization logs one INFO line per tensor on the root logger: hold those back.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        quantizer.quantize(config, save_dir=target, file_suffix=None, use_external_data_format=external)
+    finally:
+        root.setLevel(level)
     if not (target / MODEL_FILE).is_file():
         raise ExportError(f"ORTQuantizer did not write {target / MODEL_FILE}.")
     return target

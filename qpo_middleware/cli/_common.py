@@ -7,6 +7,14 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -20,3 +28,9 @@ def user_errors() -> Iterator[None]:
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2) from None
+
+
+def progress_bar() -> Progress:
+    """The one progress bar style of every long step; log lines go through ``bar.console.log``."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)

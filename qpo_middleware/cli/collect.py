@@ -6,29 +6,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from ._common import console, user_errors
-
-
-def progress_bar() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+from ._common import console, progress_bar, user_errors
 
 
 def command(
     task: Annotated[str, typer.Option(help="Built-in task (sst2, mr, cr, ag_news, tweet_emotion, gsm8k, svamp) or a task.json spec.")] = "sst2",
     target: Annotated[str, typer.Option(help="Target LLM: model name/path, or a LangChain chat model as module:factory.")] = "smollm2-135m-instruct",
     queries: Annotated[int, typer.Option(help="Train queries to score (the D0 query set).")] = 50,
-    prompts: Annotated[str, typer.Option(help="'all', a number N (first N of the pool), or a JSON file of prompts.")] = "all",
+    prompts: Annotated[str, typer.Option(help="'all', a number N (N prompts spread over the pool), or a JSON file of prompts.")] = "all",
     out: Annotated[Path, typer.Option(help="Run directory (created; re-run the same command to resume).")] = Path("runs/sst2"),
     collect_queries: Annotated[int, typer.Option(help="Held-out queries for the training loops.")] = 100,
     test_queries: Annotated[int, typer.Option(help="Held-out test queries.")] = 100,

@@ -14,9 +14,14 @@ from ._common import console, user_errors
 def command(
     checkpoint: Annotated[
         Path,
-        typer.Argument(help="Policy checkpoint directory written by `qpo train` (holds qpo_policy.json)."),
+        typer.Argument(
+            help="Policy checkpoint written by `qpo train` (holds qpo_policy.json), or a run directory "
+            "(its last finished loop is exported)."
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Bundle directory to create (default: RUN/bundle).")
+    ] = None,
     quantize: Annotated[
         str | None, typer.Option(help="Quantize the model: 'int8' (dynamic, for CPU serving).")
     ] = None,
@@ -29,6 +34,13 @@ def command(
     with user_errors():
         from qpo_middleware.training.export import export_bundle, read_policy_meta
 
+        if (checkpoint / "run.json").is_file():  # a run directory: export its final policy
+            from qpo_middleware.training.loops import final_checkpoint
+
+            out = out or checkpoint / "bundle"
+            checkpoint = final_checkpoint(checkpoint)
+        if out is None:
+            raise ValueError("Pass --out DIR: where to write the bundle.")
         meta = read_policy_meta(checkpoint)
         with console.status("Exporting…") as status:
 

@@ -1,0 +1,51 @@
+"""``qpo eval``: QPO prompts against task-level baselines on a run's held-out queries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ._common import console, user_errors
+
+METHODS = "none,default,best_pool,qpo"
+
+
+def command(
+    run: Annotated[Path, typer.Option(help="Run directory made by `qpo collect` / `qpo train`.")],
+    bundle: Annotated[Path | None, typer.Option(help="Bundle to evaluate (default: RUN/bundle).")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate on: test or collect.")] = "test",
+    methods: Annotated[str, typer.Option(help=f"Comma-separated methods out of {METHODS}.")] = METHODS,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N queries of the split.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON to OUT/results.json.")] = None,
+) -> None:
+    """Score each method on the same held-out queries and target; print accuracy with 95% bootstrap intervals."""
+    with user_errors():
+        from qpo_middleware.training.evaluate import evaluate
+        from qpo_middleware.training.io import atomic_write_json
+
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        bundle = bundle or (run / "bundle" if "qpo" in names else None)
+        with console.status("evaluating…") as status:
+            result = evaluate(run, bundle, split=split, methods=names, limit=limit,
+                              progress=lambda name: status.update(f"scoring {name}…"))
+        if out:
+            atomic_write_json(out / "results.json", result.to_dict())
+    print_eval(result)
+
+
+def print_eval(result: Any) -> None:
+    table = Table(title=f"{result.task}: held-out {result.split} accuracy on {result.target} ({result.queries} queries)")
+    for name in ("method", "accuracy", "95% CI", "prompt words", "policy p50 latency", "prompt"):
+        table.add_column(name, justify="right" if name not in ("method", "prompt") else "left")
+    for m in result.methods:
+        prompt = "(per query)" if m.method == "qpo" else (m.prompt or "(none)")
+        latency = f"{m.policy_latency_ms_p50:.0f} ms" if m.policy_latency_ms_p50 is not None else "-"
+        table.add_row(m.method, f"{m.accuracy:.1%}", f"{m.ci_low:.1%} - {m.ci_high:.1%}", f"{m.mean_prompt_words:.1f}",
+                      latency, prompt if len(prompt) < 60 else prompt[:57] + "...")
+    console.print(table)
+    for sample in result.examples[:3]:
+        console.print(f"[dim]query:[/] {sample['query'][:80]}\n[dim]  qpo prompt:[/] {json.dumps(sample['prompt'])}")

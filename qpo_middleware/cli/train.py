@@ -1,0 +1,88 @@
+"""``qpo train``: multi-loop offline RL of the prompt policy on a run directory made by ``qpo collect``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from qpo_middleware.training.config import LoopConfig, TrainConfig, help_of
+
+from ._common import console, progress_bar, user_errors
+
+
+def command(
+    run: Annotated[Path, typer.Option(help="Run directory made by `qpo collect` (resumes where it stopped).")],
+    loops: Annotated[int, typer.Option(help=help_of(LoopConfig, "loops"))] = 2,
+    base_model: Annotated[str, typer.Option(help=help_of(LoopConfig, "base_model"))] = "smollm2-135m-instruct",
+    epochs: Annotated[int, typer.Option(help=help_of(TrainConfig, "epochs"))] = 3,
+    later_epochs: Annotated[int, typer.Option(help=help_of(LoopConfig, "later_epochs"))] = 1,
+    learning_rate: Annotated[float, typer.Option(help=help_of(TrainConfig, "learning_rate"))] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help=help_of(TrainConfig, "batch_size"))] = 8,
+    grad_accum_steps: Annotated[int, typer.Option(help=help_of(TrainConfig, "grad_accum_steps"))] = 1,
+    trainable: Annotated[str, typer.Option(help=help_of(TrainConfig, "trainable") + " 'auto': all on GPU, top:6 on CPU.")] = "auto",
+    max_steps: Annotated[int | None, typer.Option(help=help_of(TrainConfig, "max_steps"))] = None,
+    num_buckets: Annotated[int, typer.Option(help=help_of(TrainConfig, "num_buckets"))] = 10,
+    query_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "query_max_tokens"))] = 40,
+    prompt_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "prompt_max_tokens"))] = 40,
+    samples_per_query: Annotated[int, typer.Option(help=help_of(LoopConfig, "samples_per_query"))] = 2,
+    collect_queries: Annotated[int | None, typer.Option(help=help_of(LoopConfig, "collect_queries"))] = None,
+    reward_floor_quantile: Annotated[float, typer.Option(help=help_of(LoopConfig, "reward_floor_quantile"))] = 0.5,
+    top_k: Annotated[int, typer.Option(help=help_of(LoopConfig, "top_k"))] = 10,
+    top_p: Annotated[float, typer.Option(help=help_of(LoopConfig, "top_p"))] = 0.9,
+    device: Annotated[str, typer.Option(help=help_of(TrainConfig, "device"))] = "auto",
+    seed: Annotated[int, typer.Option(help=help_of(TrainConfig, "seed"))] = 0,
+) -> None:
+    """Fine-tune the policy on D0, then for each later loop sample, score, filter, merge and fine-tune again."""
+    with user_errors():
+        train_config = TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+                                   grad_accum_steps=grad_accum_steps, trainable=resolve_trainable(trainable, device),
+                                   max_steps=max_steps, num_buckets=num_buckets, query_max_tokens=query_max_tokens,
+                                   prompt_max_tokens=prompt_max_tokens, device=device, seed=seed)
+        loop_config = LoopConfig(loops=loops, base_model=base_model, later_epochs=later_epochs,
+                                 samples_per_query=samples_per_query, collect_queries=collect_queries,
+                                 reward_floor_quantile=reward_floor_quantile, top_k=top_k, top_p=top_p, seed=seed)
+        metrics = train_with_progress(run, train_config, loop_config)
+    print_loops(metrics)
+    console.print(f"[green]Policy:[/] {metrics[-1].checkpoint}   next: qpo export --run {run}")
+
+
+def resolve_trainable(trainable: str, device: str) -> str:
+    """'auto' trains every weight on a GPU and the top 6 layers (+ new token rows) on a CPU."""
+    if trainable != "auto":
+        return trainable
+    import torch
+
+    return "all" if device != "cpu" and torch.cuda.is_available() else "top:6"
+
+
+def train_with_progress(run: Path, train_config: TrainConfig, loop_config: LoopConfig) -> list:
+    from qpo_middleware.training.loops import run_loops
+
+    with progress_bar() as bar:
+        job = bar.add_task("loop 1", total=None)
+
+        def on_phase(loop: int, name: str) -> None:  # the phase itself is logged by the library
+            bar.update(job, description=f"loop {loop}: {name.split(' ')[0]}", completed=0, total=None)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            bar.update(job, completed=step, total=total, description=f"fine-tune (loss {loss:.3f})")
+
+        return run_loops(run, train_config, loop_config, on_step=on_step, on_phase=on_phase)
+
+
+def print_loops(metrics: list) -> None:
+    table = Table(title="QPO loops")
+    for name in ("loop", "train examples", "loss first→last", "new pairs kept/sampled", "mean reward new vs D0",
+                 "greedy acc (collect)", "target calls", "time"):
+        table.add_column(name, justify="right")
+    for m in metrics:
+        new = f"{m.kept_pairs}/{m.sampled_pairs}" if m.loop > 1 else "-"
+        reward = (f"{m.mean_reward_sampled:.2f} vs {m.mean_reward_d0:.2f}"
+                  if m.mean_reward_sampled is not None else f"- vs {m.mean_reward_d0:.2f}")
+        accuracy = f"{m.greedy_accuracy_collect:.1%}" if m.greedy_accuracy_collect is not None else "-"
+        table.add_row(str(m.loop), str(m.train_records), f"{m.first_loss:.3f}→{m.last_loss:.3f}", new, reward,
+                      accuracy, str(m.target_calls), f"{m.seconds:.0f}s")
+    console.print(table)

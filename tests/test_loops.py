@@ -1,0 +1,92 @@
+"""Core path B end to end on tiny models: collect -> 2 loops -> export -> torch-free rewrite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from qpo_middleware.training.collect import CollectConfig, collect
+from qpo_middleware.training.dataset import OfflineDataset
+from qpo_middleware.training.loops import LoopConfig, completed_loops, final_checkpoint, run_loops
+from qpo_middleware.training.trainer import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Llama with the SmolLM2 tokenizer: serves as policy base and as target."""
+    import torch
+    from qpo_middleware.training.models import resolve_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    directory = tmp_path_factory.mktemp("tiny-base")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def small_run(path: Path, model: str) -> None:
+    collect(CollectConfig(task="sst2_sample", target=model, queries=8, collect_queries=6, test_queries=4,
+                          prompts="4", chunk_size=8, batch_size=8), path)
+
+
+def configs(model: str) -> tuple[TrainConfig, LoopConfig]:
+    train = TrainConfig(epochs=2, batch_size=8, learning_rate=5e-3, num_buckets=4, prompt_max_tokens=8,
+                        query_max_tokens=16, warmup_ratio=0.0)
+    loops = LoopConfig(loops=2, base_model=model, samples_per_query=2, reward_floor_quantile=0.0, top_k=50)
+    return train, loops
+
+
+def test_two_loops_export_and_rewrite(tmp_path: Path, tiny_base: str) -> None:
+    from qpo_middleware.training.export import export_bundle, read_policy_meta
+
+    from qpo_middleware import PromptOptimizer
+
+    small_run(tmp_path, tiny_base)
+    train, loops = configs(tiny_base)
+    metrics = run_loops(tmp_path, train, loops)
+    assert [m.loop for m in metrics] == [1, 2]
+    assert metrics[0].train_records == 8 * 5  # D0: 8 queries x (4 pool prompts + empty)
+    assert 0 < metrics[1].kept_pairs <= metrics[1].sampled_pairs
+    records = OfflineDataset(tmp_path).records
+    d0_min = min(r.reward for r in records if r.loop == 0)
+    assert metrics[1].reward_floor == d0_min  # quantile 0 of D0
+    assert all(r.reward >= d0_min for r in records if r.loop == 2)
+    assert {r.loop for r in records} == {0, 2}
+    assert len([r for r in records if r.loop == 2]) == metrics[1].kept_pairs
+    assert all(r.prompt_source == "policy" for r in records if r.loop == 2)
+    assert metrics[1].train_records == len(records)
+    for m in metrics:
+        assert m.greedy_accuracy_collect is not None and 0.0 <= m.greedy_accuracy_collect <= 1.0
+    saved = json.loads((tmp_path / "policy" / "loop_2" / "metrics.json").read_text())
+    assert saved["kept_pairs"] == metrics[1].kept_pairs
+
+    bundle = export_bundle(final_checkpoint(tmp_path), tmp_path / "bundle", **read_policy_meta(final_checkpoint(tmp_path)))
+    optimizer = PromptOptimizer.from_bundle(bundle)
+    query = "a gorgeous , witty , seductive movie ."
+    result = optimizer.optimize(query)
+    assert query in result.text and result.latency_ms > 0
+
+
+def test_loops_resume_at_the_first_unfinished_loop(tmp_path: Path, tiny_base: str) -> None:
+    small_run(tmp_path, tiny_base)
+    train, loops = configs(tiny_base)
+    run_loops(tmp_path, train, LoopConfig(**{**loops.__dict__, "loops": 1}))
+    assert [m.loop for m in completed_loops(tmp_path)] == [1]
+    calls: list[str] = []
+    metrics = run_loops(tmp_path, train, loops, on_phase=lambda loop, name: calls.append(f"{loop}:{name}"))
+    assert [m.loop for m in metrics] == [1, 2]
+    assert calls and all(c.startswith("2:") for c in calls)  # loop 1 was not redone
+    # Re-running a finished run does nothing.
+    assert run_loops(tmp_path, train, loops, on_phase=lambda *a: pytest.fail("no work expected")) == metrics
+
+
+def test_loops_need_d0(tmp_path: Path, tiny_base: str) -> None:
+    with pytest.raises(FileNotFoundError, match="qpo collect"):
+        run_loops(tmp_path, *configs(tiny_base))

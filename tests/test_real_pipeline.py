@@ -1,0 +1,44 @@
+"""Real-model smoke of the whole path: SmolLM2 scores real SST-2 pairs, a few policy training steps,
+Optimum export, and the torch-free runtime writes the same greedy prompts as torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.real
+
+
+def test_smollm2_collect_train_export_rewrite(tmp_path: Path, real_data: Path, smollm2_target) -> None:  # noqa: ANN001
+    from qpo_middleware.training.collect import CollectConfig, collect
+    from qpo_middleware.training.config import LoopConfig, TrainConfig
+    from qpo_middleware.training.export import export_bundle, read_policy_meta
+    from qpo_middleware.training.loops import final_checkpoint, generate_prompts, load_policy, run_loops
+    from qpo_middleware.training.targets import HFTarget, ScoreCache
+
+    from qpo_middleware import PromptOptimizer
+
+    config = CollectConfig(task="sst2", queries=6, collect_queries=3, test_queries=3, prompts="3", chunk_size=8,
+                           data_dir=str(real_data))
+    target = HFTarget(cache=ScoreCache(tmp_path / "scores.sqlite"))
+    target._lm, target._tok = smollm2_target._lm, smollm2_target._tok  # share the loaded weights
+    summary = collect(config, tmp_path, target=target)
+    assert summary.dataset_records == 6 * 4
+
+    train = TrainConfig(epochs=1, max_steps=2, batch_size=4, trainable="top:2", prompt_max_tokens=12,
+                        learning_rate=1e-4)
+    metrics = run_loops(tmp_path, train, LoopConfig(loops=1, eval_greedy=False), target=target)
+    assert metrics[0].train_records == 24 and metrics[0].last_loss > 0
+
+    checkpoint = final_checkpoint(tmp_path)
+    bundle = export_bundle(checkpoint, tmp_path / "bundle", **read_policy_meta(checkpoint))
+    optimizer = PromptOptimizer.from_bundle(bundle, provider="cpu")
+    queries = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés"]
+    runtime = [r.prompt for r in optimizer.optimize_batch(queries)]
+
+    model, tokenizer, fmt = load_policy(checkpoint, train)
+    torch_prompts = [p[0] for p in generate_prompts(model, tokenizer, fmt, queries)]
+    assert runtime == torch_prompts
+    for query, result in zip(queries, optimizer.optimize_batch(queries), strict=True):
+        assert query in result.text

@@ -1,0 +1,267 @@
+"""Multi-loop offline RL (QPO): fine-tune, sample, score, filter, merge — and again.
+
+Loop 1 fine-tunes the base model on D0. Each later loop t:
+
+1. samples K prompts per held-out "collect" query from the policy of loop t-1,
+   conditioned on the top reward bucket;
+2. scores the new (query, prompt) pairs on the target (cached: resumable);
+3. drops empty prompts, duplicates and pairs below the reward floor;
+4. appends the rest to the dataset tagged ``loop=t`` (D_t);
+5. fine-tunes the policy of loop t-1 on D_t.
+
+Every loop ends by scoring the greedy policy prompts on the collect split and
+writing ``policy/loop_<t>/metrics.json``; a loop with that file is done, so a
+re-run resumes at the first unfinished loop. Reward buckets are fixed from D0
+at loop 1 (``policy/buckets.json``) so a reward token means the same in every loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from qpo_middleware.policy_format import PolicyFormat
+from qpo_middleware.runtime import clean_prompt
+
+from .collect import Run, make_records, score_pairs
+from .config import LoopConfig, TrainConfig
+from .dataset import Record
+from .export import default_generation, write_policy_meta
+from .io import atomic_write_json
+from .policy import RewardBuckets, add_policy_tokens, build_examples
+from .targets import Pair, Target
+from .tasks import Example
+from .trainer import CHECKPOINT_DIR, train_policy
+
+logger = logging.getLogger(__name__)
+
+POLICY_DIR = "policy"
+BUCKETS_FILE = "buckets.json"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class LoopMetrics:
+    loop: int
+    train_records: int
+    first_loss: float
+    last_loss: float
+    train_seconds: float
+    sampled_pairs: int = 0
+    kept_pairs: int = 0
+    mean_reward_sampled: float | None = None
+    mean_reward_kept: float | None = None
+    mean_reward_d0: float = 0.0
+    reward_floor: float | None = None
+    greedy_accuracy_collect: float | None = None
+    target_calls: int = 0
+    seconds: float = 0.0
+    checkpoint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def loop_dir(run_dir: Path, loop: int) -> Path:
+    return run_dir / POLICY_DIR / f"loop_{loop}"
+
+
+def checkpoint_of(run_dir: Path, loop: int) -> Path:
+    return loop_dir(run_dir, loop) / CHECKPOINT_DIR
+
+
+def completed_loops(run_dir: Path) -> list[LoopMetrics]:
+    out = []
+    loop = 1
+    while (loop_dir(run_dir, loop) / METRICS_FILE).is_file():
+        out.append(LoopMetrics(**json.loads((loop_dir(run_dir, loop) / METRICS_FILE).read_text())))
+        loop += 1
+    return out
+
+
+def final_checkpoint(run_dir: str | os.PathLike[str]) -> Path:
+    """The checkpoint of the last completed loop; a clear error when none is done."""
+    done = completed_loops(Path(run_dir))
+    if not done:
+        raise FileNotFoundError(f"{run_dir} has no trained policy yet; run `qpo train --run {run_dir}` first.")
+    return checkpoint_of(Path(run_dir), done[-1].loop)
+
+
+# -- policy sampling (torch) -------------------------------------------------------------------
+
+
+def generate_prompts(model: Any, tokenizer: Any, fmt: PolicyFormat, queries: Sequence[str], *,
+                     num_samples: int = 1, do_sample: bool = False, top_k: int = 0, top_p: float = 1.0,
+                     temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[list[str]]:
+    """``num_samples`` prompts per query from the policy conditioned on the top reward bucket."""
+    import torch
+
+    generation = default_generation(fmt)
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    out: list[list[str]] = []
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start : start + batch_size]
+        inputs = [fmt.input_ids(tokenizer(q, add_special_tokens=False).input_ids) for q in chunk]
+        width = max(map(len, inputs))
+        ids = torch.full((len(inputs), width), fmt.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(inputs):  # left padding
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        kwargs: dict[str, Any] = {"do_sample": do_sample}
+        if do_sample:
+            kwargs.update(top_k=top_k or None, top_p=top_p, temperature=temperature)
+        with torch.inference_mode():
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=generation["max_new_tokens"],
+                num_return_sequences=num_samples, eos_token_id=list(fmt.eos_token_ids), pad_token_id=fmt.pad_token_id,
+                suppress_tokens=generation["suppress_token_ids"] or None, **kwargs,
+            )  # (batch * num_samples, width + new)
+        texts = [clean_prompt(tokenizer.decode(row, skip_special_tokens=True)) for row in generated[:, width:]]
+        out.extend(texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk)))
+    return out
+
+
+def load_policy(checkpoint_or_base: str | os.PathLike[str], train: TrainConfig) -> tuple[Any, Any, PolicyFormat]:
+    """Load a base model or a policy checkpoint and make sure it has the policy tokens."""
+    from .models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(checkpoint_or_base)
+    fmt = add_policy_tokens(model, tokenizer, train.num_buckets, train.query_max_tokens, train.prompt_max_tokens,
+                            seed=train.seed)
+    return model, tokenizer, fmt
+
+
+# -- the loops ----------------------------------------------------------------------------------
+
+
+def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopConfig, *,
+              target: Target | None = None, on_step: Callable[[int, int, float], None] | None = None,
+              on_phase: Callable[[int, str], None] | None = None) -> list[LoopMetrics]:
+    """Run (or resume) loops 1..T of QPO in ``run_dir`` (made by ``qpo collect``)."""
+    run = Run.open(run_dir)
+    directory = run.directory
+    dataset = run.dataset()
+    d0 = dataset.loop(0)
+    if not d0:
+        raise ValueError(f"{directory} has no D0 records; run `qpo collect --out {directory}` first.")
+    buckets = _fixed_buckets(directory, d0, train.num_buckets)
+    d0_rewards = [r.reward for r in d0]
+    floor = _quantile(d0_rewards, loops.reward_floor_quantile)
+    collect_split = run.splits.collect[: loops.collect_queries] if loops.collect_queries else run.splits.collect
+    target = target or run.make_target()
+
+    def phase(loop: int, name: str) -> None:
+        logger.info("loop %d: %s", loop, name)
+        if on_phase:
+            on_phase(loop, name)
+
+    done = completed_loops(directory)
+    for loop in range(len(done) + 1, loops.loops + 1):
+        started = time.perf_counter()
+        previous = checkpoint_of(directory, loop - 1) if loop > 1 else loops.base_model
+        model, tokenizer, fmt = load_policy(previous, train)
+        metrics = LoopMetrics(loop=loop, train_records=0, first_loss=0.0, last_loss=0.0, train_seconds=0.0,
+                              mean_reward_d0=statistics.fmean(d0_rewards), reward_floor=floor)
+
+        # --- Generate: K prompts per collect query from the previous policy (loops >= 2) -----
+        if loop > 1:
+            phase(loop, f"sampling {loops.samples_per_query} prompts x {len(collect_split)} collect queries")
+            samples = generate_prompts(model, tokenizer, fmt, [e.query for e in collect_split],
+                                       num_samples=loops.samples_per_query, do_sample=True, top_k=loops.top_k,
+                                       top_p=loops.top_p, temperature=loops.temperature, seed=loops.seed + loop,
+                                       batch_size=loops.generation_batch_size)
+            # --- Score: the new pairs on the target (cached, so a resumed loop pays nothing twice)
+            pairs = _new_pairs(run, collect_split, samples, dataset_keys={(r.query_id, r.prompt) for r in dataset})
+            phase(loop, f"scoring {len(pairs)} new pairs on {target.id}")
+            scores = score_pairs(target, run.task, pairs, run.config.chunk_size)
+            metrics.target_calls += sum(not s.cached for s in scores)
+            records = make_records(run.task, target.id, pairs, scores, loop=loop, rewards=run.config.rewards)
+            # --- Filter and merge: keep pairs at or above the reward floor -> D_t
+            kept = [r for r in records if r.reward >= floor]
+            dataset.append(kept)
+            metrics.sampled_pairs, metrics.kept_pairs = len(records), len(kept)
+            metrics.mean_reward_sampled = statistics.fmean(r.reward for r in records) if records else None
+            metrics.mean_reward_kept = statistics.fmean(r.reward for r in kept) if kept else None
+
+        # --- Fine-tune: on D_{t} (all records so far), from the previous policy -----------------
+        training_records = [r for r in dataset if r.loop <= loop]
+        examples = build_examples(training_records, tokenizer, fmt, buckets, include_empty=train.include_empty)
+        config = train if loop == 1 else _later(train, loops)
+        phase(loop, f"fine-tuning on {len(examples)} examples ({config.epochs} epoch(s))")
+        result = train_policy(model, tokenizer, examples, config, loop_dir(directory, loop), on_step=on_step,
+                              extra_state={"loop": loop, "buckets": buckets.to_dict()})
+        checkpoint = checkpoint_of(directory, loop)
+        write_policy_meta(checkpoint, fmt, run.task.template, run.task.name, loops.base_model,
+                          dataset.content_hash())
+        metrics.train_records = len(examples)
+        metrics.first_loss, metrics.last_loss, metrics.train_seconds = result.first_loss, result.last_loss, result.seconds
+        metrics.checkpoint = str(checkpoint)
+
+        # --- Evaluate: greedy policy prompts on the collect split --------------------------------
+        if loops.eval_greedy and collect_split:
+            phase(loop, "scoring greedy policy prompts on the collect split")
+            greedy = generate_prompts(model, tokenizer, fmt, [e.query for e in collect_split],
+                                      batch_size=loops.generation_batch_size)
+            pairs = [Pair(e, g[0], "policy", run.demos(e)) for e, g in zip(collect_split, greedy, strict=True)]
+            scores = score_pairs(target, run.task, pairs, run.config.chunk_size)
+            metrics.target_calls += sum(not s.cached for s in scores)
+            valid = [s for s in scores if not s.failed]
+            metrics.greedy_accuracy_collect = sum(s.correct for s in valid) / max(1, len(valid))
+
+        metrics.seconds = time.perf_counter() - started
+        atomic_write_json(loop_dir(directory, loop) / METRICS_FILE, metrics.to_dict())
+        done.append(metrics)
+        del model
+    return done
+
+
+def _new_pairs(run: Run, examples: Sequence[Example], samples: Sequence[Sequence[str]],
+               dataset_keys: set[tuple[str, str]]) -> list[Pair]:
+    """Pairs for the sampled prompts, minus empty ones and (query, prompt) pairs already seen."""
+    pairs: list[Pair] = []
+    seen = set(dataset_keys)
+    for example, prompts in zip(examples, samples, strict=True):
+        for prompt in prompts:
+            if not prompt or (example.id, prompt) in seen:
+                continue
+            seen.add((example.id, prompt))
+            pairs.append(Pair(example, prompt, "policy", run.demos(example)))
+    return pairs
+
+
+def _later(train: TrainConfig, loops: LoopConfig) -> TrainConfig:
+    values = asdict(train)
+    values["epochs"] = loops.later_epochs
+    if loops.later_learning_rate:
+        values["learning_rate"] = loops.later_learning_rate
+    return TrainConfig(**values)
+
+
+def _fixed_buckets(directory: Path, d0: Sequence[Record], n: int) -> RewardBuckets:
+    path = directory / POLICY_DIR / BUCKETS_FILE
+    if path.is_file():
+        buckets = RewardBuckets.from_dict(json.loads(path.read_text()))
+        if buckets.num_buckets == n:
+            return buckets
+        raise ValueError(f"{path} has {buckets.num_buckets} reward buckets but {n} were asked; "
+                         "keep --num-buckets as in the first `qpo train` of this run, or use a new run directory.")
+    buckets = RewardBuckets.from_rewards([r.reward for r in d0], n)
+    atomic_write_json(path, buckets.to_dict())
+    return buckets
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("-inf")
+    index = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
+    return ordered[index]
