@@ -62,7 +62,7 @@ class CollectConfig:
     queries: int = field(default=50, metadata={"help": "Train queries to score (the D0 query set)."})
     collect_queries: int = field(default=100, metadata={"help": "Held-out queries the training loops sample prompts for."})
     test_queries: int = field(default=100, metadata={"help": "Held-out test queries for evaluation."})
-    prompts: str = field(default="all", metadata={"help": "'all', a number N (first N of the pool), or a JSON file of prompts."})
+    prompts: str = field(default="all", metadata={"help": "'all', a number N (N prompts spread over the pool), or a JSON file of prompts."})
     include_empty: bool = field(default=True, metadata={"help": "Score the empty prompt (no instruction) too."})
     shots: int = field(default=0, metadata={"help": "Few-shot demonstrations per query (0 = zero-shot)."})
     seed: int = field(default=0, metadata={"help": "Seed of the splits and demonstrations."})
@@ -179,8 +179,9 @@ def resolve_prompts(task: Task, spec: str, include_empty: bool) -> list[tuple[st
     """(prompt_source, text) for the pool: 'all', a count, or a JSON file (list of strings or of {id, text})."""
     if spec == "all" or spec.isdigit():
         pool = [(f"pool:{p['id']}", p["text"]) for p in load_prompt_pool(task.name)]
-        if spec.isdigit():
-            pool = pool[: int(spec)]
+        if spec.isdigit():  # N prompts spread evenly over the pool, so every style is represented
+            count = min(int(spec), len(pool))
+            pool = [pool[i * len(pool) // count] for i in range(count)] if count else []
     else:
         path = Path(spec)
         try:
