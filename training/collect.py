@@ -139,10 +139,12 @@ class Run:
             config = stored
         elif config is None:
             raise FileNotFoundError(f"{directory} is not a QPO run directory (no {RUN_FILE}); run `qpo collect` first.")
-        else:
-            atomic_write_json(run_file, config.to_dict())
         task = get_task(config.task)
-        return cls(directory, config, task, task.splits(config.data_dir, **config.split_args()))
+        splits = task.splits(config.data_dir, **config.split_args())
+        if not run_file.exists():  # only a run whose task and splits load is recorded
+            resolve_prompts(task, config.prompts, config.include_empty)
+            atomic_write_json(run_file, config.to_dict())
+        return cls(directory, config, task, splits)
 
     def dataset(self) -> OfflineDataset:
         return OfflineDataset(self.directory)

@@ -1,0 +1,80 @@
+"""The `qpo` command line: real runs on a tiny model, and clean errors (exit 2, one line, the fix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qpo_middleware.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qpo_middleware.training.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    directory = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> None:
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["collect", "--task", "sst2_sample", "--target", tiny_model, "--queries", "6",
+                                 "--prompts", "3", "--collect-queries", "4", "--test-queries", "5", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "per-query oracle" in result.output and "target calls: 24" in result.output
+    again = runner.invoke(app, ["collect", "--task", "sst2_sample", "--target", tiny_model, "--queries", "6",
+                                "--prompts", "3", "--collect-queries", "4", "--test-queries", "5", "--out", str(run)])
+    assert "from cache: 24" in again.output and "new records: 0" in again.output
+
+    result = runner.invoke(app, ["train", "--run", str(run), "--loops", "2", "--base-model", tiny_model,
+                                 "--epochs", "1", "--num-buckets", "4", "--prompt-max-tokens", "6",
+                                 "--trainable", "all", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "QPO loops" in result.output
+
+    result = runner.invoke(app, ["export", str(run)])
+    assert result.exit_code == 0, result.output
+    assert (run / "bundle" / "qpo.json").is_file()
+
+    result = runner.invoke(app, ["eval", "--run", str(run), "--methods", "none,best_pool,qpo", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "best_pool" in result.output and (run / "results.json").is_file()
+
+    result = runner.invoke(app, ["rewrite", "a fine film", "--bundle", str(run / "bundle")])
+    assert result.exit_code == 0, result.output
+    assert "a fine film" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["collect", "--task", "imdb"], "Unknown task"),
+        (["collect", "--task", "sst2_sample", "--queries", "0"], "queries must be positive"),
+        (["collect", "--task", "sst2_sample", "--prompts", "nope.json"], "--prompts"),
+        (["train", "--run", "{tmp}"], "qpo collect"),
+        (["export", "{tmp}", "--out", "{tmp}/b"], "qpo_policy.json"),
+        (["eval", "--run", "{tmp}"], "qpo collect"),
+    ],
+)
+def test_errors_are_one_line_with_the_fix(tmp_path: Path, args: list[str], message: str) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if args[0] == "collect":
+        args += ["--out", str(tmp_path / "run"), "--target", "/nonexistent-model"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
