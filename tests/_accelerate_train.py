@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from _tiny_policy import load_tokenizer, make_records, tiny_model
 from accelerate import PartialState
+
 from qpo_middleware.training.policy import RewardBuckets, add_policy_tokens, build_examples
 from qpo_middleware.training.trainer import TrainConfig, train_policy
 

@@ -40,12 +40,12 @@ def build_checkpoint(
     so a random model still stops early on some rows (covers per-row stopping).
     """
     import torch
-    from qpo_middleware.training.export import write_policy_meta
-    from qpo_middleware.training.models import resolve_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from qpo_middleware import PolicyFormat, Template
     from qpo_middleware.policy_format import reward_token
+    from qpo_middleware.training.export import write_policy_meta
+    from qpo_middleware.training.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model())
     base_vocab = len(tokenizer)

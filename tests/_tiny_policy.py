@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
 from qpo_middleware.training.dataset import Record
 from qpo_middleware.training.models import resolve_model
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 QUERIES = [
     "The film was a delight from start to finish.",

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+
 from qpo_middleware.training.collect import CollectConfig, RewardConfig, collect, resolve_prompts
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.targets import HFTarget, Pair, Score, ScoreCache
@@ -40,8 +41,9 @@ class CountingTarget:
 def tiny_target_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Llama with the SmolLM2 tokenizer and chat template, saved as a checkpoint."""
     import torch
-    from qpo_middleware.training.models import resolve_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qpo_middleware.training.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model())
     torch.manual_seed(0)
@@ -165,8 +167,9 @@ def test_prompt_sources(tmp_path: Path) -> None:
 
 @pytest.mark.real
 def test_resolver_caches_a_plain_checkpoint_with_the_right_special_tokens() -> None:
-    from qpo_middleware.training.models import resolve_model
     from transformers import AutoConfig, AutoTokenizer
+
+    from qpo_middleware.training.models import resolve_model
 
     path = resolve_model("smollm2-135m-instruct")
     assert resolve_model() == path and (path / "model.safetensors").is_file()

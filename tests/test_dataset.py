@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from qpo_middleware.training.dataset import DatasetError, OfflineDataset, Record
 from qpo_middleware.training.io import CorruptFileError, JsonlLog, atomic_write_json
 

@@ -22,11 +22,11 @@ from _tiny import (
     export_tiny,
     torch_greedy,
 )
-from qpo_middleware.training.export import ExportError, read_policy_meta, write_policy_meta
 
 from qpo_middleware import BundleError, OptimizedPrompt, PromptOptimizer
 from qpo_middleware.bundle import load_manifest, sha256_file
 from qpo_middleware.runtime import DecodeParams, Generator
+from qpo_middleware.training.export import ExportError, read_policy_meta, write_policy_meta
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +327,7 @@ def test_external_data_files_are_bundled(
 ) -> None:
     """Models over 2 GB come with an external-data file: it must travel with the bundle and be checksummed."""
     import onnx
+
     from qpo_middleware.training import export
 
     real = export._optimum_export

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from qpo_middleware.training.collect import CollectConfig, collect
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.loops import LoopConfig, completed_loops, final_checkpoint, run_loops
@@ -16,8 +17,9 @@ from qpo_middleware.training.trainer import TrainConfig
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Llama with the SmolLM2 tokenizer: serves as policy base and as target."""
     import torch
-    from qpo_middleware.training.models import resolve_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qpo_middleware.training.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model())
     torch.manual_seed(0)
@@ -44,9 +46,8 @@ def configs(model: str) -> tuple[TrainConfig, LoopConfig]:
 
 
 def test_two_loops_export_and_rewrite(tmp_path: Path, tiny_base: str) -> None:
-    from qpo_middleware.training.export import export_bundle, read_policy_meta
-
     from qpo_middleware import PromptOptimizer
+    from qpo_middleware.training.export import export_bundle, read_policy_meta
 
     small_run(tmp_path, tiny_base)
     train, loops = configs(tiny_base)

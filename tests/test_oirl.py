@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import typer
-from qpo_middleware.training.collect import RewardConfig
-from qpo_middleware.training.dataset import OfflineDataset
-from qpo_middleware.training.oirl import OIRL_TEMPLATE, OirlImportError, import_prompt_oirl
-from qpo_middleware.training.tasks import get_task
 from typer.testing import CliRunner
 
 from qpo_middleware.cli.import_oirl import command
 from qpo_middleware.template import Template
+from qpo_middleware.training.collect import RewardConfig
+from qpo_middleware.training.dataset import OfflineDataset
+from qpo_middleware.training.oirl import OIRL_TEMPLATE, OirlImportError, import_prompt_oirl
+from qpo_middleware.training.tasks import get_task
 
 DATA = Path(os.environ.get("QPO_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 pytestmark = pytest.mark.skipif(

@@ -8,6 +8,8 @@ import random
 import pytest
 import torch
 from _tiny_policy import load_tokenizer, make_records, tiny_model
+
+from qpo_middleware.policy_format import reward_token
 from qpo_middleware.training.policy import (
     IGNORE_INDEX,
     SEPARATOR_TOKEN,
@@ -20,8 +22,6 @@ from qpo_middleware.training.policy import (
     policy_token_ids,
     qpo_loss,
 )
-
-from qpo_middleware.policy_format import reward_token
 
 
 @pytest.fixture

@@ -19,12 +19,12 @@ MAX_NEW_TOKENS = 16
 def smollm2_policy(tmp_path_factory: pytest.TempPathFactory):
     torch = pytest.importorskip("torch")
     from _tiny import SEPARATOR
-    from qpo_middleware.training.export import write_policy_meta
-    from qpo_middleware.training.models import resolve_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qpo_middleware import PolicyFormat, Template
     from qpo_middleware.policy_format import reward_token
+    from qpo_middleware.training.export import write_policy_meta
+    from qpo_middleware.training.models import resolve_model
 
     source = resolve_model()
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -50,9 +50,9 @@ def smollm2_policy(tmp_path_factory: pytest.TempPathFactory):
 
 def test_smollm2_export_greedy_parity(smollm2_policy, tmp_path: Path) -> None:
     from _tiny import torch_greedy
-    from qpo_middleware.training.export import export_bundle, read_policy_meta
 
     from qpo_middleware import PromptOptimizer
+    from qpo_middleware.training.export import export_bundle, read_policy_meta
 
     checkpoint, model, tokenizer, policy = smollm2_policy
     bundle = export_bundle(checkpoint, tmp_path / "bundle", **read_policy_meta(checkpoint))

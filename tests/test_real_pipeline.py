@@ -11,13 +11,12 @@ pytestmark = pytest.mark.real
 
 
 def test_smollm2_collect_train_export_rewrite(tmp_path: Path, real_data: Path, smollm2_target) -> None:  # noqa: ANN001
+    from qpo_middleware import PromptOptimizer
     from qpo_middleware.training.collect import CollectConfig, collect
     from qpo_middleware.training.config import LoopConfig, TrainConfig
     from qpo_middleware.training.export import export_bundle, read_policy_meta
     from qpo_middleware.training.loops import final_checkpoint, generate_prompts, load_policy, run_loops
     from qpo_middleware.training.targets import HFTarget, ScoreCache
-
-    from qpo_middleware import PromptOptimizer
 
     config = CollectConfig(task="sst2", queries=6, collect_queries=3, test_queries=3, prompts="3", chunk_size=8,
                            data_dir=str(real_data))

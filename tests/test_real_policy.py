@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 from _tiny_policy import make_records
+from transformers import AutoModelForCausalLM
+
 from qpo_middleware.training.models import load_model_and_tokenizer
 from qpo_middleware.training.policy import RewardBuckets, add_policy_tokens, build_examples
 from qpo_middleware.training.trainer import CHECKPOINT_DIR, TrainConfig, evaluate_loss, train_policy
-from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.real
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from qpo_middleware.training.tasks import BUILTIN_TASKS, TaskError, TaskSpec, get_task, resolve_data_dir
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny_policy import load_tokenizer, make_records, tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from qpo_middleware.training.policy import RewardBuckets, add_policy_tokens, build_examples
 from qpo_middleware.training.trainer import (
     CHECKPOINT_DIR,
@@ -22,7 +24,6 @@ from qpo_middleware.training.trainer import (
     lr_factor,
     train_policy,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 TESTS = Path(__file__).parent
 
