@@ -125,7 +125,10 @@ def generate_prompts(model: Any, tokenizer: Any, fmt: PolicyFormat, queries: Seq
                 num_return_sequences=num_samples, eos_token_id=list(fmt.eos_token_ids), pad_token_id=fmt.pad_token_id,
                 suppress_tokens=generation["suppress_token_ids"] or None, **kwargs,
             )  # (batch * num_samples, width + new)
-        texts = [clean_prompt(tokenizer.decode(row, skip_special_tokens=True)) for row in generated[:, width:]]
+        # Decode exactly as the runtime does (no "clean-up" of spaces before punctuation): the text
+        # scored in training is the text production sends.
+        texts = [clean_prompt(tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+                 for row in generated[:, width:]]
         out.extend(texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk)))
     return out
 
