@@ -370,5 +370,5 @@ def test_cli_export_and_rewrite(tiny: TinyPolicy, bundle: Path, tmp_path: Path) 
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["rewrite", QUERIES[0], "--bundle", str(bundle), "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)  # logs go to stderr; stdout is the JSON alone
     assert QUERIES[0] in data["text"] and data["tokens"] >= 1

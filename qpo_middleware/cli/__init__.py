@@ -13,6 +13,7 @@ import typer
 from rich.logging import RichHandler
 
 from . import collect, evaluate, export, import_oirl, quickstart, rewrite, train
+from ._common import err_console
 
 app = typer.Typer(
     name="qpo",
@@ -30,7 +31,7 @@ def _main(
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=False)],  # logs: stderr
         force=True,
     )
     for noisy in ("httpx", "urllib3", "filelock", "transformers", "optimum", "onnxruntime"):
