@@ -1,0 +1,234 @@
+"""The QPO quality benchmark (issue 5): collect -> loops -> benchmark, per task, then a report.
+
+Usage::
+
+    python benchmarks/quality.py --tasks sst2,ag_news --profile cpu --seed 0 --shots 0
+    # -> benchmarks/results/quality-cpu/{results.json, report.md, <task>_*.png, runs/<task>-.../}
+
+For each task: ``collect`` (D0 on the train queries, sizes from the profile), ``run_loops``
+(QPO loops 1..T), then :func:`qpo_middleware.training.benchmark.benchmark` on the held-out
+test queries: none, default, random_pool, best_pool, selector, oracle_pool, QPO greedy after
+every loop and QPO best-of-n (n sampled prompts, the selector's pick). ``results.json`` (config,
+seeds, hardware, package versions, every number) is rewritten after each task; ``report.md``
+and the PNG plots at the end. Deterministic given the seed (timings aside). Re-running the same
+command resumes: scored pairs come from each run's cache, finished loops and matching bundles
+are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "smollm2-135m-instruct"
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one benchmark profile: collect sizes, training and loop settings, benchmark settings."""
+
+    name: str
+    queries: int  # train queries (D0)
+    prompts: str  # pool prompts ("all" or a count); the empty prompt comes on top
+    collect_queries: int
+    test_queries: int
+    target_batch_size: int
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    loops: dict[str, Any] = field(default_factory=dict)  # LoopConfig fields (base_model and seed are set)
+    bench: dict[str, Any] = field(default_factory=dict)  # BenchmarkConfig fields (seed is set)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cpu_profile() -> Profile:
+    """2 CPU cores, SmolLM2-135M as policy and target: sst2 + ag_news in about 55 minutes.
+
+    Estimate per task, from measured costs (a target pair ~0.2 s on sst2, ~0.28 s taken for
+    ag_news whose queries are 1.7x longer; a top:4 training step on 8 examples 0.7-1.5 s, ~1.1 s
+    taken; int8 export ~1.5 min per bundle; int8 greedy rewrite ~0.3 s per query; about 1 min
+    per loop for loading the policy, saving the checkpoint and generating, seen in a smoke run):
+
+    =========================================================================  ======  =======
+    phase                                                                        sst2  ag_news
+    =========================================================================  ======  =======
+    collect: 48 queries x 14 prompts (13 of the pool + empty) = 672 pairs       2.2 m    3.1 m
+    loop 1: 672 examples x 2 epochs = 168 steps + overhead + 32 greedy pairs    4.2 m    4.3 m
+    loops 2-3: 64 sampled + 32 greedy pairs, 1 epoch on ~700 examples (each)    2.9 m    3.1 m
+    export: 3 int8 bundles                                                      4.5 m    4.5 m
+    scoring: oracle 14 x 100 (covers none, random_pool, best_pool, selector),
+      default 100, QPO 3 x 100, best-of-4 100 = ~1,900 pairs                    6.3 m    8.9 m
+    policy decoding: 3 x 100 greedy + 100 x best-of-4 (4 rows); selector fit    2.3 m    2.5 m
+    total                                                                      ~25 m    ~30 m
+    =========================================================================  ======  =======
+
+    Together ~55 min. To make room: ``--no-oracle`` saves 3-5 min per task (the pool baselines
+    are then scored alone), ``--best-of-n 0`` ~1.2 min, ``--quantize none`` (fp32 export, ~45 s
+    per bundle, slower rewrites) ~1 min.
+    """
+    return Profile(
+        name="cpu", queries=48, prompts="13", collect_queries=32, test_queries=100, target_batch_size=16,
+        train={"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "trainable": "top:4", "prompt_max_tokens": 32,
+               "query_max_tokens": 40},
+        loops={"loops": 3, "samples_per_query": 2, "later_epochs": 1},
+        bench={"oracle": True, "best_of_n": 4, "quantize": "int8"},
+    )
+
+
+def gpu_profile() -> Profile:
+    """One GPU, the full sizes: 500 train queries x all 28 prompts (14,000 D0 pairs), 200 collect,
+    500 test, 4 loops, every weight trained, fp32 bundles. Not timed on this project's hardware yet."""
+    return Profile(
+        name="gpu", queries=500, prompts="all", collect_queries=200, test_queries=500, target_batch_size=64,
+        train={"epochs": 3, "learning_rate": 1e-4, "batch_size": 32, "trainable": "all", "prompt_max_tokens": 40,
+               "query_max_tokens": 40},
+        loops={"loops": 4, "samples_per_query": 4, "later_epochs": 2, "generation_batch_size": 64},
+        bench={"oracle": True, "best_of_n": 8, "quantize": None},
+    )
+
+
+PROFILES: dict[str, Callable[[], Profile]] = {"cpu": cpu_profile, "gpu": gpu_profile}
+
+
+def default_data_dir() -> Path | None:
+    value = os.environ.get("QPO_DATA")
+    if value:
+        return Path(value)
+    candidate = REPO.parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+def run_quality(tasks: Sequence[str], profile: Profile, out: Path, *, seed: int = 0, shots: int = 0,
+                model: str = DEFAULT_MODEL, data_dir: Path | None = None,
+                say: Callable[[str], None] = print) -> dict[str, Any]:
+    """collect -> loops -> benchmark for every task; writes results.json, report.md and plots under ``out``."""
+    from qpo_middleware.training.benchmark import (
+        BenchmarkConfig,
+        benchmark,
+        environment,
+        write_plots,
+        write_report,
+    )
+    from qpo_middleware.training.collect import CollectConfig, Run, collect
+    from qpo_middleware.training.config import LoopConfig, TrainConfig
+    from qpo_middleware.training.io import atomic_write_json
+    from qpo_middleware.training.loops import run_loops
+
+    if data_dir is not None:
+        os.environ["QPO_DATA"] = str(data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    train = TrainConfig(**{**profile.train, "seed": seed})
+    loops = LoopConfig(**{**profile.loops, "base_model": model, "seed": seed})
+    bench = BenchmarkConfig(**{**profile.bench, "seed": seed})
+    payload: dict[str, Any] = {
+        "config": {"profile": profile.name, "tasks": list(tasks), "seed": seed, "shots": shots, "model": model,
+                   "sizes": profile.to_dict(), "train": asdict(train), "loops": asdict(loops),
+                   "benchmark": bench.to_dict(), "seeds": {"splits": seed, "demonstrations": seed, "training": seed,
+                                                           "policy_sampling": seed, "benchmark": seed}},
+        "environment": environment(),
+        "tasks": {},
+    }
+    for name in tasks:
+        run_dir = out / "runs" / f"{name}-seed{seed}-shots{shots}"
+        timings: dict[str, float] = {}
+        collect_config = CollectConfig(task=name, target=model, queries=profile.queries,
+                                       collect_queries=profile.collect_queries, test_queries=profile.test_queries,
+                                       prompts=profile.prompts, shots=shots, seed=seed,
+                                       batch_size=profile.target_batch_size)
+        run = Run.open(run_dir, collect_config)
+        target = run.make_target()  # one target (one model load) for collect, loops and benchmark
+
+        phase = time.perf_counter()
+        say(f"[{name}] collect: {profile.queries} queries x {profile.prompts} pool prompts -> {run_dir}")
+        summary = collect(collect_config, run_dir, target=target)
+        timings["collect"] = time.perf_counter() - phase
+        say(f"[{name}] D0: best prompt {summary.best_prompt.accuracy:.1%}, oracle {summary.oracle_accuracy:.1%}")
+
+        phase = time.perf_counter()
+        tag = f"[{name}]"
+        run_loops(run_dir, train, loops, target=target,
+                  on_phase=lambda loop, what, tag=tag: say(f"{tag} loop {loop}: {what}"))
+        timings["loops"] = time.perf_counter() - phase
+
+        result = benchmark(run_dir, bench, target=target, progress=lambda message, tag=tag: say(f"{tag} {message}"))
+        task_payload = result.to_dict()
+        task_payload["timings"] = {**timings, **{f"benchmark_{k}": v for k, v in result.timings.items()}}
+        task_payload["plots"] = [str(p.relative_to(out)) for p in write_plots(task_payload, out, name=name)]
+        payload["tasks"][name] = task_payload
+        payload["wall_seconds"] = time.perf_counter() - started
+        atomic_write_json(out / "results.json", payload)
+    payload["wall_seconds"] = time.perf_counter() - started
+    atomic_write_json(out / "results.json", payload)
+    write_report(payload, out)
+    return payload
+
+
+def print_headline(payload: dict[str, Any]) -> None:
+    for name, task in payload["tasks"].items():
+        table = Table(title=f"{name}: {task['queries']} held-out queries on {task['target']}")
+        for column in ("method", "accuracy", "95% CI", "prompt words", "policy p50", "training calls"):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for m in task["methods"]:
+            latency = "-" if m["policy_latency_ms_p50"] is None else f"{m['policy_latency_ms_p50']:.0f} ms"
+            table.add_row(m["method"], f"{m['accuracy']:.1%}", f"{m['ci_low']:.1%} - {m['ci_high']:.1%}",
+                          f"{m['mean_prompt_words']:.1f}", latency, str(m["training_target_calls"]))
+        console.print(table)
+        for gap in task["gaps"]:
+            console.print(f"  {gap['method']} vs {gap['versus']}: {gap['difference'] * 100:+.1f} points "
+                          f"[{gap['ci_low'] * 100:+.1f}, {gap['ci_high'] * 100:+.1f}]")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="sst2,ag_news", help="Comma-separated tasks (built-in names or task.json).")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="Sizes: cpu (~1 h on 2 cores) or gpu.")
+    parser.add_argument("--out", type=Path, default=None, help="Output folder (default benchmarks/results/quality-<profile>).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of splits, demonstrations, training, sampling, bootstrap.")
+    parser.add_argument("--shots", type=int, default=0, help="Few-shot demonstrations per query.")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Policy base model and local target.")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="Data collection root (default $QPO_DATA or ../shared/data).")
+    parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=None, help="Score the per-query pool oracle (profile default: on).")
+    parser.add_argument("--best-of-n", type=int, default=None, help="QPO best-of-n samples per query (0 = off; profile default).")
+    parser.add_argument("--quantize", choices=("int8", "none"), default=None, help="Bundle export (profile default).")
+    args = parser.parse_args(argv)
+
+    profile = PROFILES[args.profile]()
+    bench = dict(profile.bench)
+    if args.oracle is not None:
+        bench["oracle"] = args.oracle
+    if args.best_of_n is not None:
+        bench["best_of_n"] = args.best_of_n
+    if args.quantize is not None:
+        bench["quantize"] = None if args.quantize == "none" else args.quantize
+    profile = Profile(**{**profile.to_dict(), "bench": bench})
+    out = args.out or REPO / "benchmarks" / "results" / f"quality-{profile.name}"
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    for noisy in ("httpx", "urllib3", "transformers", "optimum", "onnxruntime"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    payload = run_quality(tasks, profile, out, seed=args.seed, shots=args.shots, model=args.model,
+                          data_dir=args.data_dir, say=lambda message: console.log(message))
+    print_headline(payload)
+    console.print(f"results: {out / 'results.json'}   report: {out / 'report.md'}   "
+                  f"wall time {payload['wall_seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

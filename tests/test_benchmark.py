@@ -1,0 +1,227 @@
+"""Quality benchmark (issue 5) on tiny random models: selector, benchmark, report, plots, determinism."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from qpo_middleware.training.benchmark import (
+    BenchmarkConfig,
+    benchmark,
+    paired_bootstrap_ci,
+    stable_view,
+)
+from qpo_middleware.training.dataset import OfflineDataset, Record
+from qpo_middleware.training.selector import Selector, SelectorConfig, text_features
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_quality() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("qpo_quality_benchmark", REPO / "benchmarks" / "quality.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Llama with the SmolLM2 tokenizer: serves as policy base and as target."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qpo_middleware.training.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    directory = tmp_path_factory.mktemp("tiny-base")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def tiny_profile(quality: ModuleType) -> Any:
+    return quality.Profile(
+        name="tiny", queries=8, prompts="4", collect_queries=6, test_queries=6, target_batch_size=8,
+        train={"epochs": 2, "batch_size": 8, "learning_rate": 5e-3, "num_buckets": 4, "prompt_max_tokens": 8,
+               "query_max_tokens": 16, "warmup_ratio": 0.0},
+        loops={"loops": 2, "samples_per_query": 2, "reward_floor_quantile": 0.0, "top_k": 50},
+        bench={"oracle": True, "best_of_n": 2, "quantize": None, "examples_per_label": 2,
+               "bootstrap_samples": 200},
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_base: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The whole script path (collect -> 2 loops -> benchmark -> report) twice, with the same seed."""
+    quality = load_quality()
+    out = {}
+    for name in ("a", "b"):
+        folder = tmp_path_factory.mktemp(f"quality-{name}")
+        payload = quality.run_quality(["sst2_sample"], tiny_profile(quality), folder, seed=0, model=tiny_base,
+                                      say=lambda message: None)
+        out[name] = (folder, payload)
+    return out
+
+
+METHODS = {"none", "default", "random_pool", "best_pool", "selector", "oracle_pool", "qpo_loop1", "qpo_loop2",
+           "qpo_best_of_2"}
+
+
+def test_results_json_has_every_method_and_loop(runs: dict[str, Any]) -> None:
+    folder, payload = runs["a"]
+    saved = json.loads((folder / "results.json").read_text())
+    task = saved["tasks"]["sst2_sample"]
+    assert {m["method"] for m in task["methods"]} == METHODS
+    assert [row["loop"] for row in task["loops"]] == [1, 2]
+    assert set(task["bundles"]) == {"loop_1", "loop_2"}
+    for m in task["methods"]:
+        assert 0.0 <= m["ci_low"] <= m["accuracy"] <= m["ci_high"] <= 1.0
+        assert m["n"] == task["queries"] == 6
+    by_name = {m["method"]: m for m in task["methods"]}
+    # Training calls: D0 = 8 queries x (4 pool prompts + empty); the loops add theirs.
+    assert by_name["best_pool"]["training_target_calls"] == by_name["selector"]["training_target_calls"] == 40
+    assert by_name["none"]["training_target_calls"] == 0
+    assert by_name["qpo_loop2"]["training_target_calls"] == 40 + sum(r["target_calls"] for r in task["loops"])
+    assert by_name["qpo_loop1"]["policy_latency_ms_p50"] > 0
+    assert by_name["qpo_best_of_2"]["policy_latency_ms_p50"] > 0
+    # The oracle is an upper bound of every single-prompt-per-query pool method.
+    for name in ("none", "random_pool", "best_pool", "selector"):
+        assert by_name["oracle_pool"]["accuracy"] >= by_name[name]["accuracy"]
+    assert len(task["d0"]["rewards"]) == 40
+    assert task["loops"][1]["new_records"] == len(task["loops"][1]["new_rewards"]) == task["loops"][1]["kept_pairs"]
+    assert {g["versus"] for g in task["gaps"]} >= {"best_pool", "selector"}
+    assert {e["label"] for e in task["examples"]} == {"negative", "positive"}
+    config = saved["config"]
+    assert config["seed"] == 0 and config["sizes"]["queries"] == 8
+    environment = saved["environment"]
+    assert environment["cpu_cores"] and environment["versions"]["torch"] and environment["versions"]["onnxruntime"]
+
+
+def test_report_and_plots_are_written(runs: dict[str, Any]) -> None:
+    folder, payload = runs["a"]
+    report = (folder / "report.md").read_text()
+    for name in METHODS:
+        assert f"| {name} |" in report
+    assert "`qpo_loop2` vs `best_pool`" in report and "`qpo_loop2` vs `selector`" in report
+    plots = payload["tasks"]["sst2_sample"]["plots"]
+    assert len(plots) == 4
+    for plot in plots:
+        path = folder / plot
+        assert path.suffix == ".png" and path.stat().st_size > 1000
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({path.name})" in report
+
+
+def test_same_seed_same_numbers(runs: dict[str, Any]) -> None:
+    (_, first), (_, second) = runs["a"], runs["b"]
+    assert stable_view(first) == stable_view(second)
+
+
+def test_rerun_reuses_bundles_and_cache(runs: dict[str, Any]) -> None:
+    folder, payload = runs["a"]
+    run_dir = folder / "runs" / "sst2_sample-seed0-shots0"
+    again = benchmark(run_dir, BenchmarkConfig(oracle=True, best_of_n=2, quantize=None, examples_per_label=2,
+                                               bootstrap_samples=200))
+    assert all(b["reused"] for b in again.bundles.values())
+    assert all(m.target_calls == 0 for m in again.methods)  # every pair from the score cache
+    task = payload["tasks"]["sst2_sample"]
+    def numbers(methods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in m.items() if k != "target_calls"} for m in stable_view(methods)]
+
+    assert numbers(again.to_dict()["methods"]) == numbers(task["methods"])
+    # A bundle `qpo export` wrote for the final loop (RUN/bundle) is reused too.
+    (run_dir / "bench" / "bundles" / "loop_2").rename(run_dir / "bundle")
+    final = benchmark(run_dir, BenchmarkConfig(oracle=False, quantize=None, loops=(2,), bootstrap_samples=200))
+    assert final.bundles["loop_2"]["path"] == str(run_dir / "bundle") and final.bundles["loop_2"]["reused"]
+    assert final.method("qpo_loop2").accuracy == next(m for m in task["methods"] if m["method"] == "qpo_loop2")["accuracy"]
+
+
+# ---------------------------------------------------------------------------- selector
+
+
+def synthetic_records(seed: int = 0) -> tuple[list[Record], list[tuple[str, int]], list[str]]:
+    """Which prompt works depends on one keyword of the query; the rest are filler words."""
+    rng = random.Random(seed)
+    filler = [f"word{i}" for i in range(40)] + ["the", "a", "movie", "film", "story", "plot", "actor", "scene", "good", "bad"]
+    keywords = ["alpha", "beta", "gamma"]
+    prompts = ["Use method A.", "Use method B.", "Use method C.", "Just answer."]
+
+    def queries(n: int) -> list[tuple[str, int]]:
+        out = []
+        for _ in range(n):
+            k = rng.randrange(3)
+            words = rng.sample(filler, 6)
+            words.insert(rng.randrange(7), keywords[k])
+            out.append((" ".join(words), k))
+        return out
+
+    records = []
+    for i, (query, k) in enumerate(queries(120)):
+        for j, prompt in enumerate(prompts):
+            p_correct = 0.9 if j == k else (0.5 if j == 3 else 0.15)
+            records.append(Record(task="synthetic", query_id=f"q{i}", query=query, prompt=prompt,
+                                  prompt_source=f"pool:{j}", loop=0, target="t", correct=rng.random() < p_correct,
+                                  reward=0.0, prompt_mean_accuracy=0.0))
+    return records, queries(100), prompts
+
+
+def test_selector_picks_the_prompt_the_query_needs() -> None:
+    records, test, prompts = synthetic_records()
+    selector = Selector.fit(records)
+    picked = selector.select_batch([q for q, _ in test])
+    accuracy = sum(prompts.index(p) == k for p, (_, k) in zip(picked, test, strict=True)) / len(test)
+    assert accuracy > 0.9
+    assert selector.select(test[0][0]) == picked[0]
+    probabilities = selector.predict(test[0][0], prompts)
+    assert all(0.0 < p < 1.0 for p in probabilities)
+    assert prompts[max(range(4), key=probabilities.__getitem__)] == picked[0]
+    # A prompt outside the pool is scored like the pool prompts it resembles.
+    k = test[0][1]
+    unseen = selector.predict(test[0][0], [prompts[k].replace(".", "!"), ""])
+    assert unseen[0] > probabilities[(k + 1) % 3]
+    assert selector.best_of(test[0][0], ["Use method X.", prompts[k]])[0] == prompts[k]
+
+
+def test_selector_is_deterministic_and_validates() -> None:
+    records, test, _ = synthetic_records(seed=1)
+    config = SelectorConfig(cv_folds=0, steps=100)
+    first, second = Selector.fit(records, config), Selector.fit(list(reversed(records)), config)
+    queries = [q for q, _ in test[:20]]
+    assert Selector.fit(records, config).pool_scores(queries).tolist() == first.pool_scores(queries).tolist()
+    assert first.select_batch(queries) == [p for p in second.select_batch(queries)]
+    with pytest.raises(ValueError, match="at least one record"):
+        Selector.fit([])
+    features = text_features(["Same text", "same TEXT", ""], 256)
+    assert features[0].tolist() == features[1].tolist() and not features[2].any()
+
+
+def test_selector_fits_a_real_tiny_d0(runs: dict[str, Any]) -> None:
+    folder, _ = runs["a"]
+    d0 = OfflineDataset(folder / "runs" / "sst2_sample-seed0-shots0").loop(0)
+    selector = Selector.fit(d0)
+    assert sorted(selector.prompts) == sorted({r.prompt for r in d0})
+    query = d0[0].query
+    assert selector.select(query) in selector.prompts
+    scores = selector.predict(query, selector.prompts + ["an instruction the pool never had"])
+    assert len(scores) == len(selector.prompts) + 1 and all(0.0 < s < 1.0 for s in scores)
+
+
+def test_paired_bootstrap() -> None:
+    diff, low, high, n = paired_bootstrap_ci([True, True, False, None], [False, True, False, True], samples=500)
+    assert n == 3 and diff == pytest.approx(1 / 3) and low <= diff <= high
+    assert paired_bootstrap_ci([], []) == (0.0, 0.0, 0.0, 0)
