@@ -91,3 +91,15 @@ def test_loops_resume_at_the_first_unfinished_loop(tmp_path: Path, tiny_base: st
 def test_loops_need_d0(tmp_path: Path, tiny_base: str) -> None:
     with pytest.raises(FileNotFoundError, match="qpo collect"):
         run_loops(tmp_path, *configs(tiny_base))
+
+
+def test_new_prompt_accuracy_is_shrunk_to_the_d0_scale() -> None:
+    from qpo_middleware.training.loops import shrunk_accuracy
+    from qpo_middleware.training.targets import Pair, Score
+    from qpo_middleware.training.tasks import Example
+
+    pairs = [Pair(Example("a", "q1", 1), "p"), Pair(Example("b", "q2", 1), "p"), Pair(Example("c", "q3", 1), "r")]
+    scores = [Score(correct=True), Score(correct=True), Score(correct=False)]
+    accuracy = shrunk_accuracy(pairs, scores, prior_mean=0.5, prior_weight=2.0)
+    assert accuracy == {"p": pytest.approx((2 + 1.0) / 4), "r": pytest.approx(1.0 / 3)}
+    assert shrunk_accuracy(pairs, scores, prior_mean=0.5, prior_weight=0.0)["r"] == 0.0

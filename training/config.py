@@ -127,6 +127,10 @@ class LoopConfig:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     reward_floor_quantile: float = field(
         default=0.5, metadata={"help": "Keep new pairs whose reward is at least this quantile of D0's rewards."})
+    prompt_accuracy_prior: float = field(
+        default=4.0,
+        metadata={"help": "Pseudo-queries of D0's mean accuracy mixed into a new prompt's accuracy estimate "
+                          "(a sampled prompt is scored on one query; this keeps its reward on D0's scale)."})
     later_epochs: int = field(default=1, metadata={"help": "Epochs of the fine-tune in loops >= 2."})
     later_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate in loops >= 2 (default: the train learning rate)."})

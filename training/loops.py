@@ -36,7 +36,7 @@ from .dataset import Record
 from .export import default_generation, write_policy_meta
 from .io import atomic_write_json
 from .policy import RewardBuckets, add_policy_tokens, build_examples
-from .targets import Pair, Target
+from .targets import Pair, Score, Target
 from .tasks import Example
 from .trainer import CHECKPOINT_DIR, train_policy
 
@@ -158,6 +158,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         raise ValueError(f"{directory} has no D0 records; run `qpo collect --out {directory}` first.")
     buckets = _fixed_buckets(directory, d0, train.num_buckets)
     d0_rewards = [r.reward for r in d0]
+    d0_accuracy = statistics.fmean(r.correct for r in d0)
     floor = _quantile(d0_rewards, loops.reward_floor_quantile)
     collect_split = run.splits.collect[: loops.collect_queries] if loops.collect_queries else run.splits.collect
     target = target or run.make_target()
@@ -187,7 +188,9 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             phase(loop, f"scoring {len(pairs)} new pairs on {target.id}")
             scores = score_pairs(target, run.task, pairs, run.config.chunk_size)
             metrics.target_calls += sum(not s.cached for s in scores)
-            records = make_records(run.task, target.id, pairs, scores, loop=loop, rewards=run.config.rewards)
+            accuracy = shrunk_accuracy(pairs, scores, prior_mean=d0_accuracy, prior_weight=loops.prompt_accuracy_prior)
+            records = make_records(run.task, target.id, pairs, scores, loop=loop, rewards=run.config.rewards,
+                                   prompt_accuracy=accuracy)
             # --- Filter and merge: keep pairs at or above the reward floor -> D_t
             kept = [r for r in records if r.reward >= floor]
             dataset.append(kept)
@@ -239,6 +242,22 @@ def _new_pairs(run: Run, examples: Sequence[Example], samples: Sequence[Sequence
             seen.add((example.id, prompt))
             pairs.append(Pair(example, prompt, "policy", run.demos(example)))
     return pairs
+
+
+def shrunk_accuracy(pairs: Sequence[Pair], scores: Sequence[Score], *, prior_mean: float,
+                    prior_weight: float) -> dict[str, float]:
+    """Each prompt's mean accuracy, shrunk towards ``prior_mean`` by ``prior_weight`` pseudo-queries.
+
+    A sampled prompt is usually scored on a single query, where its raw mean
+    accuracy is 0 or 1; D0's pool prompts are averaged over every train query.
+    Shrinking keeps the two on one reward scale, so a reward token means the same
+    for pool and policy prompts: ``(hits + w * prior) / (n + w)``.
+    """
+    hits: dict[str, list[bool]] = {}
+    for pair, score in zip(pairs, scores, strict=True):
+        if not score.failed:
+            hits.setdefault(pair.prompt, []).append(bool(score.correct))
+    return {p: (sum(h) + prior_weight * prior_mean) / (len(h) + prior_weight) for p, h in hits.items()}
 
 
 def _later(train: TrainConfig, loops: LoopConfig) -> TrainConfig:
