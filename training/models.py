@@ -123,11 +123,11 @@ def _dequantize_embedded(name: str, target: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     for attr, value in EMBEDDED_TOKEN_FIXES.get(name, {}).items():
         setattr(tokenizer, attr, value)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model ("quantized with gguf"): rebuild
     # a plain model from its config and state dict, without quantization_config.
     config = AutoConfig.for_model(**_plain_config_dict(quantized.config.to_dict()))
-    plain = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings
     if missing or unexpected:
@@ -170,6 +170,6 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODE
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     model.eval()
     return model, tokenizer
