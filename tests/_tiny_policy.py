@@ -77,3 +77,16 @@ def make_records(n: int = 16) -> list[Record]:
             )
         )
     return records
+
+
+def save_tiny_checkpoint(directory: Any, seed: int = 0) -> str:
+    """Save a tiny random Llama + the SmolLM2 tokenizer (chat template included) as a checkpoint.
+
+    It stands in for SmolLM2 as policy base and as local target in fast tests.
+    """
+    tokenizer = load_tokenizer()
+    model = tiny_model(len(tokenizer), seed=seed)
+    model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

@@ -14,20 +14,10 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A tiny random Llama with the SmolLM2 tokenizer."""
+    from _tiny_policy import save_tiny_checkpoint
 
-    from qpo_middleware.training.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    directory = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> None:

@@ -39,21 +39,10 @@ class CountingTarget:
 
 @pytest.fixture(scope="module")
 def tiny_target_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny random Llama with the SmolLM2 tokenizer and chat template, saved as a checkpoint."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A tiny random Llama with the SmolLM2 tokenizer and chat template, as target."""
+    from _tiny_policy import save_tiny_checkpoint
 
-    from qpo_middleware.training.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    directory = tmp_path_factory.mktemp("tiny-target")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 def config(**kwargs) -> CollectConfig:  # noqa: ANN003
