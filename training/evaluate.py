@@ -20,7 +20,6 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .collect import Run, score_pairs
@@ -142,7 +141,3 @@ def evaluate(
             raise ValueError(f"Unknown method {method!r}; use none, default, best_pool or qpo.")
     return EvalResult(task=run.task.name, target=target.id, split=split, queries=len(examples), methods=results,
                       examples=samples)
-
-
-def default_bundle(run_dir: str | os.PathLike[str]) -> Path:
-    return Path(run_dir) / "bundle"

@@ -18,7 +18,6 @@ import hashlib
 import importlib
 import json
 import logging
-import math
 import os
 import sqlite3
 import threading
@@ -224,7 +223,6 @@ class HFTarget:
         return self._label_ids[task.labels]
 
     def _score_labels(self, task: Task, pairs: list[Pair], progress: Progress | None) -> list[Score]:
-        import torch
 
         label_ids = self.label_token_ids(task)
         single_token = all(len(ids) == 1 for ids in label_ids)
@@ -249,8 +247,6 @@ class HFTarget:
                                  tokens=len(ctx) + (0 if single_token else sum(map(len, label_ids)))))
             if progress:
                 progress(len(chunk))
-            del label_lp
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return out
 
     def _device(self) -> Any:
@@ -428,7 +424,3 @@ def make_target(spec: str, *, cache_path: str | os.PathLike[str] | None = None, 
     if ":" in spec and not Path(spec).exists():
         return ChatModelTarget(model=spec, cache=cache)
     return HFTarget(model=spec, batch_size=batch_size, cache=cache)
-
-
-def finite(value: float | None) -> float | None:
-    return value if value is None or math.isfinite(value) else None
