@@ -283,7 +283,12 @@ class QPORewriter(RunnableSerializable[QPOInput, QPOInput]):
     placement: Placement | None = None
     """Override of the bundle template's placement ("before", "after" or "system"); None keeps it."""
     fail_open: bool = True
-    """On a policy error or budget overrun, pass the input on unchanged (True) or raise (False)."""
+    """On a policy error or budget overrun, pass the input on unchanged (True) or raise (False).
+
+    Any text is safe to send (surrogates, NULs, 100k characters: see docs/reliability.md). An
+    input that is not chat-model input at all (None, a number, bytes, a dict without
+    ``input_key``) raises ``TypeError``/``ValueError`` either way: it is the caller's error, and
+    the chat model would refuse it too."""
     latency_budget_ms: float | None = Field(default=None, gt=0)
     """Longest wait for the policy, in milliseconds; None waits as long as it takes."""
     input_key: str = "input"

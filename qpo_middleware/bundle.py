@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .policy_format import PolicyFormat, PolicyFormatError
-from .template import Template, TemplateError
+from .policy_format import PolicyFormat, PolicyFormatError, brief_repr
+from .template import Template, TemplateError, format_fields
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,11 @@ MANIFEST_NAME = "qpo.json"
 FORMAT = "qpo-bundle"
 FORMAT_VERSION = 1
 _MAX_MANIFEST_BYTES = 16 << 20
+# Upper bounds on the model dims in qpo.json: generous for any real decoder, and small enough that
+# a tampered manifest cannot make the runtime build millions of input names or huge empty pasts.
+_MAX_DIMS = {"num_layers": 1024, "num_kv_heads": 1024, "head_dim": 65536, "vocab_size": (1 << 31) - 1}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_NAME_CHARS = 255
 
 
 class BundleError(ValueError):
@@ -51,21 +55,40 @@ def safe_member(root: Path, name: Any, what: str) -> Path:
     Absolute paths, ``..`` parts, backslashes and symlinks that resolve outside
     ``root`` are refused with a :class:`BundleError` naming the manifest field.
     """
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise BundleError(f"qpo.json: {what} must be a non-empty file name; got {name!r}.")
+    if not isinstance(name, str) or not name or "\x00" in name or len(name) > _MAX_NAME_CHARS:
+        raise BundleError(
+            f"qpo.json: {what} must be a non-empty file name of at most {_MAX_NAME_CHARS} characters without NUL; "
+            f"got {brief_repr(name)}."
+        )
     pure = PurePosixPath(name)
     if "\\" in name or pure.is_absolute() or ".." in pure.parts or re.match(r"^[A-Za-z]:", name):
         raise BundleError(
-            f"qpo.json: {what} = {name!r} points outside the bundle; bundle files must be plain relative "
+            f"qpo.json: {what} = {brief_repr(name)} points outside the bundle; bundle files must be plain relative "
             "names inside the bundle directory. Re-export the bundle with `qpo export`."
         )
-    root = root.resolve()
-    path = root.joinpath(*pure.parts)
-    if not path.resolve().is_relative_to(root):
+    try:
+        root = root.resolve()
+        path = root.joinpath(*pure.parts)
+        inside = path.resolve().is_relative_to(root)
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+    ) as exc:  # a name the OS refuses, a lone surrogate, a symlink loop
+        raise BundleError(f"qpo.json: {what} = {brief_repr(name)} is not a usable file name: {exc}") from exc
+    if not inside:
         raise BundleError(
-            f"qpo.json: {what} = {name!r} resolves outside the bundle directory (a symlink?); refusing to read it."
+            f"qpo.json: {what} = {brief_repr(name)} resolves outside the bundle directory (a symlink?); refusing to read it."
         )
     return path
+
+
+def _is_file(path: Path, name: str) -> bool:
+    """``path.is_file()``, with the OS errors it does not swallow (no permission, name too long) as a BundleError."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise BundleError(f"Bundle file {brief_repr(name)} cannot be read: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------- schema helpers
@@ -79,7 +102,7 @@ def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], whe
     # bool is an int subclass: accept it only where bool is asked for.
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
-        raise BundleError(f"qpo.json: field '{where}{key}' must be of type {names}; got {value!r}.")
+        raise BundleError(f"qpo.json: field '{where}{key}' must be of type {names}; got {brief_repr(value)}.")
     return value
 
 
@@ -87,7 +110,7 @@ def _no_unknown(data: Mapping[str, Any], known: set[str], where: str) -> None:
     unknown = set(data) - known
     if unknown:
         raise BundleError(
-            f"qpo.json: unknown field(s) {sorted(unknown)} in {where or 'the manifest'}; known: {sorted(known)}. "
+            f"qpo.json: unknown field(s) {brief_repr(sorted(map(str, unknown)))} in {where or 'the manifest'}; known: {sorted(known)}. "
             "Upgrade qpo-middleware if the bundle was made by a newer version."
         )
 
@@ -112,7 +135,7 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> BundleError:
-            return BundleError(f"generation.{name} must be {rule}; got {getattr(self, name)!r}.")
+            return BundleError(f"generation.{name} must be {rule}; got {brief_repr(getattr(self, name))}.")
 
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise bad("max_new_tokens", "an integer in 1..4096")
@@ -151,7 +174,7 @@ class GenerationConfig:
         if "suppress_token_ids" in values:
             if not isinstance(values["suppress_token_ids"], list | tuple):
                 raise BundleError(
-                    f"generation.suppress_token_ids must be a list of token ids; got {values['suppress_token_ids']!r}."
+                    f"generation.suppress_token_ids must be a list of token ids; got {brief_repr(values['suppress_token_ids'])}."
                 )
             values["suppress_token_ids"] = tuple(values["suppress_token_ids"])
         return cls(**values)
@@ -197,6 +220,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        if not isinstance(data, Mapping):
+            raise BundleError(f"model must be a JSON object; got {type(data).__name__}.")
         where = "model."
         _no_unknown(data, set(cls.__dataclass_fields__), "model")
         values: dict[str, Any] = {}
@@ -211,31 +236,33 @@ class ModelSpec:
             values[key] = _field(data, key, str, where)
         for key in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
             value = _field(data, key, int, where)
-            if value < 1:
-                raise BundleError(f"qpo.json: field model.{key} must be a positive integer; got {value!r}.")
+            if not 1 <= value <= _MAX_DIMS[key]:
+                raise BundleError(
+                    f"qpo.json: field model.{key} must be an integer in 1..{_MAX_DIMS[key]}; got {brief_repr(value)}."
+                )
             values[key] = value
         values["has_position_ids"] = _field(data, "has_position_ids", bool, where)
         for key in ("input_names", "output_names"):
             names = _field(data, key, list, where)
             if not names or not all(isinstance(n, str) and n for n in names):
                 raise BundleError(
-                    f"qpo.json: field model.{key} must be a non-empty list of names; got {names!r}."
+                    f"qpo.json: field model.{key} must be a non-empty list of names; got {brief_repr(names)}."
                 )
             values[key] = tuple(names)
         if values["dtype"] not in ("fp32", "fp16", "int8"):
             raise BundleError(
-                f"qpo.json: field model.dtype must be fp32, fp16 or int8; got {values['dtype']!r}."
+                f"qpo.json: field model.dtype must be fp32, fp16 or int8; got {brief_repr(values['dtype'])}."
             )
         for key in ("past_key_name", "past_value_name", "present_key_name", "present_value_name"):
             template = values[key]
-            try:
-                ok = "{layer}" in template and template.format(layer=0) != template.format(layer=1)
-            except (KeyError, IndexError, ValueError):
+            try:  # only plain {layer} fields: a format spec like {layer:>1000000000} would allocate a gigabyte
+                ok = set(format_fields(template)) == {"layer"}
+            except ValueError:
                 ok = False
             if not ok:
                 raise BundleError(
                     f"qpo.json: field model.{key} must be a name pattern with one '{{layer}}' field, "
-                    f"like 'past_key_values.{{layer}}.key'; got {template!r}."
+                    f"like 'past_key_values.{{layer}}.key'; got {brief_repr(template)}."
                 )
         spec = cls(**values)
         inputs, outputs = set(spec.input_names), set(spec.output_names)
@@ -305,14 +332,14 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
     fmt = data.get("format")
     if fmt != FORMAT:
         raise BundleError(
-            f"qpo.json: field 'format' must be {FORMAT!r}; got {fmt!r}. This is not a QPO bundle."
+            f"qpo.json: field 'format' must be {FORMAT!r}; got {brief_repr(fmt)}. This is not a QPO bundle."
         )
     version = _field(data, "format_version", int, "")
     if version != FORMAT_VERSION:
         raise BundleError(
-            f"qpo.json: bundle format_version {version} is not supported by this qpo-middleware (it reads version "
+            f"qpo.json: bundle format_version {brief_repr(version)} is not supported by this qpo-middleware (it reads version "
             f"{FORMAT_VERSION}); re-export with a matching qpo-middleware, or install the version that made it "
-            f"({data.get('created_by', 'unknown')!r})."
+            f"({brief_repr(data.get('created_by', 'unknown'))})."
         )
     _no_unknown(
         data,
@@ -338,7 +365,7 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
     training_hash = _field(data, "training_data_sha256", str, "")
     if not _SHA256.match(training_hash):
         raise BundleError(
-            f"qpo.json: field 'training_data_sha256' must be 64 lowercase hex digits; got {training_hash!r}."
+            f"qpo.json: field 'training_data_sha256' must be 64 lowercase hex digits; got {brief_repr(training_hash)}."
         )
     model = ModelSpec.from_dict(_object(data, "model"))
     tokenizer = _object(data, "tokenizer")
@@ -361,24 +388,26 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
         )
         if i >= model.vocab_size
     ]
+    if policy.pad_token_id >= model.vocab_size:
+        too_big.append(policy.pad_token_id)
     if too_big:
         raise BundleError(
-            f"qpo.json: token id(s) {sorted(set(too_big))} in policy/generation are outside the model's vocabulary "
+            f"qpo.json: token id(s) {brief_repr(sorted(set(too_big)))} in policy/generation are outside the model's vocabulary "
             f"(model.vocab_size = {model.vocab_size})."
         )
 
     files = _object(data, "files")
     for name, digest in files.items():
-        safe_member(root, name, f"files[{name!r}]")
+        safe_member(root, name, f"files[{brief_repr(name)}]")
         if not isinstance(digest, str) or not _SHA256.match(digest):
             raise BundleError(
-                f"qpo.json: files[{name!r}] must be a SHA-256 of 64 lowercase hex digits; got {digest!r}."
+                f"qpo.json: files[{brief_repr(name)}] must be a SHA-256 of 64 lowercase hex digits; got {brief_repr(digest)}."
             )
     for what, name in (("model.file", model.file), ("tokenizer.file", tokenizer_file)):
         safe_member(root, name, what)
         if name not in files:
             raise BundleError(
-                f"qpo.json: {what} = {name!r} has no checksum in 'files'; every bundle file must be listed. "
+                f"qpo.json: {what} = {brief_repr(name)} has no checksum in 'files'; every bundle file must be listed. "
                 "Re-export the bundle with `qpo export`."
             )
     if MANIFEST_NAME in files:
@@ -402,13 +431,18 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
 def verify_files(manifest: Manifest) -> None:
     """Check that every listed file exists inside the bundle and matches its SHA-256."""
     for name, expected in manifest.files.items():
-        path = safe_member(manifest.root, name, f"files[{name!r}]")
-        if not path.is_file():
-            raise BundleError(f"Bundle {manifest.root}: file {name!r} listed in qpo.json is missing.")
-        actual = sha256_file(path)
+        path = safe_member(manifest.root, name, f"files[{brief_repr(name)}]")
+        if not _is_file(path, name):
+            raise BundleError(
+                f"Bundle {manifest.root}: file {brief_repr(name)} listed in qpo.json is missing."
+            )
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise BundleError(f"Bundle {manifest.root}: cannot read {brief_repr(name)}: {exc}") from exc
         if actual != expected:
             raise BundleError(
-                f"Bundle {manifest.root}: checksum mismatch for {name!r} (expected {expected[:12]}…, got "
+                f"Bundle {manifest.root}: checksum mismatch for {brief_repr(name)} (expected {expected[:12]}…, got "
                 f"{actual[:12]}…). The file is damaged or was modified; copy the bundle again or re-export it."
             )
 
@@ -423,7 +457,7 @@ def load_manifest(bundle_dir: str | os.PathLike[str], *, verify: bool = True) ->
     if not root.is_dir():
         raise BundleError(f"{root} is not a directory; pass the bundle directory made by `qpo export`.")
     manifest_path = safe_member(root, MANIFEST_NAME, "the manifest")
-    if not manifest_path.is_file():
+    if not _is_file(manifest_path, MANIFEST_NAME):
         raise BundleError(
             f"{root} has no {MANIFEST_NAME}: it is not a QPO bundle (make one with `qpo export`)."
         )
@@ -433,14 +467,14 @@ def load_manifest(bundle_dir: str | os.PathLike[str], *, verify: bool = True) ->
         )
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an int over 4300 digits, deep nesting
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from exc
     manifest = parse_manifest(data, root)
     if verify:
         verify_files(manifest)
     else:
         for name in manifest.files:
-            if not safe_member(root, name, f"files[{name!r}]").is_file():
-                raise BundleError(f"Bundle {root}: file {name!r} listed in qpo.json is missing.")
+            if not _is_file(safe_member(root, name, f"files[{brief_repr(name)}]"), name):
+                raise BundleError(f"Bundle {root}: file {brief_repr(name)} listed in qpo.json is missing.")
     logger.debug("Loaded bundle %s (%s, %s)", root, manifest.model.dtype, manifest.created_by)
     return manifest

@@ -22,6 +22,24 @@ class PolicyFormatError(ValueError):
     """The policy format in a manifest or config is invalid."""
 
 
+def brief_repr(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` for an error message: cut to ``limit`` characters, and safe for any value.
+
+    Manifests are untrusted: a value may be a 16 MB string or an int too long for ``repr``
+    (Python refuses ints over 4300 digits), and an error message must not fail or flood logs.
+    """
+    try:
+        text = repr(value)
+    except Exception:  # e.g. ValueError: an int over sys.get_int_max_str_digits() digits
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (JSON ``true`` must not pass for a token id or a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def reward_token(bucket: int) -> str:
     """The special token string of reward bucket ``bucket``."""
     return f"<|qpo_reward_{bucket}|>"
@@ -42,16 +60,22 @@ class PolicyFormat:
     def __post_init__(self) -> None:
         for name in ("reward_token_ids", "separator_ids", "eos_token_ids", "prefix_ids"):
             value = getattr(self, name)
-            if not isinstance(value, tuple) or not all(isinstance(i, int) and i >= 0 for i in value):
-                raise PolicyFormatError(f"policy.{name} must be a list of non-negative token ids; got {value!r}.")
+            if not isinstance(value, tuple) or not all(_is_int(i) and i >= 0 for i in value):
+                raise PolicyFormatError(
+                    f"policy.{name} must be a list of non-negative token ids; got {brief_repr(value)}."
+                )
         if not self.reward_token_ids:
             raise PolicyFormatError("policy.reward_token_ids is empty: the policy needs at least one reward token.")
         if not self.eos_token_ids:
             raise PolicyFormatError("policy.eos_token_ids is empty: decoding could never stop on EOS.")
         for name in ("query_max_tokens", "prompt_max_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not 1 <= value <= 4096:
-                raise PolicyFormatError(f"policy.{name} must be an integer in 1..4096; got {value!r}.")
+            if not _is_int(value) or not 1 <= value <= 4096:
+                raise PolicyFormatError(f"policy.{name} must be an integer in 1..4096; got {brief_repr(value)}.")
+        if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
+            raise PolicyFormatError(
+                f"policy.pad_token_id must be a non-negative token id; got {brief_repr(self.pad_token_id)}."
+            )
 
     @property
     def top_bucket(self) -> int:
@@ -83,12 +107,14 @@ class PolicyFormat:
                  "prompt_max_tokens", "pad_token_id"}
         unknown = set(data) - known
         if unknown:
-            raise PolicyFormatError(f"Unknown policy field(s) {sorted(unknown)}; known: {sorted(known)}.")
+            raise PolicyFormatError(
+                f"Unknown policy field(s) {brief_repr(sorted(map(str, unknown)))}; known: {sorted(known)}."
+            )
         values: dict[str, Any] = {}
         for key, value in data.items():
             if key.endswith("_ids"):
                 if not isinstance(value, list | tuple):
-                    raise PolicyFormatError(f"policy.{key} must be a list of token ids; got {value!r}.")
+                    raise PolicyFormatError(f"policy.{key} must be a list of token ids; got {brief_repr(value)}.")
                 value = tuple(value)
             values[key] = value
         try:

@@ -51,9 +51,12 @@ _ORT_DTYPES: dict[str, type[np.generic]] = {
 class OptimizedPrompt:
     """The policy's prompt for one query and the rendered input for the target LLM.
 
-    ``prompt`` is the generated instruction (no special tokens, no control
-    characters besides newline/tab, stripped); ``text`` is the user turn with
-    the original query verbatim inside; ``messages`` are the chat messages to
+    ``prompt`` is the generated instruction (no special tokens nor their strings,
+    no control characters besides newline/tab, stripped, at most
+    :data:`PROMPT_CHARS_PER_TOKEN` characters per ``max_new_tokens``); ``text`` is
+    the user turn with the original query verbatim inside (never altered, even
+    where the policy read a sanitized copy: see :func:`policy_text`);
+    ``messages`` are the chat messages to
     send; ``latency_ms`` is the wall time of the call that produced it (the
     whole batch for :meth:`PromptOptimizer.optimize_batch`); ``tokens`` counts
     the decoded tokens, the stopping EOS included.
@@ -294,6 +297,42 @@ class Generator:
 # ---------------------------------------------------------------------------- the public component
 
 
+PROMPT_CHARS_PER_TOKEN = 32
+"""A prompt is cut to ``max_new_tokens * PROMPT_CHARS_PER_TOKEN`` characters (English averages
+about 4 per token; only runs of repeated symbols, which some vocabularies merge into one
+token of up to ~80 characters, come near it)."""
+
+_QUERY_CHARS_PER_TOKEN = 16
+_QUERY_TOKEN_MARGIN = 8
+
+
+def policy_text(query: str) -> str:
+    """The copy of ``query`` the policy reads: lone surrogates become U+FFFD.
+
+    A Python ``str`` may hold surrogate code points (from ``surrogateescape`` or
+    ``surrogatepass`` decoding, or a JSON ``"\\ud800"``) that UTF-8, hence the tokenizer,
+    cannot encode. A well-formed pair is joined into the character it encodes; a lone
+    surrogate becomes U+FFFD. Every other string (control characters and NULs
+    included) is returned as is. Only the policy's input changes: the rendered
+    ``text`` keeps the query verbatim.
+    """
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError:
+        return query.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return query
+
+
+def strip_strings(text: str, strings: Sequence[str]) -> str:
+    """``text`` without any of ``strings``, removed until none is left (a removal may join a new one)."""
+    while True:
+        before = text
+        for s in strings:
+            text = text.replace(s, "")
+        if text == before:
+            return text
+
+
 def clean_prompt(text: str) -> str:
     """Drop control/format characters (keep newline and tab), undecodable bytes, outer whitespace."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -303,6 +342,18 @@ def clean_prompt(text: str) -> str:
         if ch in "\n\t" or (unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co") and ch != "\ufffd")
     )
     return "".join(kept).strip()
+
+
+def special_token_strings(tokenizer: Tokenizer) -> tuple[str, ...]:
+    """The contents of a tokenizer's special added tokens, longest first."""
+    added = tokenizer.get_added_tokens_decoder().values()
+    return tuple(sorted({t.content for t in added if t.special and t.content}, key=len, reverse=True))
+
+
+def finish_prompt(decoded: str, special_strings: Sequence[str], max_new_tokens: int) -> str:
+    """The prompt as served (and as scored in training): cleaned, no special-token strings, capped."""
+    prompt = strip_strings(clean_prompt(decoded), special_strings)
+    return prompt[: max_new_tokens * PROMPT_CHARS_PER_TOKEN].strip()
 
 
 def _providers(provider: str) -> list[str]:
@@ -345,6 +396,10 @@ class PromptOptimizer:
         self.decoder = OnnxDecoder(session, manifest.model)
         self.max_batch_size = max_batch_size
         self.provider = session.get_providers()[0]
+        # The tokenizer's special tokens (the policy's reward, separator and EOS tokens among them):
+        # a prompt may spell one out of ordinary tokens, and a target LLM's tokenizer could read it
+        # as the real token (e.g. "<|im_end|>" ending the user turn), so prompts never contain them.
+        self.special_strings = special_token_strings(tokenizer)
 
     @classmethod
     def from_bundle(
@@ -393,8 +448,25 @@ class PromptOptimizer:
     # -- generation -----------------------------------------------------------------------
 
     def input_ids(self, query: str) -> list[int]:
-        """The policy input for ``query`` (tokenized without special tokens, then laid out by the policy)."""
-        return self.policy.input_ids(self.tokenizer.encode(query, add_special_tokens=False).ids)
+        """The policy input for ``query`` (tokenized without special tokens, then laid out by the policy).
+
+        The policy reads :func:`policy_text` of the query, and only its first
+        ``query_max_tokens`` tokens: a long query is tokenized from a prefix (at least
+        ``16 * (query_max_tokens + 8)`` characters, grown until it holds 8 tokens more
+        than are read), so a 10 MB query costs about what a short one does. The ids equal
+        those of the whole text unless one word spans both the cut and the tokens read.
+        """
+        return self.policy.input_ids(self._query_ids(policy_text(query)))
+
+    def _query_ids(self, text: str) -> list[int]:
+        wanted = self.policy.query_max_tokens + _QUERY_TOKEN_MARGIN
+        special = self.policy.special_ids  # dropped by PolicyFormat.input_ids: they do not count
+        chars = wanted * _QUERY_CHARS_PER_TOKEN
+        while True:
+            ids = self.tokenizer.encode(text[:chars], add_special_tokens=False).ids
+            if chars >= len(text) or sum(t not in special for t in ids) >= wanted:
+                return ids
+            chars *= 4
 
     def decode_params(self, do_sample: bool | None = None) -> DecodeParams:
         return DecodeParams.from_config(self.policy, self.manifest.generation, do_sample)
@@ -412,7 +484,11 @@ class PromptOptimizer:
     def _result(self, query: str, ids: Sequence[int], latency_ms: float) -> OptimizedPrompt:
         eos = set(self.policy.eos_token_ids)
         body = [t for t in ids if t not in eos]
-        prompt = clean_prompt(self.tokenizer.decode(body, skip_special_tokens=True))
+        prompt = finish_prompt(
+            self.tokenizer.decode(body, skip_special_tokens=True),
+            self.special_strings,
+            self.manifest.generation.max_new_tokens,
+        )
         rendered = self.template.render(prompt, query)
         return OptimizedPrompt(
             prompt=prompt,
@@ -435,7 +511,8 @@ class PromptOptimizer:
 
         Greedy results equal :meth:`optimize` on each query. Queries are grouped by
         length into batches of at most ``max_batch_size``. Empty or whitespace-only
-        queries get an empty prompt and no model call.
+        queries get an empty prompt and no model call. A query that is not a ``str``
+        raises :class:`TypeError` before any decode.
         """
         start = time.perf_counter()
         for query in queries:

@@ -7,9 +7,12 @@ text always appears verbatim in the result; the prompt is only added around it.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from .policy_format import brief_repr
 
 Placement = Literal["before", "after", "system"]
 PLACEMENTS: tuple[str, ...] = ("before", "after", "system")
@@ -19,6 +22,24 @@ _MAX_FIELD_CHARS = 4096
 
 class TemplateError(ValueError):
     """A template description is invalid; the message says which field and how to fix it."""
+
+
+def format_fields(pattern: str) -> list[str]:
+    """The replacement fields of a ``str.format`` pattern, each of which must be a plain ``{name}``.
+
+    Conversions (``{query!r}``), format specs (``{query:>1000000000}``, which would allocate a
+    gigabyte), attribute and index access (``{query.__class__}``, ``{query[0]}``) are refused with
+    a :class:`ValueError`: a pattern read from a bundle must only paste values in.
+    """
+    fields = []
+    for _, name, spec, conversion in string.Formatter().parse(pattern):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            field_text = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"only plain {{name}} fields are allowed, not {{{field_text[:60]}}}")
+        fields.append(name)
+    return fields
 
 
 @dataclass(frozen=True)
@@ -55,9 +76,9 @@ class Template:
     demo_separator: str = "\n\n"
 
     def __post_init__(self) -> None:
-        if self.placement not in PLACEMENTS:
+        if not isinstance(self.placement, str) or self.placement not in PLACEMENTS:
             raise TemplateError(
-                f"Template placement must be one of {', '.join(PLACEMENTS)}; got {self.placement!r}."
+                f"Template placement must be one of {', '.join(PLACEMENTS)}; got {brief_repr(self.placement)}."
             )
         for name in ("separator", "demo_format", "demo_separator"):
             value = getattr(self, name)
@@ -66,11 +87,13 @@ class Template:
             if len(value) > _MAX_FIELD_CHARS:
                 raise TemplateError(f"Template field {name!r} is longer than {_MAX_FIELD_CHARS} characters.")
         try:
-            self.demo_format.format(query="q", answer="a")
-        except (KeyError, IndexError, ValueError) as exc:
+            unknown = set(format_fields(self.demo_format)) - {"query", "answer"}
+            if unknown:
+                raise ValueError(f"unknown field(s) {sorted(unknown)}")
+        except ValueError as exc:
             raise TemplateError(
-                "Template demo_format may only use the fields {query} and {answer} "
-                f"(escape literal braces as {{{{ }}}}); got {self.demo_format!r}: {exc}"
+                "Template demo_format may only use the plain fields {query} and {answer} "
+                f"(escape literal braces as {{{{ }}}}); got {brief_repr(self.demo_format)}: {exc}"
             ) from exc
 
     def user_text(self, prompt: str, query: str, demos: Sequence[Demo] = ()) -> str:
@@ -106,7 +129,7 @@ class Template:
         unknown = set(data) - known
         if unknown:
             raise TemplateError(
-                f"Unknown template field(s) {sorted(unknown)}; known: {sorted(known)}. "
+                f"Unknown template field(s) {brief_repr(sorted(map(str, unknown)))}; known: {sorted(known)}. "
                 "Upgrade qpo-middleware if the bundle was made by a newer version."
             )
         return cls(**dict(data))

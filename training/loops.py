@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qpo_middleware.policy_format import PolicyFormat
-from qpo_middleware.runtime import clean_prompt
+from qpo_middleware.runtime import finish_prompt, special_token_strings
 
 from .collect import Run, make_records, score_pairs
 from .config import LoopConfig, TrainConfig
@@ -104,6 +104,7 @@ def generate_prompts(model: Any, tokenizer: Any, fmt: PolicyFormat, queries: Seq
     import torch
 
     generation = default_generation(fmt)
+    special = special_token_strings(tokenizer.backend_tokenizer)  # the same strings the runtime strips
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     out: list[list[str]] = []
@@ -127,8 +128,8 @@ def generate_prompts(model: Any, tokenizer: Any, fmt: PolicyFormat, queries: Seq
             )  # (batch * num_samples, width + new)
         # Decode exactly as the runtime does (no "clean-up" of spaces before punctuation): the text
         # scored in training is the text production sends.
-        texts = [clean_prompt(tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False))
-                 for row in generated[:, width:]]
+        texts = [finish_prompt(tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False),
+                               special, generation["max_new_tokens"]) for row in generated[:, width:]]
         out.extend(texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk)))
     return out
 
