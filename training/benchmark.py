@@ -627,10 +627,10 @@ def render_report(payload: Mapping[str, Any]) -> str:
                          f"{kept} | {_pct(row['new_accuracy'])} | {reward} | {_pct(row['greedy_accuracy_collect'])} | "
                          f"{_pct(row['test_accuracy'])} | {row['training_target_calls']} |")
         lines += ["", "New-pair rewards are those kept in the dataset (at or above the loop's reward floor, "
-                  "the D0 quantile set by `reward_floor_quantile`), so they are truncated from below. They are also "
-                  "not on D0's scale: a sampled prompt is usually unique, so its `prompt_mean_accuracy` is its own "
-                  "0/1 correctness (reward ≈ 20·correct − NLL), while a D0 prompt's is its mean over the train "
-                  "queries. Compare the accuracy columns first.", ""]
+                  "the D0 quantile set by `reward_floor_quantile`), so they are truncated from below. A sampled prompt "
+                  "is usually scored on one query, so its `prompt_mean_accuracy` is its 0/1 correctness shrunk "
+                  "towards D0's mean accuracy (`prompt_accuracy_prior` pseudo-queries); a D0 prompt's is its mean "
+                  "over the train queries. Compare the accuracy columns first.", ""]
         sel = task["selector"]
         lines += [f"Selector: fit on {sel['records']} D0 records ({sel['prompts']} prompts), L2 {sel['l2_prompt']:g} "
                   f"(cross-validated), picked {sel['distinct_prompts_selected']} distinct prompts on the test queries.",
