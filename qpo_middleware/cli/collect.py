@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from ._common import console, progress_bar, user_errors
+
+if TYPE_CHECKING:
+    from qpo_middleware.training.collect import CollectSummary
 
 
 def command(
@@ -39,7 +42,7 @@ def command(
     console.print(f"[green]D0 written:[/] {out / 'dataset.jsonl'} ({summary.dataset_records} records)")
 
 
-def print_summary(summary: object) -> None:
+def print_summary(summary: CollectSummary) -> None:
     table = Table(title=f"{summary.task} on {summary.target}: accuracy per prompt over {summary.queries} train queries")
     table.add_column("prompt")
     table.add_column("source", style="dim")
