@@ -67,6 +67,11 @@ def test_label_scoring_matches_a_direct_forward_pass(tiny_target_model: str) -> 
     label_ids = [target.tokenizer(w, add_special_tokens=False).input_ids[0] for w in task.labels]
     gold = label_ids[example.label]
     assert score.gold_nll == pytest.approx(-logprobs[gold].item(), abs=1e-4)
+    # Renormalised over the label words: -log softmax over the labels' log-probs.
+    label_lp = logprobs[label_ids]
+    expected_label_nll = -(label_lp[example.label] - torch.logsumexp(label_lp, 0)).item()
+    assert score.label_nll == pytest.approx(expected_label_nll, abs=1e-4)
+    assert 0 <= score.label_nll < score.gold_nll
     assert score.prediction == task.labels[int(torch.argmax(logprobs[label_ids]))]
 
 
@@ -86,6 +91,7 @@ def test_multi_token_labels_sum_their_token_logprobs(tiny_target_model: str, rea
     logprobs = torch.log_softmax(logits, -1)
     expected = -sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(gold_ids))
     assert score.gold_nll == pytest.approx(expected, abs=1e-3)
+    assert score.label_nll is not None and 0 <= score.label_nll <= score.gold_nll
 
 
 def test_reward_follows_the_paper() -> None:
@@ -93,6 +99,11 @@ def test_reward_follows_the_paper() -> None:
     assert rewards.reward(True, 0.5, 0.25) == pytest.approx(10 + 5 - 0.25)
     assert rewards.reward(False, 0.0, None) == 0.0
     assert RewardConfig(nll_weight=0).reward(True, 1.0, 3.0) == 20.0
+    assert RewardConfig().nll_of(gold_nll=7.0, label_nll=0.5) == 0.5
+    assert RewardConfig(nll="vocab").nll_of(gold_nll=7.0, label_nll=0.5) == 7.0
+    assert RewardConfig().nll_of(gold_nll=2.0, label_nll=None) == 2.0  # math: the answer's own NLL
+    with pytest.raises(ValueError, match="label_set, vocab"):
+        RewardConfig(nll="perplexity")
 
 
 def test_collect_writes_d0_and_summary(tmp_path: Path, tiny_target_model: str) -> None:
@@ -103,7 +114,8 @@ def test_collect_writes_d0_and_summary(tmp_path: Path, tiny_target_model: str) -
     by_prompt: dict[str, list[bool]] = {}
     for r in records:
         by_prompt.setdefault(r.prompt, []).append(r.correct)
-        assert r.reward == pytest.approx(RewardConfig().reward(r.correct, r.prompt_mean_accuracy, r.gold_nll))
+        assert r.label_nll is not None and r.label_nll < r.gold_nll
+        assert r.reward == pytest.approx(RewardConfig().reward(r.correct, r.prompt_mean_accuracy, r.label_nll))
     for r in records:
         assert r.prompt_mean_accuracy == pytest.approx(sum(by_prompt[r.prompt]) / 6)
     assert summary.target_calls == 24 and summary.cached_pairs == 0

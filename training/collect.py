@@ -37,18 +37,42 @@ SCORES_FILE = "scores.sqlite"
 SUMMARY_FILE = "collect.json"
 
 
+NLL_KINDS = ("label_set", "vocab")
+
+
 @dataclass
 class RewardConfig:
-    """Reward = correct_weight*correct + prompt_accuracy_weight*prompt_mean_accuracy - nll_weight*gold_nll."""
+    """Reward = correct_weight*correct + prompt_accuracy_weight*prompt_mean_accuracy - nll_weight*NLL.
+
+    NLL is, with ``nll="label_set"`` (the default), the gold label's NLL renormalised over the
+    task's label words; with ``nll="vocab"``, the gold label word's NLL over the whole vocabulary
+    (the paper's literal reading). With a small target the vocabulary NLL mostly measures whether
+    the prompt makes *any* bare label word likely (prompts that list the labels win whether or not
+    the answer is right: on SmolLM2 it filled the top reward bucket with below-average prompts), so
+    the label-set NLL is the default. Math tasks and chat targets have no label set: their NLL is
+    the answer's own (or none).
+    """
 
     correct_weight: float = field(default=10.0, metadata={"help": "Weight of the pair's correctness (0/1)."})
     prompt_accuracy_weight: float = field(default=10.0, metadata={"help": "Weight of the prompt's mean accuracy."})
     nll_weight: float = field(default=1.0, metadata={"help": "Weight of the gold answer's NLL (subtracted)."})
+    nll: str = field(default="label_set", metadata={
+        "help": "'label_set': gold NLL renormalised over the label words; 'vocab': over the whole vocabulary."})
 
-    def reward(self, correct: bool, prompt_mean_accuracy: float, gold_nll: float | None) -> float:
+    def __post_init__(self) -> None:
+        if self.nll not in NLL_KINDS:
+            raise ValueError(f"rewards.nll must be one of {', '.join(NLL_KINDS)}; got {self.nll!r}.")
+
+    def nll_of(self, gold_nll: float | None, label_nll: float | None) -> float | None:
+        """The NLL this config's reward uses (``label_nll`` is None where there is no label set)."""
+        if self.nll == "label_set" and label_nll is not None:
+            return label_nll
+        return gold_nll
+
+    def reward(self, correct: bool, prompt_mean_accuracy: float, nll: float | None) -> float:
         value = self.correct_weight * float(correct) + self.prompt_accuracy_weight * prompt_mean_accuracy
-        if gold_nll is not None:
-            value -= self.nll_weight * min(gold_nll, 50.0)  # cap: one absurd NLL must not dominate
+        if nll is not None:
+            value -= self.nll_weight * min(nll, 50.0)  # cap: one absurd NLL must not dominate
         return value
 
 
@@ -133,7 +157,10 @@ class Run:
         directory = Path(directory)
         run_file = directory / RUN_FILE
         if run_file.exists():
-            stored = CollectConfig(**json.loads(run_file.read_text(encoding="utf-8")))
+            data = json.loads(run_file.read_text(encoding="utf-8"))
+            if isinstance(data.get("rewards"), dict):
+                data["rewards"].setdefault("nll", "vocab")  # runs made before the choice existed
+            stored = CollectConfig(**data)
             if config is not None:
                 _check_same_run(stored, config, directory)
             config = stored
@@ -167,7 +194,7 @@ class Run:
 
 def _check_same_run(stored: CollectConfig, asked: CollectConfig, directory: Path) -> None:
     keys = ("task", "target", "queries", "collect_queries", "test_queries", "shots", "seed", "prompts",
-            "include_empty")
+            "include_empty", "rewards")
     diffs = [f"{k}: run has {getattr(stored, k)!r}, asked {getattr(asked, k)!r}" for k in keys
              if getattr(stored, k) != getattr(asked, k)]
     if diffs:
@@ -236,8 +263,8 @@ def make_records(task: Task, target_id: str, pairs: Sequence[Pair], scores: Sequ
         records.append(Record(
             task=task.name, query_id=pair.example.id, query=pair.example.query, prompt=pair.prompt,
             prompt_source=pair.prompt_source, loop=loop, target=target_id, correct=bool(score.correct),
-            reward=rewards.reward(score.correct, accuracy, score.gold_nll), prompt_mean_accuracy=accuracy,
-            gold_nll=score.gold_nll, prediction=score.prediction, label=task.gold_text(pair.example),
+            reward=rewards.reward(score.correct, accuracy, rewards.nll_of(score.gold_nll, score.label_nll)),
+            prompt_mean_accuracy=accuracy, gold_nll=score.gold_nll, label_nll=score.label_nll, prediction=score.prediction, label=task.gold_text(pair.example),
         ))
     return records
 

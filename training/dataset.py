@@ -44,6 +44,7 @@ class Record:
     reward: float
     prompt_mean_accuracy: float
     gold_nll: float | None = None
+    label_nll: float | None = None  # gold NLL renormalised over the label words (classification)
     prediction: str | None = None
     label: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

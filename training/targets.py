@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -53,6 +54,10 @@ class Score:
     correct: bool = False
     prediction: str | None = None
     gold_nll: float | None = None
+    # Classification: the gold label's NLL with the probability renormalised over the label
+    # words (-log softmax over the labels), so it measures how well the target separates the
+    # labels, not how likely a bare label word is after this prompt.
+    label_nll: float | None = None
     response: str | None = None
     tokens: int = 0
     failed: bool = False
@@ -118,10 +123,20 @@ class ScoreCache:
             self._db.close()
 
 
+# Bumped when what a score holds changes, so cached scores of an older kind are recomputed
+# (2: label_nll added).
+SCORE_VERSION = 2
+
+
 def task_signature(task: Task) -> str:
-    """What about the task changes a score: kind, label words, answer parser, template."""
+    """What about the task changes a score: kind, label words, answer parser, template, score version."""
     return json.dumps([task.kind, list(task.labels), task.answer_pattern, task.template.to_dict(),
-                       task.max_new_tokens], sort_keys=True)
+                       task.max_new_tokens, SCORE_VERSION], sort_keys=True)
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
 
 
 def _cached_score(
@@ -243,7 +258,9 @@ class HFTarget:
                 best = max(range(len(lps)), key=lambda i: lps[i])
                 gold = int(pair.example.label) if pair.example.label is not None else None
                 gold_nll = -lps[gold] if gold is not None else None
+                label_nll = _logsumexp(lps) - lps[gold] if gold is not None else None
                 out.append(Score(correct=best == gold, prediction=task.labels[best], gold_nll=gold_nll,
+                                 label_nll=label_nll,
                                  tokens=len(ctx) + (0 if single_token else sum(map(len, label_ids)))))
             if progress:
                 progress(len(chunk))
