@@ -12,7 +12,7 @@ Three entry points:
 
 Tracing: every rewrite is a child run (run type ``prompt``). Its metadata holds
 ``qpo_bundle_id`` from the start and, once the policy has answered, ``qpo_prompt``,
-``qpo_status`` (``rewritten``, ``skipped``, ``timeout`` or ``error``),
+``qpo_status`` (``rewritten``, ``skipped``, ``timeout``, ``overloaded`` or ``error``),
 ``qpo_latency_ms`` and ``qpo_tokens`` (plus ``qpo_error`` when it failed open).
 Tracers that keep the run (LangSmith, ``astream_events``, any ``BaseTracer``) see
 them on the run; every callback handler also receives them as the custom event
@@ -476,7 +476,9 @@ class QPORewriter(RunnableSerializable[QPOInput, QPOInput]):
         return _Outcome(results, "rewritten", _elapsed_ms(start))
 
     def _optimize(self, queries: list[str]) -> list[OptimizedPrompt]:
-        return self._policy().optimize_batch(queries)
+        # The budget goes into the decode too, so an overrun stops there instead of running on
+        # in the background and holding a worker.
+        return self._policy().optimize_batch(queries, latency_budget_ms=self.latency_budget_ms)
 
     def _overrun(self, start: float) -> _Outcome:
         fix = "" if self.fail_open else ", or set fail_open=True to send queries on unchanged"
@@ -514,12 +516,17 @@ class QPORewriter(RunnableSerializable[QPOInput, QPOInput]):
                 rows.append((slot.original, info))
             else:
                 result = next(results)
+                # The optimizer's own fail-open outcomes (its budget ran out, its queue was full)
+                # pass the row through like the rewriter's.
+                status = "rewritten" if result.status in ("rewritten", "cached") else result.status
                 info.update(
-                    qpo_status="rewritten",
+                    qpo_status=status,
                     qpo_prompt=result.prompt,
                     qpo_latency_ms=round(outcome.latency_ms, 3),
                     qpo_tokens=result.tokens,
                 )
+                if status in ("timeout", "overloaded"):
+                    counts["passed_through"] += 1
                 rows.append((slot.rebuild(result.prompt) if result.prompt else slot.original, info))
             counts[info["qpo_status"]] += 1
         with self._stats_lock:

@@ -13,13 +13,15 @@ from .policy_format import PolicyFormat
 from .template import Template
 
 if TYPE_CHECKING:
-    from .runtime import OptimizedPrompt, PromptOptimizer
+    from .config import RuntimeConfig
+    from .runtime import LatencyBudgetExceeded, OptimizedPrompt, PromptOptimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["BundleError", "OptimizedPrompt", "PolicyFormat", "PromptOptimizer", "Template", "__version__"]
+__all__ = ["BundleError", "LatencyBudgetExceeded", "OptimizedPrompt", "PolicyFormat", "PromptOptimizer",
+           "RuntimeConfig", "Template", "__version__"]
 
-_LAZY = {"PromptOptimizer", "OptimizedPrompt"}
+_LAZY = {"PromptOptimizer", "OptimizedPrompt", "LatencyBudgetExceeded", "RuntimeConfig"}
 
 
 def __getattr__(name: str) -> Any:

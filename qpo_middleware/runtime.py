@@ -9,31 +9,45 @@ The loop lives in :class:`Generator` (modelled on onnxruntime-genai's
 ``append_tokens`` / ``is_done`` / ``generate_next_token``), so streaming and
 budgets can be built on top of it. All per-call state is local to a call:
 ``PromptOptimizer`` is safe to share between threads
-(``InferenceSession.run`` is thread-safe).
+(``InferenceSession.run`` is thread-safe; the LRU cache and the micro-batcher lock
+their own state). How it runs (session settings, IO binding, micro-batching, the cache,
+the latency budget) is a :class:`~qpo_middleware.config.RuntimeConfig`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 import time
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from .batching import MicroBatcher, QueueFullError
 from .bundle import BundleError, GenerationConfig, Manifest, ModelSpec, load_manifest
+from .config import Provider, RuntimeConfig
 from .policy_format import PolicyFormat
 from .template import Template
 
 logger = logging.getLogger(__name__)
 
-Provider = Literal["auto", "cpu", "cuda"]
+__all__ = ["LatencyBudgetExceeded", "OptimizedPrompt", "PromptOptimizer", "Provider", "QueueFullError",
+           "RuntimeConfig"]
+
+
+class LatencyBudgetExceeded(TimeoutError):
+    """The policy did not finish within the latency budget (raised only when ``fail_open`` is off)."""
 
 _ORT_DTYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
@@ -59,7 +73,9 @@ class OptimizedPrompt:
     ``messages`` are the chat messages to
     send; ``latency_ms`` is the wall time of the call that produced it (the
     whole batch for :meth:`PromptOptimizer.optimize_batch`); ``tokens`` counts
-    the decoded tokens, the stopping EOS included.
+    the decoded tokens, the stopping EOS included. ``status`` says what happened:
+    ``"rewritten"``, ``"cached"`` (an LRU cache hit), ``"skipped"`` (an empty query: no model
+    call), ``"timeout"`` or ``"overloaded"`` (fail-open: no prompt, the query goes on as is).
     """
 
     prompt: str
@@ -67,6 +83,7 @@ class OptimizedPrompt:
     messages: list[dict[str, str]] = field(default_factory=list)
     latency_ms: float = 0.0
     tokens: int = 0
+    status: str = "rewritten"
 
 
 @dataclass(frozen=True)
@@ -102,11 +119,18 @@ class DecodeParams:
 
 
 class OnnxDecoder:
-    """Stateless view of the exported decoder: names come from the manifest, dtypes from the session."""
+    """Stateless view of the exported decoder: names come from the manifest, dtypes from the session.
 
-    def __init__(self, session: ort.InferenceSession, spec: ModelSpec) -> None:
+    With ``io_binding`` the presents stay ORT values on the session's device and are bound as
+    the next step's past (on CUDA the KV cache never visits the host; only the last
+    position's logits are read back).
+    """
+
+    def __init__(self, session: ort.InferenceSession, spec: ModelSpec, io_binding: bool = False) -> None:
         self.session = session
         self.spec = spec
+        self.io_binding = io_binding
+        self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
         self.past_names = spec.past_names()
@@ -154,10 +178,13 @@ class OnnxDecoder:
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
-        past: list[np.ndarray],
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One run. Returns (last-position logits as float32 (batch, vocab), presents in past order)."""
-        feeds: dict[str, np.ndarray] = {
+        past: list[Any],
+    ) -> tuple[np.ndarray, list[Any]]:
+        """One run. Returns (last-position logits as float32 (batch, vocab), presents in past order).
+
+        ``past`` holds numpy arrays, or ORT values from the previous step with IO binding.
+        """
+        feeds: dict[str, Any] = {
             "input_ids": input_ids.astype(self.ids_dtype, copy=False),
             "attention_mask": attention_mask.astype(self.mask_dtype, copy=False),
         }
@@ -166,9 +193,29 @@ class OnnxDecoder:
         for (key_name, value_name), i in zip(self.past_names, range(0, len(past), 2), strict=True):
             feeds[key_name] = past[i]
             feeds[value_name] = past[i + 1]
+        if self.io_binding:
+            return self._forward_bound(feeds)
         logits, *presents = self.session.run(self.output_names, feeds)
         # logits: (batch, seq, vocab); only the last position decides the next token.
         return np.asarray(logits[:, -1, :], dtype=np.float32), presents
+
+    def _forward_bound(self, feeds: dict[str, Any]) -> tuple[np.ndarray, list[Any]]:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        logits, *presents = binding.get_outputs()
+        # On CUDA this copies the whole (batch, seq, vocab) block; at a decode step seq is 1.
+        return np.asarray(logits.numpy()[:, -1, :], dtype=np.float32), presents
+
+    def take_rows(self, past: list[Any], keep: np.ndarray) -> list[Any]:
+        """The past of the rows in ``keep`` (a boolean mask): ORT values come to the host once for it."""
+        return [(p.numpy() if isinstance(p, ort.OrtValue) else p)[keep] for p in past]
 
 
 # ---------------------------------------------------------------------------- the decode loop
@@ -195,7 +242,7 @@ class Generator:
         self._last: list[int | None] = []
         self._mask = np.zeros((0, 0), dtype=np.int64)  # (live, past_len)
         self._positions = np.zeros(0, dtype=np.int64)  # (live,) position of the next token
-        self._past: list[np.ndarray] = []
+        self._past: list[Any] = []
         self._logits = np.zeros((0, 0), dtype=np.float32)  # (live, vocab) logits for the next token
 
     # -- public API -----------------------------------------------------------------------
@@ -248,7 +295,7 @@ class Generator:
                 self._past, self._logits = [], np.zeros((0, 0), dtype=np.float32)
                 return
             tokens, self._mask, self._positions = tokens[keep], self._mask[keep], self._positions[keep]
-            self._past = [p[keep] for p in self._past]
+            self._past = self.decoder.take_rows(self._past, keep)
         self._mask = np.concatenate([self._mask, np.ones((self._mask.shape[0], 1), dtype=np.int64)], axis=1)
         self._logits, self._past = self.decoder.forward(
             tokens[:, None], self._mask, self._positions[:, None], self._past
@@ -359,7 +406,11 @@ def finish_prompt(decoded: str, special_strings: Sequence[str], max_new_tokens: 
 def _providers(provider: str) -> list[str]:
     available = ort.get_available_providers()
     if provider == "auto":
-        provider = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+        if "CUDAExecutionProvider" in available:
+            provider = "cuda"
+        else:
+            logger.info("qpo: no CUDAExecutionProvider in this onnxruntime (%s); running on CPU.", ", ".join(available))
+            provider = "cpu"
     if provider == "cuda":
         if "CUDAExecutionProvider" not in available:
             raise RuntimeError(
@@ -373,11 +424,59 @@ def _providers(provider: str) -> list[str]:
     raise ValueError(f"provider must be 'auto', 'cpu' or 'cuda'; got {provider!r}.")
 
 
+def make_session(model_path: str | os.PathLike[str], config: RuntimeConfig) -> ort.InferenceSession:
+    """An ONNX Runtime session for the bundle's model, with a logged fallback when CUDA does not start."""
+    providers = _providers(config.provider)
+    session = ort.InferenceSession(str(model_path), sess_options=config.session_options(), providers=providers)
+    if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != "CUDAExecutionProvider":
+        # onnxruntime-gpu lists CUDA but could not start it (no driver, missing CUDA/cuDNN libraries).
+        logger.warning(
+            "qpo: the CUDA execution provider did not start (check the CUDA and cuDNN libraries that "
+            "onnxruntime-gpu needs); running on %s instead.", session.get_providers()[0]
+        )
+    return session
+
+
+class _LRU:
+    """A small thread-safe LRU map from query to greedy result."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, OptimizedPrompt] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> OptimizedPrompt | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, value: OptimizedPrompt) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class PromptOptimizer:
     """Writes a prompt for each query with an exported QPO policy. Thread-safe; no torch needed.
 
     >>> optimizer = PromptOptimizer.from_bundle("bundle/")        # doctest: +SKIP
     >>> optimizer.optimize("Is this review positive? ...").text   # doctest: +SKIP
+
+    How it runs is a :class:`~qpo_middleware.config.RuntimeConfig` (``config=``): session
+    settings, IO binding, micro-batching of concurrent calls, an LRU cache of greedy results
+    and a latency budget with fail-open.
     """
 
     def __init__(
@@ -386,44 +485,59 @@ class PromptOptimizer:
         session: ort.InferenceSession,
         tokenizer: Tokenizer,
         *,
-        max_batch_size: int = 16,
+        max_batch_size: int | None = None,
+        config: RuntimeConfig | None = None,
     ) -> None:
-        if max_batch_size < 1:
+        if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}.")
+        config = (config or RuntimeConfig()).with_(max_batch_size=max_batch_size)
+        self.config = config
         self.manifest = manifest
         self.session = session
         self.tokenizer = tokenizer
-        self.decoder = OnnxDecoder(session, manifest.model)
-        self.max_batch_size = max_batch_size
         self.provider = session.get_providers()[0]
+        io_binding = config.io_binding if config.io_binding is not None else self.provider == "CUDAExecutionProvider"
+        self.decoder = OnnxDecoder(session, manifest.model, io_binding=io_binding)
+        self.max_batch_size = config.max_batch_size
         # The tokenizer's special tokens (the policy's reward, separator and EOS tokens among them):
         # a prompt may spell one out of ordinary tokens, and a target LLM's tokenizer could read it
         # as the real token (e.g. "<|im_end|>" ending the user turn), so prompts never contain them.
         self.special_strings = special_token_strings(tokenizer)
+        self._cache = _LRU(config.cache_size) if config.cache_size else None
+        self._batcher: MicroBatcher[list[int]] | None = None
+        if config.batch_window_ms is not None:
+            self._batcher = MicroBatcher(
+                self._decode_queries, window_ms=config.batch_window_ms,
+                max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+            )
 
     @classmethod
     def from_bundle(
         cls,
         path: str | os.PathLike[str],
-        provider: Provider = "auto",
-        verify: bool = True,
+        provider: Provider | None = None,
+        verify: bool | None = None,
         *,
-        max_batch_size: int = 16,
+        config: RuntimeConfig | None = None,
+        max_batch_size: int | None = None,
         session_options: ort.SessionOptions | None = None,
     ) -> PromptOptimizer:
         """Load a bundle made by ``qpo export``.
 
-        ``provider``: ``"auto"`` uses CUDA when onnxruntime-gpu provides it, else
-        CPU. ``verify`` checks every file's SHA-256 first (about 1 s per 500 MB).
+        ``config`` sets how it runs (:class:`~qpo_middleware.config.RuntimeConfig`); ``provider``,
+        ``verify`` and ``max_batch_size`` override its fields. ``provider="auto"`` uses CUDA when
+        onnxruntime-gpu provides it, else CPU (logged). ``verify`` checks every file's SHA-256
+        first (about 1 s per 500 MB). ``session_options`` replaces the ones ``config`` builds.
         """
-        manifest = load_manifest(path, verify=verify)
-        providers = _providers(provider)
-        options = session_options or ort.SessionOptions()
-        if session_options is None:
-            options.log_severity_level = 3
-        session = ort.InferenceSession(str(manifest.model_path), sess_options=options, providers=providers)
+        config = (config or RuntimeConfig()).with_(provider=provider, verify=verify, max_batch_size=max_batch_size)
+        manifest = load_manifest(path, verify=config.verify)
+        if session_options is not None:
+            session = ort.InferenceSession(str(manifest.model_path), sess_options=session_options,
+                                           providers=_providers(config.provider))
+        else:
+            session = make_session(manifest.model_path, config)
         tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))
-        optimizer = cls(manifest, session, tokenizer, max_batch_size=max_batch_size)
+        optimizer = cls(manifest, session, tokenizer, config=config)
         logger.info(
             "qpo policy %s (%s) runs on %s",
             Path(path).name or str(path),
@@ -444,6 +558,17 @@ class PromptOptimizer:
 
     def __repr__(self) -> str:
         return f"PromptOptimizer({str(self.manifest.root)!r}, dtype={self.manifest.model.dtype}, provider={self.provider})"
+
+    def close(self) -> None:
+        """Stop the micro-batching worker (queued queries finish first). Direct calls keep working."""
+        if self._batcher is not None:
+            self._batcher.close()
+
+    def __enter__(self) -> PromptOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- generation -----------------------------------------------------------------------
 
@@ -472,23 +597,54 @@ class PromptOptimizer:
         return DecodeParams.from_config(self.policy, self.manifest.generation, do_sample)
 
     def generate_ids(
-        self, rows: Sequence[Sequence[int]], *, do_sample: bool | None = None, seed: int | None = None
+        self,
+        rows: Sequence[Sequence[int]],
+        *,
+        do_sample: bool | None = None,
+        seed: int | None = None,
+        deadline: float | None = None,
+        params: DecodeParams | None = None,
     ) -> list[list[int]]:
-        """Decode a batch of policy inputs; returns the generated ids per row (stopping EOS included)."""
-        generator = Generator(self.decoder, self.decode_params(do_sample), np.random.default_rng(seed))
+        """Decode a batch of policy inputs; returns the generated ids per row (stopping EOS included).
+
+        ``deadline`` (a :func:`time.perf_counter` value) is checked after every step: past it,
+        decoding stops and :class:`LatencyBudgetExceeded` is raised. ``params`` replaces the
+        bundle's decode settings (benchmarks use it to decode a fixed number of tokens).
+        """
+        generator = Generator(self.decoder, params or self.decode_params(do_sample), np.random.default_rng(seed))
         generator.append_tokens(rows)
         while not generator.is_done():
+            if deadline is not None and time.perf_counter() > deadline:
+                raise LatencyBudgetExceeded("The policy ran past its latency budget; decoding was stopped.")
             generator.generate_next_token()
         return generator.sequences()
 
-    def _result(self, query: str, ids: Sequence[int], latency_ms: float) -> OptimizedPrompt:
+    def _decode_queries(
+        self, queries: Sequence[str], do_sample: bool | None = None, seed: int | None = None,
+        deadline: float | None = None,
+    ) -> list[list[int]]:
+        """Generated ids for every (non-empty) query, decoded in length-sorted batches."""
+        todo = sorted(((i, self.input_ids(q)) for i, q in enumerate(queries)), key=lambda item: len(item[1]))
+        generated: list[list[int]] = [[] for _ in queries]
+        rng_seed = seed
+        for lo in range(0, len(todo), self.max_batch_size):
+            chunk = todo[lo : lo + self.max_batch_size]
+            sequences = self.generate_ids([ids for _, ids in chunk], do_sample=do_sample, seed=rng_seed,
+                                          deadline=deadline)
+            if rng_seed is not None:
+                rng_seed += 1
+            for (i, _), seq in zip(chunk, sequences, strict=True):
+                generated[i] = seq
+        return generated
+
+    def _result(self, query: str, ids: Sequence[int], latency_ms: float, status: str = "rewritten") -> OptimizedPrompt:
         eos = set(self.policy.eos_token_ids)
         body = [t for t in ids if t not in eos]
         prompt = finish_prompt(
             self.tokenizer.decode(body, skip_special_tokens=True),
             self.special_strings,
             self.manifest.generation.max_new_tokens,
-        )
+        ) if body else ""
         rendered = self.template.render(prompt, query)
         return OptimizedPrompt(
             prompt=prompt,
@@ -496,40 +652,115 @@ class PromptOptimizer:
             messages=rendered.messages,
             latency_ms=latency_ms,
             tokens=len(ids),
+            status=status,
         )
 
     def optimize(
-        self, query: str, *, do_sample: bool | None = None, seed: int | None = None
+        self, query: str, *, do_sample: bool | None = None, seed: int | None = None,
+        latency_budget_ms: float | None = None,
     ) -> OptimizedPrompt:
         """Write a prompt for one query. ``do_sample`` overrides the bundle default; ``seed`` fixes sampling."""
-        return self.optimize_batch([query], do_sample=do_sample, seed=seed)[0]
+        return self.optimize_batch([query], do_sample=do_sample, seed=seed, latency_budget_ms=latency_budget_ms)[0]
 
     def optimize_batch(
-        self, queries: Sequence[str], *, do_sample: bool | None = None, seed: int | None = None
+        self, queries: Sequence[str], *, do_sample: bool | None = None, seed: int | None = None,
+        latency_budget_ms: float | None = None,
     ) -> list[OptimizedPrompt]:
         """Write prompts for many queries in batched decodes (left padding, per-row stop).
 
-        Greedy results equal :meth:`optimize` on each query. Queries are grouped by
-        length into batches of at most ``max_batch_size``. Empty or whitespace-only
-        queries get an empty prompt and no model call. A query that is not a ``str``
-        raises :class:`TypeError` before any decode.
+        Greedy results equal :meth:`optimize` on each query (for fp32 bundles; an int8 bundle
+        quantizes activations per batch, so a row can differ with its batch mates: see
+        ``docs/performance.md``). Queries are grouped by length into batches of at most
+        ``max_batch_size``. Empty or whitespace-only queries get an empty prompt and no model
+        call. A query that is not a ``str`` raises :class:`TypeError` before any decode.
+
+        ``latency_budget_ms`` (default: the config's) bounds the call: past it, decoding stops
+        and, with ``fail_open``, every query not yet answered comes back unchanged with no
+        prompt and ``status="timeout"``; otherwise :class:`LatencyBudgetExceeded` is raised.
+        With micro-batching on, greedy calls join the shared batcher; a full queue is
+        ``status="overloaded"`` (fail-open) or :class:`QueueFullError`.
         """
         start = time.perf_counter()
         for query in queries:
             if not isinstance(query, str):
                 raise TypeError(f"queries must be strings; got {type(query).__name__}.")
-        todo = [(i, self.input_ids(q)) for i, q in enumerate(queries) if q.strip()]
-        todo.sort(key=lambda item: len(item[1]))  # similar lengths together: less padding
-        generated: dict[int, list[int]] = {}
-        rng_seed = seed
-        for lo in range(0, len(todo), self.max_batch_size):
-            chunk = todo[lo : lo + self.max_batch_size]
-            sequences = self.generate_ids([ids for _, ids in chunk], do_sample=do_sample, seed=rng_seed)
-            if rng_seed is not None:
-                rng_seed += 1
-            generated.update((i, seq) for (i, _), seq in zip(chunk, sequences, strict=True))
-        latency_ms = (time.perf_counter() - start) * 1000.0
-        return [self._result(q, generated.get(i, []), latency_ms) for i, q in enumerate(queries)]
+        budget = latency_budget_ms if latency_budget_ms is not None else self.config.latency_budget_ms
+        deadline = None if budget is None else start + budget / 1000.0
+        greedy = not self.decode_params(do_sample).do_sample
+        results: list[OptimizedPrompt | None] = [None] * len(queries)
+        todo: list[int] = []
+        for i, query in enumerate(queries):
+            if not query.strip():
+                results[i] = self._result(query, [], 0.0, "skipped")
+            elif greedy and self._cache is not None and (hit := self._cache.get(query)) is not None:
+                results[i] = replace(hit, status="cached", latency_ms=0.0)
+            else:
+                todo.append(i)
+        if todo:
+            if greedy and self._batcher is not None:
+                generated = self._through_batcher([queries[i] for i in todo], deadline)
+            else:
+                try:
+                    generated = self._decode_queries([queries[i] for i in todo], do_sample, seed, deadline)
+                except LatencyBudgetExceeded:
+                    if not self.config.fail_open:
+                        raise
+                    generated = ["timeout"] * len(todo)
+            latency_ms = (time.perf_counter() - start) * 1000.0
+            for i, ids in zip(todo, generated, strict=True):
+                if isinstance(ids, str):  # why there is no prompt: fail-open
+                    logger.warning("qpo: query sent on without a prompt (%s after %.0f ms)", ids, latency_ms)
+                    results[i] = self._result(queries[i], [], latency_ms, ids)
+                    continue
+                results[i] = self._result(queries[i], ids, latency_ms)
+                if greedy and self._cache is not None:
+                    self._cache.put(queries[i], results[i])
+        return [r for r in results if r is not None]
+
+    def _through_batcher(self, queries: list[str], deadline: float | None) -> list[list[int] | str]:
+        assert self._batcher is not None
+        futures: list[Future[list[int]] | str] = []
+        for query in queries:
+            try:
+                futures.append(self._batcher.submit(query))
+            except QueueFullError:
+                if not self.config.fail_open:
+                    raise
+                futures.append("overloaded")
+        out: list[list[int] | str] = []
+        for future in futures:
+            if isinstance(future, str):
+                out.append(future)
+                continue
+            timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            try:
+                out.append(future.result(timeout=timeout))
+            except FutureTimeout:
+                future.cancel()
+                if not self.config.fail_open:
+                    raise LatencyBudgetExceeded(
+                        "The policy did not answer within its latency budget (micro-batching queue)."
+                    ) from None
+                out.append("timeout")
+        return out
+
+    async def aoptimize(self, query: str, **kwargs: Any) -> OptimizedPrompt:
+        """:meth:`optimize` without blocking the event loop (runs in a worker thread)."""
+        return (await self.aoptimize_batch([query], **kwargs))[0]
+
+    async def aoptimize_batch(self, queries: Sequence[str], **kwargs: Any) -> list[OptimizedPrompt]:
+        """:meth:`optimize_batch` without blocking the event loop (runs in a worker thread)."""
+        return await asyncio.to_thread(self.optimize_batch, list(queries), **kwargs)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: cache hits/misses/size, micro-batches and queries decoded through them, queue depth."""
+        out: dict[str, Any] = {}
+        if self._cache is not None:
+            out.update(cache_hits=self._cache.hits, cache_misses=self._cache.misses, cache_size=len(self._cache))
+        if self._batcher is not None:
+            out.update(batches=self._batcher.batches, batched_queries=self._batcher.queries,
+                       queue=self._batcher.pending)
+        return out
 
     def info(self) -> dict[str, Any]:
         """A short description of the loaded bundle (for logs and CLIs)."""
@@ -540,5 +771,6 @@ class PromptOptimizer:
             "task": m.task,
             "dtype": m.model.dtype,
             "provider": self.provider,
+            "io_binding": self.decoder.io_binding,
             "created_by": m.created_by,
         }
