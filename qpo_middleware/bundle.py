@@ -249,9 +249,10 @@ class ModelSpec:
                     f"qpo.json: field model.{key} must be a non-empty list of names; got {brief_repr(names)}."
                 )
             values[key] = tuple(names)
-        if values["dtype"] not in ("fp32", "fp16", "int8"):
+        if values["dtype"] not in ("fp32", "fp16", "int8", "int8-dynamic"):
             raise BundleError(
-                f"qpo.json: field model.dtype must be fp32, fp16 or int8; got {brief_repr(values['dtype'])}."
+                "qpo.json: field model.dtype must be fp32, fp16, int8 or int8-dynamic; "
+                f"got {brief_repr(values['dtype'])}."
             )
         for key in ("past_key_name", "past_value_name", "present_key_name", "present_value_name"):
             template = values[key]

@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-import onnxruntime as ort
+from ._onnxruntime import import_onnxruntime
+
+ort = import_onnxruntime()
+
 
 Provider = Literal["auto", "cpu", "cuda"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]

@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .batching import MicroBatcher, QueueFullError
 from .bundle import BundleError, GenerationConfig, Manifest, ModelSpec, load_manifest
-from .config import Provider, RuntimeConfig
+from .config import Provider, RuntimeConfig, ort  # ort: ONNX Runtime, imported with the install fix
 from .policy_format import PolicyFormat
 from .template import Template
 
@@ -44,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LatencyBudgetExceeded", "OptimizedPrompt", "PromptOptimizer", "Provider", "QueueFullError",
            "RuntimeConfig"]
+
+
+_clock = time.perf_counter  # the decode loop's deadline clock (a module attribute so tests can drive it)
 
 
 class LatencyBudgetExceeded(TimeoutError):
@@ -415,8 +417,9 @@ def _providers(provider: str) -> list[str]:
         if "CUDAExecutionProvider" not in available:
             raise RuntimeError(
                 "provider='cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
-                f"(available: {', '.join(available)}). Install the GPU build: pip install onnxruntime-gpu "
-                "(and uninstall onnxruntime), or use provider='cpu'."
+                f"(available: {', '.join(available)}). Install the GPU build instead of the CPU one: "
+                "pip uninstall -y onnxruntime && pip install 'qpo-middleware[gpu]' (onnxruntime-gpu), "
+                "or use provider='cpu'."
             )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if provider == "cpu":
@@ -614,7 +617,7 @@ class PromptOptimizer:
         generator = Generator(self.decoder, params or self.decode_params(do_sample), np.random.default_rng(seed))
         generator.append_tokens(rows)
         while not generator.is_done():
-            if deadline is not None and time.perf_counter() > deadline:
+            if deadline is not None and _clock() > deadline:
                 raise LatencyBudgetExceeded("The policy ran past its latency budget; decoding was stopped.")
             generator.generate_next_token()
         return generator.sequences()

@@ -23,7 +23,8 @@ def command(
         Path | None, typer.Option("--out", "-o", help="Bundle directory to create (default: RUN/bundle).")
     ] = None,
     quantize: Annotated[
-        str | None, typer.Option(help="Quantize the model: 'int8' (dynamic, for CPU serving).")
+        str | None, typer.Option(help="Quantize for CPU serving: 'int8' (block-wise int8 weights; batch-independent, "
+                                 "close to fp32) or 'int8-dynamic' (ORT dynamic quantization).")
     ] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Export in half precision (for GPU serving).")] = False,
     overwrite: Annotated[
