@@ -113,8 +113,10 @@ def test_latency_budget_can_raise(bundle: Path) -> None:
         optimizer.optimize(QUERIES[0])
 
 
-def test_decode_stops_at_the_deadline(bundle: Path) -> None:
+def test_decode_stops_at_the_deadline(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An overrunning decode is stopped between steps, not left running."""
+    from qpo_middleware import runtime
+
     optimizer = PromptOptimizer.from_bundle(bundle, provider="cpu")
     rows = [optimizer.input_ids(q) for q in QUERIES]
     steps = 0
@@ -123,13 +125,13 @@ def test_decode_stops_at_the_deadline(bundle: Path) -> None:
     def counting(*args, **kwargs):
         nonlocal steps
         steps += 1
-        if steps == 2:
-            time.sleep(0.05)
         return original(*args, **kwargs)
 
     optimizer.decoder.forward = counting  # type: ignore[method-assign]
+    # The clock passes the deadline once the second model run (the first decode step) is done.
+    monkeypatch.setattr(runtime, "_clock", lambda: 100.0 if steps >= 2 else 0.0)
     with pytest.raises(LatencyBudgetExceeded):
-        optimizer.generate_ids(rows, deadline=time.perf_counter() + 0.02)
+        optimizer.generate_ids(rows, deadline=50.0)
     assert steps == 2  # prefill + one step, then the deadline check stopped it
 
 
@@ -198,22 +200,25 @@ def test_micro_batcher_passes_errors_to_every_waiter() -> None:
 def test_overloaded_queue_fails_open(bundle: Path) -> None:
     config = RuntimeConfig(provider="cpu", batch_window_ms=0, max_batch_size=1, max_queue=1)
     optimizer = PromptOptimizer.from_bundle(bundle, config=config)
-    release = threading.Event()
+    release, decoding = threading.Event(), threading.Event()
     original = optimizer._decode_queries
 
     def held(*args, **kwargs):
-        release.wait(5)
+        decoding.set()
+        release.wait(10)
         return original(*args, **kwargs)
 
     optimizer._batcher._run_batch = held  # type: ignore[union-attr]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        busy = [pool.submit(optimizer.optimize, q) for q in QUERIES[:2]]  # one decoding, one queued
-        deadline = time.monotonic() + 5
+        busy = [pool.submit(optimizer.optimize, QUERIES[0])]
+        assert decoding.wait(10)  # the worker holds the first query
+        busy.append(pool.submit(optimizer.optimize, QUERIES[1]))
+        deadline = time.monotonic() + 10
         while optimizer.stats()["queue"] < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        overloaded = optimizer.optimize(QUERIES[2])
+        overloaded = optimizer.optimize(QUERIES[2])  # the one queue slot is taken
         release.set()
-        assert [f.result(10).status for f in busy] == ["rewritten", "rewritten"]
+        assert [f.result(20).status for f in busy] == ["rewritten", "rewritten"]
     assert overloaded.status == "overloaded" and overloaded.prompt == ""
     assert QUERIES[2] in overloaded.text
     optimizer.close()
@@ -227,7 +232,7 @@ def test_provider_auto_falls_back_to_cpu_and_says_so(
         optimizer = PromptOptimizer.from_bundle(bundle)
     assert optimizer.provider == "CPUExecutionProvider"
     assert any("no CUDAExecutionProvider" in r.getMessage() for r in caplog.records)
-    with pytest.raises(RuntimeError, match="pip install onnxruntime-gpu"):
+    with pytest.raises(RuntimeError, match=r"pip install 'qpo-middleware\[gpu\]'"):
         PromptOptimizer.from_bundle(bundle, provider="cuda")
 
 
@@ -247,3 +252,75 @@ def test_cuda_that_does_not_start_is_logged(
         session = make_session(Path(bundle) / "model.onnx", RuntimeConfig(provider="auto"))
     assert session.get_providers()[0] == "CPUExecutionProvider"
     assert any("did not start" in r.getMessage() for r in caplog.records)
+
+
+def test_fixed_length_decode_and_measurements(bundle: Path) -> None:
+    from qpo_middleware.bench import fixed_length_params, measure_runtime, percentiles
+
+    optimizer = PromptOptimizer.from_bundle(bundle, provider="cpu")
+    rows = [optimizer.input_ids(q) for q in QUERIES]
+    params = fixed_length_params(optimizer, 6)
+    ids = optimizer.generate_ids(rows, params=params)
+    # Every row decodes exactly 6 tokens and never an EOS (QUERIES[0] stops early with the bundle's settings).
+    assert all(len(row) == 6 for row in ids)
+    assert not any(t in optimizer.policy.eos_token_ids for row in ids for t in row)
+    result = measure_runtime(optimizer, rows, new_tokens=6, batch_sizes=(1, 2), latency_queries=3, warmup=1)
+    assert result["latency_ms"]["n"] == 3 and result["per_token_ms"] > 0
+    assert set(result["throughput"]) == {"1", "2"}
+    assert len(result["outputs"]) == 3 and all(len(o) == 6 for o in result["outputs"])
+    stats = percentiles([1.0, 2.0, 3.0, 4.0])
+    assert stats["p50"] == 2.5 and stats["min"] == 1.0 and 3.9 < stats["p99"] <= 4.0
+
+
+def test_cli_bench(bundle: Path, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from qpo_middleware.cli import app
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", str(bundle), "--provider", "cpu", "--new-tokens", "4",
+                                      "--batch-sizes", "1,2", "--concurrency", "2", "--latency-queries", "2",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "per-token time" in result.output and "concurrent callers" in result.output
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "fp32" and data["latency_ms"]["n"] == 2
+    assert [c["micro_batching"] for c in data["concurrency"]] == [False, True]
+    bad = CliRunner().invoke(app, ["bench", str(tmp_path / "missing")])
+    assert bad.exit_code == 2 and "error" in bad.output
+
+
+def test_onnxruntime_is_a_choice_with_a_clear_error(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import importlib.metadata
+    import sys
+
+    from qpo_middleware import _onnxruntime
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if neither package were installed
+    with pytest.raises(ImportError, match=r"qpo-middleware\[cpu\].*qpo-middleware\[gpu\]"):
+        _onnxruntime.import_onnxruntime()
+    monkeypatch.undo()
+
+    real = importlib.metadata.distribution
+    monkeypatch.setattr(importlib.metadata, "distribution",
+                        lambda name: object() if name in ("onnxruntime", "onnxruntime-gpu") else real(name))
+    assert _onnxruntime.installed_distributions() == ["onnxruntime", "onnxruntime-gpu"]
+    with caplog.at_level(logging.WARNING, logger="qpo_middleware.runtime"):
+        _onnxruntime.import_onnxruntime()
+    assert any("pip uninstall -y onnxruntime onnxruntime-gpu" in r.getMessage() for r in caplog.records)
+
+
+def test_the_package_declares_onnxruntime_only_as_extras() -> None:
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("onnxruntime") for d in project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert extras["cpu"] == ["onnxruntime>=1.20"] and extras["gpu"] == ["onnxruntime-gpu>=1.20"]
+    # No other extra drags a second ONNX Runtime in (optimum-onnx without its onnxruntime extra).
+    for name, requirements in extras.items():
+        if name not in ("cpu", "gpu"):
+            assert not any("onnxruntime" in r.split(">")[0].split("<")[0] for r in requirements), name

@@ -12,7 +12,7 @@ import logging
 import typer
 from rich.logging import RichHandler
 
-from . import collect, evaluate, export, import_oirl, quickstart, rewrite, train
+from . import bench, collect, evaluate, export, import_oirl, quickstart, rewrite, train
 from ._common import err_console
 
 app = typer.Typer(
@@ -45,6 +45,7 @@ app.command("export")(export.command)
 app.command("eval")(evaluate.command)
 app.command("rewrite")(rewrite.command)
 app.command("quickstart")(quickstart.command)
+app.command("bench")(bench.command)
 
 
 def main() -> None:
