@@ -184,8 +184,11 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
                                        num_samples=loops.samples_per_query, do_sample=True, top_k=loops.top_k,
                                        top_p=loops.top_p, temperature=loops.temperature, seed=loops.seed + loop,
                                        batch_size=loops.generation_batch_size)
-            # --- Score: the new pairs on the target (cached, so a resumed loop pays nothing twice)
-            pairs = _new_pairs(run, collect_split, samples, dataset_keys={(r.query_id, r.prompt) for r in dataset})
+            # --- Score: the new pairs on the target (cached, so a resumed loop pays nothing twice).
+            # Only earlier loops' pairs count as seen: records this loop appended before a crash
+            # must not drop out of its pairs on resume (that changed its metrics and rewards).
+            seen = {(r.query_id, r.prompt) for r in dataset if r.loop < loop}
+            pairs = _new_pairs(run, collect_split, samples, dataset_keys=seen)
             phase(loop, f"scoring {len(pairs)} new pairs on {target.id}")
             scores = score_pairs(target, run.task, pairs, run.config.chunk_size)
             metrics.target_calls += sum(not s.cached for s in scores)

@@ -88,8 +88,8 @@ class Target(Protocol):
 class ScoreCache:
     """SQLite cache of scores keyed by (target id, task signature, rendered input). Thread-safe.
 
-    Every insert commits, so work done before a crash is kept. Failed scores are
-    never cached: they are retried on the next run.
+    Each call's scores commit together, so work done before a crash is kept. Failed scores
+    are never cached: they are retried on the next run.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -112,10 +112,15 @@ class ScoreCache:
         return Score.from_json(row[0]) if row else None
 
     def put(self, key: str, score: Score) -> None:
-        if score.failed:
+        self.put_many([(key, score)])
+
+    def put_many(self, items: Sequence[tuple[str, Score]]) -> None:
+        """Store scores in one transaction: a crash keeps all of them or none."""
+        rows = [(key, score.to_json()) for key, score in items if not score.failed]
+        if not rows:
             return
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO scores (key, value) VALUES (?, ?)", (key, score.to_json()))
+            self._db.executemany("INSERT OR REPLACE INTO scores (key, value) VALUES (?, ?)", rows)
             self._db.commit()
 
     def close(self) -> None:
@@ -157,10 +162,14 @@ def _cached_score(
         progress(hits)
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:
-        for index, score in zip(missing, compute(missing), strict=True):
+        computed = compute(missing)
+        for index, score in zip(missing, computed, strict=True):
             results[index] = score
-            if cache:
-                cache.put(keys[index], score)
+        if cache:
+            # One transaction per call: a crash never leaves part of a chunk cached, so a resumed
+            # run scores that chunk in the same batches as an uninterrupted one (padding in a
+            # batch moves a local target's NLLs by ~1e-7, which would make the rewards differ).
+            cache.put_many([(keys[i], s) for i, s in zip(missing, computed, strict=True)])
     return [r for r in results if r is not None]
 
 
@@ -356,8 +365,12 @@ class ChatModelTarget:
     """A LangChain chat model as a black-box target: generate, parse, judge.
 
     Calls run ``max_concurrency`` at a time through the model's own ``batch``;
-    a failing call is retried ``max_retries`` times with exponential backoff,
-    then recorded as failed (not wrong), so it can be retried later.
+    a failing call is retried ``max_retries`` times with exponential backoff
+    (``backoff_seconds``, then twice that, ...), then recorded as failed (not
+    wrong), so it can be retried later. With ``timeout_seconds``, a call without
+    a reply in that time fails with ``TimeoutError`` (and is retried like any
+    failure); the calls then go through ``invoke``, one thread each, because
+    ``batch`` cannot give up on a call that hangs.
     """
 
     model: Any
@@ -401,8 +414,11 @@ class ChatModelTarget:
             if attempt:
                 time.sleep(self.backoff_seconds * 2 ** (attempt - 1))
             inputs = [self._messages(task, pairs[i]) for i in pending]
-            config: dict[str, Any] = {"max_concurrency": self.max_concurrency}
-            outputs = self.model.batch(inputs, config=config, return_exceptions=True)
+            if self.timeout_seconds is None:
+                config: dict[str, Any] = {"max_concurrency": self.max_concurrency}
+                outputs = self.model.batch(inputs, config=config, return_exceptions=True)
+            else:
+                outputs = _invoke_with_timeout(self.model, inputs, self.max_concurrency, self.timeout_seconds)
             still: list[int] = []
             for index, output in zip(pending, outputs, strict=True):
                 text = _message_text(output) if not isinstance(output, BaseException) else None
@@ -423,6 +439,45 @@ class ChatModelTarget:
             if progress:
                 progress(1)
         return [r for r in results if r is not None]
+
+
+def _invoke_with_timeout(model: Any, inputs: list[Any], concurrency: int, timeout: float) -> list[Any]:
+    """``model.invoke`` on every input, ``concurrency`` at a time, each given ``timeout`` seconds.
+
+    Returns a reply or an exception per input, like ``batch(..., return_exceptions=True)``.
+    A call past its deadline becomes a ``TimeoutError`` and frees its slot; its thread is a
+    daemon left to end on its own, and a reply it sends late is dropped.
+    """
+    done = threading.Condition()
+    results: dict[int, Any] = {}
+
+    def call(index: int) -> None:
+        try:
+            reply: Any = model.invoke(inputs[index])
+        except Exception as exc:
+            reply = exc
+        with done:
+            results.setdefault(index, reply)
+            done.notify_all()
+
+    running: dict[int, float] = {}  # started calls -> their deadlines
+    started = 0
+    with done:
+        while True:
+            now = time.monotonic()
+            for index, deadline in list(running.items()):
+                if index in results:
+                    del running[index]
+                elif now >= deadline:
+                    results[index] = TimeoutError(f"no reply within {timeout:g} s")
+                    del running[index]
+            while started < len(inputs) and len(running) < max(1, concurrency):
+                running[started] = time.monotonic() + timeout
+                threading.Thread(target=call, args=(started,), daemon=True, name="qpo-target-call").start()
+                started += 1
+            if not running:
+                return [results[i] for i in range(len(inputs))]
+            done.wait(max(0.0, min(running.values()) - time.monotonic()))
 
 
 def _message_text(output: Any) -> str | None:

@@ -149,6 +149,10 @@ def save_checkpoint(model: Any, tokenizer: Any, output_dir: Path, state: dict[st
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / CHECKPOINT_DIR
     backup = output_dir / f"{CHECKPOINT_DIR}.old"
+    # A save killed mid-way (SIGKILL, power loss) leaves its temporary directory: a whole
+    # model's worth of disk. Saves into one output_dir never overlap, so any left is garbage.
+    for stale in output_dir.glob(f".{CHECKPOINT_DIR}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}-", dir=output_dir))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
