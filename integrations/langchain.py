@@ -70,6 +70,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
+from qpo_middleware.runtime import LatencyBudgetExceeded as _RuntimeBudgetExceeded
 from qpo_middleware.runtime import OptimizedPrompt, PromptOptimizer
 from qpo_middleware.template import Placement, Template
 
@@ -97,7 +98,7 @@ def _policy_executor() -> ThreadPoolExecutor:
         return _executor
 
 
-class LatencyBudgetExceeded(TimeoutError):
+class LatencyBudgetExceeded(_RuntimeBudgetExceeded):
     """The policy did not answer within ``latency_budget_ms`` (raised only with ``fail_open=False``)."""
 
 
@@ -452,6 +453,8 @@ class QPORewriter(RunnableSerializable[QPOInput, QPOInput]):
                         raise
                     future.cancel()  # only stops a decode that has not started; a running one finishes
                     return self._overrun(start)
+        except _RuntimeBudgetExceeded as exc:  # the optimizer's own budget, without its fail-open
+            return _Outcome(None, "timeout", _elapsed_ms(start), exc)
         except Exception as exc:
             return _Outcome(None, "error", _elapsed_ms(start), exc)
         return _Outcome(results, "rewritten", _elapsed_ms(start))
@@ -461,6 +464,16 @@ class QPORewriter(RunnableSerializable[QPOInput, QPOInput]):
         if not queries:
             return _Outcome([], "rewritten")
         start = time.perf_counter()
+        if self._policy().batching:
+            # Micro-batching: await the shared batcher directly (no worker thread per call); the
+            # optimizer applies the budget and fails open on its own.
+            try:
+                results = await self._policy().aoptimize_batch(queries, latency_budget_ms=self.latency_budget_ms)
+            except _RuntimeBudgetExceeded as exc:  # the optimizer's own budget, without its fail-open
+                return _Outcome(None, "timeout", _elapsed_ms(start), exc)
+            except Exception as exc:
+                return _Outcome(None, "error", _elapsed_ms(start), exc)
+            return _Outcome(results, "rewritten", _elapsed_ms(start))
         future = asyncio.get_running_loop().run_in_executor(_policy_executor(), self._optimize, queries)
         try:
             if self.latency_budget_ms is None:
@@ -469,7 +482,9 @@ class QPORewriter(RunnableSerializable[QPOInput, QPOInput]):
                 results = await asyncio.wait_for(future, self.latency_budget_ms / 1000.0)
         except TimeoutError:
             if not future.cancelled():  # the optimizer itself raised TimeoutError
-                return _Outcome(None, "error", _elapsed_ms(start), future.exception())
+                error = future.exception()
+                status = "timeout" if isinstance(error, _RuntimeBudgetExceeded) else "error"
+                return _Outcome(None, status, _elapsed_ms(start), error)
             return self._overrun(start)
         except Exception as exc:
             return _Outcome(None, "error", _elapsed_ms(start), exc)

@@ -471,6 +471,17 @@ class _LRU:
         return len(self._items)
 
 
+@dataclass
+class _Call:
+    """The state of one optimize call: its clock, deadline and the results filled so far."""
+
+    start: float
+    deadline: float | None
+    greedy: bool
+    results: list[OptimizedPrompt | None]
+    todo: list[int] = field(default_factory=list)
+
+
 class PromptOptimizer:
     """Writes a prompt for each query with an exported QPO policy. Thread-safe; no torch needed.
 
@@ -671,11 +682,11 @@ class PromptOptimizer:
     ) -> list[OptimizedPrompt]:
         """Write prompts for many queries in batched decodes (left padding, per-row stop).
 
-        Greedy results equal :meth:`optimize` on each query (for fp32 bundles; an int8 bundle
-        quantizes activations per batch, so a row can differ with its batch mates: see
-        ``docs/performance.md``). Queries are grouped by length into batches of at most
-        ``max_batch_size``. Empty or whitespace-only queries get an empty prompt and no model
-        call. A query that is not a ``str`` raises :class:`TypeError` before any decode.
+        Greedy results equal :meth:`optimize` on each query (exactly for fp32 bundles; the int8
+        bundle quantizes each row on its own, but its kernels may round a batch differently from
+        a single row: see ``docs/performance.md``). Queries are grouped by length into batches of
+        at most ``max_batch_size``. Empty or whitespace-only queries get an empty prompt and no
+        model call. A query that is not a ``str`` raises :class:`TypeError` before any decode.
 
         ``latency_budget_ms`` (default: the config's) bounds the call: past it, decoding stops
         and, with ``fail_open``, every query not yet answered comes back unchanged with no
@@ -683,77 +694,118 @@ class PromptOptimizer:
         With micro-batching on, greedy calls join the shared batcher; a full queue is
         ``status="overloaded"`` (fail-open) or :class:`QueueFullError`.
         """
+        call = self._plan(queries, do_sample, latency_budget_ms)
+        if call.todo:
+            pending = [queries[i] for i in call.todo]
+            if call.greedy and self._batcher is not None:
+                generated = [self._wait(item, call.deadline) for item in self._submit(pending)]
+            else:
+                try:
+                    generated = list(self._decode_queries(pending, do_sample, seed, call.deadline))
+                except LatencyBudgetExceeded:
+                    if not self.config.fail_open:
+                        raise
+                    generated = ["timeout"] * len(pending)
+            self._fill(queries, call, generated)
+        return [r for r in call.results if r is not None]
+
+    async def aoptimize(self, query: str, **kwargs: Any) -> OptimizedPrompt:
+        """:meth:`optimize` without blocking the event loop."""
+        return (await self.aoptimize_batch([query], **kwargs))[0]
+
+    async def aoptimize_batch(
+        self, queries: Sequence[str], *, do_sample: bool | None = None, seed: int | None = None,
+        latency_budget_ms: float | None = None,
+    ) -> list[OptimizedPrompt]:
+        """:meth:`optimize_batch` without blocking the event loop.
+
+        With micro-batching on, greedy queries go straight to the batcher and are awaited (no
+        thread per call, so thousands of concurrent callers cost one decode thread); otherwise
+        the call runs in a worker thread.
+        """
+        queries = list(queries)
+        if self._batcher is None or self.decode_params(do_sample).do_sample:
+            return await asyncio.to_thread(self.optimize_batch, queries, do_sample=do_sample, seed=seed,
+                                           latency_budget_ms=latency_budget_ms)
+        call = self._plan(queries, do_sample, latency_budget_ms)
+        generated: list[list[int] | str] = []
+        for item in self._submit([queries[i] for i in call.todo]):
+            if isinstance(item, str):
+                generated.append(item)
+                continue
+            timeout = None if call.deadline is None else max(0.0, call.deadline - time.perf_counter())
+            try:
+                generated.append(await asyncio.wait_for(asyncio.wrap_future(item), timeout))
+            except TimeoutError:
+                generated.append(self._timed_out(item))
+        self._fill(queries, call, generated)
+        return [r for r in call.results if r is not None]
+
+    # -- the steps of a call ------------------------------------------------------------------
+
+    def _plan(self, queries: Sequence[str], do_sample: bool | None, latency_budget_ms: float | None) -> _Call:
+        """Check the queries; answer empty ones and cache hits; list the rest to decode."""
         start = time.perf_counter()
         for query in queries:
             if not isinstance(query, str):
                 raise TypeError(f"queries must be strings; got {type(query).__name__}.")
         budget = latency_budget_ms if latency_budget_ms is not None else self.config.latency_budget_ms
-        deadline = None if budget is None else start + budget / 1000.0
-        greedy = not self.decode_params(do_sample).do_sample
-        results: list[OptimizedPrompt | None] = [None] * len(queries)
-        todo: list[int] = []
+        call = _Call(start=start, deadline=None if budget is None else start + budget / 1000.0,
+                     greedy=not self.decode_params(do_sample).do_sample, results=[None] * len(queries))
         for i, query in enumerate(queries):
             if not query.strip():
-                results[i] = self._result(query, [], 0.0, "skipped")
-            elif greedy and self._cache is not None and (hit := self._cache.get(query)) is not None:
-                results[i] = replace(hit, status="cached", latency_ms=0.0)
+                call.results[i] = self._result(query, [], 0.0, "skipped")
+            elif call.greedy and self._cache is not None and (hit := self._cache.get(query)) is not None:
+                call.results[i] = replace(hit, status="cached", latency_ms=0.0)
             else:
-                todo.append(i)
-        if todo:
-            if greedy and self._batcher is not None:
-                generated = self._through_batcher([queries[i] for i in todo], deadline)
-            else:
-                try:
-                    generated = self._decode_queries([queries[i] for i in todo], do_sample, seed, deadline)
-                except LatencyBudgetExceeded:
-                    if not self.config.fail_open:
-                        raise
-                    generated = ["timeout"] * len(todo)
-            latency_ms = (time.perf_counter() - start) * 1000.0
-            for i, ids in zip(todo, generated, strict=True):
-                if isinstance(ids, str):  # why there is no prompt: fail-open
-                    logger.warning("qpo: query sent on without a prompt (%s after %.0f ms)", ids, latency_ms)
-                    results[i] = self._result(queries[i], [], latency_ms, ids)
-                    continue
-                results[i] = self._result(queries[i], ids, latency_ms)
-                if greedy and self._cache is not None:
-                    self._cache.put(queries[i], results[i])
-        return [r for r in results if r is not None]
+                call.todo.append(i)
+        return call
 
-    def _through_batcher(self, queries: list[str], deadline: float | None) -> list[list[int] | str]:
+    def _submit(self, queries: list[str]) -> list[Future[list[int]] | str]:
+        """Queue every query on the batcher; a full queue is "overloaded" (or raises without fail-open)."""
         assert self._batcher is not None
-        futures: list[Future[list[int]] | str] = []
+        out: list[Future[list[int]] | str] = []
         for query in queries:
             try:
-                futures.append(self._batcher.submit(query))
+                out.append(self._batcher.submit(query))
             except QueueFullError:
                 if not self.config.fail_open:
                     raise
-                futures.append("overloaded")
-        out: list[list[int] | str] = []
-        for future in futures:
-            if isinstance(future, str):
-                out.append(future)
-                continue
-            timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
-            try:
-                out.append(future.result(timeout=timeout))
-            except FutureTimeout:
-                future.cancel()
-                if not self.config.fail_open:
-                    raise LatencyBudgetExceeded(
-                        "The policy did not answer within its latency budget (micro-batching queue)."
-                    ) from None
-                out.append("timeout")
+                out.append("overloaded")
         return out
 
-    async def aoptimize(self, query: str, **kwargs: Any) -> OptimizedPrompt:
-        """:meth:`optimize` without blocking the event loop (runs in a worker thread)."""
-        return (await self.aoptimize_batch([query], **kwargs))[0]
+    def _wait(self, item: Future[list[int]] | str, deadline: float | None) -> list[int] | str:
+        if isinstance(item, str):
+            return item
+        timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        try:
+            return item.result(timeout=timeout)
+        except FutureTimeout:
+            return self._timed_out(item)
 
-    async def aoptimize_batch(self, queries: Sequence[str], **kwargs: Any) -> list[OptimizedPrompt]:
-        """:meth:`optimize_batch` without blocking the event loop (runs in a worker thread)."""
-        return await asyncio.to_thread(self.optimize_batch, list(queries), **kwargs)
+    def _timed_out(self, future: Future[list[int]]) -> str:
+        future.cancel()  # dropped from its batch if the batch has not started
+        if not self.config.fail_open:
+            raise LatencyBudgetExceeded("The policy did not answer within its latency budget (micro-batching queue).")
+        return "timeout"
+
+    def _fill(self, queries: Sequence[str], call: _Call, generated: Sequence[list[int] | str]) -> None:
+        """Results for the decoded queries (a string instead of ids says why there is no prompt)."""
+        latency_ms = (time.perf_counter() - call.start) * 1000.0
+        for i, ids in zip(call.todo, generated, strict=True):
+            if isinstance(ids, str):  # fail-open
+                logger.warning("qpo: query sent on without a prompt (%s after %.0f ms)", ids, latency_ms)
+                call.results[i] = self._result(queries[i], [], latency_ms, ids)
+                continue
+            result = self._result(queries[i], ids, latency_ms)
+            call.results[i] = result
+            if call.greedy and self._cache is not None:
+                self._cache.put(queries[i], result)
+
+    @property
+    def batching(self) -> bool:
+        """Whether concurrent greedy calls share decodes (``RuntimeConfig.batch_window_ms`` is set)."""
+        return self._batcher is not None
 
     def stats(self) -> dict[str, Any]:
         """Counters: cache hits/misses/size, micro-batches and queries decoded through them, queue depth."""

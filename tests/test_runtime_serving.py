@@ -324,3 +324,40 @@ def test_the_package_declares_onnxruntime_only_as_extras() -> None:
     for name, requirements in extras.items():
         if name not in ("cpu", "gpu"):
             assert not any("onnxruntime" in r.split(">")[0].split("<")[0] for r in requirements), name
+
+
+def test_with_qpo_concurrent_ainvoke_shares_decodes(bundle: Path, reference: dict[str, str]) -> None:
+    """Many concurrent ainvoke calls through with_qpo: each reply carries its own query and prompt."""
+    from _langchain_helpers import EchoChatModel
+
+    from qpo_middleware.integrations.langchain import with_qpo
+
+    calls = [MANY[i % len(MANY)] for i in range(120)]
+    config = RuntimeConfig(provider="cpu", batch_window_ms=2, max_batch_size=32)
+    with PromptOptimizer.from_bundle(bundle, config=config) as optimizer:
+        chain = with_qpo(EchoChatModel(), optimizer)
+
+        async def main() -> list[str]:
+            replies = await asyncio.gather(*(chain.ainvoke(q) for q in calls))
+            return [str(r.content) for r in replies]
+
+        replies = asyncio.run(main())
+        for query, reply in zip(calls, replies, strict=True):
+            expected = optimizer.template.render(reference[query], query).text
+            assert reply == f"human: {expected}"  # its own query, verbatim, after its own prompt
+        stats = optimizer.stats()
+        assert stats["batched_queries"] == len(calls) and stats["batches"] < len(calls) / 4
+
+
+def test_rewriter_reports_the_optimizers_own_timeout(bundle: Path) -> None:
+    """An optimizer budget without fail-open is a timeout for the rewriter (which then fails open)."""
+    from qpo_middleware.integrations.langchain import QPORewriter
+
+    config = RuntimeConfig(provider="cpu", latency_budget_ms=0, fail_open=False)
+    for batching in (None, 1.0):
+        optimizer = PromptOptimizer.from_bundle(bundle, config=config.with_(batch_window_ms=batching))
+        rewriter = QPORewriter(optimizer=optimizer)
+        assert rewriter.invoke(QUERIES[0]) == QUERIES[0]
+        assert asyncio.run(rewriter.ainvoke(QUERIES[1])) == QUERIES[1]
+        assert rewriter.stats["timeout"] == 2 and rewriter.stats["passed_through"] == 2
+        optimizer.close()
