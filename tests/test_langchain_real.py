@@ -99,3 +99,46 @@ def test_qpo_chat_model_smollm2_stream(
     chunks = [chunk.content for chunk in chat.stream(QUERIES[0], {"callbacks": [tracer]})]
     assert "".join(chunks).strip()
     assert _prompts_of(tracer) == [expected_prompts[QUERIES[0]]]
+
+
+def test_500_concurrent_ainvoke_on_the_real_bundle(smollm2_bundle: Path) -> None:
+    """Soak: 500 concurrent ainvoke calls through with_qpo on the real SmolLM2 policy (micro-batched).
+
+    No call errors, every reply is paired with its own query (a unique tag per call), and every
+    call got the policy's own greedy prompt. ``benchmarks/soak.py`` runs the same with memory figures.
+    """
+    import asyncio
+
+    from _langchain_helpers import EchoChatModel
+
+    from qpo_middleware import RuntimeConfig
+    from qpo_middleware.integrations.langchain import QPORewriter
+
+    base = [
+        "a gripping , beautifully acted film that stays with you .",
+        "the plot is thin and the jokes fall flat .",
+        "an uneven but often funny look at growing up .",
+        "nothing here is worth the price of a ticket .",
+    ]
+    queries = [f"[#{i}] {base[i % len(base)]}" for i in range(500)]
+    config = RuntimeConfig(provider="cpu", batch_window_ms=2, max_batch_size=32, max_queue=1024)
+    with PromptOptimizer.from_bundle(smollm2_bundle, config=config) as optimizer:
+        rewriter = QPORewriter(optimizer=optimizer)
+        chain = rewriter | EchoChatModel()
+
+        async def main() -> list[Any]:
+            return await asyncio.gather(*(chain.ainvoke(q) for q in queries), return_exceptions=True)
+
+        replies = asyncio.run(main())
+        errors = [r for r in replies if isinstance(r, BaseException)]
+        assert not errors, errors[:3]
+        for query, reply in zip(queries, replies, strict=True):
+            text = str(reply.content)
+            # Its own query (unique by its tag), verbatim, after the prompt the policy wrote for it.
+            # (The untrained policy sometimes imitates the tag in its prompt: only the end counts.)
+            assert text.startswith("human: ") and text.endswith("\n\n" + query)
+            prompt = text[len("human: ") : -len(query)].strip()
+            assert prompt and len(prompt) <= optimizer.manifest.generation.max_new_tokens * 32
+        assert rewriter.stats["rewritten"] == 500 and rewriter.stats.get("passed_through", 0) == 0
+        stats = optimizer.stats()
+        assert stats["batched_queries"] == 500 and stats["batches"] <= 500 / 4  # decodes were shared
