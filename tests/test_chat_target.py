@@ -60,3 +60,20 @@ def test_bad_factory_names_the_format() -> None:
         ChatModelTarget("no_colon")
     with pytest.raises(ValueError, match="Cannot import"):
         ChatModelTarget("no_such_module_xyz:make")
+
+
+def test_chat_target_call_settings_come_from_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qpo_middleware.training.collect import CollectConfig, Run
+    from qpo_middleware.training.targets import ChatModelTarget
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    config = CollectConfig(task="sst2_sample", target="_flaky_chat:make", queries=2, collect_queries=0,
+                           test_queries=0, prompts="1", target_retries=0, target_timeout=2.5, target_concurrency=3)
+    target = Run.open(tmp_path, config).make_target()
+    assert isinstance(target, ChatModelTarget)
+    assert (target.max_retries, target.timeout_seconds, target.max_concurrency) == (0, 2.5, 3)
+    # A resume may call the target differently: those settings are not part of the run's identity.
+    resumed = Run.open(tmp_path, CollectConfig(**{**config.to_dict(), "target_retries": 5})).make_target()
+    assert isinstance(resumed, ChatModelTarget) and resumed.max_retries == 5
+    with pytest.raises(ValueError, match="target_timeout"):
+        CollectConfig(target_timeout=0)

@@ -19,7 +19,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +93,22 @@ class CollectConfig:
     data_dir: str | None = field(default=None, metadata={"help": "Data collection root (default: $QPO_DATA)."})
     batch_size: int = field(default=16, metadata={"help": "Pairs per forward pass on a local target."})
     chunk_size: int = field(default=64, metadata={"help": "Pairs scored between two progress saves."})
+    target_concurrency: int = field(default=8, metadata={"help": "Chat-model target: calls in flight at once."})
+    target_retries: int = field(default=3, metadata={
+        "help": "Chat-model target: retries of a failed call (exponential backoff) before the pair is recorded as failed."})
+    target_timeout: float | None = field(default=None, metadata={
+        "help": "Chat-model target: seconds before a call without a reply fails (and is retried)."})
     rewards: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.rewards, dict):
             self.rewards = RewardConfig(**self.rewards)
-        for name in ("queries", "collect_queries", "test_queries", "batch_size", "chunk_size"):
-            if getattr(self, name) < (0 if name in ("collect_queries", "test_queries") else 1):
+        for name in ("queries", "collect_queries", "test_queries", "batch_size", "chunk_size", "target_concurrency",
+                     "target_retries"):
+            if getattr(self, name) < (0 if name in ("collect_queries", "test_queries", "target_retries") else 1):
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}.")
+        if self.target_timeout is not None and self.target_timeout <= 0:
+            raise ValueError(f"target_timeout must be a number of seconds > 0; got {self.target_timeout}.")
         if self.shots < 0:
             raise ValueError(f"shots must be >= 0; got {self.shots}.")
 
@@ -163,6 +171,9 @@ class Run:
             stored = CollectConfig(**data)
             if config is not None:
                 _check_same_run(stored, config, directory)
+                # How to call the target is not part of the run's identity: a resume may change it.
+                stored = replace(stored, target_concurrency=config.target_concurrency,
+                                 target_retries=config.target_retries, target_timeout=config.target_timeout)
             config = stored
         elif config is None:
             raise FileNotFoundError(f"{directory} is not a QPO run directory (no {RUN_FILE}); run `qpo collect` first.")
@@ -181,7 +192,9 @@ class Run:
 
     def make_target(self, spec: str | None = None, batch_size: int | None = None) -> Target:
         return make_target(spec or self.config.target, cache_path=self.directory / SCORES_FILE,
-                           batch_size=batch_size or self.config.batch_size)
+                           batch_size=batch_size or self.config.batch_size,
+                           max_concurrency=self.config.target_concurrency, max_retries=self.config.target_retries,
+                           timeout_seconds=self.config.target_timeout)
 
     def pairs(self, examples: Sequence[Example], prompts: Sequence[tuple[str, str]]) -> list[Pair]:
         """Pairs (example x prompt) with the example's fixed demonstrations; ``prompts`` are (source, text)."""

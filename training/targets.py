@@ -490,9 +490,14 @@ def _message_text(output: Any) -> str | None:
     return None
 
 
-def make_target(spec: str, *, cache_path: str | os.PathLike[str] | None = None, batch_size: int = 16) -> Target:
-    """A target from a CLI name: ``module:factory`` is a LangChain chat model, anything else a local HF model."""
+def make_target(spec: str, *, cache_path: str | os.PathLike[str] | None = None, batch_size: int = 16,
+                max_concurrency: int = 8, max_retries: int = 3, timeout_seconds: float | None = None) -> Target:
+    """A target from a CLI name: ``module:factory`` is a LangChain chat model, anything else a local HF model.
+
+    ``max_concurrency``, ``max_retries`` and ``timeout_seconds`` apply to chat-model targets.
+    """
     cache = ScoreCache(cache_path) if cache_path else None
     if ":" in spec and not Path(spec).exists():
-        return ChatModelTarget(model=spec, cache=cache)
+        return ChatModelTarget(model=spec, cache=cache, max_concurrency=max_concurrency, max_retries=max_retries,
+                               timeout_seconds=timeout_seconds)
     return HFTarget(model=spec, batch_size=batch_size, cache=cache)

@@ -27,6 +27,9 @@ def command(
     data_dir: Annotated[str | None, typer.Option(help="Data collection root (default: $QPO_DATA).")] = None,
     batch_size: Annotated[int, typer.Option(help="Pairs per forward pass on a local target.")] = 16,
     no_empty: Annotated[bool, typer.Option("--no-empty", help="Do not score the empty prompt (no instruction).")] = False,
+    target_concurrency: Annotated[int, typer.Option(help="Chat-model target: calls in flight at once.")] = 8,
+    target_retries: Annotated[int, typer.Option(help="Chat-model target: retries of a failed call (exponential backoff).")] = 3,
+    target_timeout: Annotated[float | None, typer.Option(help="Chat-model target: seconds before a call without a reply fails (and is retried).")] = None,
     reward_nll: Annotated[str, typer.Option(help="NLL in the reward: 'label_set' (gold renormalised over the label words) or 'vocab' (over the whole vocabulary, the paper's literal reading).")] = "label_set",
 ) -> None:
     """Score every (train query, pool prompt) pair on the target and write D0 to OUT/dataset.jsonl."""
@@ -36,7 +39,8 @@ def command(
         config = CollectConfig(task=task, target=target, queries=queries, prompts=prompts,
                                collect_queries=collect_queries, test_queries=test_queries, shots=shots, seed=seed,
                                data_dir=data_dir, batch_size=batch_size, include_empty=not no_empty,
-                               rewards=RewardConfig(nll=reward_nll))
+                               rewards=RewardConfig(nll=reward_nll), target_concurrency=target_concurrency,
+                               target_retries=target_retries, target_timeout=target_timeout)
         with progress_bar() as bar:
             job = bar.add_task("scoring pairs", total=None)
             summary = collect(config, out, progress=lambda done, total: bar.update(job, completed=done, total=total))
