@@ -10,13 +10,9 @@ on a machine without GPUs (accelerate's ``--cpu`` flag starts a single process
 unless MPI is configured).
 
 Partial fine-tuning (``trainable="top:N"``) trains the top N transformer
-layers, the final norm and the embedding rows of the policy's added tokens.
-Where input and output embeddings are one tied matrix (SmolLM2), only some
-rows may change: a gradient hook zeroes the other rows' gradients, and that
-matrix gets no weight decay, so AdamW leaves those rows exactly as they were.
-Cost: training the added *input* rows means back-propagating through every
-layer (the reward token sits at the bottom of the stack), so on CPU ``top:N``
-saves the lower layers' weight gradients and optimizer work, not their backward.
+layers and the final norm; the embedding matrix, the policy's added tokens
+included, stays frozen (see :func:`select_trainable`), so the backward pass
+stops at the lowest trained layer. ``trainable="all"`` trains every weight.
 """
 
 from __future__ import annotations
