@@ -222,3 +222,23 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert result["steps"] == 6  # 12 examples, batch 2, 2 processes: 3 steps per epoch, 2 epochs
     assert views[0]["checksum"] == pytest.approx(views[1]["checksum"], rel=1e-6)  # DDP kept them in step
     assert (tmp_path / CHECKPOINT_DIR / "model.safetensors").is_file()
+
+
+def test_train_policy_tokens_trains_only_the_policy_token_rows(tmp_path):
+    from qpo_middleware.training.policy import policy_token_ids
+
+    config = TrainConfig(epochs=2, batch_size=4, learning_rate=3e-3, num_buckets=4, device="cpu",
+                         trainable="top:1", weight_decay=0.1, save_checkpoints=False, train_policy_tokens=True)
+    model, tokenizer, fmt, _, examples = _setup(config)
+    before = _snapshot(model)
+    train_policy(model, tokenizer, examples, config, tmp_path, extra_state={"policy": fmt.to_dict()})
+    after = dict(model.named_parameters())
+    name = "model.embed_tokens.weight"
+    changed = (after[name].detach() != before[name]).any(dim=1).nonzero().flatten().tolist()
+    policy_ids = set(policy_token_ids(tokenizer, config.num_buckets))
+    used = {i for e in examples for i in e.input_ids} & policy_ids  # tokens that occur get gradients
+    assert used and set(changed) == used  # those rows moved, and no other row (no decay either)
+    lower = [n for n in before if n.startswith("model.layers.0.")]
+    assert all(torch.equal(after[n].detach(), before[n]) for n in lower)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not model.get_input_embeddings().weight._backward_hooks  # the row hook is gone

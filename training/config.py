@@ -45,6 +45,14 @@ class TrainConfig:
             "(embeddings frozen; much faster on CPU)."
         },
     )
+    train_policy_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "With top:N, also train the input embeddings of the reward and separator tokens (the rest of "
+            "the embedding matrix stays frozen). Lets the reward conditioning reach the lower layers; the backward "
+            "pass then runs through every layer."
+        },
+    )
     bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast on CUDA (ignored on CPU)."})
     max_steps: int | None = field(
         default=None, metadata={"help": "Stop after this many optimizer steps (default: run every epoch)."}

@@ -135,6 +135,21 @@ def select_trainable(model: Any, config: TrainConfig) -> None:
             param.requires_grad_(True)
 
 
+def _train_policy_token_rows(model: Any, tokenizer: Any, num_buckets: int) -> Any:
+    """Make the input embedding rows of the reward and separator tokens trainable, and only them.
+
+    The matrix gets ``requires_grad`` and a hook that zeroes every other row's gradient (with
+    no weight decay, AdamW then leaves those rows exactly as they were). Returns the hook handle.
+    """
+    from .policy import policy_token_ids
+
+    weight = model.get_input_embeddings().weight
+    mask = torch.zeros((weight.shape[0], 1), dtype=weight.dtype, device=weight.device)
+    mask[policy_token_ids(tokenizer, num_buckets)] = 1.0
+    weight.requires_grad_(True)
+    return weight.register_hook(lambda grad: grad * mask)
+
+
 def save_checkpoint(model: Any, tokenizer: Any, output_dir: Path, state: dict[str, Any]) -> Path:
     """Write model, tokenizer and ``trainer_state.json`` to ``output_dir/checkpoint`` atomically.
 
@@ -238,11 +253,17 @@ def train_policy(
 
     original_flags = {id(p): p.requires_grad for p in model.parameters()}
     select_trainable(model, config)
+    row_hook = None
     try:
+        frozen_rows: list[Any] = []
+        if config.train_policy_tokens and config.top_layers is not None:
+            row_hook = _train_policy_token_rows(model, tokenizer, config.num_buckets)
+            frozen_rows.append(model.get_input_embeddings().weight)
         params = [p for p in model.parameters() if p.requires_grad]
-        # No decay for norms and biases.
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        # No decay for norms and biases, nor for a matrix trained in a few rows only (decay would
+        # shrink the rows the gradient hook keeps frozen).
+        decay = [p for p in params if p.ndim >= 2 and not any(p is f for f in frozen_rows)]
+        no_decay = [p for p in params if p.ndim < 2 or any(p is f for f in frozen_rows)]
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": config.weight_decay},
@@ -355,7 +376,9 @@ def train_policy(
                 accelerator.wait_for_everyone()
                 checkpoint = output_dir / CHECKPOINT_DIR
     finally:
-        # Leave the model as the caller gave it: same requires_grad flags, eval mode.
+        # Leave the model as the caller gave it: same requires_grad flags, no hook, eval mode.
+        if row_hook is not None:
+            row_hook.remove()
         for param in model.parameters():
             param.requires_grad_(original_flags.get(id(param), True))
         model.eval()

@@ -23,6 +23,7 @@ def command(
     batch_size: Annotated[int, typer.Option(help=help_of(TrainConfig, "batch_size"))] = 8,
     grad_accum_steps: Annotated[int, typer.Option(help=help_of(TrainConfig, "grad_accum_steps"))] = 1,
     trainable: Annotated[str, typer.Option(help=help_of(TrainConfig, "trainable") + " 'auto': all on GPU, top:6 on CPU.")] = "auto",
+    train_policy_tokens: Annotated[bool, typer.Option(help=help_of(TrainConfig, "train_policy_tokens"))] = False,
     max_steps: Annotated[int | None, typer.Option(help=help_of(TrainConfig, "max_steps"))] = None,
     num_buckets: Annotated[int, typer.Option(help=help_of(TrainConfig, "num_buckets"))] = 10,
     query_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "query_max_tokens"))] = 40,
@@ -40,7 +41,8 @@ def command(
         train_config = TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                                    grad_accum_steps=grad_accum_steps, trainable=resolve_trainable(trainable, device),
                                    max_steps=max_steps, num_buckets=num_buckets, query_max_tokens=query_max_tokens,
-                                   prompt_max_tokens=prompt_max_tokens, device=device, seed=seed)
+                                   prompt_max_tokens=prompt_max_tokens, device=device, seed=seed,
+                                   train_policy_tokens=train_policy_tokens)
         loop_config = LoopConfig(loops=loops, base_model=base_model, later_epochs=later_epochs,
                                  samples_per_query=samples_per_query, collect_queries=collect_queries,
                                  reward_floor_quantile=reward_floor_quantile, top_k=top_k, top_p=top_p, seed=seed)
