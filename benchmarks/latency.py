@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -244,6 +245,12 @@ def prepare_policy(checkpoint: Path | None, work: Path) -> Path:
 def prepare_bundles(checkpoint: Path, work: Path) -> dict[str, Path]:
     from qpo_middleware.training.export import export_bundle, read_policy_meta
 
+    marker = work / "bundles-source.json"
+    source = {"checkpoint": str(checkpoint.resolve())}
+    if marker.is_file() and json.loads(marker.read_text()) != source:
+        for stale in work.glob("bundle-*"):  # exported from another checkpoint
+            shutil.rmtree(stale)
+    marker.write_text(json.dumps(source))
     bundles = {}
     for dtype, quantize in (("fp32", None), ("int8", "int8"), ("int8-dynamic", "int8-dynamic")):
         out = work / f"bundle-{dtype}"
