@@ -36,12 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _runtime_worker(spec: dict[str, Any], rows: list[list[int]]) -> dict[str, Any]:
     from qpo_middleware import PromptOptimizer, RuntimeConfig
-    from qpo_middleware.bench import current_rss_mb, measure_concurrency, measure_runtime, peak_rss_mb
+    from qpo_middleware.bench import current_rss_mb, measure_concurrency_modes, measure_runtime, peak_rss_mb
 
     config = RuntimeConfig(**spec.get("config", {}))
     start = time.perf_counter()
@@ -87,15 +86,8 @@ def _runtime_worker(spec: dict[str, Any], rows: list[list[int]]) -> dict[str, An
             out["prompts"] = single
             out["batch_vs_single_agreement"] = sum(a == b for a, b in zip(single, batched, strict=True)) / len(single)
     for callers in spec.get("concurrency", []):
-        for window in (None, 2.0):
-            concurrent = PromptOptimizer.from_bundle(
-                spec["bundle"], config=config.with_(batch_window_ms=window, max_batch_size=max(callers, 1)),
-            ) if window is not None else optimizer
-            result = measure_concurrency(concurrent, spec["queries"], callers)
-            result["micro_batching"] = window is not None
-            out.setdefault("concurrency", []).append(result)
-            if concurrent is not optimizer:
-                concurrent.close()
+        out.setdefault("concurrency", []).extend(
+            measure_concurrency_modes(spec["bundle"], config, spec["queries"], callers))
     out["peak_rss_mb"] = peak_rss_mb()
     out["torch_imported"] = "torch" in sys.modules
     return out
@@ -104,7 +96,7 @@ def _runtime_worker(spec: dict[str, Any], rows: list[list[int]]) -> dict[str, An
 def _hf_worker(spec: dict[str, Any], rows: list[list[int]]) -> dict[str, Any]:
     import torch
 
-    from qpo_middleware.bench import current_rss_mb, peak_rss_mb, percentiles
+    from qpo_middleware.bench import current_rss_mb, measure_decode, peak_rss_mb
 
     torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
@@ -125,7 +117,7 @@ def _hf_worker(spec: dict[str, Any], rows: list[list[int]]) -> dict[str, Any]:
     rss_loaded = current_rss_mb()
     new_tokens, suppress, pad = spec["new_tokens"], spec["suppress"], spec["pad_id"]
 
-    def generate(batch: list[list[int]], tokens: int) -> list[list[int]]:
+    def generate(batch: Sequence[Sequence[int]], tokens: int) -> list[list[int]]:
         width = max(map(len, batch))
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -138,37 +130,9 @@ def _hf_worker(spec: dict[str, Any], rows: list[list[int]]) -> dict[str, Any]:
                                  pad_token_id=pad, num_beams=1)
         return out[:, width:].tolist()
 
-    def timed(batch: list[list[int]], tokens: int) -> tuple[float, list[list[int]]]:
-        start = time.perf_counter()
-        ids = generate(batch, tokens)
-        return (time.perf_counter() - start) * 1000.0, ids
-
-    for row in rows[:2]:
-        timed([row], new_tokens)
-    sample = [rows[i % len(rows)] for i in range(spec["latency_queries"])]
-    prefill = [timed([row], 1)[0] for row in sample]
-    latencies, outputs = [], []
-    for row in sample:
-        ms, ids = timed([row], new_tokens)
-        latencies.append(ms)
-        outputs.append(ids[0])
-    throughput = {}
-    for size in spec["batch_sizes"]:
-        count = max(size, 16)
-        batch_rows = [rows[i % len(rows)] for i in range(count)]
-        timed(batch_rows[:size], new_tokens)
-        start = time.perf_counter()
-        for lo in range(0, count, size):
-            generate(batch_rows[lo:lo + size], new_tokens)
-        seconds = time.perf_counter() - start
-        throughput[str(size)] = {"queries": count, "rewrites_per_s": count / seconds,
-                                 "tokens_per_s": count * new_tokens / seconds}
-    return {
-        "load_s": load_s, "rss_after_load_mb": rss_loaded, "new_tokens": new_tokens,
-        "latency_ms": percentiles(latencies), "prefill_ms": percentiles(prefill),
-        "per_token_ms": (statistics.median(latencies) - statistics.median(prefill)) / max(new_tokens - 1, 1),
-        "throughput": throughput, "outputs": outputs, "peak_rss_mb": peak_rss_mb(),
-    }
+    result = measure_decode(generate, rows, new_tokens=new_tokens, batch_sizes=spec["batch_sizes"],
+                            latency_queries=spec["latency_queries"])
+    return {"load_s": load_s, "rss_after_load_mb": rss_loaded, **result, "peak_rss_mb": peak_rss_mb()}
 
 
 def _langchain_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -308,24 +272,6 @@ def policy_rows(bundle: Path, count: int) -> tuple[list[str], list[list[int]]]:
 # ---------------------------------------------------------------------------- orchestration
 
 
-def environment() -> dict[str, Any]:
-    import numpy
-    import onnxruntime
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "usable_cores": cores, "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
-            "providers": onnxruntime.get_available_providers(), "platform": platform.platform()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=None, help="A qpo policy checkpoint (default: SmolLM2 + policy tokens).")
@@ -347,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     out, work = args.out, args.out / "work"
     work.mkdir(parents=True, exist_ok=True)
+    from qpo_middleware.training.benchmark import environment
+
     env = environment()
-    threads = args.threads or int(env["usable_cores"] or 1)
+    threads = args.threads or int(env["cpu_cores_usable"] or 1)
     say = lambda message: print(f"[{time.perf_counter() - started:6.0f}s] {message}", flush=True)  # noqa: E731
 
     say("preparing the policy checkpoint and the fp32 / int8 bundles")
@@ -441,7 +389,7 @@ def write_latency_plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     engines = results["engines"]
     names = list(engines)
-    hardware = f"{results['environment']['cpu']}, {results['environment']['usable_cores']} cores"
+    hardware = f"{results['environment']['cpu_model']}, {results['environment']['cpu_cores_usable']} cores"
     paths = []
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import RuntimeConfig
 from .runtime import DecodeParams, PromptOptimizer
 
 
@@ -106,14 +107,12 @@ def fixed_length_params(optimizer: PromptOptimizer, new_tokens: int) -> DecodePa
     )
 
 
-def timed_decode(optimizer: PromptOptimizer, rows: Sequence[Sequence[int]], params: DecodeParams) -> tuple[float, list[list[int]]]:
-    start = time.perf_counter()
-    ids = optimizer.generate_ids(rows, params=params)
-    return (time.perf_counter() - start) * 1000.0, ids
+Decode = Callable[[Sequence[Sequence[int]], int], list[list[int]]]
+"""``decode(rows, new_tokens)``: greedy, fixed-length ids for a batch of policy inputs (any engine)."""
 
 
-def measure_runtime(
-    optimizer: PromptOptimizer,
+def measure_decode(
+    decode: Decode,
     rows: Sequence[Sequence[int]],
     *,
     new_tokens: int = 32,
@@ -121,16 +120,23 @@ def measure_runtime(
     latency_queries: int = 20,
     warmup: int = 2,
 ) -> dict[str, Any]:
-    """Batch-1 latency percentiles, per-token time, and throughput per batch size, on policy inputs ``rows``."""
-    full = fixed_length_params(optimizer, new_tokens)
-    first = replace(full, max_new_tokens=1)
+    """Batch-1 latency percentiles, per-token time, and throughput per batch size, on policy inputs ``rows``.
+
+    The same measurement for every engine: ``decode`` is the only engine-specific part.
+    """
+
+    def timed(batch: Sequence[Sequence[int]], tokens: int) -> tuple[float, list[list[int]]]:
+        start = time.perf_counter()
+        ids = decode(batch, tokens)
+        return (time.perf_counter() - start) * 1000.0, ids
+
     for row in rows[:warmup]:
-        timed_decode(optimizer, [row], full)
+        timed([row], new_tokens)
     sample = [rows[i % len(rows)] for i in range(latency_queries)]
-    prefill = [timed_decode(optimizer, [row], first)[0] for row in sample]
+    prefill = [timed([row], 1)[0] for row in sample]
     latencies, outputs = [], []
     for row in sample:
-        ms, ids = timed_decode(optimizer, [row], full)
+        ms, ids = timed([row], new_tokens)
         latencies.append(ms)
         outputs.append(ids[0])
     per_token = (float(np.median(latencies)) - float(np.median(prefill))) / max(new_tokens - 1, 1)
@@ -138,10 +144,10 @@ def measure_runtime(
     for size in batch_sizes:
         count = max(size, 16)
         batch_rows = [rows[i % len(rows)] for i in range(count)]
-        timed_decode(optimizer, batch_rows[:size], full)  # warm this shape
+        timed(batch_rows[:size], new_tokens)  # warm this shape
         start = time.perf_counter()
         for lo in range(0, count, size):
-            optimizer.generate_ids(batch_rows[lo : lo + size], params=full)
+            decode(batch_rows[lo : lo + size], new_tokens)
         seconds = time.perf_counter() - start
         throughput[str(size)] = {"queries": count, "rewrites_per_s": count / seconds,
                                  "tokens_per_s": count * new_tokens / seconds}
@@ -153,6 +159,15 @@ def measure_runtime(
         "throughput": throughput,
         "outputs": outputs,
     }
+
+
+def measure_runtime(optimizer: PromptOptimizer, rows: Sequence[Sequence[int]], **kwargs: Any) -> dict[str, Any]:
+    """:func:`measure_decode` with the runtime's own decode loop (``kwargs`` as there)."""
+
+    def decode(batch: Sequence[Sequence[int]], tokens: int) -> list[list[int]]:
+        return optimizer.generate_ids(batch, params=fixed_length_params(optimizer, tokens))
+
+    return measure_decode(decode, rows, **kwargs)
 
 
 def measure_concurrency(
@@ -179,3 +194,17 @@ def measure_concurrency(
     seconds = time.perf_counter() - start
     return {"callers": callers, "calls": len(latencies), "rewrites_per_s": len(latencies) / seconds,
             "latency_ms": percentiles(latencies), **optimizer.stats()}
+
+
+def measure_concurrency_modes(
+    bundle: str | os.PathLike[str], config: RuntimeConfig, queries: Sequence[str], callers: int
+) -> list[dict[str, Any]]:
+    """:func:`measure_concurrency` without and with micro-batching (2 ms window, batches of ``callers``)."""
+    out = []
+    for window in (None, 2.0):
+        served_config = config.with_(batch_window_ms=window, max_batch_size=callers)
+        with PromptOptimizer.from_bundle(bundle, config=served_config) as served:
+            row = measure_concurrency(served, queries, callers)
+        row["micro_batching"] = window is not None
+        out.append(row)
+    return out

@@ -471,6 +471,11 @@ class _LRU:
         return len(self._items)
 
 
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (a perf_counter value), never negative; None without one."""
+    return None if deadline is None else max(0.0, deadline - time.perf_counter())
+
+
 @dataclass
 class _Call:
     """The state of one optimize call: its clock, deadline and the results filled so far."""
@@ -733,9 +738,8 @@ class PromptOptimizer:
             if isinstance(item, str):
                 generated.append(item)
                 continue
-            timeout = None if call.deadline is None else max(0.0, call.deadline - time.perf_counter())
             try:
-                generated.append(await asyncio.wait_for(asyncio.wrap_future(item), timeout))
+                generated.append(await asyncio.wait_for(asyncio.wrap_future(item), _remaining(call.deadline)))
             except TimeoutError:
                 generated.append(self._timed_out(item))
         self._fill(queries, call, generated)
@@ -777,9 +781,8 @@ class PromptOptimizer:
     def _wait(self, item: Future[list[int]] | str, deadline: float | None) -> list[int] | str:
         if isinstance(item, str):
             return item
-        timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
         try:
-            return item.result(timeout=timeout)
+            return item.result(timeout=_remaining(deadline))
         except FutureTimeout:
             return self._timed_out(item)
 

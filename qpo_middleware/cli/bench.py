@@ -39,7 +39,7 @@ def command(
     with user_errors():
         from qpo_middleware.bench import (
             current_rss_mb,
-            measure_concurrency,
+            measure_concurrency_modes,
             measure_runtime,
             memory_bandwidth_gbs,
             peak_rss_mb,
@@ -64,14 +64,8 @@ def command(
             result = measure_runtime(optimizer, rows, new_tokens=new_tokens, batch_sizes=sizes,
                                      latency_queries=latency_queries)
             result.pop("outputs")
-            result["concurrency"] = []
-            for n in callers:
-                for window in (None, 2.0):
-                    with PromptOptimizer.from_bundle(bundle, config=config.with_(batch_window_ms=window,
-                                                                                  max_batch_size=n)) as served:
-                        row = measure_concurrency(served, queries, n)
-                    row["micro_batching"] = window is not None
-                    result["concurrency"].append(row)
+            result["concurrency"] = [row for n in callers
+                                     for row in measure_concurrency_modes(bundle, config, queries, n)]
             bandwidth = memory_bandwidth_gbs()
         result.update(bundle=str(bundle), dtype=optimizer.manifest.model.dtype, provider=optimizer.provider,
                       load_s=load_s, rss_after_load_mb=rss_loaded, peak_rss_mb=peak_rss_mb(),
