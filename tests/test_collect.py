@@ -150,6 +150,30 @@ def test_resume_refuses_other_settings(tmp_path: Path, tiny_target_model: str) -
         collect(config(target=tiny_target_model, queries=7), tmp_path)
 
 
+def test_prompts_per_query_scores_a_seeded_subset_per_query(tmp_path: Path, tiny_target_model: str) -> None:
+    summary = collect(config(target=tiny_target_model, queries=8, prompts_per_query=2), tmp_path / "a")
+    records = OfflineDataset(tmp_path / "a").records
+    assert len(records) == 8 * 2 == summary.target_calls  # 8 queries x 2 of the 4 prompts, nothing else paid
+    per_query: dict[str, list[str]] = {}
+    for r in records:
+        per_query.setdefault(r.query_id, []).append(r.prompt)
+    assert all(len(set(p)) == 2 for p in per_query.values())
+    assert len({tuple(p) for p in per_query.values()}) > 1  # not the same two prompts for every query
+    pool = [text for _, text in resolve_prompts(get_task("sst2_sample"), "3", include_empty=True)]
+    for r in records:  # a prompt's mean accuracy is over the queries it was scored on
+        hits = [x.correct for x in records if x.prompt == r.prompt]
+        assert r.prompt_mean_accuracy == pytest.approx(sum(hits) / len(hits))
+        assert r.prompt in pool
+    # The subset is drawn per query: more train queries keep the first queries' subsets.
+    collect(config(target=tiny_target_model, queries=10, prompts_per_query=2), tmp_path / "b")
+    bigger = {(r.query_id, r.prompt) for r in OfflineDataset(tmp_path / "b").records}
+    assert {(r.query_id, r.prompt) for r in records} <= bigger
+    with pytest.raises(ValueError, match="prompts_per_query: run has 2, asked 3"):
+        collect(config(target=tiny_target_model, queries=8, prompts_per_query=3), tmp_path / "a")
+    with pytest.raises(ValueError, match="prompts_per_query must be positive"):
+        config(prompts_per_query=-1)
+
+
 def test_prompt_sources(tmp_path: Path) -> None:
     task = get_task("sst2")
     pool = resolve_prompts(task, "all", include_empty=True)

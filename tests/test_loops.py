@@ -76,6 +76,17 @@ def test_loops_resume_at_the_first_unfinished_loop(tmp_path: Path, tiny_base: st
     assert run_loops(tmp_path, train, loops, on_phase=lambda *a: pytest.fail("no work expected")) == metrics
 
 
+def test_d0_floor_trains_on_the_better_part_of_d0_only(tmp_path: Path, tiny_base: str) -> None:
+    small_run(tmp_path, tiny_base)
+    train, loops = configs(tiny_base)
+    metrics = run_loops(tmp_path, train, LoopConfig(**{**loops.__dict__, "loops": 1, "d0_floor_quantile": 0.5}))
+    rewards = sorted(r.reward for r in OfflineDataset(tmp_path).records)
+    floor = rewards[round(0.5 * (len(rewards) - 1))]
+    assert metrics[0].train_records == sum(r >= floor for r in rewards) < len(rewards)
+    with pytest.raises(ValueError, match="d0_floor_quantile"):
+        LoopConfig(d0_floor_quantile=1.0)
+
+
 def test_loops_need_d0(tmp_path: Path, tiny_base: str) -> None:
     with pytest.raises(FileNotFoundError, match="qpo collect"):
         run_loops(tmp_path, *configs(tiny_base))

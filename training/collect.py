@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -88,6 +89,9 @@ class CollectConfig:
     test_queries: int = field(default=100, metadata={"help": "Held-out test queries for evaluation."})
     prompts: str = field(default="all", metadata={"help": "'all', a number N (N prompts spread over the pool), or a JSON file of prompts."})
     include_empty: bool = field(default=True, metadata={"help": "Score the empty prompt (no instruction) too."})
+    prompts_per_query: int = field(default=0, metadata={
+        "help": "Score only this many pool prompts per train query, drawn per query (seeded); 0 = every prompt. "
+                "D0 then covers more queries for the same target calls, which a query-dependent policy needs."})
     shots: int = field(default=0, metadata={"help": "Few-shot demonstrations per query (0 = zero-shot)."})
     seed: int = field(default=0, metadata={"help": "Seed of the splits and demonstrations."})
     data_dir: str | None = field(default=None, metadata={"help": "Data collection root (default: $QPO_DATA)."})
@@ -104,8 +108,9 @@ class CollectConfig:
         if isinstance(self.rewards, dict):
             self.rewards = RewardConfig(**self.rewards)
         for name in ("queries", "collect_queries", "test_queries", "batch_size", "chunk_size", "target_concurrency",
-                     "target_retries"):
-            if getattr(self, name) < (0 if name in ("collect_queries", "test_queries", "target_retries") else 1):
+                     "target_retries", "prompts_per_query"):
+            if getattr(self, name) < (0 if name in ("collect_queries", "test_queries", "target_retries",
+                                                    "prompts_per_query") else 1):
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}.")
         if self.target_timeout is not None and self.target_timeout <= 0:
             raise ValueError(f"target_timeout must be a number of seconds > 0; got {self.target_timeout}.")
@@ -200,6 +205,22 @@ class Run:
         """Pairs (example x prompt) with the example's fixed demonstrations; ``prompts`` are (source, text)."""
         return [Pair(e, text, source, self.demos(e)) for e in examples for source, text in prompts]
 
+    def d0_pairs(self, prompts: Sequence[tuple[str, str]]) -> list[Pair]:
+        """D0's pairs: every train query with every prompt, or with ``prompts_per_query`` of them.
+
+        The subset is drawn per query from (seed, query id), so it does not depend on the order or
+        number of train queries, and a resumed collect asks for the same pairs; pool order is kept.
+        """
+        k = self.config.prompts_per_query
+        if not k or k >= len(prompts):
+            return self.pairs(self.splits.train, prompts)
+        out: list[Pair] = []
+        for example in self.splits.train:
+            rng = random.Random(f"{self.config.seed}:d0:{example.id}")
+            chosen = sorted(rng.sample(range(len(prompts)), k))
+            out.extend(self.pairs([example], [prompts[i] for i in chosen]))
+        return out
+
     def demos(self, example: Example) -> tuple[Demo, ...]:
         """The example's few-shot demonstrations (fixed per query and seed; empty when zero-shot)."""
         return self.task.demos_for(example, self.splits.train, self.config.shots, self.config.seed)
@@ -207,7 +228,7 @@ class Run:
 
 def _check_same_run(stored: CollectConfig, asked: CollectConfig, directory: Path) -> None:
     keys = ("task", "target", "queries", "collect_queries", "test_queries", "shots", "seed", "prompts",
-            "include_empty", "rewards")
+            "include_empty", "prompts_per_query", "rewards")
     diffs = [f"{k}: run has {getattr(stored, k)!r}, asked {getattr(asked, k)!r}" for k in keys
              if getattr(stored, k) != getattr(asked, k)]
     if diffs:
@@ -301,10 +322,10 @@ def collect(config: CollectConfig, out: str | os.PathLike[str], *, target: Targe
     """
     run = Run.open(out, config)
     prompts = resolve_prompts(run.task, config.prompts, config.include_empty)
-    pairs = run.pairs(run.splits.train, prompts)
+    pairs = run.d0_pairs(prompts)
     target = target or run.make_target()
-    logger.info("Scoring %d pairs (%d queries x %d prompts) on %s", len(pairs), len(run.splits.train),
-                len(prompts), target.id)
+    logger.info("Scoring %d pairs (%d queries x %d of %d prompts) on %s", len(pairs), len(run.splits.train),
+                len(pairs) // max(1, len(run.splits.train)), len(prompts), target.id)
 
     done = 0
 

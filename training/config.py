@@ -135,6 +135,10 @@ class LoopConfig:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     reward_floor_quantile: float = field(
         default=0.5, metadata={"help": "Keep new pairs whose reward is at least this quantile of D0's rewards."})
+    d0_floor_quantile: float = field(
+        default=0.0,
+        metadata={"help": "Train on the D0 records whose reward is at least this quantile of D0's rewards (the "
+                          "paper's D0 keeps only pairs that did well, 'expert' data); 0 = all of D0."})
     prompt_accuracy_prior: float = field(
         default=4.0,
         metadata={"help": "Pseudo-queries of D0's mean accuracy mixed into a new prompt's accuracy estimate "
@@ -153,6 +157,8 @@ class LoopConfig:
             raise ValueError(f"samples_per_query must be >= 1; got {self.samples_per_query}.")
         if not 0.0 <= self.reward_floor_quantile <= 1.0:
             raise ValueError(f"reward_floor_quantile must be in [0, 1]; got {self.reward_floor_quantile}.")
+        if not 0.0 <= self.d0_floor_quantile < 1.0:
+            raise ValueError(f"d0_floor_quantile must be in [0, 1); got {self.d0_floor_quantile}.")
         if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:
             raise ValueError("top_p must be in (0, 1] and temperature > 0.")
 

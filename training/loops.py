@@ -161,6 +161,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
     d0_rewards = [r.reward for r in d0]
     d0_accuracy = statistics.fmean(r.correct for r in d0)
     floor = _quantile(d0_rewards, loops.reward_floor_quantile)
+    d0_floor = _quantile(d0_rewards, loops.d0_floor_quantile) if loops.d0_floor_quantile > 0 else float("-inf")
     collect_split = run.splits.collect[: loops.collect_queries] if loops.collect_queries else run.splits.collect
     target = target or run.make_target()
 
@@ -202,8 +203,8 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             metrics.mean_reward_sampled = statistics.fmean(r.reward for r in records) if records else None
             metrics.mean_reward_kept = statistics.fmean(r.reward for r in kept) if kept else None
 
-        # --- Fine-tune: on D_{t} (all records so far), from the previous policy -----------------
-        training_records = [r for r in dataset if r.loop <= loop]
+        # --- Fine-tune: on D_{t} (D0's records above its floor, and every later loop's), from the previous policy
+        training_records = [r for r in dataset if r.loop <= loop and (r.loop > 0 or r.reward >= d0_floor)]
         examples = build_examples(training_records, tokenizer, fmt, buckets, include_empty=train.include_empty)
         config = train if loop == 1 else _later(train, loops)
         phase(loop, f"fine-tuning on {len(examples)} examples ({config.epochs} epoch(s))")

@@ -19,6 +19,7 @@ def command(
     target: Annotated[str, typer.Option(help="Target LLM: model name/path, or a LangChain chat model as module:factory.")] = "smollm2-135m-instruct",
     queries: Annotated[int, typer.Option(help="Train queries to score (the D0 query set).")] = 50,
     prompts: Annotated[str, typer.Option(help="'all', a number N (N prompts spread over the pool), or a JSON file of prompts.")] = "all",
+    prompts_per_query: Annotated[int, typer.Option(help="Score only this many pool prompts per train query, drawn per query (seeded); 0 = every prompt. More queries for the same target calls.")] = 0,
     out: Annotated[Path, typer.Option(help="Run directory (created; re-run the same command to resume).")] = Path("runs/sst2"),
     collect_queries: Annotated[int, typer.Option(help="Held-out queries for the training loops.")] = 100,
     test_queries: Annotated[int, typer.Option(help="Held-out test queries.")] = 100,
@@ -39,6 +40,7 @@ def command(
         config = CollectConfig(task=task, target=target, queries=queries, prompts=prompts,
                                collect_queries=collect_queries, test_queries=test_queries, shots=shots, seed=seed,
                                data_dir=data_dir, batch_size=batch_size, include_empty=not no_empty,
+                               prompts_per_query=prompts_per_query,
                                rewards=RewardConfig(nll=reward_nll), target_concurrency=target_concurrency,
                                target_retries=target_retries, target_timeout=target_timeout)
         with progress_bar() as bar:

@@ -31,6 +31,7 @@ def command(
     samples_per_query: Annotated[int, typer.Option(help=help_of(LoopConfig, "samples_per_query"))] = 2,
     collect_queries: Annotated[int | None, typer.Option(help=help_of(LoopConfig, "collect_queries"))] = None,
     reward_floor_quantile: Annotated[float, typer.Option(help=help_of(LoopConfig, "reward_floor_quantile"))] = 0.5,
+    d0_floor_quantile: Annotated[float, typer.Option(help=help_of(LoopConfig, "d0_floor_quantile"))] = 0.0,
     top_k: Annotated[int, typer.Option(help=help_of(LoopConfig, "top_k"))] = 10,
     top_p: Annotated[float, typer.Option(help=help_of(LoopConfig, "top_p"))] = 0.9,
     device: Annotated[str, typer.Option(help=help_of(TrainConfig, "device"))] = "auto",
@@ -45,7 +46,8 @@ def command(
                                    train_policy_tokens=train_policy_tokens)
         loop_config = LoopConfig(loops=loops, base_model=base_model, later_epochs=later_epochs,
                                  samples_per_query=samples_per_query, collect_queries=collect_queries,
-                                 reward_floor_quantile=reward_floor_quantile, top_k=top_k, top_p=top_p, seed=seed)
+                                 reward_floor_quantile=reward_floor_quantile, d0_floor_quantile=d0_floor_quantile,
+                                 top_k=top_k, top_p=top_p, seed=seed)
         metrics = train_with_progress(run, train_config, loop_config)
     print_loops(metrics)
     console.print(f"[green]Policy:[/] {metrics[-1].checkpoint}   next: qpo export --run {run}")
