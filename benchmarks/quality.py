@@ -43,6 +43,7 @@ class Profile:
     name: str
     queries: int  # train queries (D0)
     prompts: str  # pool prompts ("all" or a count); the empty prompt comes on top
+    prompts_per_query: int  # pool prompts scored per train query (0 = all)
     collect_queries: int
     test_queries: int
     target_batch_size: int
@@ -57,33 +58,39 @@ class Profile:
 def cpu_profile() -> Profile:
     """2 CPU cores, SmolLM2-135M as policy and target: sst2 + ag_news in about 55 minutes.
 
-    Estimate per task, from measured costs (a target pair ~0.2 s on sst2, ~0.28 s taken for
-    ag_news whose queries are 1.7x longer; a top:4 training step on 8 examples 0.7-1.5 s, ~1.1 s
-    taken; int8 export ~1.5 min per bundle; int8 greedy rewrite ~0.3 s per query; about 1 min
-    per loop for loading the policy, saving the checkpoint and generating, seen in a smoke run):
+    D0 covers 160 train queries with 5 of the 14 prompts each (13 of the pool + empty, drawn per
+    query): a query-dependent policy needs many queries more than every prompt on each (48 x 14
+    before: the policy wrote about the same prompts for every query). The policy trains on D0's
+    better half (``d0_floor_quantile=0.5``, the paper's "expert" D0) for 4 epochs.
+
+    Estimate per task, from measured costs (a target pair ~0.15 s on sst2, ~0.2 s on ag_news whose
+    queries are 1.7x longer; a top:4 training step on 8 examples ~1.1 s; int8 export ~1.5 min per
+    bundle; int8 greedy rewrite ~0.3 s per query; about 1 min per loop for loading the policy,
+    saving the checkpoint and generating):
 
     =========================================================================  ======  =======
     phase                                                                        sst2  ag_news
     =========================================================================  ======  =======
-    collect: 48 queries x 14 prompts (13 of the pool + empty) = 672 pairs       2.2 m    3.1 m
-    loop 1: 672 examples x 2 epochs = 168 steps + overhead + 32 greedy pairs    4.2 m    4.3 m
-    loops 2-3: 64 sampled + 32 greedy pairs, 1 epoch on ~700 examples (each)    2.9 m    3.1 m
+    collect: 160 queries x 5 of 14 prompts = 800 pairs                          2.0 m    2.7 m
+    loop 1: 400 examples (D0's better half) x 4 epochs = 200 steps + greedy     4.6 m    5.8 m
+    loops 2-3: 64 sampled + 32 greedy pairs, 1 epoch on ~430 examples (each)    2.5 m    2.8 m
     export: 3 int8 bundles                                                      4.5 m    4.5 m
     scoring: oracle 14 x 100 (covers none, random_pool, best_pool, selector),
-      default 100, QPO 3 x 100, best-of-4 100 = ~1,900 pairs                    6.3 m    8.9 m
+      default 100, QPO 3 x 100, best-of-4 100 = ~1,900 pairs                    5.0 m    6.5 m
     policy decoding: 3 x 100 greedy + 100 x best-of-4 (4 rows); selector fit    2.3 m    2.5 m
-    total                                                                      ~25 m    ~30 m
+    total                                                                      ~23 m    ~27 m
     =========================================================================  ======  =======
 
-    Together ~55 min. To make room: ``--no-oracle`` saves 3-5 min per task (the pool baselines
+    Together ~50 min. To make room: ``--no-oracle`` saves 3-5 min per task (the pool baselines
     are then scored alone), ``--best-of-n 0`` ~1.2 min, ``--quantize none`` (fp32 export, ~45 s
     per bundle, slower rewrites) ~1 min.
     """
     return Profile(
-        name="cpu", queries=48, prompts="13", collect_queries=32, test_queries=100, target_batch_size=16,
-        train={"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "trainable": "top:4", "prompt_max_tokens": 32,
+        name="cpu", queries=160, prompts="13", prompts_per_query=5, collect_queries=32, test_queries=100,
+        target_batch_size=16,
+        train={"epochs": 4, "learning_rate": 2e-4, "batch_size": 8, "trainable": "top:4", "prompt_max_tokens": 32,
                "query_max_tokens": 40},
-        loops={"loops": 3, "samples_per_query": 2, "later_epochs": 1},
+        loops={"loops": 3, "samples_per_query": 2, "later_epochs": 1, "d0_floor_quantile": 0.5},
         bench={"oracle": True, "best_of_n": 4, "quantize": "int8"},
     )
 
@@ -92,10 +99,11 @@ def gpu_profile() -> Profile:
     """One GPU, the full sizes: 500 train queries x all 28 prompts (14,000 D0 pairs), 200 collect,
     500 test, 4 loops, every weight trained, fp32 bundles. Not timed on this project's hardware yet."""
     return Profile(
-        name="gpu", queries=500, prompts="all", collect_queries=200, test_queries=500, target_batch_size=64,
+        name="gpu", queries=500, prompts="all", prompts_per_query=0, collect_queries=200, test_queries=500, target_batch_size=64,
         train={"epochs": 3, "learning_rate": 1e-4, "batch_size": 32, "trainable": "all", "prompt_max_tokens": 40,
                "query_max_tokens": 40},
-        loops={"loops": 4, "samples_per_query": 4, "later_epochs": 2, "generation_batch_size": 64},
+        loops={"loops": 4, "samples_per_query": 4, "later_epochs": 2, "generation_batch_size": 64,
+               "d0_floor_quantile": 0.5},
         bench={"oracle": True, "best_of_n": 8, "quantize": None},
     )
 
@@ -147,7 +155,8 @@ def run_quality(tasks: Sequence[str], profile: Profile, out: Path, *, seed: int 
         timings: dict[str, float] = {}
         collect_config = CollectConfig(task=name, target=model, queries=profile.queries,
                                        collect_queries=profile.collect_queries, test_queries=profile.test_queries,
-                                       prompts=profile.prompts, shots=shots, seed=seed,
+                                       prompts=profile.prompts, prompts_per_query=profile.prompts_per_query,
+                                       shots=shots, seed=seed,
                                        batch_size=profile.target_batch_size)
         run = Run.open(run_dir, collect_config)
         target = run.make_target()  # one target (one model load) for collect, loops and benchmark

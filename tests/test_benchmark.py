@@ -56,10 +56,11 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def tiny_profile(quality: ModuleType) -> Any:
     return quality.Profile(
-        name="tiny", queries=8, prompts="4", collect_queries=6, test_queries=6, target_batch_size=8,
+        name="tiny", queries=8, prompts="4", prompts_per_query=3, collect_queries=6, test_queries=6, target_batch_size=8,
         train={"epochs": 2, "batch_size": 8, "learning_rate": 5e-3, "num_buckets": 4, "prompt_max_tokens": 8,
                "query_max_tokens": 16, "warmup_ratio": 0.0},
-        loops={"loops": 2, "samples_per_query": 2, "reward_floor_quantile": 0.0, "top_k": 50},
+        loops={"loops": 2, "samples_per_query": 2, "reward_floor_quantile": 0.0, "top_k": 50,
+               "d0_floor_quantile": 0.25},
         bench={"oracle": True, "best_of_n": 2, "quantize": None, "examples_per_label": 2,
                "bootstrap_samples": 200},
     )
@@ -93,16 +94,17 @@ def test_results_json_has_every_method_and_loop(runs: dict[str, Any]) -> None:
         assert 0.0 <= m["ci_low"] <= m["accuracy"] <= m["ci_high"] <= 1.0
         assert m["n"] == task["queries"] == 6
     by_name = {m["method"]: m for m in task["methods"]}
-    # Training calls: D0 = 8 queries x (4 pool prompts + empty); the loops add theirs.
-    assert by_name["best_pool"]["training_target_calls"] == by_name["selector"]["training_target_calls"] == 40
+    # Training calls: D0 = 8 queries x 3 of (4 pool prompts + empty); the loops add theirs.
+    assert by_name["best_pool"]["training_target_calls"] == by_name["selector"]["training_target_calls"] == 24
     assert by_name["none"]["training_target_calls"] == 0
-    assert by_name["qpo_loop2"]["training_target_calls"] == 40 + sum(r["target_calls"] for r in task["loops"])
+    assert by_name["qpo_loop2"]["training_target_calls"] == 24 + sum(r["target_calls"] for r in task["loops"])
     assert by_name["qpo_loop1"]["policy_latency_ms_p50"] > 0
     assert by_name["qpo_best_of_2"]["policy_latency_ms_p50"] > 0
     # The oracle is an upper bound of every single-prompt-per-query pool method.
     for name in ("none", "random_pool", "best_pool", "selector"):
         assert by_name["oracle_pool"]["accuracy"] >= by_name[name]["accuracy"]
-    assert len(task["d0"]["rewards"]) == 40
+    assert len(task["d0"]["rewards"]) == 24
+    assert task["loops"][0]["train_records"] < 24  # loop 1 trains on D0 above its 0.25 quantile only
     assert task["loops"][1]["new_records"] == len(task["loops"][1]["new_rewards"]) == task["loops"][1]["kept_pairs"]
     assert {g["versus"] for g in task["gaps"]} >= {"best_pool", "selector"}
     assert {e["label"] for e in task["examples"]} == {"negative", "positive"}

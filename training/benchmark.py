@@ -591,8 +591,11 @@ def render_report(payload: Mapping[str, Any]) -> str:
     for name, task in payload.get("tasks", {}).items():
         lines += [f"## {name}", ""]
         d0 = task["d0"]
+        per_query = d0["records"] // max(1, d0["queries"])
+        grid = (f"{d0['prompts']} prompts" if d0["records"] >= d0["queries"] * d0["prompts"]
+                else f"{per_query} of {d0['prompts']} prompts each, drawn per query")
         lines += [f"Target `{task['target']}`, {task['queries']} {task['split']} queries, D0: {d0['queries']} "
-                  f"queries x {d0['prompts']} prompts ({d0['records']} records, {d0['target_calls']} target calls, "
+                  f"queries x {grid} ({d0['records']} records, {d0['target_calls']} target calls, "
                   f"accuracy {_pct(d0['accuracy'])}%).", ""]
         lines += ["| method | accuracy | 95% CI | prompt words | policy p50 (ms) | training calls | eval calls |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
