@@ -29,7 +29,8 @@ def small_run(path: Path, model: str) -> None:
 def configs(model: str) -> tuple[TrainConfig, LoopConfig]:
     train = TrainConfig(epochs=2, batch_size=8, learning_rate=5e-3, num_buckets=4, prompt_max_tokens=8,
                         query_max_tokens=16, warmup_ratio=0.0)
-    loops = LoopConfig(loops=2, base_model=model, samples_per_query=2, reward_floor_quantile=0.0, top_k=50)
+    loops = LoopConfig(loops=2, base_model=model, samples_per_query=2, reward_floor_quantile=0.0, top_k=50,
+                       d0_floor_quantile=0.0)
     return train, loops
 
 

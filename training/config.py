@@ -136,7 +136,7 @@ class LoopConfig:
     reward_floor_quantile: float = field(
         default=0.5, metadata={"help": "Keep new pairs whose reward is at least this quantile of D0's rewards."})
     d0_floor_quantile: float = field(
-        default=0.0,
+        default=0.5,
         metadata={"help": "Train on the D0 records whose reward is at least this quantile of D0's rewards (the "
                           "paper's D0 keeps only pairs that did well, 'expert' data); 0 = all of D0."})
     prompt_accuracy_prior: float = field(

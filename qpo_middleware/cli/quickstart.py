@@ -45,11 +45,13 @@ def command(
         gpu = torch.cuda.is_available()
         scale = budget * (8 if gpu else 1)
         n = lambda base: max(4, int(round(base * scale)))  # noqa: E731
-        collect_config = CollectConfig(task="sst2_sample", target=model, queries=min(220, n(40)),
+        # D0: many train queries with a few prompts each (drawn per query) rather than every prompt on
+        # few queries: the policy must see many queries to learn which prompt suits which.
+        collect_config = CollectConfig(task="sst2_sample", target=model, queries=min(220, n(160)),
                                        collect_queries=min(180, n(32)),  # the sample's pool holds 400 queries
-                                       test_queries=min(200, n(100)), prompts=str(min(27, n(14))), seed=seed,
-                                       batch_size=32 if gpu else 16)
-        train_config = TrainConfig(epochs=max(2, int(round(3 * budget))), learning_rate=2e-4, batch_size=8,
+                                       test_queries=min(200, n(100)), prompts=str(min(27, n(14))),
+                                       prompts_per_query=n(5), seed=seed, batch_size=32 if gpu else 16)
+        train_config = TrainConfig(epochs=max(2, int(round(4 * budget))), learning_rate=2e-4, batch_size=8,
                                    trainable="all" if gpu else "top:4", prompt_max_tokens=32, query_max_tokens=40,
                                    seed=seed)
         loop_config = LoopConfig(loops=2, base_model=model, samples_per_query=2, later_epochs=1, seed=seed)

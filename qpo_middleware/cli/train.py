@@ -31,7 +31,7 @@ def command(
     samples_per_query: Annotated[int, typer.Option(help=help_of(LoopConfig, "samples_per_query"))] = 2,
     collect_queries: Annotated[int | None, typer.Option(help=help_of(LoopConfig, "collect_queries"))] = None,
     reward_floor_quantile: Annotated[float, typer.Option(help=help_of(LoopConfig, "reward_floor_quantile"))] = 0.5,
-    d0_floor_quantile: Annotated[float, typer.Option(help=help_of(LoopConfig, "d0_floor_quantile"))] = 0.0,
+    d0_floor_quantile: Annotated[float, typer.Option(help=help_of(LoopConfig, "d0_floor_quantile"))] = 0.5,
     top_k: Annotated[int, typer.Option(help=help_of(LoopConfig, "top_k"))] = 10,
     top_p: Annotated[float, typer.Option(help=help_of(LoopConfig, "top_p"))] = 0.9,
     device: Annotated[str, typer.Option(help=help_of(TrainConfig, "device"))] = "auto",
