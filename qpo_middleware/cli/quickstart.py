@@ -19,7 +19,7 @@ from ._common import console, progress_bar, user_errors
 
 def command(
     out: Annotated[Path, typer.Option(help="Run directory (re-run the same command to resume).")] = Path("runs/quickstart"),
-    budget: Annotated[float, typer.Option(help="Scale of every size (queries, prompts, epochs); 1.0 fits ~15 min on 2 CPU cores.")] = 1.0,
+    budget: Annotated[float, typer.Option(help="Scale of every size (queries, prompts, epochs); 1.0 takes about 9 min on 2 CPU cores.")] = 1.0,
     model: Annotated[str, typer.Option(help="Policy base model and local target.")] = "smollm2-135m-instruct",
     quantize: Annotated[str | None, typer.Option(help="Bundle quantization: int8 (CPU default) or none.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, sampling and training.")] = 0,
