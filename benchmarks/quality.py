@@ -129,7 +129,7 @@ def default_data_dir() -> Path | None:
 
 def run_quality(tasks: Sequence[str], profile: Profile, out: Path, *, seed: int = 0, shots: int = 0,
                 model: str = DEFAULT_MODEL, data_dir: Path | None = None,
-                say: Callable[[str], None] = print) -> dict[str, Any]:
+                say: Callable[[str], None] = print, notes: Sequence[str] = ()) -> dict[str, Any]:
     """collect -> loops -> benchmark for every task; writes results.json, report.md and plots under ``out``."""
     from qpo_middleware.training.benchmark import (
         BenchmarkConfig,
@@ -156,6 +156,7 @@ def run_quality(tasks: Sequence[str], profile: Profile, out: Path, *, seed: int 
                    "benchmark": bench.to_dict(), "seeds": {"splits": seed, "demonstrations": seed, "training": seed,
                                                            "policy_sampling": seed, "benchmark": seed}},
         "environment": environment(),
+        "notes": list(notes),
         "tasks": {},
     }
     for name in tasks:
@@ -221,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="Data collection root (default $QPO_DATA or ../shared/data).")
     parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=None, help="Score the per-query pool oracle (profile default: on).")
     parser.add_argument("--best-of-n", type=int, default=None, help="QPO best-of-n samples per query (0 = off; profile default).")
+    parser.add_argument("--note", action="append", default=[], help="A note for results.json and the report (repeatable): how settings were chosen, what else ran.")
     parser.add_argument("--quantize", choices=("int8", "none"), default=None, help="Bundle export (profile default).")
     args = parser.parse_args(argv)
 
@@ -240,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "transformers", "optimum", "onnxruntime"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     payload = run_quality(tasks, profile, out, seed=args.seed, shots=args.shots, model=args.model,
-                          data_dir=args.data_dir, say=lambda message: console.log(message))
+                          data_dir=args.data_dir, say=lambda message: console.log(message), notes=args.note)
     print_headline(payload)
     console.print(f"results: {out / 'results.json'}   report: {out / 'report.md'}   "
                   f"wall time {payload['wall_seconds'] / 60:.1f} min")

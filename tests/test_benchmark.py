@@ -74,7 +74,7 @@ def runs(tiny_base: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     for name in ("a", "b"):
         folder = tmp_path_factory.mktemp(f"quality-{name}")
         payload = quality.run_quality(["sst2_sample"], tiny_profile(quality), folder, seed=0, model=tiny_base,
-                                      say=lambda message: None)
+                                      say=lambda message: None, notes=["Settings chosen on the test split."])
         out[name] = (folder, payload)
     return out
 
@@ -120,6 +120,7 @@ def test_report_and_plots_are_written(runs: dict[str, Any]) -> None:
     for name in METHODS:
         assert f"| {name} |" in report
     assert "`qpo_loop2` vs `best_pool`" in report and "`qpo_loop2` vs `selector`" in report
+    assert "- Settings chosen on the test split." in report and payload["notes"] == ["Settings chosen on the test split."]
     plots = payload["tasks"]["sst2_sample"]["plots"]
     assert len(plots) == 4
     for plot in plots:

@@ -588,7 +588,12 @@ def render_report(payload: Mapping[str, Any]) -> str:
         "split). Eval calls = target calls of this evaluation not served by the score cache.",
         "",
     ]
-    for name, task in payload.get("tasks", {}).items():
+    if payload.get("notes"):  # what the person who ran it must say beside the numbers (how settings were chosen, ...)
+        lines += ["**Notes from the run.**", ""] + [f"- {note}" for note in payload["notes"]] + [""]
+    tasks = payload.get("tasks", {})
+    order = [t for t in cfg.get("tasks", []) if t in tasks] + [t for t in tasks if t not in cfg.get("tasks", [])]
+    for name in order:  # the run's task order (results.json is written with sorted keys)
+        task = tasks[name]
         lines += [f"## {name}", ""]
         d0 = task["d0"]
         per_query = d0["records"] // max(1, d0["queries"])
