@@ -81,9 +81,9 @@ def cpu_profile() -> Profile:
     total                                                                      ~23 m    ~27 m
     =========================================================================  ======  =======
 
-    Together ~50 min estimated, 36.1 min measured (sst2 alone 15.5 min on seed 1). To make room: ``--no-oracle`` saves 3-5 min per task (the pool baselines
-    are then scored alone), ``--best-of-n 0`` ~1.2 min, ``--quantize none`` (fp32 export, ~45 s
-    per bundle, slower rewrites) ~1 min.
+    Together ~50 min estimated, 36.1 min measured (sst2 alone 15.5 min on seed 1). To make room:
+    ``--no-oracle`` saves 3-5 min per task (the pool baselines are then scored alone), ``--best-of-n 0``
+    ~1.2 min, ``--quantize none`` (fp32 export, ~45 s per bundle, slower rewrites) ~1 min.
     """
     return Profile(
         name="cpu", queries=160, prompts="13", prompts_per_query=5, collect_queries=32, test_queries=100,

@@ -591,8 +591,8 @@ def render_report(payload: Mapping[str, Any]) -> str:
     if payload.get("notes"):  # what the person who ran it must say beside the numbers (how settings were chosen, ...)
         lines += ["**Notes from the run.**", ""] + [f"- {note}" for note in payload["notes"]] + [""]
     tasks = payload.get("tasks", {})
-    order = [t for t in cfg.get("tasks", []) if t in tasks] + [t for t in tasks if t not in cfg.get("tasks", [])]
-    for name in order:  # the run's task order (results.json is written with sorted keys)
+    run_order = [t for t in cfg.get("tasks", []) if t in tasks]  # results.json is written with sorted keys
+    for name in run_order + [t for t in tasks if t not in run_order]:
         task = tasks[name]
         lines += [f"## {name}", ""]
         d0 = task["d0"]

@@ -161,7 +161,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
     d0_rewards = [r.reward for r in d0]
     d0_accuracy = statistics.fmean(r.correct for r in d0)
     floor = _quantile(d0_rewards, loops.reward_floor_quantile)
-    d0_floor = _quantile(d0_rewards, loops.d0_floor_quantile) if loops.d0_floor_quantile > 0 else float("-inf")
+    d0_floor = _quantile(d0_rewards, loops.d0_floor_quantile)  # quantile 0 = D0's lowest reward: all of D0
     collect_split = run.splits.collect[: loops.collect_queries] if loops.collect_queries else run.splits.collect
     target = target or run.make_target()
 
