@@ -250,3 +250,25 @@ def test_real_collect_resumes_after_interruption(tmp_path: Path, smollm2_target:
     assert first.pairs_scored + second.pairs_scored == 32  # 8 queries x 4 prompts, each paid once
     assert summary.dataset_records == 32
     assert len({r.key() for r in OfflineDataset(tmp_path)}) == 32
+
+
+@pytest.mark.real
+def test_real_collect_with_prompts_per_query(tmp_path: Path, smollm2_target: HFTarget, real_data: Path) -> None:
+    cfg = CollectConfig(task="sst2", queries=12, collect_queries=4, test_queries=4, prompts="4", prompts_per_query=2,
+                        chunk_size=8, data_dir=str(real_data))
+    inner = HFTarget(batch_size=8, cache=ScoreCache(tmp_path / "scores.sqlite"))
+    inner._lm, inner._tok = smollm2_target._lm, smollm2_target._tok  # share the loaded weights
+    counting = CountingTarget(inner)
+    summary = collect(cfg, tmp_path, target=counting)
+    records = OfflineDataset(tmp_path).records
+    assert len(records) == summary.dataset_records == counting.pairs_scored == 12 * 2  # not 12 x 5
+    per_query: dict[str, set[str]] = {}
+    for r in records:
+        per_query.setdefault(r.query_id, set()).add(r.prompt)
+    assert len(per_query) == 12 and all(len(p) == 2 for p in per_query.values())
+    assert len({frozenset(p) for p in per_query.values()}) > 1
+    # A record is the same verdict the target gives that pair on its own.
+    task = get_task("sst2")
+    by_id = {e.id: e for e in task.splits(real_data, seed=0, n_train=12, n_collect=4, n_test=4).train}
+    direct = smollm2_target.score(task, [Pair(by_id[r.query_id], r.prompt) for r in records[:6]])
+    assert [s.correct for s in direct] == [r.correct for r in records[:6]]
