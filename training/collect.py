@@ -107,11 +107,11 @@ class CollectConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rewards, dict):
             self.rewards = RewardConfig(**self.rewards)
-        for name in ("queries", "collect_queries", "test_queries", "batch_size", "chunk_size", "target_concurrency",
-                     "target_retries", "prompts_per_query"):
-            if getattr(self, name) < (0 if name in ("collect_queries", "test_queries", "target_retries",
-                                                    "prompts_per_query") else 1):
-                raise ValueError(f"{name} must be positive; got {getattr(self, name)}.")
+        may_be_zero = ("collect_queries", "test_queries", "target_retries", "prompts_per_query")
+        for name in ("queries", "batch_size", "chunk_size", "target_concurrency", *may_be_zero):
+            if getattr(self, name) < (0 if name in may_be_zero else 1):
+                allowed = " or 0" if name in may_be_zero else ""
+                raise ValueError(f"{name} must be positive{allowed}; got {getattr(self, name)}.")
         if self.target_timeout is not None and self.target_timeout <= 0:
             raise ValueError(f"target_timeout must be a number of seconds > 0; got {self.target_timeout}.")
         if self.shots < 0:
