@@ -97,14 +97,17 @@ def cpu_profile() -> Profile:
 
 def gpu_profile() -> Profile:
     """One GPU, the full sizes: 500 train queries x all 28 prompts (14,000 D0 pairs), 200 collect,
-    500 test, 4 loops, every weight trained, fp32 bundles. Not timed on this project's hardware yet."""
+    500 test, 4 loops, every weight trained. The policy is evaluated with the torch backend (each
+    loop's checkpoint, batched on the GPU): the device machines' ONNX Runtime has no CUDA provider,
+    and 500 queries x 4 loops one at a time on its CPU would dominate the run. ``--policy-backend onnx``
+    evaluates fp32 bundles through the runtime instead."""
     return Profile(
         name="gpu", queries=500, prompts="all", prompts_per_query=0, collect_queries=200, test_queries=500, target_batch_size=64,
         train={"epochs": 3, "learning_rate": 1e-4, "batch_size": 32, "trainable": "all", "prompt_max_tokens": 40,
                "query_max_tokens": 40},
-        loops={"loops": 4, "samples_per_query": 4, "later_epochs": 2, "generation_batch_size": 64,
+        loops={"loops": 4, "samples_per_query": 4, "later_epochs": 1, "generation_batch_size": 64,
                "d0_floor_quantile": 0.5},
-        bench={"oracle": True, "best_of_n": 8, "quantize": None},
+        bench={"oracle": True, "best_of_n": 8, "quantize": None, "policy_backend": "torch", "policy_batch_size": 256},
     )
 
 
@@ -224,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--best-of-n", type=int, default=None, help="QPO best-of-n samples per query (0 = off; profile default).")
     parser.add_argument("--note", action="append", default=[], help="A note for results.json and the report (repeatable): how settings were chosen, what else ran.")
     parser.add_argument("--quantize", choices=("int8", "none"), default=None, help="Bundle export (profile default).")
+    parser.add_argument("--policy-backend", choices=("onnx", "torch"), default=None,
+                        help="Run the QPO policy as exported bundles through the runtime (onnx, with latency) or as "
+                             "checkpoints with torch, batched on the GPU (profile default: onnx on cpu, torch on gpu).")
     args = parser.parse_args(argv)
 
     profile = PROFILES[args.profile]()
@@ -234,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench["best_of_n"] = args.best_of_n
     if args.quantize is not None:
         bench["quantize"] = None if args.quantize == "none" else args.quantize
+    if args.policy_backend is not None:
+        bench["policy_backend"] = args.policy_backend
     profile = Profile(**{**profile.to_dict(), "bench": bench})
     out = args.out or REPO / "benchmarks" / "results" / f"quality-{profile.name}"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -154,6 +154,31 @@ def test_rerun_reuses_bundles_and_cache(runs: dict[str, Any]) -> None:
     assert final.method("qpo_loop2").accuracy == next(m for m in task["methods"] if m["method"] == "qpo_loop2")["accuracy"]
 
 
+def test_torch_backend_writes_the_runtime_prompts(runs: dict[str, Any]) -> None:
+    """The torch backend (full-size GPU runs) runs each loop's checkpoint in batches: its greedy prompts
+    are the ones the fp32 bundle writes through the runtime, so its accuracies are the runtime's."""
+    folder, payload = runs["a"]
+    run_dir = folder / "runs" / "sst2_sample-seed0-shots0"
+    config = BenchmarkConfig(oracle=False, best_of_n=3, quantize=None, bootstrap_samples=200,
+                             policy_backend="torch", policy_batch_size=4)
+    result = benchmark(run_dir, config)
+    task = payload["tasks"]["sst2_sample"]
+    assert result.bundles == {}  # nothing exported
+    for loop in (1, 2):
+        name = f"qpo_loop{loop}"
+        assert result.per_query["prompts"][name] == task["per_query"]["prompts"][name]
+        method = result.method(name)
+        assert method.accuracy == next(m for m in task["methods"] if m["method"] == name)["accuracy"]
+        assert method.policy_latency_ms_p50 is None and "torch on cpu" in method.description
+    sampled = result.method("qpo_best_of_3")
+    assert sampled.n == 6 and "torch on cpu" in sampled.description
+    assert result.selector["best_of_n_distinct_candidates_mean"] >= 1
+    with pytest.raises(ValueError, match="policy_backend must be one of onnx, torch"):
+        BenchmarkConfig(policy_backend="jax")
+    with pytest.raises(ValueError, match="policy_batch_size must be >= 1"):
+        BenchmarkConfig(policy_batch_size=0)
+
+
 # ---------------------------------------------------------------------------- selector
 
 

@@ -14,7 +14,8 @@ through the run's score cache:
 * ``oracle_pool``  — (optional) the best pool prompt per test query, found by scoring every pool
   prompt on every test query: the upper bound of selection, not a method;
 * ``qpo_loop<t>``  — the greedy prompt of the policy after loop t, for every loop, exported to a
-  bundle (``RUN/bench/bundles/loop_<t>``) and run through the torch-free runtime;
+  bundle (``RUN/bench/bundles/loop_<t>``) and run through the torch-free runtime (with
+  ``policy_backend="torch"``: the checkpoint itself, batched on the GPU, no latency);
 * ``qpo_best_of_<n>`` — (optional) n prompts sampled from the final policy per query, the one
   the selector predicts most likely to be answered correctly is sent.
 
@@ -59,6 +60,7 @@ logger = logging.getLogger(__name__)
 BENCH_DIR = "bench"
 BUNDLES_DIR = "bundles"
 SOURCE_SUFFIX = ".source.json"
+POLICY_BACKENDS = ("onnx", "torch")
 # What differs between two fresh runs with the same seed: wall times, latencies, paths, the machine.
 VOLATILE_KEYS = frozenset({
     "environment", "timings", "seconds", "train_seconds", "policy_latency_ms_p50", "export_seconds",
@@ -80,6 +82,12 @@ class BenchmarkConfig:
     sample_temperature: float = 1.0
     quantize: str | None = "int8"  # bundle export: "int8" (CPU serving) or None (fp32)
     provider: str = "auto"  # runtime provider: auto, cpu or cuda
+    # "onnx": each loop's checkpoint is exported and run through the torch-free runtime, one query at
+    # a time (the product path, with latency). "torch": the checkpoint is run with transformers in
+    # batches on the training device (a GPU), with no export and no latency: for full-size runs on a
+    # machine whose ONNX Runtime has no GPU provider.
+    policy_backend: str = "onnx"
+    policy_batch_size: int = 64  # queries per generate() call with the torch backend
     loops: tuple[int, ...] | None = None  # which loops to evaluate (default: every completed loop)
     examples_per_label: int = 3
     bootstrap_samples: int = 2000
@@ -90,6 +98,10 @@ class BenchmarkConfig:
             raise ValueError(f"best_of_n must be >= 0; got {self.best_of_n}.")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize must be 'int8' or None; got {self.quantize!r}.")
+        if self.policy_backend not in POLICY_BACKENDS:
+            raise ValueError(f"policy_backend must be one of {', '.join(POLICY_BACKENDS)}; got {self.policy_backend!r}.")
+        if self.policy_batch_size < 1:
+            raise ValueError(f"policy_batch_size must be >= 1; got {self.policy_batch_size}.")
         if isinstance(self.selector, dict):
             self.selector = SelectorConfig(**self.selector)
 
@@ -224,6 +236,63 @@ def _sampler(optimizer: PromptOptimizer, top_k: int, top_p: float, temperature: 
     generation = replace(optimizer.manifest.generation, top_k=top_k, top_p=top_p, temperature=temperature)
     return PromptOptimizer(replace(optimizer.manifest, generation=generation), optimizer.session,
                            optimizer.tokenizer, max_batch_size=optimizer.max_batch_size)
+
+
+class _OnnxPolicy:
+    """A loop's bundle through the torch-free runtime, one query at a time: the product path."""
+
+    def __init__(self, optimizer: PromptOptimizer, config: BenchmarkConfig) -> None:
+        self.optimizer, self.config = optimizer, config
+        self.label = f"{optimizer.manifest.model.dtype} runtime"
+
+    def greedy(self, queries: Sequence[str]) -> tuple[list[str], list[float] | None]:
+        outputs = [self.optimizer.optimize(query) for query in queries]
+        return [o.prompt for o in outputs], [o.latency_ms for o in outputs]
+
+    def sample(self, queries: Sequence[str], n: int) -> tuple[list[list[str]], list[float] | None]:
+        config = self.config
+        sampler = _sampler(self.optimizer, config.sample_top_k, config.sample_top_p, config.sample_temperature)
+        samples, latencies = [], []
+        for index, query in enumerate(queries):
+            tick = time.perf_counter()
+            outputs = sampler.optimize_batch([query] * n, do_sample=True, seed=config.seed * 1_000_003 + index)
+            latencies.append((time.perf_counter() - tick) * 1000.0)
+            samples.append([o.prompt for o in outputs])
+        return samples, latencies
+
+
+class _TorchPolicy:
+    """A loop's checkpoint run with transformers, in batches, on a GPU when there is one (``provider``
+    cpu forces the CPU). No export and no latency: for full-size runs where ONNX Runtime has no GPU."""
+
+    def __init__(self, checkpoint: Path, config: BenchmarkConfig) -> None:
+        import torch
+
+        from .export import read_policy_meta
+        from .models import load_model_and_tokenizer
+
+        self.config = config
+        self.format = read_policy_meta(checkpoint)["policy"]
+        self.model, self.tokenizer = load_model_and_tokenizer(checkpoint)
+        device = "cuda" if config.provider != "cpu" and torch.cuda.is_available() else "cpu"
+        self.model.to(device)
+        self.label = f"torch on {device}, batched"
+
+    def greedy(self, queries: Sequence[str]) -> tuple[list[str], list[float] | None]:
+        from .loops import generate_prompts
+
+        rows = generate_prompts(self.model, self.tokenizer, self.format, queries,
+                                batch_size=self.config.policy_batch_size)
+        return [row[0] for row in rows], None
+
+    def sample(self, queries: Sequence[str], n: int) -> tuple[list[list[str]], list[float] | None]:
+        from .loops import generate_prompts
+
+        config = self.config
+        return generate_prompts(self.model, self.tokenizer, self.format, queries, num_samples=n, do_sample=True,
+                                top_k=config.sample_top_k, top_p=config.sample_top_p,
+                                temperature=config.sample_temperature, seed=config.seed,
+                                batch_size=max(1, config.policy_batch_size // n)), None
 
 
 # ---------------------------------------------------------------------------- the benchmark
@@ -363,45 +432,50 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
         add("oracle_pool", _Scored(prompts, scores), family="upper_bound", eval_calls=oracle_calls,
             description=f"the best of {len(pool)} pool prompts per test query (uses test labels: an upper bound)")
 
-    # -- QPO after every loop, through the torch-free runtime ------------------------------------
+    # -- QPO after every loop: the exported bundle through the torch-free runtime (or torch) ------
     bundles: dict[str, dict[str, Any]] = {}
-    final_optimizer: PromptOptimizer | None = None
+    final_policy: _OnnxPolicy | _TorchPolicy | None = None
+    queries = [example.query for example in examples]
     for metrics in loops:
         phase = time.perf_counter()
-        say(f"qpo loop {metrics.loop}: bundle")
-        bundle, reused, export_seconds = loop_bundle(directory, metrics.loop, config.quantize,
-                                                     step=lambda m: say(f"  {m}"))
-        optimizer = PromptOptimizer.from_bundle(bundle, provider=config.provider)  # type: ignore[arg-type]
-        bundles[f"loop_{metrics.loop}"] = {"path": str(bundle), "reused": reused, "export_seconds": export_seconds,
-                                           "dtype": optimizer.manifest.model.dtype,
-                                           "training_data_sha256": optimizer.manifest.training_data_sha256}
-        say(f"qpo loop {metrics.loop}: rewriting {len(examples)} queries (greedy, one at a time)")
-        outputs = [optimizer.optimize(example.query) for example in examples]
-        add(f"qpo_loop{metrics.loop}", score([o.prompt for o in outputs], "policy"), family="qpo",
-            latencies=[o.latency_ms for o in outputs], training=calls_upto[metrics.loop], loop=metrics.loop,
-            description=f"QPO policy after loop {metrics.loop}, greedy, {optimizer.manifest.model.dtype} runtime")
+        policy: _OnnxPolicy | _TorchPolicy
+        if config.policy_backend == "torch":
+            policy = _TorchPolicy(checkpoint_of(directory, metrics.loop), config)
+        else:
+            say(f"qpo loop {metrics.loop}: bundle")
+            bundle, reused, export_seconds = loop_bundle(directory, metrics.loop, config.quantize,
+                                                         step=lambda m: say(f"  {m}"))
+            policy = _OnnxPolicy(PromptOptimizer.from_bundle(bundle, provider=config.provider), config)  # type: ignore[arg-type]
+            bundles[f"loop_{metrics.loop}"] = {"path": str(bundle), "reused": reused, "export_seconds": export_seconds,
+                                               "dtype": policy.optimizer.manifest.model.dtype,
+                                               "training_data_sha256": policy.optimizer.manifest.training_data_sha256}
+        say(f"qpo loop {metrics.loop}: rewriting {len(examples)} queries (greedy, {policy.label})")
+        prompts, latencies = policy.greedy(queries)
+        add(f"qpo_loop{metrics.loop}", score(prompts, "policy"), family="qpo", latencies=latencies,
+            training=calls_upto[metrics.loop], loop=metrics.loop,
+            description=f"QPO policy after loop {metrics.loop}, greedy, {policy.label}")
         timings[f"qpo_loop{metrics.loop}"] = time.perf_counter() - phase
-        final_optimizer = optimizer
+        final_policy = policy
 
-    if config.best_of_n and final_optimizer is not None:
+    if config.best_of_n and final_policy is not None:
         phase = time.perf_counter()
         n, last = config.best_of_n, loops[-1].loop
         say(f"qpo best-of-{n}: sampling {n} prompts per query from loop {last}, selector picks")
-        sampler = _sampler(final_optimizer, config.sample_top_k, config.sample_top_p, config.sample_temperature)
-        picks, latencies, candidates_kept = [], [], []
-        for index, example in enumerate(examples):
+        samples, latencies = final_policy.sample(queries, n)
+        picks, candidates_kept = [], []
+        for index, (query, sampled) in enumerate(zip(queries, samples, strict=True)):
             tick = time.perf_counter()
-            outputs = sampler.optimize_batch([example.query] * n, do_sample=True,
-                                             seed=config.seed * 1_000_003 + index)
-            candidates = list(dict.fromkeys(o.prompt for o in outputs))
-            prompt, _ = selector.best_of(example.query, candidates)
-            latencies.append((time.perf_counter() - tick) * 1000.0)
+            candidates = list(dict.fromkeys(sampled))
+            prompt, _ = selector.best_of(query, candidates)
+            if latencies is not None:
+                latencies[index] += (time.perf_counter() - tick) * 1000.0
             picks.append(prompt)
             candidates_kept.append(candidates)
         add(f"qpo_best_of_{n}", score(picks, "policy"), family="qpo", latencies=latencies,
             training=calls_upto[last], loop=last,
             description=f"{n} prompts sampled from the loop-{last} policy (top-k {config.sample_top_k}, "
-                        f"top-p {config.sample_top_p}); the selector's highest predicted P(correct) is sent")
+                        f"top-p {config.sample_top_p}, {final_policy.label}); the selector's highest "
+                        "predicted P(correct) is sent")
         selector_info["best_of_n_distinct_candidates_mean"] = statistics.fmean(map(len, candidates_kept))
         timings["qpo_best_of_n"] = time.perf_counter() - phase
 

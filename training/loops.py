@@ -135,12 +135,18 @@ def generate_prompts(model: Any, tokenizer: Any, fmt: PolicyFormat, queries: Seq
 
 
 def load_policy(checkpoint_or_base: str | os.PathLike[str], train: TrainConfig) -> tuple[Any, Any, PolicyFormat]:
-    """Load a base model or a policy checkpoint and make sure it has the policy tokens."""
+    """Load a base model or a policy checkpoint, make sure it has the policy tokens, and put it on
+    the training device (a GPU unless ``train.device`` is cpu)."""
+    import torch
+
     from .models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(checkpoint_or_base)
     fmt = add_policy_tokens(model, tokenizer, train.num_buckets, train.query_max_tokens, train.prompt_max_tokens,
                             seed=train.seed)
+    # Sampling before a loop's training runs on the device the training will use.
+    if train.device != "cpu" and torch.cuda.is_available():
+        model.to("cuda")
     return model, tokenizer, fmt
 
 
