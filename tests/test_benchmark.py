@@ -17,6 +17,7 @@ from qpo_middleware.training.benchmark import (
     benchmark,
     paired_bootstrap_ci,
     stable_view,
+    target_check,
 )
 from qpo_middleware.training.dataset import OfflineDataset, Record
 from qpo_middleware.training.selector import Selector, SelectorConfig, text_features
@@ -120,6 +121,7 @@ def test_report_and_plots_are_written(runs: dict[str, Any]) -> None:
     for name in METHODS:
         assert f"| {name} |" in report
     assert "`qpo_loop2` vs `best_pool`" in report and "`qpo_loop2` vs `selector`" in report
+    assert "**Against the target** (final loop `qpo_loop2`" in report and "At least +7 over `best_pool`" in report
     assert "- Settings chosen on the test split." in report and payload["notes"] == ["Settings chosen on the test split."]
     plots = payload["tasks"]["sst2_sample"]["plots"]
     assert len(plots) == 4
@@ -204,6 +206,27 @@ def test_device_merge_joins_per_task_runs(runs: dict[str, Any], tmp_path: Path) 
     (other / "results.json").write_text(json.dumps(renamed))
     with pytest.raises(SystemExit, match="config differs"):
         merge.main([str(folder), str(other), "--out", str(tmp_path / "bad")])
+
+
+def test_target_check_says_how_far_off() -> None:
+    def method(name: str, accuracy: float, loop: int | None = None) -> dict[str, Any]:
+        return {"method": name, "accuracy": accuracy, "family": "qpo" if loop else "pool", "loop": loop}
+
+    def gap(versus: str, difference: float) -> dict[str, Any]:
+        return {"method": "qpo_loop3", "versus": versus, "difference": difference, "ci_low": difference - 0.05,
+                "ci_high": difference + 0.05}
+
+    task = {"methods": [method("best_pool", 0.60), method("selector", 0.66), method("qpo_loop1", 0.70, 1),
+                        method("qpo_loop3", 0.68, 3)],
+            "gaps": [gap("best_pool", 0.08), gap("selector", 0.02)]}
+    lines = target_check(task)
+    assert lines[0].endswith("— met.") and "+8.0 [+3.0, +13.0]" in lines[0]
+    assert lines[1].endswith("— met.")
+    assert lines[2] == "- Final loop (3) above loop 1: 68.0 vs 70.0 — **not met: 2.0 points below loop 1**."
+    task["gaps"] = [gap("best_pool", 0.03), gap("selector", -0.01)]
+    lines = target_check(task)
+    assert "**not met: 4.0 points short**" in lines[0] and "**not met: 1.0 points behind**" in lines[1]
+    assert target_check({"methods": [method("best_pool", 0.6)], "gaps": []}) == []
 
 
 # ---------------------------------------------------------------------------- selector
