@@ -226,6 +226,11 @@ def test_target_check_says_how_far_off() -> None:
     task["gaps"] = [gap("best_pool", 0.03), gap("selector", -0.01)]
     lines = target_check(task)
     assert "**not met: 4.0 points short**" in lines[0] and "**not met: 1.0 points behind**" in lines[1]
+    task["gaps"] = [gap("best_pool", 0.0), gap("selector", 0.0)]
+    task["methods"][-1]["accuracy"] = 0.70
+    lines = target_check(task)
+    assert "**not met: 7.0 points short**" in lines[0] and lines[1].endswith("**not met: tied**.")
+    assert lines[2].endswith("**not met: tied with loop 1**.")
     assert target_check({"methods": [method("best_pool", 0.6)], "gaps": []}) == []
 
 

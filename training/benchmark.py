@@ -649,13 +649,16 @@ def target_check(task: Mapping[str, Any]) -> list[str]:
                      f"[{g['ci_low'] * 100:+.1f}, {g['ci_high'] * 100:+.1f}] — {verdict}.")
     if "selector" in gaps:
         g = gaps["selector"]
-        verdict = "met" if g["difference"] > 0 else f"**not met: {-g['difference'] * 100:.1f} points behind**"
+        diff = g["difference"]
+        verdict = ("met" if diff > 0 else "**not met: tied**" if abs(diff) < 5e-4
+                   else f"**not met: {-diff * 100:.1f} points behind**")
         lines.append(f"- Above `selector`: {g['difference'] * 100:+.1f} [{g['ci_low'] * 100:+.1f}, "
                      f"{g['ci_high'] * 100:+.1f}] — {verdict}.")
     first = by_name.get("qpo_loop1")
     if first is not None and final["loop"] > 1:
         diff = final["accuracy"] - first["accuracy"]
-        verdict = "met" if diff > 0 else f"**not met: {-diff * 100:.1f} points below loop 1**"
+        verdict = ("met" if diff > 0 else "**not met: tied with loop 1**" if abs(diff) < 5e-4
+                   else f"**not met: {-diff * 100:.1f} points below loop 1**")
         lines.append(f"- Final loop ({final['loop']}) above loop 1: {final['accuracy'] * 100:.1f} vs "
                      f"{first['accuracy'] * 100:.1f} — {verdict}.")
     return lines
