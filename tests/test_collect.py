@@ -203,6 +203,26 @@ def test_resolver_caches_a_plain_checkpoint_with_the_right_special_tokens() -> N
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert tokenizer.eos_token == "<|im_end|>"
     assert tokenizer("Hello").input_ids == tokenizer("Hello", add_special_tokens=False).input_ids  # no BOS
+    # Byte-level BPE as tokenizer.json says, not a rebuilt LlamaTokenizer (transformers 5 drops newlines).
+    assert json.loads((path / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    assert len(newline) == 1 and tokenizer.decode(tokenizer("a\n\nb", add_special_tokens=False).input_ids) == "a\n\nb"
+    context = tokenizer.apply_chat_template([{"role": "user", "content": "Sentiment?\n\nfine"}], tokenize=False,
+                                            add_generation_prompt=True)
+    assert tokenizer(context, add_special_tokens=False).input_ids.count(newline[0]) == context.count("\n")
+
+
+def test_old_model_caches_get_the_generic_tokenizer_class(tmp_path: Path) -> None:
+    from qpo_middleware.training import models
+
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "eos_token": "<|im_end|>"}))
+    models._fix_tokenizer_config(tmp_path)
+    fixed = json.loads(path.read_text())
+    assert fixed == {"tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "left", "eos_token": "<|im_end|>"}
+    before = path.stat().st_mtime_ns
+    models._fix_tokenizer_config(tmp_path)  # already fixed: not rewritten
+    assert path.stat().st_mtime_ns == before and [p.name for p in tmp_path.iterdir()] == ["tokenizer_config.json"]
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:

