@@ -69,3 +69,20 @@ def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     atomic_write_json(tmp_path / "a.json", {"x": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
     assert '"x": 2' in (tmp_path / "a.json").read_text()
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path: Path) -> None:
+    """Not the temp file's 0o600: results.json and caches are read by other users and tools."""
+    import os
+
+    old = os.umask(0o027)
+    try:
+        from qpo_middleware.training import io
+
+        io._new_file_mode.cache_clear()
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+        io._new_file_mode.cache_clear()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]

@@ -165,20 +165,13 @@ def _dequantize_embedded(name: str, target: Path) -> Path:
 
 def _fix_tokenizer_config(directory: Path) -> None:
     """Apply :data:`TOKENIZER_CONFIG_FIXES` to ``directory/tokenizer_config.json`` (atomically, once)."""
+    from .io import atomic_write_json
+
     path = directory / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     if all(config.get(k) == v for k, v in TOKENIZER_CONFIG_FIXES.items()):
         return
-    config.update(TOKENIZER_CONFIG_FIXES)
-    fd, tmp = tempfile.mkstemp(prefix=".tokenizer_config-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, {**config, **TOKENIZER_CONFIG_FIXES})
     logger.info("Set %s in %s", ", ".join(f"{k}={v}" for k, v in TOKENIZER_CONFIG_FIXES.items()), path)
 
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-VOLATILE = {"tasks", "wall_seconds", "notes"}
+REBUILT = {"tasks", "wall_seconds", "notes"}  # set below from every run
 
 
 def merge(folders: list[Path], notes: list[str]) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def merge(folders: list[Path], notes: list[str]) -> dict[str, Any]:
             b = {k: v for k, v in other[key].items() if k != "tasks"}
             if a != b:
                 raise SystemExit(f"{key} differs between the runs: merge only runs of one profile, seed and machine.")
-    merged = {k: v for k, v in first.items() if k not in VOLATILE}
+    merged = {k: v for k, v in first.items() if k not in REBUILT}
     merged["config"] = {**first["config"], "tasks": [t for p in payloads for t in p["config"]["tasks"]]}
     merged["tasks"] = {name: task for p in payloads for name, task in p["tasks"].items()}
     # The tasks ran side by side: the run took as long as the slowest.
