@@ -1,5 +1,6 @@
 """Real-model smoke of the whole path: SmolLM2 scores real SST-2 pairs, a few policy training steps,
-Optimum export, and the torch-free runtime writes the same greedy prompts as torch."""
+Optimum export, and the torch-free runtime writes the same greedy prompts as torch (also through the
+benchmark's two policy backends)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,13 @@ def test_smollm2_collect_train_export_rewrite(tmp_path: Path, real_data: Path, s
     assert runtime == torch_prompts
     for query, result in zip(queries, optimizer.optimize_batch(queries), strict=True):
         assert query in result.text
+
+    # The benchmark's torch backend (full-size GPU runs) scores what the runtime path scores.
+    from qpo_middleware.training.benchmark import BenchmarkConfig, benchmark
+
+    common = {"oracle": False, "quantize": None, "bootstrap_samples": 100}
+    through_runtime = benchmark(tmp_path, BenchmarkConfig(**common), target=target)
+    assert through_runtime.bundles["loop_1"]["reused"]  # RUN/bundle, exported above
+    with_torch = benchmark(tmp_path, BenchmarkConfig(**common, policy_backend="torch"), target=target)
+    assert with_torch.per_query["prompts"]["qpo_loop1"] == through_runtime.per_query["prompts"]["qpo_loop1"]
+    assert with_torch.method("qpo_loop1").accuracy == through_runtime.method("qpo_loop1").accuracy
