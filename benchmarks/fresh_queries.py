@@ -34,7 +34,7 @@ def decode(model: Any, tokenizer: Any, fmt: Any, queries: list[str], guidance: f
     """Greedy prompts with reward guidance against bucket 0 (a KV-cached loop; both branches in one batch)."""
     import torch
 
-    from qpo_middleware.runtime import finish_prompt, special_token_strings
+    from qpo_middleware.text import finish_prompt, special_token_strings
     from qpo_middleware.training.export import default_generation
 
     generation = default_generation(fmt)

@@ -14,14 +14,14 @@ from .template import Template
 
 if TYPE_CHECKING:
     from .config import RuntimeConfig
-    from .runtime import LatencyBudgetExceeded, OptimizedPrompt, PromptOptimizer
+    from .runtime import LatencyBudgetExceeded, OptimizedPrompt, PromptOptimizer, Status
 
 __version__ = "0.1.0"
 
 __all__ = ["BundleError", "LatencyBudgetExceeded", "OptimizedPrompt", "PolicyFormat", "PromptOptimizer",
-           "RuntimeConfig", "Template", "__version__"]
+           "RuntimeConfig", "Status", "Template", "__version__"]
 
-_LAZY = {"PromptOptimizer", "OptimizedPrompt", "LatencyBudgetExceeded", "RuntimeConfig"}
+_LAZY = {"PromptOptimizer", "OptimizedPrompt", "LatencyBudgetExceeded", "RuntimeConfig", "Status"}
 
 
 def __getattr__(name: str) -> Any:

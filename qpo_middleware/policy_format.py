@@ -13,9 +13,16 @@ method, read back from the bundle manifest.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from .text import policy_text
+
+# A long query is tokenized from a prefix of at least QUERY_CHARS_PER_TOKEN * (query_max_tokens +
+# QUERY_TOKEN_MARGIN) characters, grown until it holds QUERY_TOKEN_MARGIN tokens more than are read.
+QUERY_CHARS_PER_TOKEN = 16
+QUERY_TOKEN_MARGIN = 8
 
 
 class PolicyFormatError(ValueError):
@@ -95,6 +102,30 @@ class PolicyFormat:
         special = self.special_ids
         query = [int(t) for t in query_ids if int(t) not in special][: self.query_max_tokens]
         return [*self.prefix_ids, self.reward_token_ids[bucket], *query, *self.separator_ids]
+
+    def query_ids(self, query: str, tokenize: Callable[[str], Sequence[int]]) -> list[int]:
+        """Token ids of the part of ``query`` the policy reads; ``tokenize`` encodes text without special tokens.
+
+        The policy reads :func:`~qpo_middleware.text.policy_text` of the query, and only its first
+        ``query_max_tokens`` tokens: a long query is tokenized from a prefix (at least
+        ``QUERY_CHARS_PER_TOKEN * (query_max_tokens + QUERY_TOKEN_MARGIN)`` characters, grown until
+        it holds ``QUERY_TOKEN_MARGIN`` tokens more than are read), so a 10 MB query costs about what
+        a short one does. The ids read equal those of the whole text unless one word spans both the
+        cut and the tokens read. Training and the runtime both encode queries here.
+        """
+        text = policy_text(query)
+        wanted = self.query_max_tokens + QUERY_TOKEN_MARGIN
+        special = self.special_ids  # dropped by input_ids: they do not count
+        chars = wanted * QUERY_CHARS_PER_TOKEN
+        while True:
+            ids = [int(t) for t in tokenize(text[:chars])]
+            if chars >= len(text) or sum(t not in special for t in ids) >= wanted:
+                return ids
+            chars *= 4
+
+    def encode(self, query: str, tokenize: Callable[[str], Sequence[int]], bucket: int | None = None) -> list[int]:
+        """The policy input for ``query`` text: :meth:`query_ids`, laid out by :meth:`input_ids`."""
+        return self.input_ids(self.query_ids(query, tokenize), bucket)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -21,12 +21,12 @@ import logging
 import os
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,12 @@ from .bundle import BundleError, GenerationConfig, Manifest, ModelSpec, load_man
 from .config import Provider, RuntimeConfig, ort  # ort: ONNX Runtime, imported with the install fix
 from .policy_format import PolicyFormat
 from .template import Template
+from .text import finish_prompt, special_token_strings
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LatencyBudgetExceeded", "OptimizedPrompt", "PromptOptimizer", "Provider", "QueueFullError",
-           "RuntimeConfig"]
+           "RuntimeConfig", "Status"]
 
 
 _clock = time.perf_counter  # the decode loop's deadline clock (a module attribute so tests can drive it)
@@ -50,6 +51,25 @@ _clock = time.perf_counter  # the decode loop's deadline clock (a module attribu
 
 class LatencyBudgetExceeded(TimeoutError):
     """The policy did not finish within the latency budget (raised only when ``fail_open`` is off)."""
+
+
+class Status(StrEnum):
+    """What happened to one query; the one status type of the runtime and every integration.
+
+    A ``StrEnum``: each member equals its string (``Status.TIMEOUT == "timeout"``), so logs, JSON
+    and callback metadata carry plain strings.
+    """
+
+    REWRITTEN = "rewritten"  # the policy wrote a prompt
+    CACHED = "cached"  # an LRU cache hit
+    SKIPPED = "skipped"  # an empty or whitespace-only query: no model call, no prompt
+    TIMEOUT = "timeout"  # fail-open: the latency budget ran out; no prompt, the query goes on as is
+    OVERLOADED = "overloaded"  # fail-open: the micro-batching queue was full; no prompt
+
+    @property
+    def failed_open(self) -> bool:
+        """True when the query went on without a prompt because the policy could not answer in time."""
+        return self in (Status.TIMEOUT, Status.OVERLOADED)
 
 _ORT_DTYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
@@ -85,7 +105,7 @@ class OptimizedPrompt:
     messages: list[dict[str, str]] = field(default_factory=list)
     latency_ms: float = 0.0
     tokens: int = 0
-    status: str = "rewritten"
+    status: Status = Status.REWRITTEN
 
 
 @dataclass(frozen=True)
@@ -346,65 +366,6 @@ class Generator:
 # ---------------------------------------------------------------------------- the public component
 
 
-PROMPT_CHARS_PER_TOKEN = 32
-"""A prompt is cut to ``max_new_tokens * PROMPT_CHARS_PER_TOKEN`` characters (English averages
-about 4 per token; only runs of repeated symbols, which some vocabularies merge into one
-token of up to ~80 characters, come near it)."""
-
-_QUERY_CHARS_PER_TOKEN = 16
-_QUERY_TOKEN_MARGIN = 8
-
-
-def policy_text(query: str) -> str:
-    """The copy of ``query`` the policy reads: lone surrogates become U+FFFD.
-
-    A Python ``str`` may hold surrogate code points (from ``surrogateescape`` or
-    ``surrogatepass`` decoding, or a JSON ``"\\ud800"``) that UTF-8, hence the tokenizer,
-    cannot encode. A well-formed pair is joined into the character it encodes; a lone
-    surrogate becomes U+FFFD. Every other string (control characters and NULs
-    included) is returned as is. Only the policy's input changes: the rendered
-    ``text`` keeps the query verbatim.
-    """
-    try:
-        query.encode("utf-8")
-    except UnicodeEncodeError:
-        return query.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-    return query
-
-
-def strip_strings(text: str, strings: Sequence[str]) -> str:
-    """``text`` without any of ``strings``, removed until none is left (a removal may join a new one)."""
-    while True:
-        before = text
-        for s in strings:
-            text = text.replace(s, "")
-        if text == before:
-            return text
-
-
-def clean_prompt(text: str) -> str:
-    """Drop control/format characters (keep newline and tab), undecodable bytes, outer whitespace."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    kept = (
-        ch
-        for ch in text
-        if ch in "\n\t" or (unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co") and ch != "\ufffd")
-    )
-    return "".join(kept).strip()
-
-
-def special_token_strings(tokenizer: Tokenizer) -> tuple[str, ...]:
-    """The contents of a tokenizer's special added tokens, longest first."""
-    added = tokenizer.get_added_tokens_decoder().values()
-    return tuple(sorted({t.content for t in added if t.special and t.content}, key=len, reverse=True))
-
-
-def finish_prompt(decoded: str, special_strings: Sequence[str], max_new_tokens: int) -> str:
-    """The prompt as served (and as scored in training): cleaned, no special-token strings, capped."""
-    prompt = strip_strings(clean_prompt(decoded), special_strings)
-    return prompt[: max_new_tokens * PROMPT_CHARS_PER_TOKEN].strip()
-
-
 def _providers(provider: str) -> list[str]:
     available = ort.get_available_providers()
     if provider == "auto":
@@ -484,6 +445,7 @@ class _Call:
     deadline: float | None
     greedy: bool
     results: list[OptimizedPrompt | None]
+    fail_open: bool
     todo: list[int] = field(default_factory=list)
 
 
@@ -592,25 +554,11 @@ class PromptOptimizer:
     # -- generation -----------------------------------------------------------------------
 
     def input_ids(self, query: str) -> list[int]:
-        """The policy input for ``query`` (tokenized without special tokens, then laid out by the policy).
+        """The policy input for ``query``: :meth:`PolicyFormat.encode` with this bundle's tokenizer."""
+        return self.policy.encode(query, self._tokenize)
 
-        The policy reads :func:`policy_text` of the query, and only its first
-        ``query_max_tokens`` tokens: a long query is tokenized from a prefix (at least
-        ``16 * (query_max_tokens + 8)`` characters, grown until it holds 8 tokens more
-        than are read), so a 10 MB query costs about what a short one does. The ids equal
-        those of the whole text unless one word spans both the cut and the tokens read.
-        """
-        return self.policy.input_ids(self._query_ids(policy_text(query)))
-
-    def _query_ids(self, text: str) -> list[int]:
-        wanted = self.policy.query_max_tokens + _QUERY_TOKEN_MARGIN
-        special = self.policy.special_ids  # dropped by PolicyFormat.input_ids: they do not count
-        chars = wanted * _QUERY_CHARS_PER_TOKEN
-        while True:
-            ids = self.tokenizer.encode(text[:chars], add_special_tokens=False).ids
-            if chars >= len(text) or sum(t not in special for t in ids) >= wanted:
-                return ids
-            chars *= 4
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode_params(self, do_sample: bool | None = None) -> DecodeParams:
         return DecodeParams.from_config(self.policy, self.manifest.generation, do_sample)
@@ -656,7 +604,8 @@ class PromptOptimizer:
                 generated[i] = seq
         return generated
 
-    def _result(self, query: str, ids: Sequence[int], latency_ms: float, status: str = "rewritten") -> OptimizedPrompt:
+    def _result(self, query: str, ids: Sequence[int], latency_ms: float,
+                status: Status = Status.REWRITTEN) -> OptimizedPrompt:
         eos = set(self.policy.eos_token_ids)
         body = [t for t in ids if t not in eos]
         prompt = finish_prompt(
@@ -676,14 +625,15 @@ class PromptOptimizer:
 
     def optimize(
         self, query: str, *, do_sample: bool | None = None, seed: int | None = None,
-        latency_budget_ms: float | None = None,
+        latency_budget_ms: float | None = None, fail_open: bool | None = None,
     ) -> OptimizedPrompt:
         """Write a prompt for one query. ``do_sample`` overrides the bundle default; ``seed`` fixes sampling."""
-        return self.optimize_batch([query], do_sample=do_sample, seed=seed, latency_budget_ms=latency_budget_ms)[0]
+        return self.optimize_batch([query], do_sample=do_sample, seed=seed, latency_budget_ms=latency_budget_ms,
+                                   fail_open=fail_open)[0]
 
     def optimize_batch(
         self, queries: Sequence[str], *, do_sample: bool | None = None, seed: int | None = None,
-        latency_budget_ms: float | None = None,
+        latency_budget_ms: float | None = None, fail_open: bool | None = None,
     ) -> list[OptimizedPrompt]:
         """Write prompts for many queries in batched decodes (left padding, per-row stop).
 
@@ -693,24 +643,26 @@ class PromptOptimizer:
         at most ``max_batch_size``. Empty or whitespace-only queries get an empty prompt and no
         model call. A query that is not a ``str`` raises :class:`TypeError` before any decode.
 
-        ``latency_budget_ms`` (default: the config's) bounds the call: past it, decoding stops
-        and, with ``fail_open``, every query not yet answered comes back unchanged with no
-        prompt and ``status="timeout"``; otherwise :class:`LatencyBudgetExceeded` is raised.
-        With micro-batching on, greedy calls join the shared batcher; a full queue is
-        ``status="overloaded"`` (fail-open) or :class:`QueueFullError`.
+        ``latency_budget_ms`` and ``fail_open`` (defaults: the config's) bound the call: past the
+        budget, decoding stops and, with ``fail_open``, every query not yet answered comes back
+        unchanged with no prompt and ``status=Status.TIMEOUT``; otherwise
+        :class:`LatencyBudgetExceeded` is raised, whichever wait noticed the overrun. With
+        micro-batching on, greedy calls join the shared batcher; a full queue is
+        ``Status.OVERLOADED`` (fail-open) or :class:`QueueFullError`. The runtime is the one owner
+        of the budget: integrations pass their settings here and keep no timer of their own.
         """
-        call = self._plan(queries, do_sample, latency_budget_ms)
+        call = self._plan(queries, do_sample, latency_budget_ms, fail_open)
         if call.todo:
             pending = [queries[i] for i in call.todo]
             if call.greedy and self._batcher is not None:
-                generated = [self._wait(item, call.deadline) for item in self._submit(pending)]
+                generated = [self._wait(item, call) for item in self._submit(pending, call)]
             else:
                 try:
                     generated = list(self._decode_queries(pending, do_sample, seed, call.deadline))
                 except LatencyBudgetExceeded:
-                    if not self.config.fail_open:
+                    if not call.fail_open:
                         raise
-                    generated = ["timeout"] * len(pending)
+                    generated = [Status.TIMEOUT] * len(pending)
             self._fill(queries, call, generated)
         return [r for r in call.results if r is not None]
 
@@ -720,7 +672,7 @@ class PromptOptimizer:
 
     async def aoptimize_batch(
         self, queries: Sequence[str], *, do_sample: bool | None = None, seed: int | None = None,
-        latency_budget_ms: float | None = None,
+        latency_budget_ms: float | None = None, fail_open: bool | None = None,
     ) -> list[OptimizedPrompt]:
         """:meth:`optimize_batch` without blocking the event loop.
 
@@ -731,23 +683,24 @@ class PromptOptimizer:
         queries = list(queries)
         if self._batcher is None or self.decode_params(do_sample).do_sample:
             return await asyncio.to_thread(self.optimize_batch, queries, do_sample=do_sample, seed=seed,
-                                           latency_budget_ms=latency_budget_ms)
-        call = self._plan(queries, do_sample, latency_budget_ms)
-        generated: list[list[int] | str] = []
-        for item in self._submit([queries[i] for i in call.todo]):
-            if isinstance(item, str):
+                                           latency_budget_ms=latency_budget_ms, fail_open=fail_open)
+        call = self._plan(queries, do_sample, latency_budget_ms, fail_open)
+        generated: list[list[int] | Status] = []
+        for item in self._submit([queries[i] for i in call.todo], call):
+            if isinstance(item, Status):
                 generated.append(item)
                 continue
             try:
                 generated.append(await asyncio.wait_for(asyncio.wrap_future(item), _remaining(call.deadline)))
             except TimeoutError:
-                generated.append(self._timed_out(item))
+                generated.append(self._timed_out(item, call))
         self._fill(queries, call, generated)
         return [r for r in call.results if r is not None]
 
     # -- the steps of a call ------------------------------------------------------------------
 
-    def _plan(self, queries: Sequence[str], do_sample: bool | None, latency_budget_ms: float | None) -> _Call:
+    def _plan(self, queries: Sequence[str], do_sample: bool | None, latency_budget_ms: float | None,
+              fail_open: bool | None) -> _Call:
         """Check the queries; answer empty ones and cache hits; list the rest to decode."""
         start = time.perf_counter()
         for query in queries:
@@ -755,48 +708,49 @@ class PromptOptimizer:
                 raise TypeError(f"queries must be strings; got {type(query).__name__}.")
         budget = latency_budget_ms if latency_budget_ms is not None else self.config.latency_budget_ms
         call = _Call(start=start, deadline=None if budget is None else start + budget / 1000.0,
-                     greedy=not self.decode_params(do_sample).do_sample, results=[None] * len(queries))
+                     greedy=not self.decode_params(do_sample).do_sample, results=[None] * len(queries),
+                     fail_open=self.config.fail_open if fail_open is None else bool(fail_open))
         for i, query in enumerate(queries):
             if not query.strip():
-                call.results[i] = self._result(query, [], 0.0, "skipped")
+                call.results[i] = self._result(query, [], 0.0, Status.SKIPPED)
             elif call.greedy and self._cache is not None and (hit := self._cache.get(query)) is not None:
-                call.results[i] = replace(hit, status="cached", latency_ms=0.0)
+                call.results[i] = replace(hit, status=Status.CACHED, latency_ms=0.0)
             else:
                 call.todo.append(i)
         return call
 
-    def _submit(self, queries: list[str]) -> list[Future[list[int]] | str]:
-        """Queue every query on the batcher; a full queue is "overloaded" (or raises without fail-open)."""
+    def _submit(self, queries: list[str], call: _Call) -> list[Future[list[int]] | Status]:
+        """Queue every query on the batcher; a full queue is OVERLOADED (or raises without fail-open)."""
         assert self._batcher is not None
-        out: list[Future[list[int]] | str] = []
+        out: list[Future[list[int]] | Status] = []
         for query in queries:
             try:
                 out.append(self._batcher.submit(query))
             except QueueFullError:
-                if not self.config.fail_open:
+                if not call.fail_open:
                     raise
-                out.append("overloaded")
+                out.append(Status.OVERLOADED)
         return out
 
-    def _wait(self, item: Future[list[int]] | str, deadline: float | None) -> list[int] | str:
-        if isinstance(item, str):
+    def _wait(self, item: Future[list[int]] | Status, call: _Call) -> list[int] | Status:
+        if isinstance(item, Status):
             return item
         try:
-            return item.result(timeout=_remaining(deadline))
+            return item.result(timeout=_remaining(call.deadline))
         except FutureTimeout:
-            return self._timed_out(item)
+            return self._timed_out(item, call)
 
-    def _timed_out(self, future: Future[list[int]]) -> str:
+    def _timed_out(self, future: Future[list[int]], call: _Call) -> Status:
         future.cancel()  # dropped from its batch if the batch has not started
-        if not self.config.fail_open:
+        if not call.fail_open:
             raise LatencyBudgetExceeded("The policy did not answer within its latency budget (micro-batching queue).")
-        return "timeout"
+        return Status.TIMEOUT
 
-    def _fill(self, queries: Sequence[str], call: _Call, generated: Sequence[list[int] | str]) -> None:
-        """Results for the decoded queries (a string instead of ids says why there is no prompt)."""
+    def _fill(self, queries: Sequence[str], call: _Call, generated: Sequence[list[int] | Status]) -> None:
+        """Results for the decoded queries (a status instead of ids says why there is no prompt)."""
         latency_ms = (time.perf_counter() - call.start) * 1000.0
         for i, ids in zip(call.todo, generated, strict=True):
-            if isinstance(ids, str):  # fail-open
+            if isinstance(ids, Status):  # fail-open
                 logger.warning("qpo: query sent on without a prompt (%s after %.0f ms)", ids, latency_ms)
                 call.results[i] = self._result(queries[i], [], latency_ms, ids)
                 continue

@@ -22,7 +22,7 @@ from langchain_core.prompt_values import ChatPromptValue
 
 from qpo_middleware import PromptOptimizer
 from qpo_middleware.integrations.langchain import QPOChatModel, QPORewriter
-from qpo_middleware.runtime import PROMPT_CHARS_PER_TOKEN, policy_text
+from qpo_middleware.text import PROMPT_CHARS_PER_TOKEN, policy_text
 
 SPECIALS = [
     "<|qpo_reward_3|>",

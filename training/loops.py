@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qpo_middleware.policy_format import PolicyFormat
-from qpo_middleware.runtime import finish_prompt, special_token_strings
+from qpo_middleware.text import finish_prompt, special_token_strings
 
 from .collect import Run, make_records, score_pairs
 from .config import LoopConfig, TrainConfig
