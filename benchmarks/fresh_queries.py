@@ -34,12 +34,12 @@ def decode(model: Any, tokenizer: Any, fmt: Any, queries: list[str], guidance: f
     """Greedy prompts with reward guidance against bucket 0 (a KV-cached loop; both branches in one batch)."""
     import torch
 
+    from qpo_middleware.bundle import GenerationConfig
     from qpo_middleware.text import finish_prompt, special_token_strings
-    from qpo_middleware.training.export import default_generation
 
-    generation = default_generation(fmt)
+    generation = GenerationConfig.for_policy(fmt)
     special = special_token_strings(tokenizer.backend_tokenizer)
-    suppress = torch.tensor(generation["suppress_token_ids"], dtype=torch.long)
+    suppress = torch.tensor(generation.suppress_token_ids, dtype=torch.long)
     eos = set(fmt.eos_token_ids)
     out: list[str] = []
     for start in range(0, len(queries), batch_size):
@@ -54,7 +54,7 @@ def decode(model: Any, tokenizer: Any, fmt: Any, queries: list[str], guidance: f
             mask[i, width - len(row) :] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         past, generated, done = None, [[] for _ in chunk], [False] * n
-        for _ in range(generation["max_new_tokens"]):
+        for _ in range(generation.max_new_tokens):
             with torch.inference_mode():
                 output = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
                                use_cache=True, logits_to_keep=1)
@@ -75,7 +75,7 @@ def decode(model: Any, tokenizer: Any, fmt: Any, queries: list[str], guidance: f
             positions = positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], 1)
         out += [finish_prompt(tokenizer.decode(g, skip_special_tokens=True, clean_up_tokenization_spaces=False),
-                              special, generation["max_new_tokens"]) for g in generated]
+                              special, generation.max_new_tokens) for g in generated]
     return out
 
 

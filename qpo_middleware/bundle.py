@@ -16,7 +16,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -124,7 +124,12 @@ def _object(data: Mapping[str, Any], key: str, where: str = "") -> Mapping[str, 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding defaults stored in the bundle; :meth:`PromptOptimizer.optimize` may override ``do_sample``."""
+    """How the policy decodes: the one settings type of every decode loop (runtime and training).
+
+    The bundle stores its defaults; a call overrides fields with :meth:`with_` (the way
+    onnxruntime-genai's ``GeneratorParams`` are set per generator), e.g.
+    ``optimizer.optimize(q, do_sample=True)`` or a training loop's sampling temperature.
+    """
 
     max_new_tokens: int = 40
     do_sample: bool = False
@@ -158,6 +163,24 @@ class GenerationConfig:
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
         ):
             raise bad("suppress_token_ids", "a list of non-negative token ids")
+
+    @classmethod
+    def for_policy(cls, policy: PolicyFormat, **overrides: Any) -> GenerationConfig:
+        """The defaults for ``policy``: greedy, capped at its prompt length, never emitting its reward or
+        separator tokens (its EOS ids stay allowed); ``overrides`` change fields (``None`` is ignored)."""
+        suppress = tuple(sorted({*policy.reward_token_ids, *policy.separator_ids} - set(policy.eos_token_ids)))
+        return cls(max_new_tokens=policy.prompt_max_tokens, suppress_token_ids=suppress).with_(**overrides)
+
+    def with_(self, **changes: Any) -> GenerationConfig:
+        """A copy with some fields changed; ``None`` values are ignored, so optional per-call overrides pass through."""
+        known = set(self.__dataclass_fields__)
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise BundleError(f"GenerationConfig has no field(s) {unknown}; fields: {', '.join(sorted(known))}.")
+        values = {k: v for k, v in changes.items() if v is not None}
+        if "suppress_token_ids" in values:
+            values["suppress_token_ids"] = tuple(values["suppress_token_ids"])
+        return replace(self, **values)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

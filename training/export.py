@@ -134,20 +134,6 @@ def _check_sha256(value: Any) -> None:
 # ---------------------------------------------------------------------------- the export
 
 
-def default_generation(policy: PolicyFormat) -> dict[str, Any]:
-    """Generation defaults: greedy, capped at the policy's prompt length, never emitting reward/separator tokens."""
-    eos = set(policy.eos_token_ids)
-    suppress = sorted({*policy.reward_token_ids, *policy.separator_ids} - eos)
-    return {
-        "max_new_tokens": policy.prompt_max_tokens,
-        "do_sample": False,
-        "temperature": 1.0,
-        "top_k": 0,
-        "top_p": 1.0,
-        "suppress_token_ids": suppress,
-    }
-
-
 def export_bundle(
     checkpoint_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -168,7 +154,7 @@ def export_bundle(
     ``quantize="int8"`` stores MatMul weights as block-wise int8 (CPU serving; see
     :data:`QUANTIZE_CHOICES`), ``"int8-dynamic"`` applies ORT's dynamic quantization;
     ``fp16=True`` exports half precision (GPU serving). ``generation`` overrides
-    the decoding defaults of :func:`default_generation`. Returns ``out_dir``.
+    the decoding defaults of :meth:`GenerationConfig.for_policy`. Returns ``out_dir``.
     """
     checkpoint = Path(checkpoint_dir).expanduser()
     out = Path(out_dir).expanduser().absolute()
@@ -189,7 +175,7 @@ def export_bundle(
     _check_sha256(training_data_sha256)
     if not isinstance(policy, PolicyFormat) or not isinstance(template, Template):
         raise ExportError("policy must be a PolicyFormat and template a Template.")
-    gen = GenerationConfig.from_dict({**default_generation(policy), **dict(generation or {})})
+    gen = GenerationConfig.from_dict({**GenerationConfig.for_policy(policy).to_dict(), **dict(generation or {})})
     _check_out_dir(out, overwrite)
     dtype = quantize if quantize else "fp16" if fp16 else "fp32"
 

@@ -27,13 +27,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qpo_middleware.bundle import GenerationConfig
 from qpo_middleware.policy_format import PolicyFormat
 from qpo_middleware.text import finish_prompt, special_token_strings
 
 from .collect import Run, make_records, score_pairs
 from .config import LoopConfig, TrainConfig
 from .dataset import Record
-from .export import default_generation, write_policy_meta
+from .export import write_policy_meta
 from .io import atomic_write_json
 from .policy import RewardBuckets, add_policy_tokens, build_examples
 from .targets import Pair, Score, Target
@@ -103,7 +104,7 @@ def generate_prompts(model: Any, tokenizer: Any, fmt: PolicyFormat, queries: Seq
     """``num_samples`` prompts per query from the policy conditioned on the top reward bucket."""
     import torch
 
-    generation = default_generation(fmt)
+    generation = GenerationConfig.for_policy(fmt)
     special = special_token_strings(tokenizer.backend_tokenizer)  # the same strings the runtime strips
     device = next(model.parameters()).device
     torch.manual_seed(seed)
@@ -122,14 +123,14 @@ def generate_prompts(model: Any, tokenizer: Any, fmt: PolicyFormat, queries: Seq
             kwargs.update(top_k=top_k or None, top_p=top_p, temperature=temperature)
         with torch.inference_mode():
             generated = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=generation["max_new_tokens"],
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=generation.max_new_tokens,
                 num_return_sequences=num_samples, eos_token_id=list(fmt.eos_token_ids), pad_token_id=fmt.pad_token_id,
-                suppress_tokens=generation["suppress_token_ids"] or None, **kwargs,
+                suppress_tokens=list(generation.suppress_token_ids) or None, **kwargs,
             )  # (batch * num_samples, width + new)
         # Decode exactly as the runtime does (no "clean-up" of spaces before punctuation): the text
         # scored in training is the text production sends.
         texts = [finish_prompt(tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False),
-                               special, generation["max_new_tokens"]) for row in generated[:, width:]]
+                               special, generation.max_new_tokens) for row in generated[:, width:]]
         out.extend(texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk)))
     return out
 
