@@ -15,26 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from .bundle import GenerationConfig
 from .config import RuntimeConfig
-from .runtime import DecodeParams, PromptOptimizer
-
-
-def percentiles(values_ms: Sequence[float]) -> dict[str, float]:
-    """p50/p95/p99/mean/min of a list of milliseconds (linear interpolation)."""
-    array = np.asarray(values_ms, dtype=np.float64)
-    return {
-        "n": int(array.size),
-        "p50": float(np.percentile(array, 50)),
-        "p95": float(np.percentile(array, 95)),
-        "p99": float(np.percentile(array, 99)),
-        "mean": float(array.mean()),
-        "min": float(array.min()),
-    }
+from .runtime import PromptOptimizer
+from .stats import percentiles
 
 
 def peak_rss_mb() -> float:
@@ -96,15 +84,18 @@ def memory_bandwidth_gbs(size_mb: int = 256, repeats: int = 5, threads: int | No
             "gbs": max(single, multi)}
 
 
-def fixed_length_params(optimizer: PromptOptimizer, new_tokens: int) -> DecodeParams:
-    """Greedy, exactly ``new_tokens`` per row: EOS never stops a row and is never chosen."""
-    params = optimizer.decode_params(do_sample=False)
-    return replace(
-        params,
+def fixed_length_generation(optimizer: PromptOptimizer, new_tokens: int) -> GenerationConfig:
+    """Greedy, ``new_tokens`` per row, EOS never chosen; decode with ``eos_token_ids=()`` so no row stops early."""
+    generation = optimizer.generation(do_sample=False)
+    return generation.with_(
         max_new_tokens=new_tokens,
-        eos_token_ids=frozenset(),
-        suppress_token_ids=tuple(sorted({*params.suppress_token_ids, *params.eos_token_ids})),
+        suppress_token_ids=tuple(sorted({*generation.suppress_token_ids, *optimizer.policy.eos_token_ids})),
     )
+
+
+def fixed_length_ids(optimizer: PromptOptimizer, rows: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
+    """Exactly ``new_tokens`` greedy ids per row of policy inputs (the benchmarks' fixed-length decode)."""
+    return optimizer.generate_ids(rows, generation=fixed_length_generation(optimizer, new_tokens), eos_token_ids=())
 
 
 Decode = Callable[[Sequence[Sequence[int]], int], list[list[int]]]
@@ -165,7 +156,7 @@ def measure_runtime(optimizer: PromptOptimizer, rows: Sequence[Sequence[int]], *
     """:func:`measure_decode` with the runtime's own decode loop (``kwargs`` as there)."""
 
     def decode(batch: Sequence[Sequence[int]], tokens: int) -> list[list[int]]:
-        return optimizer.generate_ids(batch, params=fixed_length_params(optimizer, tokens))
+        return fixed_length_ids(optimizer, batch, tokens)
 
     return measure_decode(decode, rows, **kwargs)
 

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -38,6 +38,11 @@ _MAX_NAME_CHARS = 255
 
 class BundleError(ValueError):
     """A bundle is missing, malformed, tampered with or from an incompatible version; the message says which."""
+
+
+def is_sha256(value: Any) -> bool:
+    """True for a SHA-256 written as 64 lowercase hex digits (the one form bundles and checkpoints use)."""
+    return isinstance(value, str) and _SHA256.match(value) is not None
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -289,21 +294,35 @@ class ModelSpec:
                     f"like 'past_key_values.{{layer}}.key'; got {brief_repr(template)}."
                 )
         spec = cls(**values)
-        inputs, outputs = set(spec.input_names), set(spec.output_names)
-        needed_in = {"input_ids", "attention_mask"} | {n for pair in spec.past_names() for n in pair}
-        if spec.has_position_ids:
-            needed_in.add("position_ids")
-        needed_out = {"logits"} | {n for pair in spec.present_names() for n in pair}
-        for names, needed, what in (
-            (inputs, needed_in, "input_names"),
-            (outputs, needed_out, "output_names"),
-        ):
-            missing = sorted(needed - names)
-            if missing:
-                raise BundleError(
-                    f"qpo.json: model.{what} lacks {missing}; re-export the bundle with `qpo export`."
-                )
+        check_model_io(spec, spec.input_names, spec.output_names, "qpo.json: model.input_names/output_names")
         return spec
+
+
+def check_model_io(spec: ModelSpec, inputs: Iterable[str], outputs: Iterable[str], source: str) -> None:
+    """The one set of input/output rules of the exported decoder, used by export, validation and the runtime.
+
+    ``inputs``/``outputs`` are the names ``source`` offers (the manifest's lists, the ONNX graph or
+    the session). It must take ``input_ids``, ``attention_mask``, ``position_ids`` when
+    ``spec.has_position_ids``, and every layer's past key/value, and nothing else the runtime
+    cannot feed; it must return ``logits`` and every layer's present key/value.
+    """
+    needed_in = {"input_ids", "attention_mask"} | {n for pair in spec.past_names() for n in pair}
+    if spec.has_position_ids:
+        needed_in.add("position_ids")
+    needed_out = {"logits"} | {n for pair in spec.present_names() for n in pair}
+    inputs, outputs = set(inputs), set(outputs)
+    missing = sorted(needed_in - inputs)
+    if missing:
+        raise BundleError(f"{source} lacks input(s) {brief_repr(missing)}; re-export the bundle with `qpo export`.")
+    unknown = sorted(inputs - needed_in)
+    if unknown:
+        raise BundleError(
+            f"{source} takes input(s) {brief_repr(unknown)} that the runtime does not feed; re-export it with "
+            "`qpo export` (task text-generation-with-past)."
+        )
+    missing = sorted(needed_out - outputs)
+    if missing:
+        raise BundleError(f"{source} lacks output(s) {brief_repr(missing)}; re-export the bundle with `qpo export`.")
 
 
 @dataclass(frozen=True)
@@ -387,7 +406,7 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
     base_model = _field(data, "base_model", str, "")
     task = _field(data, "task", str, "")
     training_hash = _field(data, "training_data_sha256", str, "")
-    if not _SHA256.match(training_hash):
+    if not is_sha256(training_hash):
         raise BundleError(
             f"qpo.json: field 'training_data_sha256' must be 64 lowercase hex digits; got {brief_repr(training_hash)}."
         )
@@ -423,7 +442,7 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
     files = _object(data, "files")
     for name, digest in files.items():
         safe_member(root, name, f"files[{brief_repr(name)}]")
-        if not isinstance(digest, str) or not _SHA256.match(digest):
+        if not is_sha256(digest):
             raise BundleError(
                 f"qpo.json: files[{brief_repr(name)}] must be a SHA-256 of 64 lowercase hex digits; got {brief_repr(digest)}."
             )

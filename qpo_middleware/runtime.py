@@ -5,9 +5,10 @@ its own KV-cache decode loop over the exported decoder (prefill, then one token
 per step, starting from an empty past). Batches are left-padded and every row
 stops on its own (EOS or the token cap); finished rows leave the batch.
 
-The loop lives in :class:`Generator` (modelled on onnxruntime-genai's
-``append_tokens`` / ``is_done`` / ``generate_next_token``), so streaming and
-budgets can be built on top of it. All per-call state is local to a call:
+The loop lives in :class:`~qpo_middleware.generator.Generator` (modelled on onnxruntime-genai's
+``append_tokens`` / ``is_done`` / ``generate_next_token``), the model step in
+:class:`~qpo_middleware.decoder.OnnxDecoder`; this module owns the calls: batching, the
+cache, and the latency budget with fail-open (:class:`Status` says what happened). All per-call state is local to a call:
 ``PromptOptimizer`` is safe to share between threads
 (``InferenceSession.run`` is thread-safe; the LRU cache and the micro-batcher lock
 their own state). How it runs (session settings, IO binding, micro-batching, the cache,
@@ -34,8 +35,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .batching import MicroBatcher, QueueFullError
-from .bundle import BundleError, GenerationConfig, Manifest, ModelSpec, load_manifest
+from .bundle import GenerationConfig, Manifest, load_manifest
 from .config import Provider, RuntimeConfig, ort  # ort: ONNX Runtime, imported with the install fix
+from .decoder import OnnxDecoder, make_session, session_providers
+from .generator import Generator
 from .policy_format import PolicyFormat
 from .template import Template
 from .text import finish_prompt, special_token_strings
@@ -71,14 +74,6 @@ class Status(StrEnum):
         """True when the query went on without a prompt because the policy could not answer in time."""
         return self in (Status.TIMEOUT, Status.OVERLOADED)
 
-_ORT_DTYPES: dict[str, type[np.generic]] = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-}
-
 
 # ---------------------------------------------------------------------------- results
 
@@ -108,297 +103,7 @@ class OptimizedPrompt:
     status: Status = Status.REWRITTEN
 
 
-@dataclass(frozen=True)
-class DecodeParams:
-    """Everything one decode needs besides the model: token cap, stop ids and the sampling rule."""
-
-    max_new_tokens: int
-    eos_token_ids: frozenset[int]
-    pad_token_id: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    suppress_token_ids: tuple[int, ...] = ()
-
-    @classmethod
-    def from_config(
-        cls, policy: PolicyFormat, generation: GenerationConfig, do_sample: bool | None
-    ) -> DecodeParams:
-        return cls(
-            max_new_tokens=generation.max_new_tokens,
-            eos_token_ids=frozenset(policy.eos_token_ids),
-            pad_token_id=policy.pad_token_id,
-            do_sample=generation.do_sample if do_sample is None else bool(do_sample),
-            temperature=float(generation.temperature),
-            top_k=generation.top_k,
-            top_p=float(generation.top_p),
-            suppress_token_ids=generation.suppress_token_ids,
-        )
-
-
-# ---------------------------------------------------------------------------- the model
-
-
-class OnnxDecoder:
-    """Stateless view of the exported decoder: names come from the manifest, dtypes from the session.
-
-    With ``io_binding`` the presents stay ORT values on the session's device and are bound as
-    the next step's past (on CUDA the KV cache never visits the host; only the last
-    position's logits are read back).
-    """
-
-    def __init__(self, session: ort.InferenceSession, spec: ModelSpec, io_binding: bool = False) -> None:
-        self.session = session
-        self.spec = spec
-        self.io_binding = io_binding
-        self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        inputs = {i.name: i for i in session.get_inputs()}
-        outputs = {o.name for o in session.get_outputs()}
-        self.past_names = spec.past_names()
-        self.present_names = spec.present_names()
-        needed = {"input_ids", "attention_mask"} | {n for pair in self.past_names for n in pair}
-        if spec.has_position_ids:
-            needed.add("position_ids")
-        missing = sorted(needed - set(inputs))
-        if missing:
-            raise BundleError(
-                f"The ONNX model lacks input(s) {missing} that qpo.json promises; the bundle is inconsistent. "
-                "Re-export it with `qpo export`."
-            )
-        unknown = sorted(set(inputs) - needed)
-        if unknown:
-            raise BundleError(
-                f"The ONNX model takes input(s) {unknown} that this runtime does not feed; "
-                "re-export it with `qpo export` (task text-generation-with-past)."
-            )
-        missing_out = sorted(({"logits"} | {n for pair in self.present_names for n in pair}) - outputs)
-        if missing_out:
-            raise BundleError(
-                f"The ONNX model lacks output(s) {missing_out}; re-export it with `qpo export`."
-            )
-
-        def dtype(name: str) -> type[np.generic]:
-            kind = inputs[name].type
-            if kind not in _ORT_DTYPES:
-                raise BundleError(f"ONNX input {name!r} has unsupported type {kind}.")
-            return _ORT_DTYPES[kind]
-
-        self.ids_dtype = dtype("input_ids")
-        self.mask_dtype = dtype("attention_mask")
-        self.pos_dtype = dtype("position_ids") if spec.has_position_ids else np.int64
-        self.kv_dtype = dtype(self.past_names[0][0])
-        self.output_names = ["logits"] + [n for pair in self.present_names for n in pair]
-
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        """A past of length 0 for every layer's key and value: (batch, kv_heads, 0, head_dim)."""
-        shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
-        return [np.zeros(shape, dtype=self.kv_dtype) for _ in range(2 * self.spec.num_layers)]
-
-    def forward(
-        self,
-        input_ids: np.ndarray,
-        attention_mask: np.ndarray,
-        position_ids: np.ndarray,
-        past: list[Any],
-    ) -> tuple[np.ndarray, list[Any]]:
-        """One run. Returns (last-position logits as float32 (batch, vocab), presents in past order).
-
-        ``past`` holds numpy arrays, or ORT values from the previous step with IO binding.
-        """
-        feeds: dict[str, Any] = {
-            "input_ids": input_ids.astype(self.ids_dtype, copy=False),
-            "attention_mask": attention_mask.astype(self.mask_dtype, copy=False),
-        }
-        if self.spec.has_position_ids:
-            feeds["position_ids"] = position_ids.astype(self.pos_dtype, copy=False)
-        for (key_name, value_name), i in zip(self.past_names, range(0, len(past), 2), strict=True):
-            feeds[key_name] = past[i]
-            feeds[value_name] = past[i + 1]
-        if self.io_binding:
-            return self._forward_bound(feeds)
-        logits, *presents = self.session.run(self.output_names, feeds)
-        # logits: (batch, seq, vocab); only the last position decides the next token.
-        return np.asarray(logits[:, -1, :], dtype=np.float32), presents
-
-    def _forward_bound(self, feeds: dict[str, Any]) -> tuple[np.ndarray, list[Any]]:
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in self.output_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        logits, *presents = binding.get_outputs()
-        # On CUDA this copies the whole (batch, seq, vocab) block; at a decode step seq is 1.
-        return np.asarray(logits.numpy()[:, -1, :], dtype=np.float32), presents
-
-    def take_rows(self, past: list[Any], keep: np.ndarray) -> list[Any]:
-        """The past of the rows in ``keep`` (a boolean mask): ORT values come to the host once for it."""
-        return [(p.numpy() if isinstance(p, ort.OrtValue) else p)[keep] for p in past]
-
-
-# ---------------------------------------------------------------------------- the decode loop
-
-
-class Generator:
-    """One batched decode: ``append_tokens`` (prefill), then ``generate_next_token`` until ``is_done``.
-
-    Rows are left-padded at prefill; each row stops on an EOS id or after
-    ``max_new_tokens``; finished rows are dropped from the running batch (and
-    from the KV cache) so later steps only pay for live rows.
-    """
-
-    def __init__(
-        self, decoder: OnnxDecoder, params: DecodeParams, rng: np.random.Generator | None = None
-    ) -> None:
-        self.decoder = decoder
-        self.params = params
-        self.rng = rng if rng is not None else np.random.default_rng()
-        self._suppress = np.array(sorted(set(params.suppress_token_ids)), dtype=np.int64)
-        self._started = False
-        self._rows: np.ndarray = np.zeros(0, dtype=np.int64)  # original index of each live row
-        self._generated: list[list[int]] = []
-        self._last: list[int | None] = []
-        self._mask = np.zeros((0, 0), dtype=np.int64)  # (live, past_len)
-        self._positions = np.zeros(0, dtype=np.int64)  # (live,) position of the next token
-        self._past: list[Any] = []
-        self._logits = np.zeros((0, 0), dtype=np.float32)  # (live, vocab) logits for the next token
-
-    # -- public API -----------------------------------------------------------------------
-
-    def append_tokens(self, rows: Sequence[Sequence[int]]) -> None:
-        """Prefill the batch with each row's input ids (left padding, empty past)."""
-        if self._started:
-            raise RuntimeError(
-                "Generator.append_tokens may be called once, before decoding; make a new Generator."
-            )
-        if not rows or any(len(r) == 0 for r in rows):
-            raise ValueError("append_tokens needs at least one row and no empty row.")
-        self._started = True
-        batch, width = len(rows), max(len(r) for r in rows)
-        input_ids = np.full((batch, width), self.params.pad_token_id, dtype=np.int64)
-        mask = np.zeros((batch, width), dtype=np.int64)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row) :] = row
-            mask[i, width - len(row) :] = 1
-        # Real tokens count from position 0; pads get position 0 too (they are masked out).
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        self._rows = np.arange(batch)
-        self._generated = [[] for _ in range(batch)]
-        self._last = [None] * batch
-        self._logits, self._past = self.decoder.forward(
-            input_ids, mask, positions, self.decoder.empty_past(batch)
-        )
-        self._mask = mask
-        self._positions = positions[:, -1] + 1
-
-    def is_done(self) -> bool:
-        """True once every row has stopped (or before :meth:`append_tokens`)."""
-        return self._rows.size == 0
-
-    def generate_next_token(self) -> None:
-        """Pick one token for every live row, then run the model on them for the rows that go on."""
-        if self.is_done():
-            raise RuntimeError("Generator is done: no live row to decode.")
-        tokens = self.next_token(self._logits)  # (live,)
-        self._last = [None] * len(self._generated)
-        keep = np.ones(self._rows.size, dtype=bool)
-        for j, (row, token) in enumerate(zip(self._rows.tolist(), tokens.tolist(), strict=True)):
-            self._generated[row].append(token)
-            self._last[row] = token
-            if token in self.params.eos_token_ids or len(self._generated[row]) >= self.params.max_new_tokens:
-                keep[j] = False
-        if not keep.all():
-            self._rows = self._rows[keep]
-            if self._rows.size == 0:
-                self._past, self._logits = [], np.zeros((0, 0), dtype=np.float32)
-                return
-            tokens, self._mask, self._positions = tokens[keep], self._mask[keep], self._positions[keep]
-            self._past = self.decoder.take_rows(self._past, keep)
-        self._mask = np.concatenate([self._mask, np.ones((self._mask.shape[0], 1), dtype=np.int64)], axis=1)
-        self._logits, self._past = self.decoder.forward(
-            tokens[:, None], self._mask, self._positions[:, None], self._past
-        )
-        self._positions = self._positions + 1
-
-    def get_next_tokens(self) -> list[int | None]:
-        """The token each row got in the last step (``None`` for rows that had already stopped)."""
-        return list(self._last)
-
-    def sequences(self) -> list[list[int]]:
-        """Generated tokens per row so far (the stopping EOS included)."""
-        return [list(s) for s in self._generated]
-
-    # -- token selection ------------------------------------------------------------------
-
-    def next_token(self, logits: np.ndarray) -> np.ndarray:
-        """Choose one token per row from (rows, vocab) logits: greedy, or sampled with temperature/top-k/top-p."""
-        if self._suppress.size:
-            logits = logits.copy()
-            logits[:, self._suppress[self._suppress < logits.shape[1]]] = -np.inf
-        p = self.params
-        if not p.do_sample:
-            return np.argmax(logits, axis=-1).astype(np.int64)
-        scores = logits / max(p.temperature, 1e-6)
-        vocab = scores.shape[-1]
-        if 0 < p.top_k < vocab:
-            kth = np.partition(scores, vocab - p.top_k, axis=-1)[:, vocab - p.top_k, None]
-            scores = np.where(scores < kth, -np.inf, scores)
-        order = np.argsort(-scores, axis=-1, kind="stable")
-        sorted_scores = np.take_along_axis(scores, order, axis=-1)
-        probs = np.exp(sorted_scores - sorted_scores[:, :1])
-        probs /= probs.sum(axis=-1, keepdims=True)
-        if p.top_p < 1.0:
-            cumulative = np.cumsum(probs, axis=-1)
-            # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
-            drop = (cumulative - probs) >= p.top_p
-            probs = np.where(drop, 0.0, probs)
-            probs /= probs.sum(axis=-1, keepdims=True)
-        cumulative = np.cumsum(probs, axis=-1)
-        draws = self.rng.random(probs.shape[0])[:, None] * cumulative[:, -1:]
-        picks = np.minimum((cumulative < draws).sum(axis=-1), vocab - 1)
-        return np.take_along_axis(order, picks[:, None], axis=-1)[:, 0].astype(np.int64)
-
-
 # ---------------------------------------------------------------------------- the public component
-
-
-def _providers(provider: str) -> list[str]:
-    available = ort.get_available_providers()
-    if provider == "auto":
-        if "CUDAExecutionProvider" in available:
-            provider = "cuda"
-        else:
-            logger.info("qpo: no CUDAExecutionProvider in this onnxruntime (%s); running on CPU.", ", ".join(available))
-            provider = "cpu"
-    if provider == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise RuntimeError(
-                "provider='cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
-                f"(available: {', '.join(available)}). Install the GPU build instead of the CPU one: "
-                "pip uninstall -y onnxruntime && pip install 'qpo-middleware[gpu]' (onnxruntime-gpu), "
-                "or use provider='cpu'."
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if provider == "cpu":
-        return ["CPUExecutionProvider"]
-    raise ValueError(f"provider must be 'auto', 'cpu' or 'cuda'; got {provider!r}.")
-
-
-def make_session(model_path: str | os.PathLike[str], config: RuntimeConfig) -> ort.InferenceSession:
-    """An ONNX Runtime session for the bundle's model, with a logged fallback when CUDA does not start."""
-    providers = _providers(config.provider)
-    session = ort.InferenceSession(str(model_path), sess_options=config.session_options(), providers=providers)
-    if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != "CUDAExecutionProvider":
-        # onnxruntime-gpu lists CUDA but could not start it (no driver, missing CUDA/cuDNN libraries).
-        logger.warning(
-            "qpo: the CUDA execution provider did not start (check the CUDA and cuDNN libraries that "
-            "onnxruntime-gpu needs); running on %s instead.", session.get_providers()[0]
-        )
-    return session
 
 
 class _LRU:
@@ -514,7 +219,7 @@ class PromptOptimizer:
         manifest = load_manifest(path, verify=config.verify)
         if session_options is not None:
             session = ort.InferenceSession(str(manifest.model_path), sess_options=session_options,
-                                           providers=_providers(config.provider))
+                                           providers=session_providers(config.provider))
         else:
             session = make_session(manifest.model_path, config)
         tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))
@@ -560,8 +265,9 @@ class PromptOptimizer:
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def decode_params(self, do_sample: bool | None = None) -> DecodeParams:
-        return DecodeParams.from_config(self.policy, self.manifest.generation, do_sample)
+    def generation(self, **overrides: Any) -> GenerationConfig:
+        """The bundle's :class:`GenerationConfig` with per-call ``overrides`` (``None`` values are ignored)."""
+        return self.manifest.generation.with_(**overrides)
 
     def generate_ids(
         self,
@@ -570,15 +276,19 @@ class PromptOptimizer:
         do_sample: bool | None = None,
         seed: int | None = None,
         deadline: float | None = None,
-        params: DecodeParams | None = None,
+        generation: GenerationConfig | None = None,
+        eos_token_ids: Sequence[int] | None = None,
     ) -> list[list[int]]:
         """Decode a batch of policy inputs; returns the generated ids per row (stopping EOS included).
 
         ``deadline`` (a :func:`time.perf_counter` value) is checked after every step: past it,
-        decoding stops and :class:`LatencyBudgetExceeded` is raised. ``params`` replaces the
-        bundle's decode settings (benchmarks use it to decode a fixed number of tokens).
+        decoding stops and :class:`LatencyBudgetExceeded` is raised. ``generation`` replaces the
+        bundle's settings and ``eos_token_ids`` the policy's stop ids (benchmarks decode a fixed
+        number of tokens with no stop id).
         """
-        generator = Generator(self.decoder, params or self.decode_params(do_sample), np.random.default_rng(seed))
+        generation = generation or self.generation(do_sample=do_sample)
+        eos = self.policy.eos_token_ids if eos_token_ids is None else eos_token_ids
+        generator = Generator(self.decoder, generation, eos, self.policy.pad_token_id, np.random.default_rng(seed))
         generator.append_tokens(rows)
         while not generator.is_done():
             if deadline is not None and _clock() > deadline:
@@ -681,7 +391,7 @@ class PromptOptimizer:
         the call runs in a worker thread.
         """
         queries = list(queries)
-        if self._batcher is None or self.decode_params(do_sample).do_sample:
+        if self._batcher is None or self.generation(do_sample=do_sample).do_sample:
             return await asyncio.to_thread(self.optimize_batch, queries, do_sample=do_sample, seed=seed,
                                            latency_budget_ms=latency_budget_ms, fail_open=fail_open)
         call = self._plan(queries, do_sample, latency_budget_ms, fail_open)
@@ -708,7 +418,7 @@ class PromptOptimizer:
                 raise TypeError(f"queries must be strings; got {type(query).__name__}.")
         budget = latency_budget_ms if latency_budget_ms is not None else self.config.latency_budget_ms
         call = _Call(start=start, deadline=None if budget is None else start + budget / 1000.0,
-                     greedy=not self.decode_params(do_sample).do_sample, results=[None] * len(queries),
+                     greedy=not self.generation(do_sample=do_sample).do_sample, results=[None] * len(queries),
                      fail_open=self.config.fail_open if fail_open is None else bool(fail_open))
         for i, query in enumerate(queries):
             if not query.strip():

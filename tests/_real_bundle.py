@@ -22,7 +22,7 @@ def export_smollm2_bundle(directory: Path, *, prompt_max_tokens: int = PROMPT_MA
 
     from qpo_middleware import PolicyFormat, Template
     from qpo_middleware.policy_format import reward_token
-    from qpo_middleware.training.export import export_bundle, read_policy_meta, write_policy_meta
+    from qpo_middleware.training.export import PolicyMeta, export_bundle, write_policy_meta
     from qpo_middleware.training.models import resolve_model
 
     source = resolve_model()
@@ -42,5 +42,5 @@ def export_smollm2_bundle(directory: Path, *, prompt_max_tokens: int = PROMPT_MA
     checkpoint = directory / "checkpoint"
     model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
-    write_policy_meta(checkpoint, policy, Template(), "sst2", "smollm2-135m-instruct", FAKE_DATA_SHA256)
-    return export_bundle(checkpoint, directory / "bundle", **read_policy_meta(checkpoint))
+    write_policy_meta(checkpoint, PolicyMeta(policy, Template(), "sst2", "smollm2-135m-instruct", FAKE_DATA_SHA256))
+    return export_bundle(checkpoint, directory / "bundle")

@@ -44,7 +44,7 @@ def build_checkpoint(
 
     from qpo_middleware import PolicyFormat, Template
     from qpo_middleware.policy_format import reward_token
-    from qpo_middleware.training.export import write_policy_meta
+    from qpo_middleware.training.export import PolicyMeta, write_policy_meta
     from qpo_middleware.training.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model())
@@ -89,7 +89,7 @@ def build_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    write_policy_meta(directory, policy, Template(), "sst2", "tiny-llama", FAKE_DATA_SHA256)
+    write_policy_meta(directory, PolicyMeta(policy, Template(), "sst2", "tiny-llama", FAKE_DATA_SHA256))
     return TinyPolicy(checkpoint=directory, model=model, tokenizer=tokenizer, policy=policy)
 
 
@@ -117,6 +117,6 @@ def torch_greedy(model: Any, input_ids: list[int], policy: Any, max_new_tokens: 
 
 
 def export_tiny(tiny: TinyPolicy, out: Path, **kwargs: Any) -> Path:
-    from qpo_middleware.training.export import export_bundle, read_policy_meta
+    from qpo_middleware.training.export import export_bundle
 
-    return export_bundle(tiny.checkpoint, out, **read_policy_meta(tiny.checkpoint), **kwargs)
+    return export_bundle(tiny.checkpoint, out, **kwargs)

@@ -24,9 +24,9 @@ from _tiny import (
 )
 
 from qpo_middleware import BundleError, OptimizedPrompt, PromptOptimizer
-from qpo_middleware.bundle import load_manifest, sha256_file
-from qpo_middleware.runtime import DecodeParams, Generator
-from qpo_middleware.training.export import ExportError, read_policy_meta, write_policy_meta
+from qpo_middleware.bundle import GenerationConfig, load_manifest, sha256_file
+from qpo_middleware.generator import Generator
+from qpo_middleware.training.export import ExportError, PolicyMeta, read_policy_meta, write_policy_meta
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +83,17 @@ def test_manifest_lists_checksums_and_graph_dims(bundle: Path, tiny: TinyPolicy)
 
 def test_policy_meta_round_trip(tiny: TinyPolicy, tmp_path: Path) -> None:
     meta = read_policy_meta(tiny.checkpoint)
-    assert meta["policy"] == tiny.policy and meta["task"] == "sst2"
-    write_policy_meta(tmp_path, meta["policy"], meta["template"], "t", "b", "00" * 32)
-    assert read_policy_meta(tmp_path)["base_model"] == "b"
+    assert isinstance(meta, PolicyMeta) and meta.policy == tiny.policy and meta.task == "sst2"
+    changed = dataclasses.replace(meta, task="t", base_model="b", training_data_sha256="00" * 32)
+    write_policy_meta(tmp_path, changed)
+    assert read_policy_meta(tmp_path) == changed
     with pytest.raises(FileNotFoundError, match="qpo_policy.json"):
         read_policy_meta(tmp_path / "missing")
     with pytest.raises(ExportError, match="training_data_sha256"):
-        write_policy_meta(tmp_path, meta["policy"], meta["template"], "t", "b", "not-a-hash")
+        dataclasses.replace(meta, training_data_sha256="not-a-hash")
+    (tmp_path / "qpo_policy.json").write_text(json.dumps({**changed.to_dict(), "format_version": 2}))
+    with pytest.raises(ExportError, match="format_version"):
+        read_policy_meta(tmp_path)
 
 
 def test_onnx_logits_match_torch(optimizer: PromptOptimizer, tiny: TinyPolicy) -> None:
@@ -161,8 +165,8 @@ def test_sampling_rules_on_hand_made_logits() -> None:
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float32))
 
     def draw(n: int, **kwargs) -> np.ndarray:
-        params = DecodeParams(max_new_tokens=1, eos_token_ids=frozenset({0}), do_sample=True, **kwargs)
-        gen = Generator(decoder=None, params=params, rng=np.random.default_rng(0))  # type: ignore[arg-type]
+        generation = GenerationConfig(max_new_tokens=1, do_sample=True, **kwargs)
+        gen = Generator(None, generation, eos_token_ids={0}, rng=np.random.default_rng(0))  # type: ignore[arg-type]
         return np.array([gen.next_token(np.repeat(logits, n, axis=0))]).ravel()
 
     freq = np.bincount(draw(20000), minlength=4) / 20000
@@ -173,7 +177,7 @@ def test_sampling_rules_on_hand_made_logits() -> None:
     assert set(draw(2000, suppress_token_ids=(0,)).tolist()) == {1, 2, 3}
     cold = np.bincount(draw(4000, temperature=0.25), minlength=4) / 4000
     assert cold[0] > 0.85
-    greedy = Generator(None, DecodeParams(max_new_tokens=1, eos_token_ids=frozenset({0})))  # type: ignore[arg-type]
+    greedy = Generator(None, GenerationConfig(max_new_tokens=1), eos_token_ids={0})  # type: ignore[arg-type]
     assert greedy.next_token(logits).tolist() == [0]
 
 
@@ -297,7 +301,7 @@ def test_bad_export_arguments(tiny: TinyPolicy, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="config.json"):
         from qpo_middleware.training.export import export_bundle
 
-        export_bundle(tmp_path, tmp_path / "a", **read_policy_meta(tiny.checkpoint))
+        export_bundle(tmp_path, tmp_path / "a", meta=read_policy_meta(tiny.checkpoint))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -28,7 +28,7 @@ def smollm2_policy(tmp_path_factory: pytest.TempPathFactory):
 
     from qpo_middleware import PolicyFormat, Template
     from qpo_middleware.policy_format import reward_token
-    from qpo_middleware.training.export import write_policy_meta
+    from qpo_middleware.training.export import PolicyMeta, write_policy_meta
     from qpo_middleware.training.models import resolve_model
 
     source = resolve_model()
@@ -49,7 +49,7 @@ def smollm2_policy(tmp_path_factory: pytest.TempPathFactory):
     checkpoint = tmp_path_factory.mktemp("smollm2") / "checkpoint"
     model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
-    write_policy_meta(checkpoint, policy, Template(), "sst2", "smollm2-135m-instruct", "cd" * 32)
+    write_policy_meta(checkpoint, PolicyMeta(policy, Template(), "sst2", "smollm2-135m-instruct", "cd" * 32))
     return checkpoint, model, tokenizer, policy
 
 
@@ -57,10 +57,10 @@ def test_smollm2_export_greedy_parity(smollm2_policy, tmp_path: Path) -> None:
     from _tiny import torch_greedy
 
     from qpo_middleware import PromptOptimizer
-    from qpo_middleware.training.export import export_bundle, read_policy_meta
+    from qpo_middleware.training.export import export_bundle
 
     checkpoint, model, tokenizer, policy = smollm2_policy
-    bundle = export_bundle(checkpoint, tmp_path / "bundle", **read_policy_meta(checkpoint))
+    bundle = export_bundle(checkpoint, tmp_path / "bundle")
     optimizer = PromptOptimizer.from_bundle(bundle, provider="cpu")
     assert optimizer.manifest.model.num_layers == model.config.num_hidden_layers
     assert optimizer.manifest.model.num_kv_heads == model.config.num_key_value_heads
@@ -88,8 +88,8 @@ def test_smollm2_int8_agreement_with_fp32(smollm2_policy, tmp_path: Path) -> Non
     batched decode must equal its single-query one for most rows (docs/performance.md).
     """
     from qpo_middleware import PromptOptimizer
-    from qpo_middleware.bench import fixed_length_params
-    from qpo_middleware.training.export import export_bundle, read_policy_meta
+    from qpo_middleware.bench import fixed_length_ids
+    from qpo_middleware.training.export import export_bundle
     from qpo_middleware.training.tasks import get_task
 
     checkpoint = smollm2_policy[0]
@@ -97,12 +97,11 @@ def test_smollm2_int8_agreement_with_fp32(smollm2_policy, tmp_path: Path) -> Non
                                                                 n_test=24).test]
     decoded = {}
     for name, quantize in (("fp32", None), ("int8", "int8"), ("int8-dynamic", "int8-dynamic")):
-        bundle = export_bundle(checkpoint, tmp_path / name, quantize=quantize, **read_policy_meta(checkpoint))
+        bundle = export_bundle(checkpoint, tmp_path / name, quantize=quantize)
         optimizer = PromptOptimizer.from_bundle(bundle, provider="cpu")
-        params = fixed_length_params(optimizer, MAX_NEW_TOKENS)
         rows = [optimizer.input_ids(q) for q in queries]
-        single = [optimizer.generate_ids([row], params=params)[0] for row in rows]
-        batched = optimizer.generate_ids(rows[:12], params=params) + optimizer.generate_ids(rows[12:], params=params)
+        single = [fixed_length_ids(optimizer, [row], MAX_NEW_TOKENS)[0] for row in rows]
+        batched = fixed_length_ids(optimizer, rows[:12], MAX_NEW_TOKENS) + fixed_length_ids(optimizer, rows[12:], MAX_NEW_TOKENS)
         decoded[name] = (single, batched)
 
     def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:

@@ -17,7 +17,7 @@ from _tiny import QUERIES, TinyPolicy, build_checkpoint, export_tiny
 from qpo_middleware import LatencyBudgetExceeded, PromptOptimizer, RuntimeConfig
 from qpo_middleware.batching import BatcherClosedError, MicroBatcher, QueueFullError
 from qpo_middleware.config import RuntimeConfigError
-from qpo_middleware.runtime import make_session
+from qpo_middleware.decoder import make_session
 
 MANY = list(QUERIES) + [f"{q} (variant {i})" for i in range(7) for q in QUERIES]
 
@@ -255,12 +255,12 @@ def test_cuda_that_does_not_start_is_logged(
 
 
 def test_fixed_length_decode_and_measurements(bundle: Path) -> None:
-    from qpo_middleware.bench import fixed_length_params, measure_runtime, percentiles
+    from qpo_middleware.bench import fixed_length_ids, measure_runtime
+    from qpo_middleware.stats import percentiles
 
     optimizer = PromptOptimizer.from_bundle(bundle, provider="cpu")
     rows = [optimizer.input_ids(q) for q in QUERIES]
-    params = fixed_length_params(optimizer, 6)
-    ids = optimizer.generate_ids(rows, params=params)
+    ids = fixed_length_ids(optimizer, rows, 6)
     # Every row decodes exactly 6 tokens and never an EOS (QUERIES[0] stops early with the bundle's settings).
     assert all(len(row) == 6 for row in ids)
     assert not any(t in optimizer.policy.eos_token_ids for row in ids for t in row)

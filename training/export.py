@@ -11,6 +11,7 @@ from the model type. The bundle is built in a temporary directory beside
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -18,15 +19,19 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qpo_middleware.bundle import (
-    FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    BundleError,
     GenerationConfig,
+    Manifest,
     ModelSpec,
+    check_model_io,
+    is_sha256,
     load_manifest,
     sha256_file,
 )
@@ -50,7 +55,6 @@ INT8_BLOCK_SIZE = 32
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
 
@@ -62,37 +66,73 @@ class ExportError(ValueError):
 # ---------------------------------------------------------------------------- policy metadata in a checkpoint
 
 
-def write_policy_meta(
-    checkpoint_dir: str | os.PathLike[str],
-    policy: PolicyFormat,
-    template: Template,
-    task: str,
-    base_model: str,
-    training_data_sha256: str,
-) -> Path:
-    """Write ``qpo_policy.json`` into a checkpoint so ``qpo export`` knows how the policy was trained."""
-    _check_sha256(training_data_sha256)
-    path = Path(checkpoint_dir) / POLICY_META_NAME
-    atomic_write_json(
-        path,
-        {
+@dataclass(frozen=True)
+class PolicyMeta:
+    """What ``qpo train`` records in a checkpoint (``qpo_policy.json``) so that export knows how the policy was
+    trained: its token layout, the template its prompts were scored with, the task, the base model and the
+    SHA-256 of the training data. The one definition of that file."""
+
+    policy: PolicyFormat
+    template: Template
+    task: str
+    base_model: str
+    training_data_sha256: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, PolicyFormat) or not isinstance(self.template, Template):
+            raise ExportError("policy must be a PolicyFormat and template a Template.")
+        for key in ("task", "base_model"):
+            if not isinstance(getattr(self, key), str):
+                raise ExportError(f"{key} must be a string; got {getattr(self, key)!r}.")
+        if not is_sha256(self.training_data_sha256):
+            raise ExportError(
+                "training_data_sha256 must be 64 lowercase hex digits (a SHA-256); "
+                f"got {self.training_data_sha256!r}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
             "format": POLICY_META_FORMAT,
             "format_version": 1,
-            "policy": policy.to_dict(),
-            "template": template.to_dict(),
-            "task": task,
-            "base_model": base_model,
-            "training_data_sha256": training_data_sha256,
-        },
-    )
+            "policy": self.policy.to_dict(),
+            "template": self.template.to_dict(),
+            "task": self.task,
+            "base_model": self.base_model,
+            "training_data_sha256": self.training_data_sha256,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = POLICY_META_NAME) -> PolicyMeta:
+        if not isinstance(data, dict) or data.get("format") != POLICY_META_FORMAT:
+            raise ExportError(
+                f"{where}: field 'format' must be {POLICY_META_FORMAT!r}; the file is not qpo policy metadata."
+            )
+        if data.get("format_version") != 1:
+            raise ExportError(
+                f"{where}: format_version {data.get('format_version')!r} is not supported; "
+                "re-save the checkpoint with a matching qpo-middleware."
+            )
+        for key in ("task", "base_model", "training_data_sha256"):
+            if not isinstance(data.get(key), str):
+                raise ExportError(f"{where}: field {key!r} must be a string; got {data.get(key)!r}.")
+        return cls(
+            policy=PolicyFormat.from_dict(data.get("policy")),
+            template=Template.from_dict(data.get("template")),
+            task=data["task"],
+            base_model=data["base_model"],
+            training_data_sha256=data["training_data_sha256"],
+        )
+
+
+def write_policy_meta(checkpoint_dir: str | os.PathLike[str], meta: PolicyMeta) -> Path:
+    """Write ``qpo_policy.json`` into a checkpoint so ``qpo export`` knows how the policy was trained."""
+    path = Path(checkpoint_dir) / POLICY_META_NAME
+    atomic_write_json(path, meta.to_dict())
     return path
 
 
-def read_policy_meta(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read ``qpo_policy.json``: returns ``policy`` (PolicyFormat), ``template`` (Template), ``task``,
-    ``base_model`` and ``training_data_sha256``, ready to pass to :func:`export_bundle` as keywords."""
-    import json
-
+def read_policy_meta(checkpoint_dir: str | os.PathLike[str]) -> PolicyMeta:
+    """Read a checkpoint's ``qpo_policy.json``; a clear error when it is missing or not policy metadata."""
     path = Path(checkpoint_dir) / POLICY_META_NAME
     if not path.is_file():
         raise FileNotFoundError(
@@ -104,31 +144,7 @@ def read_policy_meta(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExportError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict) or data.get("format") != POLICY_META_FORMAT:
-        raise ExportError(
-            f"{path}: field 'format' must be {POLICY_META_FORMAT!r}; the file is not qpo policy metadata."
-        )
-    if data.get("format_version") != 1:
-        raise ExportError(
-            f"{path}: format_version {data.get('format_version')!r} is not supported; "
-            "re-save the checkpoint with a matching qpo-middleware."
-        )
-    for key in ("task", "base_model", "training_data_sha256"):
-        if not isinstance(data.get(key), str):
-            raise ExportError(f"{path}: field {key!r} must be a string; got {data.get(key)!r}.")
-    _check_sha256(data["training_data_sha256"])
-    return {
-        "policy": PolicyFormat.from_dict(data.get("policy")),
-        "template": Template.from_dict(data.get("template")),
-        "task": data["task"],
-        "base_model": data["base_model"],
-        "training_data_sha256": data["training_data_sha256"],
-    }
-
-
-def _check_sha256(value: Any) -> None:
-    if not isinstance(value, str) or not _SHA256.match(value):
-        raise ExportError(f"training_data_sha256 must be 64 lowercase hex digits (a SHA-256); got {value!r}.")
+    return PolicyMeta.from_dict(data, str(path))
 
 
 # ---------------------------------------------------------------------------- the export
@@ -138,14 +154,10 @@ def export_bundle(
     checkpoint_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    policy: PolicyFormat,
-    template: Template,
-    task: str,
-    base_model: str,
-    training_data_sha256: str,
+    meta: PolicyMeta | None = None,
     quantize: str | None = None,
     fp16: bool = False,
-    generation: Mapping[str, Any] | None = None,
+    generation: GenerationConfig | Mapping[str, Any] | None = None,
     overwrite: bool = False,
     on_step: Callable[[str], None] | None = None,
 ) -> Path:
@@ -153,8 +165,10 @@ def export_bundle(
 
     ``quantize="int8"`` stores MatMul weights as block-wise int8 (CPU serving; see
     :data:`QUANTIZE_CHOICES`), ``"int8-dynamic"`` applies ORT's dynamic quantization;
-    ``fp16=True`` exports half precision (GPU serving). ``generation`` overrides
-    the decoding defaults of :meth:`GenerationConfig.for_policy`. Returns ``out_dir``.
+    ``fp16=True`` exports half precision (GPU serving). ``meta`` defaults to the checkpoint's own
+    ``qpo_policy.json`` (:func:`read_policy_meta`). ``generation`` (a :class:`GenerationConfig`, or
+    a mapping of fields) overrides the decoding defaults of :meth:`GenerationConfig.for_policy`.
+    Returns ``out_dir``.
     """
     checkpoint = Path(checkpoint_dir).expanduser()
     out = Path(out_dir).expanduser().absolute()
@@ -172,9 +186,10 @@ def export_bundle(
         raise ExportError(
             "Choose one of quantize='int8' (CPU serving) and fp16=True (GPU serving), not both."
         )
-    _check_sha256(training_data_sha256)
-    if not isinstance(policy, PolicyFormat) or not isinstance(template, Template):
-        raise ExportError("policy must be a PolicyFormat and template a Template.")
+    meta = meta if meta is not None else read_policy_meta(checkpoint)
+    policy = meta.policy
+    if isinstance(generation, GenerationConfig):
+        generation = generation.to_dict()
     gen = GenerationConfig.from_dict({**GenerationConfig.for_policy(policy).to_dict(), **dict(generation or {})})
     _check_out_dir(out, overwrite)
     dtype = quantize if quantize else "fp16" if fp16 else "fp32"
@@ -208,22 +223,21 @@ def export_bundle(
 
         from qpo_middleware import __version__
 
-        files = {name: sha256_file(staging / name) for name in sorted([*model_files, TOKENIZER_FILE])}
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created_by": f"qpo-middleware {__version__}",
-            "base_model": base_model,
-            "task": task,
-            "training_data_sha256": training_data_sha256,
-            "model": spec.to_dict(),
-            "tokenizer": {"file": TOKENIZER_FILE},
-            "policy": policy.to_dict(),
-            "template": template.to_dict(),
-            "generation": gen.to_dict(),
-            "files": files,
-        }
-        atomic_write_json(staging / MANIFEST_NAME, manifest)
+        manifest = Manifest(
+            root=staging,
+            format_version=FORMAT_VERSION,
+            created_by=f"qpo-middleware {__version__}",
+            base_model=meta.base_model,
+            task=meta.task,
+            training_data_sha256=meta.training_data_sha256,
+            model=spec,
+            tokenizer_file=TOKENIZER_FILE,
+            policy=policy,
+            template=meta.template,
+            generation=gen,
+            files={name: sha256_file(staging / name) for name in sorted([*model_files, TOKENIZER_FILE])},
+        )
+        atomic_write_json(staging / MANIFEST_NAME, manifest.to_dict())
         load_manifest(staging, verify=False)  # the runtime's own validator must accept what we wrote
         for path in staging.iterdir():
             path.chmod(0o644)
@@ -416,25 +430,15 @@ def _inspect_model(model_path: Path, dtype: str) -> ModelSpec:
     num_layers = layers(list(inputs), _PAST, "past input")
     if layers(list(outputs), _PRESENT, "present output") != num_layers:
         raise ExportError("The exported graph has different numbers of past inputs and present outputs.")
-    for needed in ("input_ids", "attention_mask"):
-        if needed not in inputs:
-            raise ExportError(f"The exported graph has no {needed!r} input; inputs: {sorted(inputs)}.")
-    if "logits" not in outputs:
-        raise ExportError(f"The exported graph has no 'logits' output; outputs: {sorted(outputs)}.")
-    unknown = (
-        set(inputs) - {"input_ids", "attention_mask", "position_ids"} - {n for n in inputs if _PAST.match(n)}
-    )
-    if unknown:
-        raise ExportError(f"The exported graph takes input(s) {sorted(unknown)} the runtime cannot feed.")
-
     dims = inputs["past_key_values.0.key"].type.tensor_type.shape.dim
     if len(dims) != 4 or not dims[1].HasField("dim_value") or not dims[3].HasField("dim_value"):
         raise ExportError(
             "The past key input's KV-head and head-dim axes are not static; cannot size the KV cache."
         )
-    logits_dims = outputs["logits"].type.tensor_type.shape.dim
+    logits = outputs.get("logits")
+    logits_dims = logits.type.tensor_type.shape.dim if logits is not None else []
     vocab = logits_dims[-1].dim_value if logits_dims and logits_dims[-1].HasField("dim_value") else 1
-    return ModelSpec(
+    spec = ModelSpec(
         file=MODEL_FILE,
         dtype=dtype,
         input_names=tuple(inputs),
@@ -449,6 +453,11 @@ def _inspect_model(model_path: Path, dtype: str) -> ModelSpec:
         vocab_size=int(vocab),
         has_position_ids="position_ids" in inputs,
     )
+    try:  # the runtime's own input/output rules
+        check_model_io(spec, inputs, outputs, "The exported graph")
+    except BundleError as exc:
+        raise ExportError(str(exc)) from exc
+    return spec
 
 
 def _smoke_test(bundle: Path, spec: ModelSpec, policy: PolicyFormat) -> int:
@@ -456,7 +465,7 @@ def _smoke_test(bundle: Path, spec: ModelSpec, policy: PolicyFormat) -> int:
     import numpy as np
     import onnxruntime as ort
 
-    from qpo_middleware.runtime import OnnxDecoder
+    from qpo_middleware.decoder import OnnxDecoder
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -33,16 +33,17 @@ def command(
 ) -> None:
     """Export a policy checkpoint to a bundle: model.onnx + tokenizer.json + qpo.json (with checksums)."""
     with user_errors():
-        from qpo_middleware.training.export import export_bundle, read_policy_meta
+        from qpo_middleware.training.export import export_bundle
+        from qpo_middleware.training.run import RunPaths
 
-        if (checkpoint / "run.json").is_file():  # a run directory: export its final policy
+        run = RunPaths(checkpoint)
+        if run.is_run():  # a run directory: export its final policy
             from qpo_middleware.training.loops import final_checkpoint
 
-            out = out or checkpoint / "bundle"
+            out = out or run.bundle
             checkpoint = final_checkpoint(checkpoint)
         if out is None:
             raise ValueError("Pass --out DIR: where to write the bundle.")
-        meta = read_policy_meta(checkpoint)
         with console.status("Exporting…") as status:
 
             def on_step(message: str) -> None:
@@ -50,7 +51,7 @@ def command(
                 status.update(message + "…")
 
             bundle = export_bundle(
-                checkpoint, out, quantize=quantize, fp16=fp16, overwrite=overwrite, on_step=on_step, **meta
+                checkpoint, out, quantize=quantize, fp16=fp16, overwrite=overwrite, on_step=on_step
             )
         table = Table(title=f"Bundle {bundle}", show_header=True)
         table.add_column("file")
