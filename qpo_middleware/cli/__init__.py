@@ -29,26 +29,25 @@ class CommandSpec:
 
     module: str
     help: str
-    training: bool  # needs the `train` extra (torch, transformers)
 
 
 COMMANDS: dict[str, CommandSpec] = {
     "collect": CommandSpec("collect", "Score every (train query, pool prompt) pair on the target and write D0 "
-                           "to OUT/dataset.jsonl.", training=True),
+                           "to OUT/dataset.jsonl."),
     "import-oirl": CommandSpec("import_oirl", "Write the Prompt-OIRL per-(query, prompt) correctness logs to "
-                               "OUT/dataset.jsonl as loop-0 records.", training=True),
+                               "OUT/dataset.jsonl as loop-0 records."),
     "train": CommandSpec("train", "Fine-tune the policy on D0, then for each later loop sample, score, filter, "
-                         "merge and fine-tune again.", training=True),
+                         "merge and fine-tune again."),
     "export": CommandSpec("export", "Export a policy checkpoint to a bundle: model.onnx + tokenizer.json + "
-                          "qpo.json (with checksums).", training=True),
+                          "qpo.json (with checksums)."),
     "eval": CommandSpec("evaluate", "Score each method on the same held-out queries and target; print accuracy "
-                        "with 95% bootstrap intervals.", training=True),
+                        "with 95% bootstrap intervals."),
     "rewrite": CommandSpec("rewrite", "Show the prompt the policy writes for QUERY and the final text sent to the "
-                           "target LLM.", training=False),
+                           "target LLM."),
     "quickstart": CommandSpec("quickstart", "Run collect -> train (2 loops) -> export -> eval on the embedded "
-                              "SmolLM2 and print the comparison.", training=True),
+                              "SmolLM2 and print the comparison."),
     "bench": CommandSpec("bench", "Latency (p50/p95/p99), per-token time, throughput per batch size, "
-                         "concurrency, load time and RSS.", training=False),
+                         "concurrency, load time and RSS."),
 }
 
 
