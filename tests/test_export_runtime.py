@@ -243,6 +243,9 @@ def test_symlink_escape_is_refused(bundle: Path, tmp_path: Path) -> None:
         (lambda d: d["policy"].update(eos_token_ids=[]), "eos_token_ids"),
         (lambda d: d["template"].update(placement="middle"), "placement"),
         (lambda d: d.update(surprise=1), "unknown field"),
+        (lambda d: d["model"]["input_names"].remove("attention_mask"), "lacks input"),
+        (lambda d: d["model"]["input_names"].append("token_type_ids"), "does not feed"),
+        (lambda d: d["model"]["output_names"].remove("logits"), "lacks output"),
     ],
 )
 def test_bad_manifest_names_the_field(bundle: Path, tmp_path: Path, edit, message: str) -> None:
@@ -250,6 +253,22 @@ def test_bad_manifest_names_the_field(bundle: Path, tmp_path: Path, edit, messag
     _edit_manifest(copy, edit)
     with pytest.raises(BundleError, match=message):
         load_manifest(copy)
+
+
+def test_one_set_of_io_rules_for_manifest_graph_and_session(bundle: Path) -> None:
+    """Validation, the runtime and export check the decoder's inputs and outputs with the same rules."""
+    import onnxruntime as ort
+
+    from qpo_middleware.bundle import check_model_io
+    from qpo_middleware.decoder import OnnxDecoder
+
+    spec = load_manifest(bundle).model
+    session = ort.InferenceSession(str(bundle / spec.file), providers=["CPUExecutionProvider"])
+    check_model_io(spec, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()], "graph")
+    with pytest.raises(BundleError, match="lacks input.*past_key_values.1.value"):
+        check_model_io(spec, [n for n in spec.input_names if n != "past_key_values.1.value"], spec.output_names, "x")
+    with pytest.raises(BundleError, match="The ONNX model lacks input"):  # the runtime reads the session
+        OnnxDecoder(session, dataclasses.replace(spec, num_layers=spec.num_layers + 1))
 
 
 def test_not_a_bundle(tmp_path: Path) -> None:
