@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from qpo_middleware.training.collect import CollectConfig, collect  # noqa: E402
+from qpo_middleware.training.collect import collect  # noqa: E402
+from qpo_middleware.training.config import CollectConfig  # noqa: E402
 from qpo_middleware.training.dataset import OfflineDataset  # noqa: E402
 from qpo_middleware.training.targets import ChatModelTarget, Pair, ScoreCache, make_target  # noqa: E402
 from qpo_middleware.training.tasks import Example, get_task  # noqa: E402
@@ -63,7 +64,7 @@ def test_bad_factory_names_the_format() -> None:
 
 
 def test_chat_target_call_settings_come_from_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from qpo_middleware.training.collect import CollectConfig, Run
+    from qpo_middleware.training.run import Run
     from qpo_middleware.training.targets import ChatModelTarget
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qpo_middleware.cli import app
+from qpo_middleware.training.run import RunPaths
 
 runner = CliRunner()
 
@@ -22,6 +23,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> None:
     run = tmp_path / "run"
+    paths = RunPaths(run)
     result = runner.invoke(app, ["collect", "--task", "sst2_sample", "--target", tiny_model, "--queries", "6",
                                  "--prompts", "3", "--collect-queries", "4", "--test-queries", "5", "--out", str(run)])
     assert result.exit_code == 0, result.output
@@ -38,13 +40,13 @@ def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> N
 
     result = runner.invoke(app, ["export", str(run)])
     assert result.exit_code == 0, result.output
-    assert (run / "bundle" / "qpo.json").is_file()
+    assert (paths.bundle / "qpo.json").is_file()
 
     result = runner.invoke(app, ["eval", "--run", str(run), "--methods", "none,best_pool,qpo", "--out", str(run)])
     assert result.exit_code == 0, result.output
-    assert "best_pool" in result.output and (run / "results.json").is_file()
+    assert "best_pool" in result.output and paths.eval_results.is_file()
 
-    result = runner.invoke(app, ["rewrite", "a fine film", "--bundle", str(run / "bundle")])
+    result = runner.invoke(app, ["rewrite", "a fine film", "--bundle", str(paths.bundle)])
     assert result.exit_code == 0, result.output
     assert "a fine film" in result.output
 
@@ -56,7 +58,7 @@ def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> N
         (["collect", "--task", "sst2_sample", "--queries", "0"], "queries must be positive"),
         (["collect", "--task", "sst2_sample", "--prompts", "nope.json"], "--prompts"),
         (["train", "--run", "{tmp}"], "qpo collect"),
-        (["export", "{tmp}", "--out", "{tmp}/b"], "qpo_policy.json"),
+        (["export", "{tmp}", "--out", "{tmp}/b"], "checkpoint"),
         (["eval", "--run", "{tmp}"], "qpo collect"),
     ],
 )

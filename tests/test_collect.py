@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from qpo_middleware.training.collect import CollectConfig, RewardConfig, collect, resolve_prompts
+from qpo_middleware.training.collect import collect
+from qpo_middleware.training.config import CollectConfig, RewardConfig
 from qpo_middleware.training.dataset import OfflineDataset
+from qpo_middleware.training.run import RunPaths
 from qpo_middleware.training.targets import HFTarget, Pair, Score, ScoreCache
-from qpo_middleware.training.tasks import get_task
+from qpo_middleware.training.tasks import get_task, resolve_prompts
 
 
 class Interrupt(Exception):
@@ -120,7 +122,7 @@ def test_collect_writes_d0_and_summary(tmp_path: Path, tiny_target_model: str) -
         assert r.prompt_mean_accuracy == pytest.approx(sum(by_prompt[r.prompt]) / 6)
     assert summary.target_calls == 24 and summary.cached_pairs == 0
     assert summary.oracle_accuracy >= summary.best_prompt.accuracy
-    saved = json.loads((tmp_path / "collect.json").read_text())
+    saved = json.loads(RunPaths(tmp_path).collect_summary.read_text())
     assert saved["dataset_records"] == 24
 
 

@@ -41,10 +41,11 @@ from typing import Any
 
 import pytest
 
-from qpo_middleware.training.collect import CollectConfig
-from qpo_middleware.training.dataset import DATASET_FILE, OfflineDataset
+from qpo_middleware.training.config import CollectConfig
+from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.io import decode_line
-from qpo_middleware.training.loops import METRICS_FILE, POLICY_DIR, completed_loops, loop_dir
+from qpo_middleware.training.loops import completed_loops
+from qpo_middleware.training.run import RunPaths
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals (SIGKILL)")
 
@@ -139,9 +140,9 @@ class Attempt:
 
 def cached_keys(run: Path) -> set[str]:
     """Keys of the scores committed to ``scores.sqlite`` (what a resumed run gets for free)."""
-    if not (run / "scores.sqlite").exists():
+    if not RunPaths(run).scores.exists():
         return set()
-    db = sqlite3.connect(run / "scores.sqlite")
+    db = sqlite3.connect(RunPaths(run).scores)
     try:
         return {row[0] for row in db.execute("SELECT key FROM scores")}
     finally:
@@ -150,10 +151,10 @@ def cached_keys(run: Path) -> set[str]:
 
 def count_scores(run: Path) -> int:
     """Scores committed so far, read while the collect process may be writing (WAL: readers never block it)."""
-    if not (run / "scores.sqlite").exists():
+    if not RunPaths(run).scores.exists():
         return 0
     try:
-        db = sqlite3.connect(run / "scores.sqlite", timeout=1)
+        db = sqlite3.connect(RunPaths(run).scores, timeout=1)
         try:
             return db.execute("SELECT count(*) FROM scores").fetchone()[0]
         finally:
@@ -164,7 +165,7 @@ def count_scores(run: Path) -> int:
 
 def dataset_lines(run: Path) -> list[dict[str, Any]]:
     """Every line of dataset.jsonl, each checked against its CRC (no torn or corrupt line)."""
-    path = run / DATASET_FILE
+    path = RunPaths(run).dataset
     if not path.exists():
         return []
     raw = path.read_text(encoding="utf-8")
@@ -256,14 +257,14 @@ def test_killed_collect_resumes_to_the_uninterrupted_dataset(
         assert 0 <= lost <= CHUNK, lost
         lost_per_kill.append(lost)
         total_calls += attempt.calls()
-        assert not (run / "collect.json").exists() or len(after) == COLLECT_PAIRS
+        assert not RunPaths(run).collect_summary.exists() or len(after) == COLLECT_PAIRS
     assert kills >= 1, "no kill landed mid-work"
 
     before = cached_keys(run)
     final = Attempt(args, tmp_path, "final")
     final.finish()
     total_calls += final.calls()
-    summary = json.loads((run / "collect.json").read_text())
+    summary = json.loads(RunPaths(run).collect_summary.read_text())
     # Every committed score came from the cache; only the missing pairs were paid for.
     assert summary["cached_pairs"] == len(before)
     assert summary["target_calls"] == final.calls() == COLLECT_PAIRS - len(before)
@@ -303,7 +304,7 @@ _D0_LINES: dict[Path, int] = {}  # run directory -> its D0 record count (the dat
 
 def _loop2_appended(run: Path) -> bool:
     try:
-        lines = (run / DATASET_FILE).read_bytes().count(b"\n")
+        lines = RunPaths(run).dataset.read_bytes().count(b"\n")
     except OSError:
         return False
     return lines > _D0_LINES[run]
@@ -312,19 +313,19 @@ def _loop2_appended(run: Path) -> bool:
 # Files that show how far a `qpo train` has got, in order.
 MARKERS: dict[str, Callable[[Path], bool]] = {
     # buckets.json is written just before loop 1 fine-tunes (2 epochs, a checkpoint save after each)
-    "loop1-start": lambda run: (run / POLICY_DIR / "buckets.json").exists(),
+    "loop1-start": lambda run: RunPaths(run).buckets.exists(),
     # loop 1's fine-tuning is over (its policy metadata is written): it scores greedy prompts
-    "loop1-trained": lambda run: (loop_dir(run, 1) / "checkpoint" / "qpo_policy.json").exists(),
+    "loop1-trained": lambda run: (RunPaths(run).checkpoint(1) / "qpo_policy.json").exists(),
     # loop 1 is done: loop 2 loads its checkpoint, samples and scores the new pairs
-    "loop1-done": lambda run: (loop_dir(run, 1) / METRICS_FILE).exists(),
+    "loop1-done": lambda run: RunPaths(run).metrics(1).exists(),
     # loop 2 appended its kept pairs: it fine-tunes, saves and scores greedy prompts
     "loop2-appended": _loop2_appended,
     # loop 2's checkpoint save has begun (its temporary directory exists)
-    "loop2-saving": lambda run: any(loop_dir(run, 2).glob(".checkpoint-*")),
+    "loop2-saving": lambda run: any(RunPaths(run).loop(2).glob(".checkpoint-*")),
     # loop 2 is done (only the summary table and the exit are left)
-    "loop2-done": lambda run: (loop_dir(run, 2) / METRICS_FILE).exists(),
+    "loop2-done": lambda run: RunPaths(run).metrics(2).exists(),
     # a checkpoint save is in progress (its temporary directory exists)
-    "saving": lambda run: any((run / POLICY_DIR).glob("loop_*/.checkpoint-*")),
+    "saving": lambda run: any(RunPaths(run).policy.glob("loop_*/.checkpoint-*")),
 }
 # phase -> (marker it starts at; marker it ends at; seeded delay, as a fraction of that window in
 # the reference run; a marker that cuts the delay short, so the kill lands inside the phase however
@@ -363,7 +364,7 @@ def train_reference(tmp_path_factory: pytest.TempPathFactory, tiny_target: str,
 def state_of(run: Path) -> str:
     done = [m.loop for m in completed_loops(run)]
     appended = _loop2_appended(run)
-    partial = sorted(p.name for p in (run / POLICY_DIR).glob("loop_*/.checkpoint-*"))
+    partial = sorted(p.name for p in RunPaths(run).policy.glob("loop_*/.checkpoint-*"))
     return (f"loops done {done}, loop-2 records {'in' if appended else 'not in'} the dataset"
             + (f", half-written checkpoint(s) {len(partial)}" if partial else ""))
 
@@ -372,14 +373,14 @@ def assert_checkpoints_complete(run: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from qpo_middleware.training.export import read_policy_meta
-    from qpo_middleware.training.trainer import CHECKPOINT_DIR, TRAINER_STATE_FILE
+    from qpo_middleware.training.trainer import TRAINER_STATE_FILE
 
+    paths = RunPaths(run)
     for loop, epochs in ((1, TRAIN_EPOCHS), (2, 1)):
-        directory = loop_dir(run, loop)
-        assert (directory / METRICS_FILE).is_file()
-        leftovers = sorted(p.name for p in directory.iterdir() if p.name not in (CHECKPOINT_DIR, METRICS_FILE))
+        checkpoint, metrics = paths.checkpoint(loop), paths.metrics(loop)
+        assert metrics.is_file()
+        leftovers = sorted(p.name for p in paths.loop(loop).iterdir() if p not in (checkpoint, metrics))
         assert not leftovers, f"loop {loop}: half-written checkpoint files left: {leftovers}"
-        checkpoint = directory / CHECKPOINT_DIR
         state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
         assert state["epoch"] == epochs and state["loop"] == loop
         read_policy_meta(checkpoint)
@@ -433,8 +434,8 @@ def test_killed_train_resumes_to_the_uninterrupted_run(
     records = assert_same_dataset(run, reference)
     assert_checkpoints_complete(run)
     same_weights = all(
-        (loop_dir(run, loop) / "checkpoint" / "model.safetensors").read_bytes()
-        == (loop_dir(reference, loop) / "checkpoint" / "model.safetensors").read_bytes() for loop in (1, 2))
+        (RunPaths(run).checkpoint(loop) / "model.safetensors").read_bytes()
+        == (RunPaths(reference).checkpoint(loop) / "model.safetensors").read_bytes() for loop in (1, 2))
     print(f"seed {seed}: killed at {list(zip(phases, states, strict=True))}; calls lost per kill {lost_per_kill}; "
           f"total calls {total_calls} vs {reference_calls} uninterrupted; {records} records; "
           f"weights identical to the uninterrupted run: {same_weights}")

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from qpo_middleware.training.collect import CollectConfig, collect
+from qpo_middleware.training.collect import collect
+from qpo_middleware.training.config import CollectConfig, LoopConfig, TrainConfig
 from qpo_middleware.training.dataset import OfflineDataset
-from qpo_middleware.training.loops import LoopConfig, completed_loops, final_checkpoint, run_loops
-from qpo_middleware.training.trainer import TrainConfig
+from qpo_middleware.training.loops import completed_loops, final_checkpoint, run_loops
+from qpo_middleware.training.run import RunPaths
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def configs(model: str) -> tuple[TrainConfig, LoopConfig]:
 
 def test_two_loops_export_and_rewrite(tmp_path: Path, tiny_base: str) -> None:
     from qpo_middleware import PromptOptimizer
-    from qpo_middleware.training.export import export_bundle, read_policy_meta
+    from qpo_middleware.training.export import export_bundle
 
     small_run(tmp_path, tiny_base)
     train, loops = configs(tiny_base)
@@ -54,10 +55,13 @@ def test_two_loops_export_and_rewrite(tmp_path: Path, tiny_base: str) -> None:
     assert metrics[1].train_records == len(records)
     for m in metrics:
         assert m.greedy_accuracy_collect is not None and 0.0 <= m.greedy_accuracy_collect <= 1.0
-    saved = json.loads((tmp_path / "policy" / "loop_2" / "metrics.json").read_text())
+    paths = RunPaths(tmp_path)
+    saved = json.loads(paths.metrics(2).read_text())
     assert saved["kept_pairs"] == metrics[1].kept_pairs
+    assert metrics[1].checkpoint == str(paths.checkpoint(2)) and final_checkpoint(tmp_path) == paths.checkpoint(2)
+    assert paths.buckets.is_file() and (paths.checkpoint(1) / "model.safetensors").is_file()
 
-    bundle = export_bundle(final_checkpoint(tmp_path), tmp_path / "bundle", **read_policy_meta(final_checkpoint(tmp_path)))
+    bundle = export_bundle(final_checkpoint(tmp_path), paths.bundle)
     optimizer = PromptOptimizer.from_bundle(bundle)
     query = "a gorgeous , witty , seductive movie ."
     result = optimizer.optimize(query)

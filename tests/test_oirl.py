@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from qpo_middleware.cli.import_oirl import command
 from qpo_middleware.template import Template
-from qpo_middleware.training.collect import RewardConfig
+from qpo_middleware.training.config import RewardConfig
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.oirl import OIRL_TEMPLATE, OirlImportError, import_prompt_oirl
 from qpo_middleware.training.tasks import get_task

@@ -13,16 +13,19 @@ pytestmark = pytest.mark.real
 
 def test_smollm2_collect_train_export_rewrite(tmp_path: Path, real_data: Path, smollm2_target) -> None:  # noqa: ANN001
     from qpo_middleware import PromptOptimizer
-    from qpo_middleware.training.collect import CollectConfig, collect
-    from qpo_middleware.training.config import LoopConfig, TrainConfig
+    from qpo_middleware.bundle import GenerationConfig
+    from qpo_middleware.training.collect import collect
+    from qpo_middleware.training.config import CollectConfig, LoopConfig, TrainConfig
     from qpo_middleware.training.dataset import OfflineDataset
-    from qpo_middleware.training.export import export_bundle, read_policy_meta
-    from qpo_middleware.training.loops import final_checkpoint, generate_prompts, load_policy, run_loops
+    from qpo_middleware.training.export import export_bundle
+    from qpo_middleware.training.loops import final_checkpoint, load_policy, run_loops
+    from qpo_middleware.training.run import RunPaths
+    from qpo_middleware.training.sampling import generate_prompts
     from qpo_middleware.training.targets import HFTarget, ScoreCache
 
     config = CollectConfig(task="sst2", queries=6, collect_queries=3, test_queries=3, prompts="3", chunk_size=8,
                            data_dir=str(real_data))
-    target = HFTarget(cache=ScoreCache(tmp_path / "scores.sqlite"))
+    target = HFTarget(cache=ScoreCache(RunPaths(tmp_path).scores))
     target._lm, target._tok = smollm2_target._lm, smollm2_target._tok  # share the loaded weights
     summary = collect(config, tmp_path, target=target)
     assert summary.dataset_records == 6 * 4
@@ -35,19 +38,19 @@ def test_smollm2_collect_train_export_rewrite(tmp_path: Path, real_data: Path, s
     assert metrics[0].last_loss > 0
 
     checkpoint = final_checkpoint(tmp_path)
-    bundle = export_bundle(checkpoint, tmp_path / "bundle", **read_policy_meta(checkpoint))
+    bundle = export_bundle(checkpoint, RunPaths(tmp_path).bundle)
     optimizer = PromptOptimizer.from_bundle(bundle, provider="cpu")
     queries = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés"]
     runtime = [r.prompt for r in optimizer.optimize_batch(queries)]
 
     model, tokenizer, fmt = load_policy(checkpoint, train)
-    torch_prompts = [p[0] for p in generate_prompts(model, tokenizer, fmt, queries)]
+    torch_prompts = [p[0] for p in generate_prompts(model, tokenizer, fmt, queries, GenerationConfig.for_policy(fmt))]
     assert runtime == torch_prompts
     for query, result in zip(queries, optimizer.optimize_batch(queries), strict=True):
         assert query in result.text
 
     # The benchmark's torch backend (full-size GPU runs) scores what the runtime path scores.
-    from qpo_middleware.training.benchmark import BenchmarkConfig, benchmark
+    from qpo_bench import BenchmarkConfig, benchmark
 
     common = {"oracle": False, "quantize": None, "bootstrap_samples": 100}
     through_runtime = benchmark(tmp_path, BenchmarkConfig(**common), target=target)

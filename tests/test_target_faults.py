@@ -26,11 +26,13 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from qpo_middleware.training.collect import SCORES_FILE, CollectConfig, collect  # noqa: E402
+from qpo_middleware.training.collect import collect  # noqa: E402
+from qpo_middleware.training.config import CollectConfig  # noqa: E402
 from qpo_middleware.training.dataset import OfflineDataset  # noqa: E402
 from qpo_middleware.training.io import decode_line  # noqa: E402
+from qpo_middleware.training.run import Run, RunPaths  # noqa: E402
 from qpo_middleware.training.targets import ChatModelTarget, Pair, ScoreCache, make_target  # noqa: E402
-from qpo_middleware.training.tasks import Example, get_task  # noqa: E402
+from qpo_middleware.training.tasks import Example, get_task, resolve_prompts  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 SPEC = "_faulty_chat:make"
@@ -65,8 +67,6 @@ def expected(model: Any, text: str, tries: int) -> tuple[list[str], str]:
 
 def texts_by_key(target: ChatModelTarget, run: Path, config: CollectConfig) -> dict[str, tuple[str, str, int]]:
     """What the target sends for every pair of the run (the model's input) -> the pair's record key."""
-    from qpo_middleware.training.collect import Run, resolve_prompts
-
     opened = Run.open(run, config)
     pairs = opened.pairs(opened.splits.train, resolve_prompts(opened.task, config.prompts, config.include_empty))
     out = {target._messages(opened.task, p)[-1][1]: (p.example.id, p.prompt, 0) for p in pairs}
@@ -75,7 +75,7 @@ def texts_by_key(target: ChatModelTarget, run: Path, config: CollectConfig) -> d
 
 
 def dataset_records(run: Path) -> dict[tuple[str, str, int], Any]:
-    lines = (run / "dataset.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = RunPaths(run).dataset.read_text(encoding="utf-8").splitlines()
     assert all(decode_line(line) is not None for line in lines)
     records = OfflineDataset(run).records
     assert len({r.key() for r in records}) == len(records) == len(lines), "duplicate records"
@@ -83,7 +83,7 @@ def dataset_records(run: Path) -> dict[tuple[str, str, int], Any]:
 
 
 def cached_count(run: Path) -> int:
-    cache = ScoreCache(run / SCORES_FILE)
+    cache = ScoreCache(RunPaths(run).scores)
     try:
         return cache._db.execute("SELECT count(*) FROM scores").fetchone()[0]
     finally:
@@ -104,13 +104,13 @@ def test_faulty_target_retries_keeps_failures_apart_and_a_rerun_completes(
 
     # The same provider with no fault: what the dataset must end up as.
     ref = tmp_path / "ref"
-    clean = ChatModelTarget(FaultyChat(faults=False), id=f"chat:{SPEC}", cache=ScoreCache(ref / SCORES_FILE))
+    clean = ChatModelTarget(FaultyChat(faults=False), id=f"chat:{SPEC}", cache=ScoreCache(RunPaths(ref).scores))
     collect(config, ref, target=clean)
     reference = dataset_records(ref)
     assert len(reference) == PAIRS
 
     run = tmp_path / "run"
-    target = make_target(SPEC, cache_path=run / SCORES_FILE)  # as `qpo collect --target _faulty_chat:make`
+    target = make_target(SPEC, cache_path=RunPaths(run).scores)  # as `qpo collect --target _faulty_chat:make`
     assert isinstance(target, ChatModelTarget) and isinstance(target.model, FaultyChat)
     assert target.id == clean.id
     target.max_retries, target.backoff_seconds, target.timeout_seconds = RETRIES, BACKOFF, TIMEOUT

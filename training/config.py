@@ -1,8 +1,14 @@
-"""Configuration dataclasses of training, with help texts the CLI reuses. Imports no torch."""
+"""The settings types of training, with help texts the CLI reuses: one dataclass per stage. Imports no torch.
+
+* :class:`CollectConfig` (and its :class:`RewardConfig`) — what ``qpo collect`` scores, stored as ``run.json``;
+* :class:`TrainConfig` — one fine-tuning of the policy;
+* :class:`LoopConfig` — the multi-loop procedure of ``qpo train``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from .models import DEFAULT_MODEL
 
@@ -12,6 +18,93 @@ DEVICES = ("auto", "cpu", "cuda")
 
 class TrainConfigError(ValueError):
     """A training setting is invalid; the message names the field and what is allowed."""
+
+
+NLL_KINDS = ("label_set", "vocab")
+
+
+@dataclass
+class RewardConfig:
+    """Reward = correct_weight*correct + prompt_accuracy_weight*prompt_mean_accuracy - nll_weight*NLL.
+
+    NLL is, with ``nll="label_set"`` (the default), the gold label's NLL renormalised over the
+    task's label words; with ``nll="vocab"``, the gold label word's NLL over the whole vocabulary
+    (the paper's literal reading). With a small target the vocabulary NLL mostly measures whether
+    the prompt makes *any* bare label word likely (prompts that list the labels win whether or not
+    the answer is right: on SmolLM2 it filled the top reward bucket with below-average prompts), so
+    the label-set NLL is the default. Math tasks and chat targets have no label set: their NLL is
+    the answer's own (or none).
+    """
+
+    correct_weight: float = field(default=10.0, metadata={"help": "Weight of the pair's correctness (0/1)."})
+    prompt_accuracy_weight: float = field(default=10.0, metadata={"help": "Weight of the prompt's mean accuracy."})
+    nll_weight: float = field(default=1.0, metadata={"help": "Weight of the gold answer's NLL (subtracted)."})
+    nll: str = field(default="label_set", metadata={
+        "help": "'label_set': gold NLL renormalised over the label words; 'vocab': over the whole vocabulary."})
+
+    def __post_init__(self) -> None:
+        if self.nll not in NLL_KINDS:
+            raise ValueError(f"rewards.nll must be one of {', '.join(NLL_KINDS)}; got {self.nll!r}.")
+
+    def nll_of(self, gold_nll: float | None, label_nll: float | None) -> float | None:
+        """The NLL this config's reward uses (``label_nll`` is None where there is no label set)."""
+        if self.nll == "label_set" and label_nll is not None:
+            return label_nll
+        return gold_nll
+
+    def reward(self, correct: bool, prompt_mean_accuracy: float, nll: float | None) -> float:
+        value = self.correct_weight * float(correct) + self.prompt_accuracy_weight * prompt_mean_accuracy
+        if nll is not None:
+            value -= self.nll_weight * min(nll, 50.0)  # cap: one absurd NLL must not dominate
+        return value
+
+
+@dataclass
+class CollectConfig:
+    """What ``qpo collect`` does; the CLI exposes every field with this help."""
+
+    task: str = field(default="sst2", metadata={"help": "Built-in task name or a task spec file (task.json)."})
+    target: str = field(default="smollm2-135m-instruct",
+                        metadata={"help": "Target LLM: a model name/path, or a LangChain chat model as module:factory."})
+    queries: int = field(default=50, metadata={"help": "Train queries to score (the D0 query set)."})
+    collect_queries: int = field(default=100, metadata={"help": "Held-out queries the training loops sample prompts for."})
+    test_queries: int = field(default=100, metadata={"help": "Held-out test queries for evaluation."})
+    prompts: str = field(default="all", metadata={"help": "'all', a number N (N prompts spread over the pool), or a JSON file of prompts."})
+    include_empty: bool = field(default=True, metadata={"help": "Score the empty prompt (no instruction) too."})
+    prompts_per_query: int = field(default=0, metadata={
+        "help": "Score only this many pool prompts per train query, drawn per query (seeded); 0 = every prompt. "
+                "D0 then covers more queries for the same target calls, which a query-dependent policy needs."})
+    shots: int = field(default=0, metadata={"help": "Few-shot demonstrations per query (0 = zero-shot)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the splits and demonstrations."})
+    data_dir: str | None = field(default=None, metadata={"help": "Data collection root (default: $QPO_DATA)."})
+    batch_size: int = field(default=16, metadata={"help": "Pairs per forward pass on a local target."})
+    chunk_size: int = field(default=64, metadata={"help": "Pairs scored between two progress saves."})
+    target_concurrency: int = field(default=8, metadata={"help": "Chat-model target: calls in flight at once."})
+    target_retries: int = field(default=3, metadata={
+        "help": "Chat-model target: retries of a failed call (exponential backoff) before the pair is recorded as failed."})
+    target_timeout: float | None = field(default=None, metadata={
+        "help": "Chat-model target: seconds before a call without a reply fails (and is retried)."})
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rewards, dict):
+            self.rewards = RewardConfig(**self.rewards)
+        may_be_zero = ("collect_queries", "test_queries", "target_retries", "prompts_per_query")
+        for name in ("queries", "batch_size", "chunk_size", "target_concurrency", *may_be_zero):
+            if getattr(self, name) < (0 if name in may_be_zero else 1):
+                allowed = " or 0" if name in may_be_zero else ""
+                raise ValueError(f"{name} must be positive{allowed}; got {getattr(self, name)}.")
+        if self.target_timeout is not None and self.target_timeout <= 0:
+            raise ValueError(f"target_timeout must be a number of seconds > 0; got {self.target_timeout}.")
+        if self.shots < 0:
+            raise ValueError(f"shots must be >= 0; got {self.shots}.")
+
+    def split_args(self) -> dict[str, Any]:
+        return {"seed": self.seed, "n_train": self.queries, "n_collect": self.collect_queries,
+                "n_test": self.test_queries}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -121,7 +214,6 @@ class TrainConfig:
         return int(count)
 
 
-
 @dataclass
 class LoopConfig:
     """Settings of the multi-loop procedure; the ``help`` texts are the CLI's option help."""
@@ -161,8 +253,6 @@ class LoopConfig:
             raise ValueError(f"d0_floor_quantile must be in [0, 1); got {self.d0_floor_quantile}.")
         if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:
             raise ValueError("top_p must be in (0, 1] and temperature > 0.")
-
-
 
 
 def help_of(config: type, name: str) -> str:

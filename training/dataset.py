@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .io import JsonlLog
+from .run import RunPaths
 
-DATASET_FILE = "dataset.jsonl"
 FORMAT_VERSION = 1
 
 
@@ -82,11 +82,11 @@ class Record:
 
 
 class OfflineDataset:
-    """Append-only, crash-safe store of :class:`Record` s in ``<dir>/dataset.jsonl``."""
+    """Append-only, crash-safe store of :class:`Record` s in a run directory's ``dataset.jsonl`` (:class:`~.run.RunPaths`)."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
-        self.path = self.directory / DATASET_FILE
+        self.path = RunPaths(self.directory).dataset
         self._log = JsonlLog(self.path)
         self._records = [Record.from_dict(r) for r in self._log]
         self._keys = {r.key() for r in self._records}

@@ -175,6 +175,7 @@ def export_bundle(
     step = on_step or (lambda message: logger.info("%s", message))
 
     # -- validate everything cheap before the slow part ----------------------------------
+    meta = meta if meta is not None else read_policy_meta(checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(
             f"{checkpoint} is not a Hugging Face checkpoint (no config.json); pass the directory written by "
@@ -186,7 +187,6 @@ def export_bundle(
         raise ExportError(
             "Choose one of quantize='int8' (CPU serving) and fp16=True (GPU serving), not both."
         )
-    meta = meta if meta is not None else read_policy_meta(checkpoint)
     policy = meta.policy
     if isinstance(generation, GenerationConfig):
         generation = generation.to_dict()

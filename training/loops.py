@@ -29,23 +29,21 @@ from typing import Any
 
 from qpo_middleware.bundle import GenerationConfig
 from qpo_middleware.policy_format import PolicyFormat
-from qpo_middleware.text import finish_prompt, special_token_strings
+from qpo_middleware.stats import quantile
 
-from .collect import Run, make_records, score_pairs
+from .collect import make_records, score_pairs
 from .config import LoopConfig, TrainConfig
 from .dataset import Record
-from .export import write_policy_meta
+from .export import PolicyMeta, write_policy_meta
 from .io import atomic_write_json
 from .policy import RewardBuckets, add_policy_tokens, build_examples
+from .run import Run, RunPaths
+from .sampling import generate_prompts
 from .targets import Pair, Score, Target
 from .tasks import Example
-from .trainer import CHECKPOINT_DIR, train_policy
+from .trainer import train_policy
 
 logger = logging.getLogger(__name__)
-
-POLICY_DIR = "policy"
-BUCKETS_FILE = "buckets.json"
-METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -70,69 +68,26 @@ class LoopMetrics:
         return asdict(self)
 
 
-def loop_dir(run_dir: Path, loop: int) -> Path:
-    return run_dir / POLICY_DIR / f"loop_{loop}"
-
-
-def checkpoint_of(run_dir: Path, loop: int) -> Path:
-    return loop_dir(run_dir, loop) / CHECKPOINT_DIR
-
-
-def completed_loops(run_dir: Path) -> list[LoopMetrics]:
+def completed_loops(run_dir: str | os.PathLike[str]) -> list[LoopMetrics]:
+    """The metrics of loops 1, 2, ... that are done (have ``metrics.json``), in order."""
+    paths = RunPaths(run_dir)
     out = []
     loop = 1
-    while (loop_dir(run_dir, loop) / METRICS_FILE).is_file():
-        out.append(LoopMetrics(**json.loads((loop_dir(run_dir, loop) / METRICS_FILE).read_text())))
+    while paths.metrics(loop).is_file():
+        out.append(LoopMetrics(**json.loads(paths.metrics(loop).read_text())))
         loop += 1
     return out
 
 
 def final_checkpoint(run_dir: str | os.PathLike[str]) -> Path:
     """The checkpoint of the last completed loop; a clear error when none is done."""
-    done = completed_loops(Path(run_dir))
+    done = completed_loops(run_dir)
     if not done:
         raise FileNotFoundError(f"{run_dir} has no trained policy yet; run `qpo train --run {run_dir}` first.")
-    return checkpoint_of(Path(run_dir), done[-1].loop)
+    return RunPaths(run_dir).checkpoint(done[-1].loop)
 
 
-# -- policy sampling (torch) -------------------------------------------------------------------
-
-
-def generate_prompts(model: Any, tokenizer: Any, fmt: PolicyFormat, queries: Sequence[str], *,
-                     num_samples: int = 1, do_sample: bool = False, top_k: int = 0, top_p: float = 1.0,
-                     temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[list[str]]:
-    """``num_samples`` prompts per query from the policy conditioned on the top reward bucket."""
-    import torch
-
-    generation = GenerationConfig.for_policy(fmt)
-    special = special_token_strings(tokenizer.backend_tokenizer)  # the same strings the runtime strips
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    out: list[list[str]] = []
-    for start in range(0, len(queries), batch_size):
-        chunk = queries[start : start + batch_size]
-        inputs = [fmt.input_ids(tokenizer(q, add_special_tokens=False).input_ids) for q in chunk]
-        width = max(map(len, inputs))
-        ids = torch.full((len(inputs), width), fmt.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(inputs):  # left padding
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
-        kwargs: dict[str, Any] = {"do_sample": do_sample}
-        if do_sample:
-            kwargs.update(top_k=top_k or None, top_p=top_p, temperature=temperature)
-        with torch.inference_mode():
-            generated = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=generation.max_new_tokens,
-                num_return_sequences=num_samples, eos_token_id=list(fmt.eos_token_ids), pad_token_id=fmt.pad_token_id,
-                suppress_tokens=list(generation.suppress_token_ids) or None, **kwargs,
-            )  # (batch * num_samples, width + new)
-        # Decode exactly as the runtime does (no "clean-up" of spaces before punctuation): the text
-        # scored in training is the text production sends.
-        texts = [finish_prompt(tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False),
-                               special, generation.max_new_tokens) for row in generated[:, width:]]
-        out.extend(texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk)))
-    return out
+# -- the policy (torch) -----------------------------------------------------------------------
 
 
 def load_policy(checkpoint_or_base: str | os.PathLike[str], train: TrainConfig) -> tuple[Any, Any, PolicyFormat]:
@@ -159,16 +114,16 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
               on_phase: Callable[[int, str], None] | None = None) -> list[LoopMetrics]:
     """Run (or resume) loops 1..T of QPO in ``run_dir`` (made by ``qpo collect``)."""
     run = Run.open(run_dir)
-    directory = run.directory
+    paths = run.paths
     dataset = run.dataset()
     d0 = dataset.loop(0)
     if not d0:
-        raise ValueError(f"{directory} has no D0 records; run `qpo collect --out {directory}` first.")
-    buckets = _fixed_buckets(directory, d0, train.num_buckets)
+        raise ValueError(f"{paths.root} has no D0 records; run `qpo collect --out {paths.root}` first.")
+    buckets = fixed_buckets(paths, d0, train.num_buckets)
     d0_rewards = [r.reward for r in d0]
     d0_accuracy = statistics.fmean(r.correct for r in d0)
-    floor = _quantile(d0_rewards, loops.reward_floor_quantile)
-    d0_floor = _quantile(d0_rewards, loops.d0_floor_quantile)  # quantile 0 = D0's lowest reward: all of D0
+    floor = quantile(d0_rewards, loops.reward_floor_quantile)
+    d0_floor = quantile(d0_rewards, loops.d0_floor_quantile)  # quantile 0 = D0's lowest reward: all of D0
     collect_split = run.splits.collect[: loops.collect_queries] if loops.collect_queries else run.splits.collect
     target = target or run.make_target()
 
@@ -177,10 +132,10 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         if on_phase:
             on_phase(loop, name)
 
-    done = completed_loops(directory)
+    done = completed_loops(paths.root)
     for loop in range(len(done) + 1, loops.loops + 1):
         started = time.perf_counter()
-        previous = checkpoint_of(directory, loop - 1) if loop > 1 else loops.base_model
+        previous = paths.checkpoint(loop - 1) if loop > 1 else loops.base_model
         model, tokenizer, fmt = load_policy(previous, train)
         metrics = LoopMetrics(loop=loop, train_records=0, first_loss=0.0, last_loss=0.0, train_seconds=0.0,
                               mean_reward_d0=statistics.fmean(d0_rewards), reward_floor=floor)
@@ -188,9 +143,10 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         # --- Generate: K prompts per collect query from the previous policy (loops >= 2) -----
         if loop > 1:
             phase(loop, f"sampling {loops.samples_per_query} prompts x {len(collect_split)} collect queries")
-            samples = generate_prompts(model, tokenizer, fmt, [e.query for e in collect_split],
-                                       num_samples=loops.samples_per_query, do_sample=True, top_k=loops.top_k,
-                                       top_p=loops.top_p, temperature=loops.temperature, seed=loops.seed + loop,
+            sampling = GenerationConfig.for_policy(fmt, do_sample=True, top_k=loops.top_k, top_p=loops.top_p,
+                                                   temperature=loops.temperature)
+            samples = generate_prompts(model, tokenizer, fmt, [e.query for e in collect_split], sampling,
+                                       num_samples=loops.samples_per_query, seed=loops.seed + loop,
                                        batch_size=loops.generation_batch_size)
             # --- Score: the new pairs on the target (cached, so a resumed loop pays nothing twice).
             # Only earlier loops' pairs count as seen: records this loop appended before a crash
@@ -215,11 +171,12 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         examples = build_examples(training_records, tokenizer, fmt, buckets, include_empty=train.include_empty)
         config = train if loop == 1 else _later(train, loops)
         phase(loop, f"fine-tuning on {len(examples)} examples ({config.epochs} epoch(s))")
-        result = train_policy(model, tokenizer, examples, config, loop_dir(directory, loop), on_step=on_step,
+        result = train_policy(model, tokenizer, examples, config, paths.loop(loop), on_step=on_step,
                               extra_state={"loop": loop, "buckets": buckets.to_dict()})
-        checkpoint = checkpoint_of(directory, loop)
-        write_policy_meta(checkpoint, fmt, run.task.template, run.task.name, loops.base_model,
-                          dataset.content_hash())
+        checkpoint = paths.checkpoint(loop)
+        write_policy_meta(checkpoint, PolicyMeta(policy=fmt, template=run.task.template, task=run.task.name,
+                                                 base_model=loops.base_model,
+                                                 training_data_sha256=dataset.content_hash()))
         metrics.train_records = len(examples)
         metrics.first_loss, metrics.last_loss, metrics.train_seconds = result.first_loss, result.last_loss, result.seconds
         metrics.checkpoint = str(checkpoint)
@@ -228,7 +185,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         if loops.eval_greedy and collect_split:
             phase(loop, "scoring greedy policy prompts on the collect split")
             greedy = generate_prompts(model, tokenizer, fmt, [e.query for e in collect_split],
-                                      batch_size=loops.generation_batch_size)
+                                      GenerationConfig.for_policy(fmt), batch_size=loops.generation_batch_size)
             pairs = [Pair(e, g[0], "policy", run.demos(e)) for e, g in zip(collect_split, greedy, strict=True)]
             scores = score_pairs(target, run.task, pairs, run.config.chunk_size)
             metrics.target_calls += sum(not s.cached for s in scores)
@@ -236,7 +193,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             metrics.greedy_accuracy_collect = sum(s.correct for s in valid) / max(1, len(valid))
 
         metrics.seconds = time.perf_counter() - started
-        atomic_write_json(loop_dir(directory, loop) / METRICS_FILE, metrics.to_dict())
+        atomic_write_json(paths.metrics(loop), metrics.to_dict())
         done.append(metrics)
         del model
     return done
@@ -280,8 +237,12 @@ def _later(train: TrainConfig, loops: LoopConfig) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _fixed_buckets(directory: Path, d0: Sequence[Record], n: int) -> RewardBuckets:
-    path = directory / POLICY_DIR / BUCKETS_FILE
+def fixed_buckets(paths: RunPaths, d0: Sequence[Record], n: int) -> RewardBuckets:
+    """The run's reward buckets: read from ``policy/buckets.json``, or placed on D0's rewards and written there.
+
+    Fixed at loop 1, so a reward token means the same in every loop (and in every later fine-tune of the run).
+    """
+    path = paths.buckets
     if path.is_file():
         buckets = RewardBuckets.from_dict(json.loads(path.read_text()))
         if buckets.num_buckets == n:
@@ -291,11 +252,3 @@ def _fixed_buckets(directory: Path, d0: Sequence[Record], n: int) -> RewardBucke
     buckets = RewardBuckets.from_rewards([r.reward for r in d0], n)
     atomic_write_json(path, buckets.to_dict())
     return buckets
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("-inf")
-    index = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
-    return ordered[index]

@@ -30,7 +30,7 @@ Datasets and ids:
 
 ``prompt_mean_accuracy`` is the prompt's mean ``correct`` over the imported queries
 (after any ``max_queries`` subsample), so it equals what one recomputes from the
-records; ``reward`` follows :class:`~.collect.RewardConfig` with no NLL (the logs hold
+records; ``reward`` follows :class:`~.config.RewardConfig` with no NLL (the logs hold
 no model outputs).
 """
 
@@ -49,7 +49,7 @@ from typing import Any
 
 from qpo_middleware.template import Template
 
-from .collect import RewardConfig
+from .config import RewardConfig
 from .dataset import OfflineDataset, Record
 
 logger = logging.getLogger(__name__)

@@ -236,7 +236,7 @@ def build_examples(
     *,
     include_empty: bool = True,
 ) -> list[Example]:
-    """One example per record: ``fmt.input_ids(query, bucket(reward))`` then the prompt (capped) and eos.
+    """One example per record: ``fmt.encode(query, tokenize, bucket(reward))`` then the prompt (capped) and eos.
 
     Only the prompt tokens and eos are supervised. A record with an empty
     prompt (the "no instruction" baseline) teaches the policy to answer with
@@ -249,16 +249,20 @@ def build_examples(
         )
     special = fmt.special_ids
     eos = fmt.eos_token_ids[0]
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     examples: list[Example] = []
     for record in records:
         empty = not record.prompt.strip()
         if empty and not include_empty:
             continue
-        query_ids = tokenizer(record.query, add_special_tokens=False)["input_ids"]
-        context = fmt.input_ids(query_ids, buckets.bucket(record.reward))
+        # The query as the runtime reads it (policy_text, a prefix of a long query): trained as served.
+        context = fmt.encode(record.query, tokenize, buckets.bucket(record.reward))
         prompt_ids: list[int] = []
         if not empty:
-            prompt_ids = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
+            prompt_ids = tokenize(record.prompt)
             # A prompt must not teach the policy to emit its own control tokens.
             prompt_ids = [int(t) for t in prompt_ids if int(t) not in special][: fmt.prompt_max_tokens]
         target = [*prompt_ids, eos]

@@ -237,7 +237,7 @@ class HFTarget:
     # Classification: label log-likelihood ----------------------------------------------------
 
     def label_token_ids(self, task: Task) -> list[list[int]]:
-        """Token ids of each label word as the answer's first word (no leading space: see ARCHITECTURE.md)."""
+        """Token ids of each label word as the answer's first word (no leading space: see docs/architecture.md)."""
         self._load()
         if task.labels not in self._label_ids:
             ids = [self._tok(label, add_special_tokens=False).input_ids for label in task.labels]
@@ -279,34 +279,30 @@ class HFTarget:
         return next(self._lm.parameters()).device
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[Any, Any]:
-        import torch
+        from .sampling import left_pad
 
-        width = max(map(len, seqs))
-        pad = self._tok.pad_token_id
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
+        ids, mask = left_pad(seqs, self._tok.pad_token_id)
         return ids.to(self._device()), mask.to(self._device())
 
     def _next_token_logprobs(self, contexts: list[list[int]]) -> Any:
         import torch
 
+        from .sampling import position_ids
+
         ids, mask = self._left_pad(contexts)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            logits = self._lm(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+            logits = self._lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                               logits_to_keep=1).logits[:, -1, :]  # (batch, vocab)
         return torch.log_softmax(logits.float(), dim=-1).cpu()
 
     def _continuation_logprobs(self, seqs: list[list[int]], starts: list[int]) -> Any:
         import torch
 
+        from .sampling import position_ids
+
         ids, mask = self._left_pad(seqs)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            logits = self._lm(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+            logits = self._lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
             logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (batch, seq-1, vocab)
             token_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (batch, seq-1)
         width = ids.shape[1]

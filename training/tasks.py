@@ -226,6 +226,36 @@ def load_prompt_pool(name: str) -> list[dict[str, str]]:
     return [{"id": p["id"], "style": p.get("style", ""), "text": p["text"]} for p in prompts]
 
 
+def resolve_prompts(task: Task, spec: str, include_empty: bool) -> list[tuple[str, str]]:
+    """(prompt_source, text) for the pool: 'all', a count, or a JSON file (list of strings or of {id, text})."""
+    if spec == "all" or spec.isdigit():
+        pool = [(f"pool:{p['id']}", p["text"]) for p in load_prompt_pool(task.name)]
+        if spec.isdigit():  # N prompts spread evenly over the pool, so every style is represented
+            count = min(int(spec), len(pool))
+            pool = [pool[i * len(pool) // count] for i in range(count)] if count else []
+    else:
+        path = Path(spec)
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TaskError(f"--prompts {spec!r}: expected 'all', a number, or a JSON file of prompts ({exc}).") from exc
+        if isinstance(items, dict):
+            items = items.get("prompts", [])
+        pool = []
+        for index, item in enumerate(items):
+            if isinstance(item, str):
+                pool.append((f"file:{index}", item))
+            elif isinstance(item, dict) and isinstance(item.get("text"), str):
+                pool.append((f"file:{item.get('id', index)}", item["text"]))
+            else:
+                raise TaskError(f"{path}: prompt #{index} must be a string or an object with 'text'.")
+    if include_empty:
+        pool.insert(0, ("none", ""))
+    if not pool:
+        raise TaskError("The prompt pool is empty; pass --prompts all or a file with prompts.")
+    return pool
+
+
 # -- readers ---------------------------------------------------------------------------------
 
 

@@ -35,7 +35,9 @@ def command(
 ) -> None:
     """Score every (train query, pool prompt) pair on the target and write D0 to OUT/dataset.jsonl."""
     with user_errors():
-        from qpo_middleware.training.collect import CollectConfig, RewardConfig, collect
+        from qpo_middleware.training.collect import collect
+        from qpo_middleware.training.config import CollectConfig, RewardConfig
+        from qpo_middleware.training.run import RunPaths
 
         config = CollectConfig(task=task, target=target, queries=queries, prompts=prompts,
                                collect_queries=collect_queries, test_queries=test_queries, shots=shots, seed=seed,
@@ -47,7 +49,7 @@ def command(
             job = bar.add_task("scoring pairs", total=None)
             summary = collect(config, out, progress=lambda done, total: bar.update(job, completed=done, total=total))
     print_summary(summary)
-    console.print(f"[green]D0 written:[/] {out / 'dataset.jsonl'} ({summary.dataset_records} records)")
+    console.print(f"[green]D0 written:[/] {RunPaths(out).dataset} ({summary.dataset_records} records)")
 
 
 def print_summary(summary: CollectSummary) -> None:

@@ -44,12 +44,13 @@ def command(
     out = out if out is not None else Path("runs") / f"oirl_{dataset}"
     with user_errors():
         from qpo_middleware.training.oirl import import_prompt_oirl
+        from qpo_middleware.training.run import RunPaths
 
         summary = import_prompt_oirl(
             data_dir, dataset, out, split=split, prompts=prompts, max_queries=max_queries, seed=seed
         )
     print_summary(summary)
-    console.print(f"[green]dataset:[/] {out / 'dataset.jsonl'} ({summary.dataset_records} records)")
+    console.print(f"[green]dataset:[/] {RunPaths(out).dataset} ({summary.dataset_records} records)")
 
 
 def print_summary(summary: ImportSummary) -> None:

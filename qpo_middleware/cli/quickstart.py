@@ -31,12 +31,13 @@ def command(
         started = time.perf_counter()
         import torch
 
-        from qpo_middleware.training.collect import CollectConfig, collect
-        from qpo_middleware.training.config import LoopConfig, TrainConfig
+        from qpo_middleware.training.collect import collect
+        from qpo_middleware.training.config import CollectConfig, LoopConfig, TrainConfig
         from qpo_middleware.training.evaluate import evaluate
-        from qpo_middleware.training.export import export_bundle, read_policy_meta
+        from qpo_middleware.training.export import export_bundle
         from qpo_middleware.training.io import atomic_write_json
         from qpo_middleware.training.loops import final_checkpoint
+        from qpo_middleware.training.run import RunPaths
 
         from .collect import print_summary
         from .evaluate import print_eval
@@ -66,12 +67,13 @@ def command(
         print_loops(train_with_progress(out, train_config, loop_config))
 
         console.rule("[bold]3/4 export: ONNX bundle for the torch-free runtime")
-        bundle = out / "bundle"
+        paths = RunPaths(out)
+        bundle = paths.bundle
         checkpoint = final_checkpoint(out)
-        if not (bundle / "qpo.json").is_file() or _stale(bundle, checkpoint):
+        if _stale(bundle, checkpoint):
             q = ("int8" if not gpu else None) if quantize == "auto" else (None if quantize == "none" else quantize)
             with console.status("exporting (Optimum, then quantization)…"):
-                export_bundle(checkpoint, bundle, quantize=q, overwrite=True, **read_policy_meta(checkpoint))
+                export_bundle(checkpoint, bundle, quantize=q, overwrite=True)
         console.log(f"bundle: {bundle}")
 
         console.rule("[bold]4/4 eval: held-out test queries, same target")
@@ -80,16 +82,21 @@ def command(
                               progress=lambda name: status.update(f"scoring {name}…"))
         print_eval(result)
         wall = time.perf_counter() - started
-        atomic_write_json(out / "quickstart.json", {"eval": result.to_dict(), "wall_seconds": wall,
-                                                    "budget": budget, "gpu": gpu})
+        atomic_write_json(paths.quickstart_report, {"eval": result.to_dict(), "wall_seconds": wall,
+                                                     "budget": budget, "gpu": gpu})
     qpo, best = result.method("qpo"), result.method("best_pool")
     console.print(f"QPO vs best pool prompt: [bold]{(qpo.accuracy - best.accuracy) * 100:+.1f}[/] points   "
-                  f"wall time {wall / 60:.1f} min   results: {out / 'quickstart.json'}")
+                  f"wall time {wall / 60:.1f} min   results: {paths.quickstart_report}")
     console.print(f"Rewrite a query yourself: qpo rewrite \"an instant classic\" --bundle {bundle}")
 
 
 def _stale(bundle: Path, checkpoint: Path) -> bool:
-    """True when the bundle was exported from another training state than ``checkpoint``'s."""
-    manifest = json.loads((bundle / "qpo.json").read_text())
-    meta = json.loads((checkpoint / "qpo_policy.json").read_text())
-    return manifest.get("training_data_sha256") != meta.get("training_data_sha256")
+    """True when there is no bundle yet, or it was exported from another training state than ``checkpoint``'s."""
+    from qpo_middleware.bundle import MANIFEST_NAME
+    from qpo_middleware.training.export import read_policy_meta
+
+    manifest = bundle / MANIFEST_NAME
+    if not manifest.is_file():
+        return True
+    exported = json.loads(manifest.read_text(encoding="utf-8")).get("training_data_sha256")
+    return exported != read_policy_meta(checkpoint).training_data_sha256

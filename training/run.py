@@ -1,0 +1,215 @@
+"""A QPO run directory: where every file of a run lives (:class:`RunPaths`) and the opened run (:class:`Run`).
+
+A run directory holds everything a QPO run makes::
+
+    run.json                      what was asked (task, splits, seed, target, shots, rewards)
+    scores.sqlite                 every target verdict, committed as it comes (resume = cache hits)
+    dataset.jsonl                 the offline dataset (append-only, checksummed records)
+    collect.json                  the D0 summary (accuracy per prompt, oracle, calls, tokens)
+    policy/buckets.json           the reward buckets, fixed from D0 at loop 1
+    policy/loop_<t>/checkpoint/   the policy after loop t (model, tokenizer, qpo_policy.json)
+    policy/loop_<t>/metrics.json  loop t's metrics; a loop with this file is done
+    bundle/                       the run's exported bundle (`qpo export --run`)
+    bench/bundles/loop_<t>/       the benchmark's bundle of loop t's checkpoint
+    results.json                  `qpo eval`'s results; quickstart.json: `qpo quickstart`'s
+
+:class:`RunPaths` is the one place these names are spelled; code that reads or writes a run
+asks it for the path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qpo_middleware.template import Demo
+
+from .config import CollectConfig
+from .io import atomic_write_json
+from .targets import Pair, ScoreCache, Target, make_target
+from .tasks import Example, Splits, Task, get_task, resolve_prompts
+
+if TYPE_CHECKING:
+    from .dataset import OfflineDataset
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The layout of a run directory: every file and folder of a run, by name. Touches no disk."""
+
+    root: Path  # a str or PathLike is turned into a Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # -- collect --------------------------------------------------------------------------
+    @property
+    def run_file(self) -> Path:
+        """``run.json``: the :class:`~.config.CollectConfig` the run was made with."""
+        return self.root / "run.json"
+
+    @property
+    def scores(self) -> Path:
+        """``scores.sqlite``: the target's verdicts (:class:`~.targets.ScoreCache`)."""
+        return self.root / "scores.sqlite"
+
+    @property
+    def dataset(self) -> Path:
+        """``dataset.jsonl``: the offline dataset (:class:`~.dataset.OfflineDataset`)."""
+        return self.root / "dataset.jsonl"
+
+    @property
+    def collect_summary(self) -> Path:
+        """``collect.json``: the D0 summary of ``qpo collect``."""
+        return self.root / "collect.json"
+
+    # -- train ----------------------------------------------------------------------------
+    @property
+    def policy(self) -> Path:
+        """``policy/``: the loops' checkpoints and metrics."""
+        return self.root / "policy"
+
+    @property
+    def buckets(self) -> Path:
+        """``policy/buckets.json``: the reward buckets, fixed from D0 at loop 1."""
+        return self.policy / "buckets.json"
+
+    def loop(self, loop: int) -> Path:
+        """``policy/loop_<t>/``: the output directory of loop ``loop``'s fine-tune."""
+        return self.policy / f"loop_{loop}"
+
+    def metrics(self, loop: int) -> Path:
+        """``policy/loop_<t>/metrics.json``: written last, so a loop with it is done."""
+        return self.loop(loop) / "metrics.json"
+
+    def checkpoint(self, loop: int) -> Path:
+        """``policy/loop_<t>/checkpoint/``: the policy after loop ``loop``."""
+        return self.loop(loop) / "checkpoint"
+
+    # -- export, evaluate, benchmark ------------------------------------------------------
+    @property
+    def bundle(self) -> Path:
+        """``bundle/``: the run's exported bundle (``qpo export --run``, ``qpo quickstart``)."""
+        return self.root / "bundle"
+
+    @property
+    def eval_results(self) -> Path:
+        """``results.json``: what ``qpo eval --out RUN`` writes."""
+        return self.root / "results.json"
+
+    @property
+    def quickstart_report(self) -> Path:
+        """``quickstart.json``: the results of ``qpo quickstart``."""
+        return self.root / "quickstart.json"
+
+    @property
+    def bench(self) -> Path:
+        """``bench/``: the benchmark's files."""
+        return self.root / "bench"
+
+    @property
+    def bench_bundles(self) -> Path:
+        """``bench/bundles/``: the benchmark's bundles, one per loop."""
+        return self.bench / "bundles"
+
+    def bench_bundle(self, loop: int) -> Path:
+        """``bench/bundles/loop_<t>/``: the benchmark's bundle of loop ``loop``'s checkpoint."""
+        return self.bench_bundles / f"loop_{loop}"
+
+    def is_run(self) -> bool:
+        """Whether the directory holds a run (its ``run.json``)."""
+        return self.run_file.is_file()
+
+
+@dataclass
+class Run:
+    """An opened run directory: the config it was made with, its task, splits, cache and dataset."""
+
+    directory: Path
+    config: CollectConfig
+    task: Task
+    splits: Splits
+    paths: RunPaths = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.paths = RunPaths(self.directory)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], config: CollectConfig | None = None) -> Run:
+        """Open ``directory``; with ``config``, create it or check it matches what the run was made with."""
+        paths = RunPaths(Path(directory))
+        if paths.run_file.exists():
+            data = json.loads(paths.run_file.read_text(encoding="utf-8"))
+            if isinstance(data.get("rewards"), dict):
+                data["rewards"].setdefault("nll", "vocab")  # runs made before the choice existed
+            stored = CollectConfig(**data)
+            if config is not None:
+                _check_same_run(stored, config, paths.root)
+                # How to call the target is not part of the run's identity: a resume may change it.
+                stored = replace(stored, target_concurrency=config.target_concurrency,
+                                 target_retries=config.target_retries, target_timeout=config.target_timeout)
+            config = stored
+        elif config is None:
+            raise FileNotFoundError(
+                f"{paths.root} is not a QPO run directory (no {paths.run_file.name}); run `qpo collect` first.")
+        task = get_task(config.task)
+        splits = task.splits(config.data_dir, **config.split_args())
+        if not paths.run_file.exists():  # only a run whose task and splits load is recorded
+            resolve_prompts(task, config.prompts, config.include_empty)
+            atomic_write_json(paths.run_file, config.to_dict())
+        return cls(paths.root, config, task, splits)
+
+    def dataset(self) -> OfflineDataset:
+        from .dataset import OfflineDataset  # the dataset module reads its file name from RunPaths
+
+        return OfflineDataset(self.directory)
+
+    def cache(self) -> ScoreCache:
+        return ScoreCache(self.paths.scores)
+
+    def make_target(self, spec: str | None = None, batch_size: int | None = None) -> Target:
+        return make_target(spec or self.config.target, cache_path=self.paths.scores,
+                           batch_size=batch_size or self.config.batch_size,
+                           max_concurrency=self.config.target_concurrency, max_retries=self.config.target_retries,
+                           timeout_seconds=self.config.target_timeout)
+
+    def pairs(self, examples: Sequence[Example], prompts: Sequence[tuple[str, str]]) -> list[Pair]:
+        """Pairs (example x prompt) with the example's fixed demonstrations; ``prompts`` are (source, text)."""
+        return [Pair(e, text, source, self.demos(e)) for e in examples for source, text in prompts]
+
+    def d0_pairs(self, prompts: Sequence[tuple[str, str]]) -> list[Pair]:
+        """D0's pairs: every train query with every prompt, or with ``prompts_per_query`` of them.
+
+        The subset is drawn per query from (seed, query id), so it does not depend on the order or
+        number of train queries, and a resumed collect asks for the same pairs; pool order is kept.
+        """
+        k = self.config.prompts_per_query
+        if not k or k >= len(prompts):
+            return self.pairs(self.splits.train, prompts)
+        out: list[Pair] = []
+        for example in self.splits.train:
+            rng = random.Random(f"{self.config.seed}:d0:{example.id}")
+            chosen = sorted(rng.sample(range(len(prompts)), k))
+            out.extend(self.pairs([example], [prompts[i] for i in chosen]))
+        return out
+
+    def demos(self, example: Example) -> tuple[Demo, ...]:
+        """The example's few-shot demonstrations (fixed per query and seed; empty when zero-shot)."""
+        return self.task.demos_for(example, self.splits.train, self.config.shots, self.config.seed)
+
+
+def _check_same_run(stored: CollectConfig, asked: CollectConfig, directory: Path) -> None:
+    keys = ("task", "target", "queries", "collect_queries", "test_queries", "shots", "seed", "prompts",
+            "include_empty", "prompts_per_query", "rewards")
+    diffs = [f"{k}: run has {getattr(stored, k)!r}, asked {getattr(asked, k)!r}" for k in keys
+             if getattr(stored, k) != getattr(asked, k)]
+    if diffs:
+        raise ValueError(
+            f"{directory} holds a run made with other settings ({'; '.join(diffs)}). "
+            "Use a new --out directory, or repeat the original settings to resume."
+        )
