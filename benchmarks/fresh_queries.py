@@ -29,65 +29,16 @@ from pathlib import Path
 from typing import Any
 
 
-def decode(model: Any, tokenizer: Any, fmt: Any, queries: list[str], guidance: float,
-           batch_size: int = 16) -> list[str]:
-    """Greedy prompts with reward guidance against bucket 0 (a KV-cached loop; both branches in one batch)."""
-    import torch
-
-    from qpo_middleware.bundle import GenerationConfig
-    from qpo_middleware.text import finish_prompt, special_token_strings
-
-    generation = GenerationConfig.for_policy(fmt)
-    special = special_token_strings(tokenizer.backend_tokenizer)
-    suppress = torch.tensor(generation.suppress_token_ids, dtype=torch.long)
-    eos = set(fmt.eos_token_ids)
-    out: list[str] = []
-    for start in range(0, len(queries), batch_size):
-        chunk = [tokenizer(q, add_special_tokens=False).input_ids for q in queries[start : start + batch_size]]
-        n = len(chunk)
-        rows = [fmt.input_ids(q) for q in chunk] + ([fmt.input_ids(q, 0) for q in chunk] if guidance else [])
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), fmt.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):  # left padding; both branches of a query have the same length
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        past, generated, done = None, [[] for _ in chunk], [False] * n
-        for _ in range(generation.max_new_tokens):
-            with torch.inference_mode():
-                output = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                               use_cache=True, logits_to_keep=1)
-            past = output.past_key_values
-            logprobs = torch.log_softmax(output.logits[:, -1].float(), -1)
-            scores = logprobs[:n] + guidance * (logprobs[:n] - logprobs[n:]) if guidance else logprobs
-            scores[:, suppress] = -float("inf")
-            chosen = scores.argmax(-1)
-            for i, token in enumerate(chosen.tolist()):
-                if not done[i]:
-                    if token in eos:
-                        done[i] = True
-                    else:
-                        generated[i].append(token)
-            if all(done):
-                break
-            ids = (chosen.repeat(2) if guidance else chosen)[:, None]
-            positions = positions[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], 1)
-        out += [finish_prompt(tokenizer.decode(g, skip_special_tokens=True, clean_up_tokenization_spaces=False),
-                              special, generation.max_new_tokens) for g in generated]
-    return out
-
-
 def train_variant(run: Any, variant: str, epochs: int, work: Path) -> tuple[Any, Any, Any]:
+    from qpo_middleware.stats import quantile
     from qpo_middleware.training.config import TrainConfig
-    from qpo_middleware.training.loops import _fixed_buckets, _quantile, load_policy
+    from qpo_middleware.training.loops import fixed_buckets, load_policy
     from qpo_middleware.training.policy import build_examples
     from qpo_middleware.training.trainer import train_policy
 
     d0 = run.dataset().loop(0)
     if variant == "floor":
-        floor = _quantile([r.reward for r in d0], 0.5)
+        floor = quantile([r.reward for r in d0], 0.5)
         records = [r for r in d0 if r.reward >= floor]
     else:  # top1: each train query's best correct pair
         best: dict[str, Any] = {}
@@ -98,7 +49,7 @@ def train_variant(run: Any, variant: str, epochs: int, work: Path) -> tuple[Any,
     # The CPU profile's loop-1 settings.
     train = TrainConfig(epochs=epochs, learning_rate=2e-4, batch_size=8, trainable="top:4", prompt_max_tokens=32,
                         query_max_tokens=40, seed=run.config.seed)
-    buckets = _fixed_buckets(run.directory, d0, train.num_buckets)
+    buckets = fixed_buckets(run.paths, d0, train.num_buckets)
     model, tokenizer, fmt = load_policy(run.config.target, train)
     examples = build_examples(records, tokenizer, fmt, buckets, include_empty=train.include_empty)
     train_policy(model, tokenizer, examples, train, work / f"{variant}-e{epochs}")
@@ -116,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/qpo-fresh"))
     args = parser.parse_args(argv)
 
-    from qpo_middleware.training.benchmark import paired_bootstrap_ci
-    from qpo_middleware.training.collect import Run, score_pairs
-    from qpo_middleware.training.evaluate import best_train_prompt
+    from qpo_middleware.bundle import GenerationConfig
+    from qpo_middleware.stats import paired_bootstrap_ci
+    from qpo_middleware.training.evaluate import best_train_prompt, hits_of, score_prompts
     from qpo_middleware.training.export import read_policy_meta
-    from qpo_middleware.training.loops import checkpoint_of
     from qpo_middleware.training.models import load_model_and_tokenizer
-    from qpo_middleware.training.targets import Pair
+    from qpo_middleware.training.run import Run
+    from qpo_middleware.training.sampling import generate_prompts
 
     run = Run.open(args.run)
     task, config = run.task, run.config
@@ -136,17 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, fmt = train_variant(run, args.train, args.epochs, args.work)
         policy = f"train {args.train}, {args.epochs} epochs"
     else:
-        checkpoint = checkpoint_of(run.directory, int(args.checkpoint.removeprefix("loop_")))
+        checkpoint = run.paths.checkpoint(int(args.checkpoint.removeprefix("loop_")))
         model, tokenizer = load_model_and_tokenizer(checkpoint)
-        fmt = read_policy_meta(checkpoint)["policy"]
+        fmt = read_policy_meta(checkpoint).policy
         policy = args.checkpoint
 
     target = run.make_target()
     _, best_text, _ = best_train_prompt(run)
 
     def hits(prompts: list[str], source: str) -> list[bool | None]:
-        pairs = [Pair(e, p, source, run.demos(e)) for e, p in zip(fresh, prompts, strict=True)]
-        return [None if s.failed else bool(s.correct) for s in score_pairs(target, task, pairs, config.chunk_size)]
+        return hits_of(score_prompts(run, target, fresh, prompts, source))
 
     def accuracy(values: list[bool | None]) -> float:
         valid = [v for v in values if v is not None]
@@ -155,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     best = hits([best_text] * len(fresh), "best_pool")
     for weight in (float(w) for w in args.guidance.split(",")):
         started = time.perf_counter()
-        prompts = decode(model, tokenizer, fmt, [e.query for e in fresh], weight)
+        rows = generate_prompts(model, tokenizer, fmt, [e.query for e in fresh], GenerationConfig.for_policy(fmt),
+                                guidance=weight, guidance_bucket=0)  # greedy; w = 0 is plain greedy
+        prompts = [row[0] for row in rows]
         qpo = hits(prompts, "policy")
         diff, low, high, _ = paired_bootstrap_ci(qpo, best, samples=2000, seed=0)
         by_label: dict[str, list[bool | None]] = {}

@@ -137,9 +137,9 @@ def _hf_worker(spec: dict[str, Any], rows: list[list[int]]) -> dict[str, Any]:
 
 def _langchain_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from qpo_middleware import PromptOptimizer
-    from qpo_middleware.bench import percentiles
     from qpo_middleware.integrations.langchain import with_qpo
-    from qpo_middleware.integrations.local import local_smollm2_chat
+    from qpo_middleware.stats import percentiles
+    from qpo_middleware.training.chat import local_smollm2_chat
 
     chat = local_smollm2_chat(max_new_tokens=spec["chat_tokens"])
     optimizer = PromptOptimizer.from_bundle(spec["bundle"], provider="cpu")
@@ -190,7 +190,7 @@ def prepare_policy(checkpoint: Path | None, work: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qpo_middleware import Template
-    from qpo_middleware.training.export import write_policy_meta
+    from qpo_middleware.training.export import PolicyMeta, write_policy_meta
     from qpo_middleware.training.models import resolve_model
     from qpo_middleware.training.policy import add_policy_tokens
 
@@ -201,13 +201,13 @@ def prepare_policy(checkpoint: Path | None, work: Path) -> Path:
     staging = work / "checkpoint.tmp"
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    write_policy_meta(staging, policy, Template(), "sst2", "smollm2-135m-instruct", "0" * 64)
+    write_policy_meta(staging, PolicyMeta(policy, Template(), "sst2", "smollm2-135m-instruct", "0" * 64))
     staging.rename(target)
     return target
 
 
 def prepare_bundles(checkpoint: Path, work: Path) -> dict[str, Path]:
-    from qpo_middleware.training.export import export_bundle, read_policy_meta
+    from qpo_middleware.training.export import export_bundle
 
     marker = work / "bundles-source.json"
     source = {"checkpoint": str(checkpoint.resolve())}
@@ -219,7 +219,7 @@ def prepare_bundles(checkpoint: Path, work: Path) -> dict[str, Path]:
     for dtype, quantize in (("fp32", None), ("int8", "int8"), ("int8-dynamic", "int8-dynamic")):
         out = work / f"bundle-{dtype}"
         if not (out / "qpo.json").is_file():
-            export_bundle(checkpoint, out, quantize=quantize, **read_policy_meta(checkpoint))
+            export_bundle(checkpoint, out, quantize=quantize)
         bundles[dtype] = out
     return bundles
 
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     out, work = args.out, args.out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    from qpo_middleware.training.benchmark import environment
+    from qpo_bench.environment import environment
 
     env = environment()
     threads = args.threads or int(env["cpu_cores_usable"] or 1)

@@ -6,7 +6,7 @@ Usage::
     # -> benchmarks/results/quality-cpu/{results.json, report.md, <task>_*.png, runs/<task>-.../}
 
 For each task: ``collect`` (D0 on the train queries, sizes from the profile), ``run_loops``
-(QPO loops 1..T), then :func:`qpo_middleware.training.benchmark.benchmark` on the held-out
+(QPO loops 1..T), then :func:`qpo_bench.benchmark` (``benchmarks/qpo_bench``) on the held-out
 test queries: none, default, random_pool, best_pool, selector, oracle_pool, QPO greedy after
 every loop and QPO best-of-n (n sampled prompts, the selector's pick). ``results.json`` (config,
 seeds, hardware, package versions, every number) is rewritten after each task; ``report.md``
@@ -136,17 +136,12 @@ def run_quality(tasks: Sequence[str], profile: Profile, out: Path, *, seed: int 
                 model: str = DEFAULT_MODEL, data_dir: Path | None = None,
                 say: Callable[[str], None] = print, notes: Sequence[str] = ()) -> dict[str, Any]:
     """collect -> loops -> benchmark for every task; writes results.json, report.md and plots under ``out``."""
-    from qpo_middleware.training.benchmark import (
-        BenchmarkConfig,
-        benchmark,
-        environment,
-        write_plots,
-        write_report,
-    )
-    from qpo_middleware.training.collect import CollectConfig, Run, collect
-    from qpo_middleware.training.config import LoopConfig, TrainConfig
+    from qpo_bench import BenchmarkConfig, benchmark, environment, write_plots, write_report
+    from qpo_middleware.training.collect import collect
+    from qpo_middleware.training.config import CollectConfig, LoopConfig, TrainConfig
     from qpo_middleware.training.io import atomic_write_json
     from qpo_middleware.training.loops import run_loops
+    from qpo_middleware.training.run import Run
 
     if data_dir is not None:
         os.environ["QPO_DATA"] = str(data_dir)

@@ -48,8 +48,9 @@ class EchoChat(BaseChatModel):
 
 def soak(bundle: Path, calls: int, rounds: int, seed: int = 0) -> dict[str, Any]:
     from qpo_middleware import PromptOptimizer, RuntimeConfig
-    from qpo_middleware.bench import current_rss_mb, peak_rss_mb, percentiles
+    from qpo_middleware.bench import current_rss_mb, peak_rss_mb
     from qpo_middleware.integrations.langchain import QPORewriter
+    from qpo_middleware.stats import percentiles
     from qpo_middleware.training.tasks import get_task
 
     sentences = [e.query for e in get_task("sst2_sample").splits(None, seed=seed, n_train=0, n_collect=0,

@@ -1,4 +1,6 @@
-"""Quality benchmark (issue 5) on tiny random models: selector, benchmark, report, plots, determinism."""
+"""Quality benchmark (issue 5) on tiny random models: selector, benchmark, report, plots, determinism.
+
+The harness is ``benchmarks/qpo_bench`` (on the path through pytest's ``pythonpath``)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,7 @@ from typing import Any
 
 import pytest
 
-from qpo_middleware.training.benchmark import (
-    BenchmarkConfig,
-    benchmark,
-    paired_bootstrap_ci,
-    stable_view,
-    target_check,
-)
+from qpo_bench import BenchmarkConfig, benchmark, stable_view, target_check
 from qpo_middleware.training.dataset import OfflineDataset, Record
 from qpo_middleware.training.selector import Selector, SelectorConfig, text_features
 
@@ -303,8 +299,3 @@ def test_selector_fits_a_real_tiny_d0(runs: dict[str, Any]) -> None:
     scores = selector.predict(query, selector.prompts + ["an instruction the pool never had"])
     assert len(scores) == len(selector.prompts) + 1 and all(0.0 < s < 1.0 for s in scores)
 
-
-def test_paired_bootstrap() -> None:
-    diff, low, high, n = paired_bootstrap_ci([True, True, False, None], [False, True, False, True], samples=500)
-    assert n == 3 and diff == pytest.approx(1 / 3) and low <= diff <= high
-    assert paired_bootstrap_ci([], []) == (0.0, 0.0, 0.0, 0)

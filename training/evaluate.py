@@ -1,29 +1,36 @@
 """Held-out evaluation: QPO prompts against task-level baselines on the same target and queries.
 
-Methods (all on the run's test split, each query with the same demonstrations):
+The evaluation methods (:data:`METHODS`; ``qpo eval`` offers them all), scored on a run's held-out
+split, each query with the same demonstrations:
 
 * ``none``         — the query alone, no instruction;
 * ``default``      — the task's default instruction;
 * ``best_pool``    — the pool prompt with the best accuracy on the train split (D0), for every
   query: what a task-level optimizer (APE, OPRO, DSPy-style) delivers;
-* ``oracle_pool``  — (optional) the best pool prompt per test query: the upper bound of selection;
 * ``qpo``          — the prompt the exported bundle writes for each query, through the
   torch-free runtime exactly as production would call it.
+
+A :class:`Method` only writes prompts (:class:`MethodPrompts`); :func:`score_prompts` and
+:func:`method_result` score them and summarize the verdicts. The quality benchmark
+(``benchmarks/qpo_bench``) scores these same definitions and adds its own methods on top.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .collect import Run, score_pairs
-from .targets import Pair, Target
+from qpo_middleware.stats import bootstrap_ci
+
+from .collect import score_pairs
+from .run import Run
+from .targets import Pair, Score, Target
+from .tasks import Example
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +43,7 @@ class MethodResult:
     ci_high: float
     n: int
     mean_prompt_words: float
-    prompt: str | None = None  # the one prompt of a task-level method
+    prompt: str | None = None  # the one prompt of a task-level method; None when written per query
     policy_latency_ms_p50: float | None = None
     target_calls: int = 0
 
@@ -60,17 +67,40 @@ class EvalResult:
         return asdict(self)
 
 
-def bootstrap_ci(hits: Sequence[bool], *, samples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``hits``; deterministic given ``seed``."""
-    if not hits:
-        return (0.0, 0.0)
-    rng = random.Random(seed)
-    n = len(hits)
-    values = [int(h) for h in hits]
-    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(samples))
-    low = means[int((1 - level) / 2 * samples)]
-    high = means[min(samples - 1, int((1 + level) / 2 * samples))]
-    return (low, high)
+# ---------------------------------------------------------------------------- the methods
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """What a method may read: the run, the queries it writes prompts for, and the bundle ``qpo`` runs."""
+
+    run: Run
+    examples: Sequence[Example]
+    bundle: str | os.PathLike[str] | None = None
+    provider: str | None = None  # the runtime's execution provider for ``qpo`` (None: the runtime's default)
+
+    @property
+    def queries(self) -> list[str]:
+        return [example.query for example in self.examples]
+
+
+@dataclass(frozen=True)
+class MethodPrompts:
+    """What a method sends: one prompt per query."""
+
+    prompts: list[str]
+    description: str
+    fixed: str | None = None  # the one prompt of a task-level method
+    latencies: list[float] | None = None  # the policy's milliseconds per query, when a policy wrote them
+
+
+@dataclass(frozen=True)
+class Method:
+    """An evaluation method: a name, a family for reports, and how it writes a prompt per query."""
+
+    name: str
+    family: str  # baseline | pool | qpo (the benchmark adds selection and upper_bound)
+    write: Callable[[EvalInputs], MethodPrompts]
 
 
 def best_train_prompt(run: Run) -> tuple[str, str, float]:
@@ -84,60 +114,104 @@ def best_train_prompt(run: Run) -> tuple[str, str, float]:
     return source, text, statistics.fmean(values)
 
 
+def qpo_prompts(optimizer: Any, queries: Sequence[str]) -> MethodPrompts:
+    """The greedy prompts a loaded :class:`~qpo_middleware.PromptOptimizer` writes, one query at a time:
+    the latency a single request sees in production."""
+    outputs = [optimizer.optimize(query) for query in queries]
+    return MethodPrompts([o.prompt for o in outputs], f"QPO policy, greedy, {optimizer.manifest.model.dtype} runtime",
+                         latencies=[o.latency_ms for o in outputs])
+
+
+def _none(inputs: EvalInputs) -> MethodPrompts:
+    return MethodPrompts([""] * len(inputs.examples), "no instruction: the query alone", fixed="")
+
+
+def _default(inputs: EvalInputs) -> MethodPrompts:
+    text = inputs.run.task.default_prompt
+    return MethodPrompts([text] * len(inputs.examples), "the task's default instruction", fixed=text)
+
+
+def _best_pool(inputs: EvalInputs) -> MethodPrompts:
+    _, text, train_accuracy = best_train_prompt(inputs.run)
+    return MethodPrompts([text] * len(inputs.examples),
+                         f"the pool prompt with the best D0 accuracy ({train_accuracy:.1%})", fixed=text)
+
+
+def _qpo(inputs: EvalInputs) -> MethodPrompts:
+    if inputs.bundle is None:
+        raise ValueError("Method 'qpo' needs a bundle: pass --bundle DIR (made by `qpo export`).")
+    from qpo_middleware import PromptOptimizer
+
+    return qpo_prompts(PromptOptimizer.from_bundle(inputs.bundle, provider=inputs.provider), inputs.queries)
+
+
+METHODS: dict[str, Method] = {method.name: method for method in (
+    Method("none", "baseline", _none),
+    Method("default", "baseline", _default),
+    Method("best_pool", "pool", _best_pool),
+    Method("qpo", "qpo", _qpo),
+)}
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def score_prompts(run: Run, target: Target, examples: Sequence[Example], prompts: Sequence[str],
+                  source: str) -> list[Score]:
+    """The target's verdict on each (example, prompt), with the example's demonstrations, through the run's cache."""
+    pairs = [Pair(e, p, source, run.demos(e)) for e, p in zip(examples, prompts, strict=True)]
+    return score_pairs(target, run.task, pairs, run.config.chunk_size)
+
+
+def hits_of(scores: Sequence[Score]) -> list[bool | None]:
+    """Per query: answered correctly, or ``None`` where the target failed (neither right nor wrong)."""
+    return [None if s.failed else bool(s.correct) for s in scores]
+
+
+def method_result(name: str, written: MethodPrompts, scores: Sequence[Score], *, seed: int = 0,
+                  bootstrap_samples: int = 2000) -> MethodResult:
+    """Accuracy over the scored queries with its bootstrap interval, prompt length, policy latency and
+    the target calls the scoring spent (those not served by the cache)."""
+    hits = [hit for hit in hits_of(scores) if hit is not None]
+    low, high = bootstrap_ci(hits, samples=bootstrap_samples, seed=seed)
+    return MethodResult(
+        method=name, accuracy=sum(hits) / max(1, len(hits)), ci_low=low, ci_high=high, n=len(hits),
+        mean_prompt_words=statistics.fmean(len(p.split()) for p in written.prompts), prompt=written.fixed,
+        policy_latency_ms_p50=statistics.median(written.latencies) if written.latencies else None,
+        target_calls=sum(not s.cached for s in scores),
+    )
+
+
 def evaluate(
     run_dir: str | os.PathLike[str],
     bundle: str | os.PathLike[str] | None = None,
     *,
     split: str = "test",
-    methods: Sequence[str] = ("none", "default", "best_pool", "qpo"),
+    methods: Sequence[str] = tuple(METHODS),
     target: Target | None = None,
     limit: int | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Score each method's prompts on the held-out split of a run; QPO prompts come from ``bundle``."""
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method {unknown[0]!r}; use {', '.join(METHODS)}.")
     run = Run.open(run_dir)
     examples = run.splits.get(split)[:limit] if limit else run.splits.get(split)
     if not examples:
         raise ValueError(f"The {split} split of {run_dir} is empty; collect with --test-queries > 0.")
     target = target or run.make_target()
+    inputs = EvalInputs(run, examples, bundle)
     results: list[MethodResult] = []
     samples: list[dict[str, str]] = []
-
-    def score(name: str, prompts: Sequence[str], fixed: str | None = None,
-              latencies: Sequence[float] | None = None) -> None:
+    for name in methods:
         if progress:
             progress(name)
-        pairs = [Pair(e, p, name, run.demos(e)) for e, p in zip(examples, prompts, strict=True)]
-        scores = score_pairs(target, run.task, pairs, run.config.chunk_size)
-        hits = [s.correct for s in scores if not s.failed]
-        low, high = bootstrap_ci(hits, seed=seed)
-        results.append(MethodResult(
-            method=name, accuracy=sum(hits) / max(1, len(hits)), ci_low=low, ci_high=high, n=len(hits),
-            mean_prompt_words=statistics.fmean(len(p.split()) for p in prompts), prompt=fixed,
-            policy_latency_ms_p50=statistics.median(latencies) if latencies else None,
-            target_calls=sum(not s.cached for s in scores),
-        ))
-
-    for method in methods:
-        if method == "none":
-            score("none", [""] * len(examples), "")
-        elif method == "default":
-            score("default", [run.task.default_prompt] * len(examples), run.task.default_prompt)
-        elif method == "best_pool":
-            _, text, _ = best_train_prompt(run)
-            score("best_pool", [text] * len(examples), text)
-        elif method == "qpo":
-            if bundle is None:
-                raise ValueError("Method 'qpo' needs a bundle: pass --bundle DIR (made by `qpo export`).")
-            from qpo_middleware import PromptOptimizer
-
-            optimizer = PromptOptimizer.from_bundle(bundle)
-            # One query at a time: the latency a single request sees in production.
-            outputs = [optimizer.optimize(example.query) for example in examples]
-            score("qpo", [o.prompt for o in outputs], latencies=[o.latency_ms for o in outputs])
-            samples = [{"query": e.query, "prompt": o.prompt} for e, o in list(zip(examples, outputs, strict=True))[:8]]
-        else:
-            raise ValueError(f"Unknown method {method!r}; use none, default, best_pool or qpo.")
+        written = METHODS[name].write(inputs)
+        results.append(method_result(name, written, score_prompts(run, target, examples, written.prompts, name),
+                                     seed=seed))
+        if METHODS[name].family == "qpo":
+            samples = [{"query": e.query, "prompt": p} for e, p in zip(examples[:8], written.prompts, strict=False)]
     return EvalResult(task=run.task.name, target=target.id, split=split, queries=len(examples), methods=results,
                       examples=samples)

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the harness, benchmarks/qpo_bench
+
 REBUILT = {"tasks", "wall_seconds", "notes"}  # set below from every run
 
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--note", action="append", default=[])
     args = parser.parse_args(argv)
-    from qpo_middleware.training.benchmark import write_plots, write_report
+    from qpo_bench import write_plots, write_report
     from qpo_middleware.training.io import atomic_write_json
 
     payload = merge(args.folders, args.note)

@@ -6,7 +6,7 @@
 #   .gpu1  the first part of the SmolLM2 GGUF and SmolLM2's tokenizer/config (for the CUDA smoke)
 #   .gpu2  the rest of the GGUF, its sha256 and the task data (sst2, ag_news)
 # A call carries at most 64 MiB, the GGUF is 94 MiB: hence two calls (stage1.sh, then stage2.sh
-# on the still-warm machine). See ARCHITECTURE.md, "GPU runs".
+# on the still-warm machine). See benchmarks/device/README.md.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 for path in /.whl/ /.gpu1/ /.gpu2/; do

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))  # quality.py imports the harness, benchmarks/qpo_bench
 
 
 def load_quality() -> Any:

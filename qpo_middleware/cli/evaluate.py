@@ -11,24 +11,24 @@ from rich.table import Table
 
 from ._common import console, user_errors
 
-METHODS = "none,default,best_pool,qpo"
-
 
 def command(
     run: Annotated[Path, typer.Option(help="Run directory made by `qpo collect` / `qpo train`.")],
     bundle: Annotated[Path | None, typer.Option(help="Bundle to evaluate (default: RUN/bundle).")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate on: test or collect.")] = "test",
-    methods: Annotated[str, typer.Option(help=f"Comma-separated methods out of {METHODS}.")] = METHODS,
+    methods: Annotated[str | None, typer.Option(
+        help="Comma-separated methods out of none, default, best_pool, qpo (default: all).")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N queries of the split.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON to OUT/results.json.")] = None,
 ) -> None:
     """Score each method on the same held-out queries and target; print accuracy with 95% bootstrap intervals."""
     with user_errors():
-        from qpo_middleware.training.evaluate import evaluate
+        from qpo_middleware.training.evaluate import METHODS, evaluate
         from qpo_middleware.training.io import atomic_write_json
+        from qpo_middleware.training.run import RunPaths
 
-        names = [m.strip() for m in methods.split(",") if m.strip()]
-        bundle = bundle or (run / "bundle" if "qpo" in names else None)
+        names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(METHODS)
+        bundle = bundle or RunPaths(run).bundle  # read by the qpo method only
         with console.status("evaluating…") as status:
             result = evaluate(run, bundle, split=split, methods=names, limit=limit,
                               progress=lambda name: status.update(f"scoring {name}…"))
@@ -42,7 +42,7 @@ def print_eval(result: Any) -> None:
     for name in ("method", "accuracy", "95% CI", "prompt words", "policy p50 latency", "prompt"):
         table.add_column(name, justify="right" if name not in ("method", "prompt") else "left")
     for m in result.methods:
-        prompt = "(per query)" if m.method == "qpo" else (m.prompt or "(none)")
+        prompt = "(per query)" if m.prompt is None else (m.prompt or "(none)")
         latency = f"{m.policy_latency_ms_p50:.0f} ms" if m.policy_latency_ms_p50 is not None else "-"
         table.add_row(m.method, f"{m.accuracy:.1%}", f"{m.ci_low:.1%} - {m.ci_high:.1%}", f"{m.mean_prompt_words:.1f}",
                       latency, prompt if len(prompt) < 60 else prompt[:57] + "...")
