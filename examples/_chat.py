@@ -31,7 +31,7 @@ def parser(description: str, max_new_tokens: int = 16) -> argparse.ArgumentParse
 def make_chat(kind: str, max_new_tokens: int) -> BaseChatModel:
     if kind == "echo":
         return ParrotFakeChatModel()
-    from qpo_middleware.integrations.local import local_smollm2_chat
+    from qpo_middleware.training.chat import local_smollm2_chat
 
     return local_smollm2_chat(max_new_tokens=max_new_tokens)
 

@@ -28,7 +28,8 @@ class StatusCounter(AsyncCallbackHandler):
 
     async def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
         if name == QPO_EVENT:
-            self.status[data["qpo_status"]] = self.status.get(data["qpo_status"], 0) + 1
+            status = str(data["qpo_status"])  # a qpo_middleware.Status (a StrEnum), or "error"
+            self.status[status] = self.status.get(status, 0) + 1
 
 
 async def heartbeat(lags: list[float], stop: asyncio.Event, period: float = 0.01) -> None:

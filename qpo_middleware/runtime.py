@@ -68,11 +68,12 @@ class Status(StrEnum):
     SKIPPED = "skipped"  # an empty or whitespace-only query: no model call, no prompt
     TIMEOUT = "timeout"  # fail-open: the latency budget ran out; no prompt, the query goes on as is
     OVERLOADED = "overloaded"  # fail-open: the micro-batching queue was full; no prompt
+    ERROR = "error"  # fail-open in an integration: the policy raised (the runtime itself raises)
 
     @property
     def failed_open(self) -> bool:
-        """True when the query went on without a prompt because the policy could not answer in time."""
-        return self in (Status.TIMEOUT, Status.OVERLOADED)
+        """True when the query went on without a prompt because the policy could not answer."""
+        return self in (Status.TIMEOUT, Status.OVERLOADED, Status.ERROR)
 
 
 # ---------------------------------------------------------------------------- results
@@ -292,7 +293,11 @@ class PromptOptimizer:
         generator.append_tokens(rows)
         while not generator.is_done():
             if deadline is not None and _clock() > deadline:
-                raise LatencyBudgetExceeded("The policy ran past its latency budget; decoding was stopped.")
+                raise LatencyBudgetExceeded(
+                    "The policy ran past its latency budget; decoding was stopped. Raise latency_budget_ms, serve "
+                    "a faster bundle (qpo export --quantize int8 on CPU, --fp16 on GPU), or set fail_open=True to "
+                    "send the query on without a prompt."
+                )
             generator.generate_next_token()
         return generator.sequences()
 
@@ -453,7 +458,10 @@ class PromptOptimizer:
     def _timed_out(self, future: Future[list[int]], call: _Call) -> Status:
         future.cancel()  # dropped from its batch if the batch has not started
         if not call.fail_open:
-            raise LatencyBudgetExceeded("The policy did not answer within its latency budget (micro-batching queue).")
+            raise LatencyBudgetExceeded(
+                "The policy did not answer within its latency budget (waiting in the micro-batching queue). Raise "
+                "latency_budget_ms, lower batch_window_ms, or set fail_open=True to send the query on without a prompt."
+            )
         return Status.TIMEOUT
 
     def _fill(self, queries: Sequence[str], call: _Call, generated: Sequence[list[int] | Status]) -> None:

@@ -56,24 +56,14 @@ class EchoChatModel(BaseChatModel):
         self.calls.append({"messages": list(messages), **kwargs})
         return AIMessage(content=transcript(messages))
 
-    def _generate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         return ChatResult(
             generations=[ChatGeneration(message=self._reply(messages, {"stop": stop, **kwargs}))]
         )
 
-    def _stream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> Iterator[ChatGenerationChunk]:
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         text = self._reply(messages, {"stop": stop, **kwargs}).text
         for piece in re.findall(r"\S+|\s+", text):
             yield ChatGenerationChunk(message=AIMessageChunk(content=piece))

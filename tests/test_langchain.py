@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.runnables import RunnableBinding
 from pydantic import BaseModel, ValidationError
 
-from qpo_middleware import PromptOptimizer
+from qpo_middleware import PromptOptimizer, RuntimeConfig, Status, runtime
 from qpo_middleware.integrations.langchain import (
     QPO_EVENT,
     LatencyBudgetExceeded,
@@ -388,31 +389,94 @@ async def test_policy_error_fails_closed_async(
         await rewriter.abatch([QUERY])
 
 
-def test_budget_overrun_passes_through_without_waiting(
-    optimizer: PromptOptimizer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _slow(optimizer, monkeypatch, 0.5)
-    rewriter = QPORewriter(optimizer=optimizer, latency_budget_ms=50)
+# ---------------------------------------------------------------------------- latency budget (the runtime's)
+
+
+@pytest.fixture(params=["decode loop", "micro-batch wait"])
+def overrunning(request: pytest.FixtureRequest, bundle: Path) -> Iterator[PromptOptimizer]:
+    """An optimizer whose own config has a budget every call overruns, and fails open (the default).
+
+    "decode loop": a 0 ms budget, noticed by the decode loop after the prefill. "micro-batch
+    wait": a 1 ms budget and a 1 s batching window, noticed by the caller's wait for its
+    micro-batch (which has not even started).
+    """
+    config = RuntimeConfig(provider="cpu", latency_budget_ms=0)
+    if request.param == "micro-batch wait":
+        config = config.with_(latency_budget_ms=1, batch_window_ms=1000)
+    with PromptOptimizer.from_bundle(bundle, config=config) as optimizer:
+        assert optimizer.config.fail_open
+        yield optimizer
+
+
+def test_fail_closed_raises_on_an_overrun_the_optimizer_would_fail_open(overrunning: PromptOptimizer) -> None:
+    """fail_open=False raises whichever layer noticed the overrun, whatever the optimizer's own setting."""
+    rewriter = QPORewriter(optimizer=overrunning, fail_open=False)
     tracer = RunRecorder()
-    start = time.perf_counter()
-    assert rewriter.invoke(QUERY, {"callbacks": [tracer]}) == QUERY
-    assert time.perf_counter() - start < 0.4
-    meta = tracer.named("QPORewriter")[0].extra["metadata"]
-    assert meta["qpo_status"] == "timeout" and "latency_budget_ms=50" in meta["qpo_error"]
-    assert rewriter.stats["timeout"] == 1
-    with pytest.raises(LatencyBudgetExceeded, match="fail_open=True"):
-        QPORewriter(optimizer=optimizer, latency_budget_ms=50, fail_open=False).invoke(QUERY)
+    with pytest.raises(LatencyBudgetExceeded):
+        rewriter.invoke(QUERY, {"callbacks": [tracer]})
+    (run,) = tracer.named("QPORewriter")
+    assert "LatencyBudgetExceeded" in run.error and run.extra["metadata"]["qpo_status"] == "timeout"
+    with pytest.raises(LatencyBudgetExceeded):
+        rewriter.batch([QUERY, QUERIES[1]])
+    assert rewriter.stats == {"queries": 3, "timeout": 3}
+    with pytest.raises(LatencyBudgetExceeded):
+        QPOChatModel(model=EchoChatModel(), optimizer=overrunning, fail_open=False).invoke(QUERY)
 
 
 @pytest.mark.asyncio
-async def test_budget_overrun_async(optimizer: PromptOptimizer, monkeypatch: pytest.MonkeyPatch) -> None:
-    _slow(optimizer, monkeypatch, 0.5)
-    rewriter = QPORewriter(optimizer=optimizer, latency_budget_ms=50)
-    start = time.perf_counter()
-    assert await rewriter.abatch([QUERY, QUERY]) == [QUERY, QUERY]
-    assert time.perf_counter() - start < 0.4
+async def test_fail_closed_raises_on_an_overrun_async(overrunning: PromptOptimizer) -> None:
+    rewriter = QPORewriter(optimizer=overrunning, fail_open=False)
     with pytest.raises(LatencyBudgetExceeded):
-        await QPORewriter(optimizer=optimizer, latency_budget_ms=50, fail_open=False).ainvoke(QUERY)
+        await rewriter.ainvoke(QUERY)
+    with pytest.raises(LatencyBudgetExceeded):
+        await rewriter.abatch([QUERY, QUERIES[1]])
+    with pytest.raises(LatencyBudgetExceeded):
+        await QPOChatModel(model=EchoChatModel(), optimizer=overrunning, fail_open=False).ainvoke(QUERY)
+
+
+def test_fail_open_overrun_passes_the_query_through_verbatim(overrunning: PromptOptimizer) -> None:
+    rewriter = QPORewriter(optimizer=overrunning)
+    tracer, events = RunRecorder(), EventRecorder()
+    messages = [SystemMessage(content="Be brief."), HumanMessage(content=QUERY)]
+    start = time.perf_counter()
+    assert rewriter.invoke(QUERY, {"callbacks": [tracer, events]}) == QUERY
+    assert rewriter.batch([QUERIES[1], messages]) == [QUERIES[1], messages]
+    assert time.perf_counter() - start < 0.5  # no wait for the 1 s batching window
+    meta = tracer.named("QPORewriter")[0].extra["metadata"]
+    assert meta["qpo_status"] == Status.TIMEOUT and meta["qpo_prompt"] == "" and "qpo_error" not in meta
+    assert events.events[0][1]["qpo_status"] == "timeout"
+    assert rewriter.stats == {"queries": 3, "timeout": 3, "passed_through": 3}
+
+
+@pytest.mark.asyncio
+async def test_fail_open_overrun_async(overrunning: PromptOptimizer) -> None:
+    rewriter = QPORewriter(optimizer=overrunning)
+    assert await rewriter.ainvoke(QUERY) == QUERY
+    assert await rewriter.abatch([QUERY, QUERIES[1]]) == [QUERY, QUERIES[1]]
+    assert rewriter.stats == {"queries": 3, "timeout": 3, "passed_through": 3}
+
+
+def test_rewriter_budget_goes_to_every_optimizer_call(
+    optimizer: PromptOptimizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rewriter keeps no timer: its settings go with each call (async too), and the runtime enforces them."""
+    seen: list[dict[str, Any]] = []
+    real = optimizer.optimize_batch
+
+    def recording(queries: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return real(queries, **kwargs)
+
+    monkeypatch.setattr(optimizer, "optimize_batch", recording)
+    rewriter = QPORewriter(optimizer=optimizer, latency_budget_ms=30_000, fail_open=False)
+    rewriter.invoke(QUERY)
+    asyncio.run(rewriter.ainvoke(QUERY))
+    assert [(call["latency_budget_ms"], call["fail_open"]) for call in seen] == [(30_000, False)] * 2
+    # A budget of 1 µs: the decode loop stops after the prefill.
+    with pytest.raises(LatencyBudgetExceeded):
+        QPORewriter(optimizer=optimizer, latency_budget_ms=1e-3, fail_open=False).invoke(QUERY)
+    assert QPORewriter(optimizer=optimizer, latency_budget_ms=1e-3).invoke(QUERY) == QUERY
+    assert LatencyBudgetExceeded is runtime.LatencyBudgetExceeded  # one exception type: the runtime's
 
 
 def test_budget_met_rewrites(optimizer: PromptOptimizer, prompts: dict[str, str]) -> None:

@@ -32,7 +32,7 @@ def policy(smollm2_bundle: Path) -> PromptOptimizer:
 
 @pytest.fixture(scope="session")
 def smollm2_chat() -> Any:
-    from qpo_middleware.integrations.local import local_smollm2_chat
+    from qpo_middleware.training.chat import local_smollm2_chat
 
     return local_smollm2_chat(max_new_tokens=8)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,10 +40,15 @@ def test_help_list_matches_each_command() -> None:
 def runtime_only_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with `pip install '<repo>[cpu]'` and nothing else (packages come from the registry or
     pip's cache, as for a user)."""
-    env = tmp_path_factory.mktemp("runtime-only") / "venv"
+    root = tmp_path_factory.mktemp("runtime-only")
+    # Build from a copy of the source: an in-tree build would leave build/ in the checkout.
+    source = root / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", "results", "tests", "examples"))
+    env = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, timeout=300)
     proc = subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                           "--disable-pip-version-check", f"{REPO}[cpu]"],
+                           "--disable-pip-version-check", f"{source}[cpu]"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return env

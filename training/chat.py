@@ -8,8 +8,10 @@ which works beside transformers 4.57), with two additions for local use:
 * a lock around the pipeline: concurrent ``batch``/``abatch`` calls take turns
   instead of sharing one model object between threads.
 
-Needs the ``train`` and ``langchain`` extras. Nothing is downloaded: the model is
-resolved by :func:`qpo_middleware.training.models.resolve_model`.
+It lives on the training side because it needs torch, transformers and langchain-huggingface:
+the ``train`` extra (which brings langchain-core too). The ``langchain`` integration itself
+stays torch-free. Nothing is downloaded: the model is resolved by
+:func:`qpo_middleware.training.models.resolve_model`.
 """
 
 from __future__ import annotations
@@ -36,24 +38,16 @@ class LocalChatHuggingFace(ChatHuggingFace):
 
     _pipeline_lock: Any = PrivateAttr(default_factory=threading.Lock)
 
-    def _generate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        stream: bool | None = None,  # noqa: FBT001 - ChatHuggingFace's signature
-        **kwargs: Any,
-    ) -> ChatResult:
-        with self._pipeline_lock:
-            return super()._generate(messages, stop=stop, run_manager=run_manager, stream=stream, **kwargs)
+    # ChatHuggingFace's own arguments (``stream``, ...) pass through ``kwargs``. ``run_manager`` stays
+    # a named parameter: BaseChatModel passes it only to a _generate that names it.
 
-    def _stream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> Iterator[ChatGenerationChunk]:
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        with self._pipeline_lock:
+            return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         with self._pipeline_lock:
             yield from super()._stream(messages, stop=stop, run_manager=run_manager, **kwargs)
 
