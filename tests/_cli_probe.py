@@ -17,7 +17,7 @@ from typing import Any
 
 
 def install_counter(log_path: str, delay: float) -> None:
-    from qpo_middleware.training.targets import HFTarget
+    from qpo_middleware.training.hf_target import HFTarget
 
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 

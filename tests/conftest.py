@@ -29,6 +29,6 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_target():
     """One shared SmolLM2 target for the real-model tests (loading it takes a few seconds)."""
-    from qpo_middleware.training.targets import HFTarget
+    from qpo_middleware.training.hf_target import HFTarget
 
     return HFTarget(batch_size=20)

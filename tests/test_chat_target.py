@@ -9,10 +9,11 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
+from qpo_middleware.training.chat_target import ChatModelTarget  # noqa: E402
 from qpo_middleware.training.collect import collect  # noqa: E402
 from qpo_middleware.training.config import CollectConfig  # noqa: E402
 from qpo_middleware.training.dataset import OfflineDataset  # noqa: E402
-from qpo_middleware.training.targets import ChatModelTarget, Pair, ScoreCache, make_target  # noqa: E402
+from qpo_middleware.training.targets import Pair, ScoreCache, make_target  # noqa: E402
 from qpo_middleware.training.tasks import Example, get_task  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -64,8 +65,8 @@ def test_bad_factory_names_the_format() -> None:
 
 
 def test_chat_target_call_settings_come_from_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qpo_middleware.training.chat_target import ChatModelTarget
     from qpo_middleware.training.run import Run
-    from qpo_middleware.training.targets import ChatModelTarget
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     config = CollectConfig(task="sst2_sample", target="_flaky_chat:make", queries=2, collect_queries=0,

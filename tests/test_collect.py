@@ -11,8 +11,9 @@ import pytest
 from qpo_middleware.training.collect import collect
 from qpo_middleware.training.config import CollectConfig, RewardConfig
 from qpo_middleware.training.dataset import OfflineDataset
+from qpo_middleware.training.hf_target import HFTarget
 from qpo_middleware.training.run import RunPaths
-from qpo_middleware.training.targets import HFTarget, Pair, Score, ScoreCache
+from qpo_middleware.training.targets import Pair, Score, ScoreCache
 from qpo_middleware.training.tasks import get_task, resolve_prompts
 
 

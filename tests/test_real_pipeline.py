@@ -18,10 +18,11 @@ def test_smollm2_collect_train_export_rewrite(tmp_path: Path, real_data: Path, s
     from qpo_middleware.training.config import CollectConfig, LoopConfig, TrainConfig
     from qpo_middleware.training.dataset import OfflineDataset
     from qpo_middleware.training.export import export_bundle
+    from qpo_middleware.training.hf_target import HFTarget
     from qpo_middleware.training.loops import final_checkpoint, load_policy, run_loops
     from qpo_middleware.training.run import RunPaths
     from qpo_middleware.training.sampling import generate_prompts
-    from qpo_middleware.training.targets import HFTarget, ScoreCache
+    from qpo_middleware.training.targets import ScoreCache
 
     config = CollectConfig(task="sst2", queries=6, collect_queries=3, test_queries=3, prompts="3", chunk_size=8,
                            data_dir=str(real_data))

@@ -26,12 +26,13 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
+from qpo_middleware.training.chat_target import ChatModelTarget  # noqa: E402
 from qpo_middleware.training.collect import collect  # noqa: E402
 from qpo_middleware.training.config import CollectConfig  # noqa: E402
 from qpo_middleware.training.dataset import OfflineDataset  # noqa: E402
 from qpo_middleware.training.io import decode_line  # noqa: E402
 from qpo_middleware.training.run import Run, RunPaths  # noqa: E402
-from qpo_middleware.training.targets import ChatModelTarget, Pair, ScoreCache, make_target  # noqa: E402
+from qpo_middleware.training.targets import Pair, ScoreCache, make_target  # noqa: E402
 from qpo_middleware.training.tasks import Example, get_task, resolve_prompts  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent

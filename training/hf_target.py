@@ -1,0 +1,186 @@
+"""A local Hugging Face causal LM as the target (default: the embedded SmolLM2).
+
+Classification: each label is scored by the target's log-likelihood right after the rendered
+input (chat template applied); the prediction is the most likely label. Math: greedy generation
+with a token cap, final number parsed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .targets import Pair, Progress, Score, ScoreCache, cached_score
+from .tasks import Task
+
+logger = logging.getLogger(__name__)
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+@dataclass
+class HFTarget:
+    """A local causal LM as target. ``model`` is a name for :func:`resolve_model` (default: SmolLM2)."""
+
+    model: str = "smollm2-135m-instruct"
+    batch_size: int = 16
+    max_new_tokens: int | None = None
+    cache: ScoreCache | None = None
+    device: str = "auto"
+    id: str = ""
+    _lm: Any = field(default=None, init=False, repr=False)
+    _tok: Any = field(default=None, init=False, repr=False)
+    _label_ids: dict[tuple[str, ...], list[list[int]]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = f"hf:{self.model}"
+
+    def _load(self) -> None:
+        if self._lm is not None:
+            return
+        import torch
+
+        from .models import load_model_and_tokenizer
+
+        self._lm, self._tok = load_model_and_tokenizer(self.model)
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._lm.to(device)
+        if self._tok.chat_template is None:
+            logger.warning("Target %s has no chat template: rendering the user text as a plain prompt.", self.model)
+
+    @property
+    def tokenizer(self) -> Any:
+        self._load()
+        return self._tok
+
+    def context_text(self, task: Task, pair: Pair) -> str:
+        """The exact text the target reads before its answer."""
+        self._load()
+        rendered = task.template.render(pair.prompt, pair.example.query, pair.demos)
+        if self._tok.chat_template is None:
+            return "\n\n".join(m["content"] for m in rendered.messages) + "\nAnswer:"
+        return self._tok.apply_chat_template(rendered.messages, tokenize=False, add_generation_prompt=True)
+
+    def score(self, task: Task, pairs: Sequence[Pair], progress: Progress | None = None) -> list[Score]:
+        self._load()
+        pairs = list(pairs)
+
+        def compute(indices: list[int]) -> list[Score]:
+            todo = [pairs[i] for i in indices]
+            if task.kind == "classification":
+                return self._score_labels(task, todo, progress)
+            return self._score_generation(task, todo, progress)
+
+        return cached_score(self.id, task, pairs, lambda p: self.context_text(task, p), compute, self.cache, progress)
+
+    # Classification: label log-likelihood ----------------------------------------------------
+
+    def label_token_ids(self, task: Task) -> list[list[int]]:
+        """Token ids of each label word as the answer's first word (no leading space: see docs/architecture.md)."""
+        self._load()
+        if task.labels not in self._label_ids:
+            ids = [self._tok(label, add_special_tokens=False).input_ids for label in task.labels]
+            if any(not i for i in ids):
+                raise ValueError(f"A label of task {task.name!r} tokenizes to nothing: {task.labels}")
+            self._label_ids[task.labels] = ids
+        return self._label_ids[task.labels]
+
+    def _score_labels(self, task: Task, pairs: list[Pair], progress: Progress | None) -> list[Score]:
+
+        label_ids = self.label_token_ids(task)
+        single_token = all(len(ids) == 1 for ids in label_ids)
+        out: list[Score] = []
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            contexts = [self._tok(self.context_text(task, p), add_special_tokens=False).input_ids for p in chunk]
+            if single_token:
+                # One forward pass per pair: the next-token distribution after the context.
+                logprobs = self._next_token_logprobs(contexts)  # (batch, vocab)
+                label_lp = logprobs[:, [ids[0] for ids in label_ids]]  # (batch, labels)
+            else:
+                # Several tokens for some label: one sequence per (pair, label), summed token log-probs.
+                seqs = [ctx + ids for ctx in contexts for ids in label_ids]
+                starts = [len(ctx) for ctx in contexts for _ in label_ids]
+                label_lp = self._continuation_logprobs(seqs, starts).view(len(chunk), len(label_ids))
+            for pair, lps, ctx in zip(chunk, label_lp.tolist(), contexts, strict=True):
+                best = max(range(len(lps)), key=lambda i: lps[i])
+                gold = int(pair.example.label) if pair.example.label is not None else None
+                gold_nll = -lps[gold] if gold is not None else None
+                label_nll = _logsumexp(lps) - lps[gold] if gold is not None else None
+                out.append(Score(correct=best == gold, prediction=task.labels[best], gold_nll=gold_nll,
+                                 label_nll=label_nll,
+                                 tokens=len(ctx) + (0 if single_token else sum(map(len, label_ids)))))
+            if progress:
+                progress(len(chunk))
+        return out
+
+    def _device(self) -> Any:
+        return next(self._lm.parameters()).device
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[Any, Any]:
+        from .sampling import left_pad
+
+        ids, mask = left_pad(seqs, self._tok.pad_token_id)
+        return ids.to(self._device()), mask.to(self._device())
+
+    def _next_token_logprobs(self, contexts: list[list[int]]) -> Any:
+        import torch
+
+        from .sampling import position_ids
+
+        ids, mask = self._left_pad(contexts)
+        with torch.inference_mode():
+            logits = self._lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                              logits_to_keep=1).logits[:, -1, :]  # (batch, vocab)
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+    def _continuation_logprobs(self, seqs: list[list[int]], starts: list[int]) -> Any:
+        import torch
+
+        from .sampling import position_ids
+
+        ids, mask = self._left_pad(seqs)
+        with torch.inference_mode():
+            logits = self._lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (batch, seq-1, vocab)
+            token_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (batch, seq-1)
+        width = ids.shape[1]
+        totals = []
+        for row, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
+            offset = width - len(seq)  # left padding
+            # token t (absolute position p = offset + t) is predicted at position p - 1
+            totals.append(token_lp[row, offset + start - 1 : offset + len(seq) - 1].sum())
+        return torch.stack(totals).cpu()
+
+    # Math: greedy generation ------------------------------------------------------------------
+
+    def _score_generation(self, task: Task, pairs: list[Pair], progress: Progress | None) -> list[Score]:
+        import torch
+
+        cap = self.max_new_tokens or task.max_new_tokens
+        out: list[Score] = []
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            contexts = [self._tok(self.context_text(task, p), add_special_tokens=False).input_ids for p in chunk]
+            ids, mask = self._left_pad(contexts)
+            with torch.inference_mode():
+                generated = self._lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cap, do_sample=False,
+                                              pad_token_id=self._tok.pad_token_id,
+                                              eos_token_id=self._tok.eos_token_id)
+            for pair, row in zip(chunk, generated[:, ids.shape[1] :], strict=True):
+                response = self._tok.decode(row, skip_special_tokens=True)
+                prediction = task.parse(response)
+                out.append(Score(correct=task.is_correct(pair.example, prediction), prediction=prediction,
+                                 response=response, tokens=int(ids.shape[1] + len(row))))
+            if progress:
+                progress(len(chunk))
+        return out
