@@ -32,3 +32,30 @@ def smollm2_target():
     from qpo_middleware.training.hf_target import HFTarget
 
     return HFTarget(batch_size=20)
+
+
+# -- the tiny random policy (tests/_tiny.py), one per test module ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny random Llama policy checkpoint of ``tests/_tiny.py`` (a ``TinyPolicy``)."""
+    from _tiny import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny`` exported as an fp32 bundle (a module may override it with a shared bundle)."""
+    from _tiny import export_tiny
+
+    return export_tiny(tiny, tmp_path_factory.mktemp("export") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def optimizer(bundle: Path):
+    """A CPU ``PromptOptimizer`` over this module's ``bundle``."""
+    from qpo_middleware import PromptOptimizer
+
+    return PromptOptimizer.from_bundle(bundle, provider="cpu")

@@ -18,7 +18,6 @@ from _tiny import (
     PROMPT_MAX_TOKENS,
     QUERIES,
     TinyPolicy,
-    build_checkpoint,
     export_tiny,
     torch_greedy,
 )
@@ -27,21 +26,6 @@ from qpo_middleware import BundleError, OptimizedPrompt, PromptOptimizer
 from qpo_middleware.bundle import GenerationConfig, load_manifest, sha256_file
 from qpo_middleware.generator import Generator
 from qpo_middleware.training.export import ExportError, PolicyMeta, read_policy_meta, write_policy_meta
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyPolicy:
-    return build_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny: TinyPolicy, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_tiny(tiny, tmp_path_factory.mktemp("export") / "bundle")
-
-
-@pytest.fixture(scope="module")
-def optimizer(bundle: Path) -> PromptOptimizer:
-    return PromptOptimizer.from_bundle(bundle, provider="cpu")
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

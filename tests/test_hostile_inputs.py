@@ -88,11 +88,6 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_bundle(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def optimizer(bundle: Path) -> PromptOptimizer:
-    return PromptOptimizer.from_bundle(bundle, provider="cpu")
-
-
 # ---------------------------------------------------------------------------- PromptOptimizer
 
 

@@ -49,11 +49,6 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def optimizer(bundle: Path) -> PromptOptimizer:
-    return PromptOptimizer.from_bundle(bundle, provider="cpu")
-
-
-@pytest.fixture(scope="module")
 def prompts(optimizer: PromptOptimizer) -> dict[str, str]:
     """The policy's greedy prompt for each test query (non-empty, so every rewrite is visible)."""
     result = {q: optimizer.optimize(q).prompt for q in QUERIES}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-from _tiny import QUERIES, TinyPolicy, build_checkpoint, export_tiny
+from _tiny import QUERIES
 
 from qpo_middleware import LatencyBudgetExceeded, PromptOptimizer, RuntimeConfig
 from qpo_middleware.batching import BatcherClosedError, MicroBatcher, QueueFullError
@@ -20,16 +20,6 @@ from qpo_middleware.config import RuntimeConfigError
 from qpo_middleware.decoder import make_session
 
 MANY = list(QUERIES) + [f"{q} (variant {i})" for i in range(7) for q in QUERIES]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyPolicy:
-    return build_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny: TinyPolicy, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_tiny(tiny, tmp_path_factory.mktemp("export") / "bundle")
 
 
 @pytest.fixture(scope="module")
