@@ -97,6 +97,7 @@ def _hf_worker(spec: dict[str, Any], rows: list[list[int]]) -> dict[str, Any]:
     import torch
 
     from qpo_middleware.bench import current_rss_mb, measure_decode, peak_rss_mb
+    from qpo_middleware.training.sampling import left_pad
 
     torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
@@ -118,12 +119,8 @@ def _hf_worker(spec: dict[str, Any], rows: list[list[int]]) -> dict[str, Any]:
     new_tokens, suppress, pad = spec["new_tokens"], spec["suppress"], spec["pad_id"]
 
     def generate(batch: Sequence[Sequence[int]], tokens: int) -> list[list[int]]:
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, row in enumerate(batch):
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
+        ids, mask = left_pad(batch, pad)
+        width = ids.shape[1]
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
                                  do_sample=False, suppress_tokens=suppress, eos_token_id=spec["eos"],
