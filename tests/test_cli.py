@@ -58,7 +58,7 @@ def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> N
         (["collect", "--task", "sst2_sample", "--queries", "0"], "queries must be positive"),
         (["collect", "--task", "sst2_sample", "--prompts", "nope.json"], "--prompts"),
         (["train", "--run", "{tmp}"], "qpo collect"),
-        (["export", "{tmp}", "--out", "{tmp}/b"], "checkpoint"),
+        (["export", "{tmp}", "--out", "{tmp}/b"], "qpo_policy.json"),
         (["eval", "--run", "{tmp}"], "qpo collect"),
     ],
 )

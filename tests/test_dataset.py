@@ -86,3 +86,21 @@ def test_atomic_writes_get_the_mode_open_would_give(tmp_path: Path) -> None:
         os.umask(old)
         io._new_file_mode.cache_clear()
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_run_layout_names_are_stable(tmp_path) -> None:
+    """Runs made by earlier versions must still open: the names RunPaths gives are the on-disk format."""
+    from qpo_middleware.training.run import RunPaths
+
+    paths = RunPaths(str(tmp_path))
+    names = {
+        "run.json": paths.run_file, "scores.sqlite": paths.scores, "dataset.jsonl": paths.dataset,
+        "collect.json": paths.collect_summary, "policy/buckets.json": paths.buckets,
+        "policy/loop_2": paths.loop(2), "policy/loop_2/metrics.json": paths.metrics(2),
+        "policy/loop_2/checkpoint": paths.checkpoint(2), "bundle": paths.bundle, "results.json": paths.eval_results,
+        "quickstart.json": paths.quickstart_report, "bench/bundles/loop_3": paths.bench_bundle(3),
+    }
+    assert {name: path.relative_to(tmp_path).as_posix() for name, path in names.items()} == {n: n for n in names}
+    assert not paths.is_run()
+    paths.run_file.write_text("{}")
+    assert paths.is_run()
