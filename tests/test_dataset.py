@@ -95,7 +95,8 @@ def test_run_layout_names_are_stable(tmp_path) -> None:
     paths = RunPaths(str(tmp_path))
     names = {
         "run.json": paths.run_file, "scores.sqlite": paths.scores, "dataset.jsonl": paths.dataset,
-        "collect.json": paths.collect_summary, "policy/buckets.json": paths.buckets,
+        "collect.json": paths.collect_summary, "prompts.json": paths.induced_prompts,
+        "policy/buckets.json": paths.buckets,
         "policy/loop_2": paths.loop(2), "policy/loop_2/metrics.json": paths.metrics(2),
         "policy/loop_2/checkpoint": paths.checkpoint(2), "bundle": paths.bundle, "results.json": paths.eval_results,
         "quickstart.json": paths.quickstart_report, "bench/bundles/loop_3": paths.bench_bundle(3),

@@ -14,14 +14,17 @@ import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import CollectConfig, RewardConfig
 from .dataset import Record
 from .io import atomic_write_json
 from .run import Run
 from .targets import Pair, Score, Target
-from .tasks import Task, resolve_prompts
+from .tasks import Task
+
+if TYPE_CHECKING:
+    from .induce import Inducer
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,16 @@ class PromptStats:
     prompt: str
     accuracy: float
     n: int
+
+
+@dataclass
+class InductionStats:
+    """How the induced part of the pool was made: candidates asked, kept, and why the rest were dropped."""
+
+    inducer: str
+    asked: int
+    kept: int
+    dropped: dict[str, int]  # reason -> count (see induce.DROP_REASONS)
 
 
 @dataclass
@@ -48,6 +61,7 @@ class CollectSummary:
     tokens_scored: int
     records_written: int
     dataset_records: int
+    induction: InductionStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,13 +114,17 @@ def mean_accuracy_by_prompt(pairs: Sequence[Pair], scores: Sequence[Score]) -> d
 
 
 def collect(config: CollectConfig, out: str | os.PathLike[str], *, target: Target | None = None,
-            progress: Callable[[int, int], None] | None = None) -> CollectSummary:
+            progress: Callable[[int, int], None] | None = None, inducer: Inducer | None = None,
+            induce_progress: Callable[[int], None] | None = None) -> CollectSummary:
     """Score the pool on the train queries, append D0 (loop 0) to the dataset, write the summary.
 
-    ``progress(done, total)`` is called as pairs finish (the CLI draws a bar).
+    With ``config.induce``, the induced candidates are made first (by ``inducer``, default the
+    configured model; ``induce_progress(1)`` per candidate) and kept in ``prompts.json``, or read
+    back from it on resume. ``progress(done, total)`` is called as pairs finish (the CLI draws a bar).
     """
     run = Run.open(out, config)
-    prompts = resolve_prompts(run.task, config.prompts, config.include_empty)
+    prompts = run.prompts(inducer, induce_progress)
+    induced = run.induced()  # read back from prompts.json
     pairs = run.d0_pairs(prompts)
     target = target or run.make_target()
     logger.info("Scoring %d pairs (%d queries x %d of %d prompts) on %s", len(pairs), len(run.splits.train),
@@ -125,6 +143,8 @@ def collect(config: CollectConfig, out: str | os.PathLike[str], *, target: Targe
     dataset = run.dataset()
     written = dataset.append(make_records(run.task, target.id, pairs, scores, loop=0, rewards=config.rewards))
     summary = summarize(run.task, target.id, pairs, scores, prompts, written, len(dataset))
+    if induced is not None:
+        summary.induction = InductionStats(induced.inducer, induced.asked, len(induced.kept), induced.drop_counts())
     atomic_write_json(run.paths.collect_summary, summary.to_dict())
     return summary
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, QWEN_MODEL
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -69,7 +69,16 @@ class CollectConfig:
     queries: int = field(default=50, metadata={"help": "Train queries to score (the D0 query set)."})
     collect_queries: int = field(default=100, metadata={"help": "Held-out queries the training loops sample prompts for."})
     test_queries: int = field(default=100, metadata={"help": "Held-out test queries for evaluation."})
-    prompts: str = field(default="all", metadata={"help": "'all', a number N (N prompts spread over the pool), or a JSON file of prompts."})
+    prompts: str = field(default="all", metadata={
+        "help": "'all', a number N (N prompts spread over the pool), a JSON file of prompts, 'none' (no given "
+                "prompts), or 'induce:N' (only N induced ones: 'none' with --induce N)."})
+    induce: int = field(default=0, metadata={
+        "help": "Also ask the inducer for this many candidate instructions (APE-style: shown labelled train examples "
+                "and the label words, in rotating styles), filtered and added to the pool; 0 = none."})
+    inducer: str = field(default=QWEN_MODEL, metadata={
+        "help": "Model that writes the induced instructions: a local model name/path, or a LangChain chat model as "
+                "module:factory."})
+    induce_shots: int = field(default=4, metadata={"help": "Labelled train examples shown per induction request."})
     include_empty: bool = field(default=True, metadata={"help": "Score the empty prompt (no instruction) too."})
     prompts_per_query: int = field(default=0, metadata={
         "help": "Score only this many pool prompts per train query, drawn per query (seeded); 0 = every prompt. "
@@ -89,8 +98,17 @@ class CollectConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rewards, dict):
             self.rewards = RewardConfig(**self.rewards)
-        may_be_zero = ("collect_queries", "test_queries", "target_retries", "prompts_per_query")
-        for name in ("queries", "batch_size", "chunk_size", "target_concurrency", *may_be_zero):
+        if self.prompts.startswith("induce:"):  # shorthand: only induced prompts
+            count = self.prompts.partition(":")[2]
+            if not count.isdigit() or int(count) < 1:
+                raise ValueError(f"--prompts induce:N needs a number N >= 1; got {self.prompts!r}.")
+            if self.induce not in (0, int(count)):
+                raise ValueError(f"--prompts {self.prompts} and --induce {self.induce} disagree; give one of them.")
+            self.prompts, self.induce = "none", int(count)
+        if not self.inducer:
+            raise ValueError("inducer must name a local model or a LangChain chat model as module:factory.")
+        may_be_zero = ("collect_queries", "test_queries", "target_retries", "prompts_per_query", "induce")
+        for name in ("queries", "batch_size", "chunk_size", "target_concurrency", "induce_shots", *may_be_zero):
             if getattr(self, name) < (0 if name in may_be_zero else 1):
                 allowed = " or 0" if name in may_be_zero else ""
                 raise ValueError(f"{name} must be positive{allowed}; got {getattr(self, name)}.")
@@ -98,6 +116,9 @@ class CollectConfig:
             raise ValueError(f"target_timeout must be a number of seconds > 0; got {self.target_timeout}.")
         if self.shots < 0:
             raise ValueError(f"shots must be >= 0; got {self.shots}.")
+        if self.prompts == "none" and not self.induce and not self.include_empty:
+            raise ValueError("--prompts none with no induced prompts and no empty prompt leaves nothing to score; "
+                             "add --induce N, or drop --no-empty.")
 
     def split_args(self) -> dict[str, Any]:
         return {"seed": self.seed, "n_train": self.queries, "n_collect": self.collect_queries,

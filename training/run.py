@@ -6,6 +6,7 @@ A run directory holds everything a QPO run makes::
     scores.sqlite                 every target verdict, committed as it comes (resume = cache hits)
     dataset.jsonl                 the offline dataset (append-only, checksummed records)
     collect.json                  the D0 summary (accuracy per prompt, oracle, calls, tokens)
+    prompts.json                  the induced candidate instructions (kept, dropped and why), with --induce
     policy/buckets.json           the reward buckets, fixed from D0 at loop 1
     policy/loop_<t>/checkpoint/   the policy after loop t (model, tokenizer, qpo_policy.json)
     policy/loop_<t>/metrics.json  loop t's metrics; a loop with this file is done
@@ -20,9 +21,10 @@ asks it for the path.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,10 +34,13 @@ from qpo_middleware.template import Demo
 from .config import CollectConfig
 from .io import atomic_write_json
 from .targets import Pair, ScoreCache, Target, make_target
-from .tasks import Example, Splits, Task, get_task, resolve_prompts
+from .tasks import Example, Splits, Task, TaskError, get_task, resolve_prompts
 
 if TYPE_CHECKING:
     from .dataset import OfflineDataset
+    from .induce import InducedPool, Inducer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,11 @@ class RunPaths:
     def collect_summary(self) -> Path:
         """``collect.json``: the D0 summary of ``qpo collect``."""
         return self.root / "collect.json"
+
+    @property
+    def induced_prompts(self) -> Path:
+        """``prompts.json``: the induced prompt pool (:class:`~.induce.InducedPool`), reused on resume."""
+        return self.root / "prompts.json"
 
     # -- train ----------------------------------------------------------------------------
     @property
@@ -178,6 +188,45 @@ class Run:
                            max_concurrency=self.config.target_concurrency, max_retries=self.config.target_retries,
                            timeout_seconds=self.config.target_timeout)
 
+    def prompts(self, inducer: Inducer | None = None, progress: Callable[[int], None] | None = None) -> list[tuple[str, str]]:
+        """The run's prompt pool as (source, text): the given prompts, then the induced ones (:meth:`induced`)."""
+        given = resolve_prompts(self.task, self.config.prompts, self.config.include_empty)
+        pool = self.induced(inducer, progress, existing=[text for _, text in given])
+        prompts = given + (pool.prompts if pool else [])
+        if not prompts:
+            raise TaskError(f"The prompt pool of {self.directory} is empty: the inducer's {pool.asked if pool else 0} "
+                            f"candidates were all dropped ({pool.drop_counts() if pool else {}}). Ask for more with "
+                            "--induce, try another --inducer, or add --prompts.")
+        return prompts
+
+    def induced(self, inducer: Inducer | None = None, progress: Callable[[int], None] | None = None,
+                existing: Sequence[str] = ()) -> InducedPool | None:
+        """The induced candidates (``prompts.json``), None without ``--induce``.
+
+        Made once, by ``inducer`` (default: the configured ``inducer`` model), from the train split;
+        a resumed run reads them back and never induces again.
+        """
+        from .induce import induce, load_pool, make_inducer, save_pool
+
+        config = self.config
+        if not config.induce:
+            return None
+        path = self.paths.induced_prompts
+        if path.is_file():
+            pool = load_pool(path)
+            if (pool.asked, pool.inducer, pool.shots, pool.seed) != (config.induce, config.inducer,
+                                                                     config.induce_shots, config.seed):
+                raise ValueError(f"{path} was induced with other settings than {self.paths.run_file} holds; "
+                                 f"delete {path.name} to induce again.")
+            logger.info("Reusing %d induced prompts from %s", len(pool.kept), path)
+            return pool
+        logger.info("Inducing %d candidate prompts with %s", config.induce, config.inducer)
+        pool = induce(self.task, self.splits.train, config.induce, inducer or make_inducer(config.inducer),
+                      inducer_id=config.inducer, shots=config.induce_shots, seed=config.seed, existing=existing,
+                      progress=progress)
+        save_pool(path, pool)
+        return pool
+
     def pairs(self, examples: Sequence[Example], prompts: Sequence[tuple[str, str]]) -> list[Pair]:
         """Pairs (example x prompt) with the example's fixed demonstrations; ``prompts`` are (source, text)."""
         return [Pair(e, text, source, self.demos(e)) for e in examples for source, text in prompts]
@@ -205,7 +254,9 @@ class Run:
 
 def _check_same_run(stored: CollectConfig, asked: CollectConfig, directory: Path) -> None:
     keys = ("task", "target", "queries", "collect_queries", "test_queries", "shots", "seed", "prompts",
-            "include_empty", "prompts_per_query", "rewards")
+            "include_empty", "prompts_per_query", "rewards", "induce")
+    if stored.induce or asked.induce:  # which model induced, and from how many examples, matters only then
+        keys += ("inducer", "induce_shots")
     diffs = [f"{k}: run has {getattr(stored, k)!r}, asked {getattr(asked, k)!r}" for k in keys
              if getattr(stored, k) != getattr(asked, k)]
     if diffs:

@@ -227,8 +227,11 @@ def load_prompt_pool(name: str) -> list[dict[str, str]]:
 
 
 def resolve_prompts(task: Task, spec: str, include_empty: bool) -> list[tuple[str, str]]:
-    """(prompt_source, text) for the pool: 'all', a count, or a JSON file (list of strings or of {id, text})."""
-    if spec == "all" or spec.isdigit():
+    """(prompt_source, text) for the pool: 'all', a count, a JSON file (list of strings or of {id, text}),
+    or 'none' (no given prompts: only the empty one, with ``include_empty``, and any induced ones)."""
+    if spec == "none":
+        pool: list[tuple[str, str]] = []
+    elif spec == "all" or spec.isdigit():
         pool = [(f"pool:{p['id']}", p["text"]) for p in load_prompt_pool(task.name)]
         if spec.isdigit():  # N prompts spread evenly over the pool, so every style is represented
             count = min(int(spec), len(pool))
@@ -238,7 +241,8 @@ def resolve_prompts(task: Task, spec: str, include_empty: bool) -> list[tuple[st
         try:
             items = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise TaskError(f"--prompts {spec!r}: expected 'all', a number, or a JSON file of prompts ({exc}).") from exc
+            raise TaskError(f"--prompts {spec!r}: expected 'all', a number, 'none', 'induce:N', or a JSON file of "
+                            f"prompts ({exc}).") from exc
         if isinstance(items, dict):
             items = items.get("prompts", [])
         pool = []
@@ -251,7 +255,7 @@ def resolve_prompts(task: Task, spec: str, include_empty: bool) -> list[tuple[st
                 raise TaskError(f"{path}: prompt #{index} must be a string or an object with 'text'.")
     if include_empty:
         pool.insert(0, ("none", ""))
-    if not pool:
+    if not pool and spec != "none":
         raise TaskError("The prompt pool is empty; pass --prompts all or a file with prompts.")
     return pool
 

@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+
+from qpo_middleware.training.config import CollectConfig, help_of
 
 from ._common import console, progress_bar, user_errors
 
@@ -18,7 +21,10 @@ def command(
     task: Annotated[str, typer.Option(help="Built-in task (sst2, mr, cr, ag_news, tweet_emotion, gsm8k, svamp) or a task.json spec.")] = "sst2",
     target: Annotated[str, typer.Option(help="Target LLM: model name/path, or a LangChain chat model as module:factory.")] = "smollm2-135m-instruct",
     queries: Annotated[int, typer.Option(help="Train queries to score (the D0 query set).")] = 50,
-    prompts: Annotated[str, typer.Option(help="'all', a number N (N prompts spread over the pool), or a JSON file of prompts.")] = "all",
+    prompts: Annotated[str, typer.Option(help=help_of(CollectConfig, "prompts"))] = "all",
+    induce: Annotated[int, typer.Option(help=help_of(CollectConfig, "induce"))] = 0,
+    inducer: Annotated[str, typer.Option(help=help_of(CollectConfig, "inducer"))] = CollectConfig.inducer,
+    induce_shots: Annotated[int, typer.Option(help=help_of(CollectConfig, "induce_shots"))] = 4,
     prompts_per_query: Annotated[int, typer.Option(help="Score only this many pool prompts per train query, drawn per query (seeded); 0 = every prompt. More queries for the same target calls.")] = 0,
     out: Annotated[Path, typer.Option(help="Run directory (created; re-run the same command to resume).")] = Path("runs/sst2"),
     collect_queries: Annotated[int, typer.Option(help="Held-out queries for the training loops.")] = 100,
@@ -36,18 +42,21 @@ def command(
     """Score every (train query, pool prompt) pair on the target and write D0 to OUT/dataset.jsonl."""
     with user_errors():
         from qpo_middleware.training.collect import collect
-        from qpo_middleware.training.config import CollectConfig, RewardConfig
+        from qpo_middleware.training.config import RewardConfig
         from qpo_middleware.training.run import RunPaths
 
         config = CollectConfig(task=task, target=target, queries=queries, prompts=prompts,
                                collect_queries=collect_queries, test_queries=test_queries, shots=shots, seed=seed,
                                data_dir=data_dir, batch_size=batch_size, include_empty=not no_empty,
-                               prompts_per_query=prompts_per_query,
+                               prompts_per_query=prompts_per_query, induce=induce, inducer=inducer,
+                               induce_shots=induce_shots,
                                rewards=RewardConfig(nll=reward_nll), target_concurrency=target_concurrency,
                                target_retries=target_retries, target_timeout=target_timeout)
         with progress_bar() as bar:
+            inducing = bar.add_task("inducing prompts", total=config.induce, visible=bool(config.induce))
             job = bar.add_task("scoring pairs", total=None)
-            summary = collect(config, out, progress=lambda done, total: bar.update(job, completed=done, total=total))
+            summary = collect(config, out, progress=lambda done, total: bar.update(job, completed=done, total=total),
+                              induce_progress=lambda n: bar.advance(inducing, n))
     print_summary(summary)
     console.print(f"[green]D0 written:[/] {RunPaths(out).dataset} ({summary.dataset_records} records)")
 
@@ -66,6 +75,11 @@ def print_summary(summary: CollectSummary) -> None:
         f"best single prompt: [bold]{summary.best_prompt.accuracy:.1%}[/] ({summary.best_prompt.prompt_id})   "
         f"spread: {min(accuracies):.1%} - {max(accuracies):.1%}   per-query oracle: [bold]{summary.oracle_accuracy:.1%}[/]"
     )
+    if summary.induction is not None:
+        induced = summary.induction
+        why = ", ".join(f"{reason} {count}" for reason, count in induced.dropped.items()) or "none"
+        console.print(f"induced prompts ({escape(induced.inducer)}): asked {induced.asked}, kept [bold]{induced.kept}[/], "
+                      f"dropped {induced.asked - induced.kept} ({why})")
     console.print(
         f"target calls: {summary.target_calls}   from cache: {summary.cached_pairs}   failed: {summary.failed_pairs}   "
         f"tokens scored: {summary.tokens_scored:,}   new records: {summary.records_written}"

@@ -1,0 +1,310 @@
+"""Prompt-pool induction (training/induce.py): the filters, dedup, request rotation, and collect's resume.
+
+The plumbing runs on scripted inducers (a callable, LangChain's fake chat model) and the tiny random
+target; one real test induces with a local instruct model and scores the pool on SmolLM2.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
+from typer.testing import CliRunner
+
+from qpo_middleware.training.collect import collect
+from qpo_middleware.training.config import CollectConfig
+from qpo_middleware.training.dataset import OfflineDataset
+from qpo_middleware.training.induce import (
+    STYLES,
+    Candidate,
+    ChatInducer,
+    Reply,
+    clean_candidate,
+    filter_candidates,
+    induce,
+    load_pool,
+    reject_reason,
+    request_wording,
+    requests,
+)
+from qpo_middleware.training.run import Run, RunPaths
+from qpo_middleware.training.tasks import get_task
+
+LABELS = ("negative", "positive")
+EXAMPLE = "A quiet, moving story with a great lead performance."
+
+REPLIES = [
+    "Instruction: \"Decide whether the review is positive or negative.\"",  # kept, once cleaned
+    "",  # empty
+    "positive",  # a bare label word
+    "You are a film critic. Say if the review is positive or negative.<|im_end|><|im_start|>user",  # markup
+    "decide whether the review is Positive or Negative",  # a duplicate of the first
+    "Think step by step about the review, then answer positive or negative.",  # kept
+    "Label the sentiment.",  # kept
+]
+
+
+class ScriptedInducer:
+    """Replies from a list, in order; records every request and the seed of each batch."""
+
+    def __init__(self, replies: list[str | Reply]) -> None:
+        self.replies = list(replies)
+        self.requests: list[list[dict[str, str]]] = []
+        self.seeds: list[int] = []
+
+    def __call__(self, batch: list[list[dict[str, str]]], seed: int) -> list[str | Reply]:
+        first = len(self.requests)
+        self.requests += batch
+        self.seeds.append(seed)
+        return [self.replies[(first + i) % len(self.replies)] for i in range(len(batch))]
+
+
+class Refuses:
+    def __call__(self, batch: list[list[dict[str, str]]], seed: int) -> list[str]:
+        raise AssertionError("a resumed collect must not induce again")
+
+
+def make_fake_chat() -> GenericFakeChatModel:
+    """A ``module:factory`` inducer for the CLI test: LangChain's fake chat model with fixed replies."""
+    return GenericFakeChatModel(messages=iter([AIMessage(content=r) for r in REPLIES * 3]))
+
+
+@pytest.fixture(scope="module")
+def tiny_target_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from _tiny_policy import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def config(**kwargs) -> CollectConfig:  # noqa: ANN003
+    base = dict(task="sst2_sample", queries=6, collect_queries=2, test_queries=2, prompts="induce:7", chunk_size=8,
+                batch_size=4)
+    return CollectConfig(**{**base, **kwargs})
+
+
+# -- cleaning and filters ------------------------------------------------------------------------
+
+
+def test_clean_candidate_keeps_the_instruction_only() -> None:
+    assert clean_candidate('Instruction: "Classify the review."') == "Classify the review."
+    assert clean_candidate("**Instruction:** `Say positive or negative.`") == "Say positive or negative."
+    assert clean_candidate("  Rate the review.\n\nThis instruction asks the reader to ...") == "Rate the review."
+    assert clean_candidate("Classify\u200b the\x00 review.\r\n") == "Classify the review."
+    assert clean_candidate("Rate it.\nAnswer positive or negative.") == "Rate it. Answer positive or negative."
+    assert clean_candidate("The instruction is to classify the review.") == "Classify the review."
+
+
+@pytest.mark.parametrize(("raw", "reason", "kwargs"), [
+    ("", "empty", {}),
+    ('  ""  ', "empty", {}),
+    ("Positive.", "label_word", {}),
+    ("negative or positive", "label_word", {}),
+    ("Classify the review. <|im_start|>assistant", "markup", {}),
+    ("Classify the review.<|endoftext|>", "markup", {}),
+    ("Classify the review. [INST] again", "markup", {}),
+    ("Classify the review. <extra_0>", "markup", {"special_strings": ("<extra_0>",)}),
+    ("Classify the review. " * 20, "too_long", {}),
+    ("Classify the review as positive or", "too_long", {"finished": False}),
+    ("To classify the review, follow these steps:", "too_long", {}),
+    ("Classify the review.\n\nThis instruction asks the reader to read the", None, {"finished": False}),
+    (f"Input: {EXAMPLE}", "copies_example", {}),
+    ("a quiet moving story with a great lead", "copies_example", {}),
+    ("Say whether the review is positive or negative.", None, {}),
+    ("Is it great? Answer positive or negative.", None, {"examples": ["great"]}),  # a word is not a copy
+])
+def test_each_drop_reason(raw: str, reason: str | None, kwargs: dict) -> None:
+    args = {"labels": LABELS, "examples": [EXAMPLE], **kwargs}
+    assert reject_reason(raw, clean_candidate(raw), **args) == reason
+
+
+def test_a_reply_that_echoes_the_request_is_dropped() -> None:
+    task = get_task("sst2_sample")
+    wording = request_wording(task, "plain")
+    assert "Input:" not in wording and "negative, positive" in wording
+    for echo in ("Write the output for each input below.", "Follow the output for each input.",
+                 "Give a friend an instruction. Following it, the friend wrote the output for each input below."):
+        assert reject_reason(echo, echo, labels=LABELS, examples=[], request=wording) == "echoes_request", echo
+    kept = "Decide whether the review is positive or negative."
+    assert reject_reason(kept, kept, labels=LABELS, examples=[], request=wording) is None
+
+
+def test_duplicates_are_dropped_after_the_first_and_against_the_given_pool() -> None:
+    texts = ["Classify the review.", "classify  the REVIEW", "Is it positive or negative?", "Rate the film."]
+    candidates = [Candidate(f"induced:plain:{i}", "plain", t, t, []) for i, t in enumerate(texts)]
+    filter_candidates(candidates, labels=LABELS, examples={}, existing=["Rate the film!"])
+    assert [c.reason for c in candidates] == [None, "duplicate", None, "duplicate"]
+
+
+# -- requests: styles and examples rotate, seeded ------------------------------------------------
+
+
+def test_requests_rotate_styles_and_examples_deterministically() -> None:
+    task = get_task("sst2_sample")
+    train = task.splits(seed=0, n_train=20, n_collect=0, n_test=2).train
+    first = requests(task, train, 12, shots=4, seed=0)
+    assert [r.style for r in first] == [list(STYLES)[i % len(STYLES)] for i in range(12)]
+    assert requests(task, train, 12, shots=4, seed=0) == first
+    assert len({r.example_ids for r in first}) == 12  # different examples per request
+    assert [r.example_ids for r in requests(task, train, 12, shots=4, seed=1)] != [r.example_ids for r in first]
+    # More requests keep the first ones: request i depends on (seed, i) only.
+    assert requests(task, train, 3, shots=4, seed=0) == first[:3]
+    by_id = {e.id: e for e in train}
+    for request in first:
+        shown = [by_id[i] for i in request.example_ids]
+        assert len(shown) == 4 and {e.label for e in shown} == {0, 1}  # every label shown
+        user = request.messages[-1]["content"]
+        assert all(e.query in user for e in shown) and "negative, positive" in user
+        assert STYLES[request.style] in user
+
+
+def test_induce_keeps_the_clean_candidates_and_counts_the_rest() -> None:
+    task = get_task("sst2_sample")
+    train = task.splits(seed=0, n_train=8, n_collect=0, n_test=2).train
+    inducer = ScriptedInducer([*REPLIES, Reply("Decide if the review is", finished=False)])
+    pool = induce(task, train, 8, inducer, inducer_id="scripted", seed=3, batch_size=3)
+    assert [c.text for c in pool.kept] == [
+        "Decide whether the review is positive or negative.",
+        "Think step by step about the review, then answer positive or negative.",
+        "Label the sentiment.",
+    ]
+    assert [s for s, _ in pool.prompts] == ["induced:plain:0", "induced:plain:5", "induced:role:6"]
+    assert pool.drop_counts() == {"empty": 1, "markup": 1, "too_long": 1, "label_word": 1, "duplicate": 1}
+    assert len(inducer.requests) == 8 and len(set(inducer.seeds)) == 3  # three batches, a seed each
+    assert induce(task, train, 8, ScriptedInducer(REPLIES), inducer_id="scripted", seed=3, batch_size=1).kept[:2] \
+        == pool.kept[:2]  # the batch size does not change which request gets which reply
+
+
+def test_a_langchain_chat_model_induces() -> None:
+    task = get_task("sst2_sample")
+    train = task.splits(seed=0, n_train=8, n_collect=0, n_test=2).train
+    pool = induce(task, train, 7, ChatInducer(make_fake_chat()), inducer_id="fake")
+    assert len(pool.kept) == 3 and pool.drop_counts() == {"empty": 1, "markup": 1, "label_word": 1, "duplicate": 1}
+
+
+# -- config --------------------------------------------------------------------------------------
+
+
+def test_config_shorthand_and_validation() -> None:
+    assert (config().prompts, config().induce) == ("none", 7)
+    assert (config(prompts="all", induce=3).prompts, config(prompts="all", induce=3).induce) == ("all", 3)
+    assert config(prompts="induce:7", induce=7).induce == 7
+    with pytest.raises(ValueError, match="disagree"):
+        config(prompts="induce:7", induce=3)
+    with pytest.raises(ValueError, match="N >= 1"):
+        config(prompts="induce:x")
+    with pytest.raises(ValueError, match="induce must be positive or 0"):
+        config(prompts="all", induce=-1)
+    with pytest.raises(ValueError, match="nothing to score"):
+        config(prompts="none", include_empty=False)
+
+
+# -- collect: prompts.json, resume ---------------------------------------------------------------
+
+
+def test_collect_induces_once_and_resume_reuses_prompts_json(tmp_path: Path, tiny_target_model: str) -> None:
+    inducer = ScriptedInducer(REPLIES)
+    summary = collect(config(target=tiny_target_model), tmp_path, inducer=inducer)
+    assert len(inducer.requests) == 7
+    saved = load_pool(RunPaths(tmp_path).induced_prompts)
+    assert len(saved.kept) == 3 and saved.asked == 7
+    sources = {r.prompt_source for r in OfflineDataset(tmp_path).records}
+    assert sources == {"none", "induced:plain:0", "induced:plain:5", "induced:role:6"}
+    assert summary.induction is not None and (summary.induction.asked, summary.induction.kept) == (7, 3)
+    assert summary.induction.dropped == {"empty": 1, "markup": 1, "label_word": 1, "duplicate": 1}
+    assert json.loads(RunPaths(tmp_path).collect_summary.read_text())["induction"]["kept"] == 3
+
+    # Resumed: the pool comes back from prompts.json; nothing is induced or scored again.
+    again = collect(config(target=tiny_target_model), tmp_path, inducer=Refuses())
+    assert again.records_written == 0 and again.target_calls == 0 and again.induction == summary.induction
+
+    # Other induce settings are another run.
+    with pytest.raises(ValueError, match="induce: run has 7, asked 5"):
+        collect(config(target=tiny_target_model, prompts="induce:5"), tmp_path, inducer=Refuses())
+    with pytest.raises(ValueError, match="inducer: run has"):
+        collect(config(target=tiny_target_model, inducer="other-model"), tmp_path, inducer=Refuses())
+
+
+def test_induced_prompts_join_a_given_pool_without_duplicates(tmp_path: Path, tiny_target_model: str) -> None:
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps(["Label the sentiment", "Rate the review."]))
+    collect(config(target=tiny_target_model, prompts=str(pool), induce=7, include_empty=False), tmp_path / "run",
+            inducer=ScriptedInducer(REPLIES))
+    sources = sorted({r.prompt_source for r in OfflineDataset(tmp_path / "run").records})
+    assert sources == ["file:0", "file:1", "induced:plain:0", "induced:plain:5"]  # "Label the sentiment." dropped
+    assert load_pool(RunPaths(tmp_path / "run").induced_prompts).drop_counts()["duplicate"] == 2
+
+
+def test_a_run_made_before_induction_still_opens(tmp_path: Path, tiny_target_model: str) -> None:
+    plain = config(target=tiny_target_model, prompts="2")
+    collect(plain, tmp_path)
+    paths = RunPaths(tmp_path)
+    data = json.loads(paths.run_file.read_text())
+    for key in ("induce", "inducer", "induce_shots"):
+        del data[key]
+    paths.run_file.write_text(json.dumps(data))
+    run = Run.open(tmp_path, plain)
+    assert run.config.induce == 0 and run.induced() is None and not paths.induced_prompts.exists()
+    assert len(run.prompts()) == 3  # the empty prompt and two pool prompts
+    # A different inducer is not a different run while nothing is induced.
+    Run.open(tmp_path, config(target=tiny_target_model, prompts="2", inducer="other-model"))
+
+
+def test_cli_collect_with_a_chat_model_inducer(tmp_path: Path, tiny_target_model: str) -> None:
+    from qpo_middleware.cli import app
+
+    result = CliRunner().invoke(app, [
+        "collect", "--task", "sst2_sample", "--target", tiny_target_model, "--queries", "6", "--collect-queries", "2",
+        "--test-queries", "2", "--prompts", "induce:7", "--inducer", "test_induce:make_fake_chat",
+        "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "asked 7, kept 3" in result.output and "label_word 1" in result.output
+    assert len(load_pool(RunPaths(tmp_path).induced_prompts).kept) == 3
+
+
+# -- real model ----------------------------------------------------------------------------------
+
+INDUCER = "qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.mark.real
+def test_a_local_model_induces_a_usable_pool_that_collect_scores(tmp_path: Path, smollm2_target) -> None:  # noqa: ANN001
+    from qpo_middleware.training.induce import LocalInducer
+    from qpo_middleware.training.models import ModelNotFoundError
+
+    reviews = [
+        ("The food was delicious and the staff were lovely.", "good"), ("Cold soup and a rude waiter.", "bad"),
+        ("Best pizza I have had in years.", "good"), ("We waited an hour and left hungry.", "bad"),
+        ("Fresh, tasty and fairly priced.", "good"), ("The fish smelled off and the bill was huge.", "bad"),
+        ("A warm welcome and a perfect dessert.", "good"), ("Noisy, dirty and overpriced.", "bad"),
+        ("I would come back tomorrow.", "good"), ("Never again: bland and greasy.", "bad"),
+        ("Lovely terrace and friendly service.", "good"), ("My steak was burnt and cold.", "bad"),
+    ]
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in reviews))
+    spec = tmp_path / "task.json"
+    spec.write_text(json.dumps({"name": "restaurants", "file": "reviews.jsonl", "query_fields": ["text"],
+                                "labels": ["bad", "good"]}))
+    try:
+        inducer = LocalInducer(INDUCER)
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+
+    n = 6
+    start = time.perf_counter()
+    summary = collect(CollectConfig(task=str(spec), queries=8, collect_queries=2, test_queries=2, induce=n,
+                                    prompts="none", inducer=INDUCER, induce_shots=4),
+                      tmp_path / "run", target=smollm2_target, inducer=inducer)
+    seconds = time.perf_counter() - start
+    pool = load_pool(RunPaths(tmp_path / "run").induced_prompts)
+    report = {"asked": pool.asked, "kept": len(pool.kept), "dropped": pool.drop_counts(), "seconds": round(seconds),
+              "kept_texts": [c.text for c in pool.kept], "dropped_raw": [(c.reason, c.raw) for c in pool.dropped]}
+    print(json.dumps(report, indent=1))
+    assert len({c.text.casefold() for c in pool.kept}) >= n // 2, report
+    assert all(c.text and "<|" not in c.text and c.text.casefold() not in ("bad", "good") for c in pool.kept)
+    scored = {s.prompt_id for s in summary.prompts}
+    assert {c.source for c in pool.kept} <= scored and all(s.n == 8 for s in summary.prompts)
+    assert summary.induction is not None and summary.induction.kept == len(pool.kept)
