@@ -183,6 +183,8 @@ class GenerationConfig:
         if unknown:
             raise BundleError(f"GenerationConfig has no field(s) {unknown}; fields: {', '.join(sorted(known))}.")
         values = {k: v for k, v in changes.items() if v is not None}
+        if not values:  # every call without overrides (the serving path) keeps the validated bundle settings
+            return self
         if "suppress_token_ids" in values:
             values["suppress_token_ids"] = tuple(values["suppress_token_ids"])
         return replace(self, **values)

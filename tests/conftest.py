@@ -26,6 +26,14 @@ def real_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_target_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Llama with the SmolLM2 tokenizer and chat template, as a target model path."""
+    from _tiny_policy import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
 @pytest.fixture(scope="session")
 def smollm2_target():
     """One shared SmolLM2 target for the real-model tests (loading it takes a few seconds)."""

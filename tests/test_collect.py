@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from _real_scoring import sensible_vs_nonsense
 
 from qpo_middleware.training.collect import collect
 from qpo_middleware.training.config import CollectConfig, RewardConfig
@@ -38,14 +39,6 @@ class CountingTarget:
         scores = self.inner.score(task, pairs, progress)
         self.pairs_scored += sum(not s.cached for s in scores)
         return scores
-
-
-@pytest.fixture(scope="module")
-def tiny_target_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny random Llama with the SmolLM2 tokenizer and chat template, as target."""
-    from _tiny_policy import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 def config(**kwargs) -> CollectConfig:  # noqa: ANN003
@@ -242,15 +235,7 @@ def test_missing_wheel_names_the_install_command(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.real
 def test_sensible_prompt_beats_nonsense_on_40_sst2_dev_sentences(real_data: Path, smollm2_target: HFTarget) -> None:
-    from qpo_middleware.training.tasks import _sentence_label_tsv
-
-    task = get_task("sst2")
-    dev = _sentence_label_tsv(real_data / "sst2" / "dev.tsv", "sst2-dev")[:40]
-    sensible = next(p["text"] for p in task.prompt_pool() if p["id"] == "role-critic")
-    results = {}
-    for name, prompt in (("sensible", sensible), ("nonsense", "Xylophone purple banana seventeen.")):
-        scores = smollm2_target.score(task, [Pair(e, prompt) for e in dev])
-        results[name] = (sum(s.correct for s in scores) / 40, sum(s.gold_nll for s in scores) / 40)
+    results = sensible_vs_nonsense(smollm2_target, real_data)
     assert results["sensible"][0] > results["nonsense"][0] + 0.05, results
     assert results["sensible"][1] < results["nonsense"][1] - 3.0, results  # far more confident in the gold label
 

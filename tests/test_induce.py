@@ -73,13 +73,6 @@ def make_fake_chat() -> GenericFakeChatModel:
     return GenericFakeChatModel(messages=iter([AIMessage(content=r) for r in REPLIES * 3]))
 
 
-@pytest.fixture(scope="module")
-def tiny_target_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from _tiny_policy import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
 def config(**kwargs) -> CollectConfig:  # noqa: ANN003
     base = dict(task="sst2_sample", queries=6, collect_queries=2, test_queries=2, prompts="induce:7", chunk_size=8,
                 batch_size=4)

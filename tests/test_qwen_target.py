@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from _real_scoring import sensible_vs_nonsense
 
 from qpo_middleware.training import models
 from qpo_middleware.training.models import QWEN_MODEL
-from qpo_middleware.training.targets import Pair, make_target
-from qpo_middleware.training.tasks import get_task
+from qpo_middleware.training.targets import make_target
 
 # Qwen2.5's own pre-tokenizer split (transformers' Qwen2Converter and Qwen2.5's tokenizer.json).
 QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -88,17 +88,9 @@ def test_qwen_resolves_to_a_cached_plain_checkpoint_with_qwen_conventions() -> N
 
 @pytest.mark.real
 def test_qwen_target_prefers_a_sensible_prompt_on_40_sst2_dev_sentences(real_data: Path) -> None:
-    from qpo_middleware.training.tasks import _sentence_label_tsv
-
     target = make_target(QWEN_MODEL, batch_size=20)  # the name works wherever a target name does
     assert target.id == f"hf:{QWEN_MODEL}"
-    task = get_task("sst2")
-    dev = _sentence_label_tsv(real_data / "sst2" / "dev.tsv", "sst2-dev")[:40]
-    sensible = next(p["text"] for p in task.prompt_pool() if p["id"] == "role-critic")
-    results = {}
-    for name, prompt in (("sensible", sensible), ("nonsense", "Xylophone purple banana seventeen.")):
-        scores = target.score(task, [Pair(e, prompt) for e in dev])
-        results[name] = (sum(s.correct for s in scores) / 40, sum(s.gold_nll for s in scores) / 40)
+    results = sensible_vs_nonsense(target, real_data)
     assert results["sensible"][0] >= 0.75, results  # a 0.5B instruct model reads sentiment well
     assert results["sensible"][0] > results["nonsense"][0] + 0.05, results
     assert results["sensible"][1] < results["nonsense"][1], results
