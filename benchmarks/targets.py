@@ -18,6 +18,7 @@ re-run with more tasks or targets reuses every pair already scored.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -109,6 +110,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _earlier_results(path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """The results file of an earlier run into the same folder, when made with the same queries and pool."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    same = all(earlier.get(k) == results[k] for k in ("queries", "pool_prompts", "seed"))
+    return earlier if same else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="sst2")
@@ -124,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
                                "commit": commit, "environment": environment(), "queries": args.queries,
                                "pool_prompts": args.prompts, "seed": args.seed, "tasks": {}}
+    earlier = _earlier_results(args.out / "results.json", results)
+    results["tasks"] = {task: dict(per_target) for task, per_target in earlier.get("tasks", {}).items()}
     for task in args.tasks.split(","):
         for target in args.targets.split(","):
             run_dir = args.out / "runs" / f"{task}-{target}"
@@ -132,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             summary = collect(config, run_dir)
             seconds = time.perf_counter() - start
-            results["tasks"].setdefault(task, {})[target] = target_stats(run_dir, seconds, summary.target_calls)
+            calls, made_by = summary.target_calls, {"commit": commit, "command": results["command"]}
+            before = earlier.get("tasks", {}).get(task, {}).get(target)
+            if before and calls < before["target_calls"]:
+                # Pairs came from the score cache: keep the timing (and provenance) of the run that scored them.
+                seconds, calls = before["collect_seconds"], before["target_calls"]
+                made_by = {k: before.get(k, earlier.get(k)) for k in ("commit", "command")}
+            results["tasks"].setdefault(task, {})[target] = {**target_stats(run_dir, seconds, calls), **made_by}
             print(f"{task} {target}: {summary.target_calls} pairs in {seconds:.0f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "results.json", results)
