@@ -19,3 +19,24 @@ def sensible_vs_nonsense(target, data: Path) -> dict[str, tuple[float, float]]:
         scores = target.score(task, [Pair(e, prompt) for e in dev])
         results[name] = (sum(s.correct for s in scores) / 40, sum(s.gold_nll for s in scores) / 40)
     return results
+
+
+def label_scoring_gap(target, data: Path | None, task_name: str = "tweet_emotion", n: int = 12) -> float:
+    """Largest difference between ``target``'s label log-probs (shared context, cached) and the full-sequence
+    reference, over ``n`` real queries of a task with multi-token labels, batched with contexts of different
+    lengths (left padding) under three prompts."""
+    from qpo_bench.label_scoring import full_sequence_label_logprobs
+    from qpo_middleware.training.targets import Pair
+    from qpo_middleware.training.tasks import get_task
+
+    task = get_task(task_name)
+    examples = task.splits(data, seed=0, n_train=n, n_collect=0, n_test=0).train
+    prompts = ["", "Which emotion does this tweet express?",
+               "Read the tweet carefully, then name the one emotion it shows most strongly."]
+    pairs = [Pair(e, prompts[i % len(prompts)]) for i, e in enumerate(examples)]
+    contexts = [target.tokenizer(target.context_text(task, p), add_special_tokens=False).input_ids for p in pairs]
+    label_ids = target.label_token_ids(task)
+    assert len({len(c) for c in contexts}) > 1 and any(len(ids) > 1 for ids in label_ids)
+    shared = target._label_logprobs(contexts, label_ids)
+    reference = full_sequence_label_logprobs(target, contexts, label_ids)
+    return float((shared - reference).abs().max())

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from _real_scoring import sensible_vs_nonsense
+from _real_scoring import label_scoring_gap, sensible_vs_nonsense
 
 from qpo_middleware.training import models
 from qpo_middleware.training.models import QWEN_MODEL
@@ -86,11 +86,21 @@ def test_qwen_resolves_to_a_cached_plain_checkpoint_with_qwen_conventions() -> N
     assert ids.count(151645) == context.count("<|im_end|>")
 
 
+@pytest.fixture(scope="module")
+def qwen_target():
+    return make_target(QWEN_MODEL, batch_size=20)  # the name works wherever a target name does
+
+
 @pytest.mark.real
-def test_qwen_target_prefers_a_sensible_prompt_on_40_sst2_dev_sentences(real_data: Path) -> None:
-    target = make_target(QWEN_MODEL, batch_size=20)  # the name works wherever a target name does
+def test_qwen_target_prefers_a_sensible_prompt_on_40_sst2_dev_sentences(real_data: Path, qwen_target) -> None:  # noqa: ANN001
+    target = qwen_target
     assert target.id == f"hf:{QWEN_MODEL}"
     results = sensible_vs_nonsense(target, real_data)
     assert results["sensible"][0] >= 0.75, results  # a 0.5B instruct model reads sentiment well
     assert results["sensible"][0] > results["nonsense"][0] + 0.05, results
     assert results["sensible"][1] < results["nonsense"][1], results
+
+
+@pytest.mark.real
+def test_qwen_scores_multi_token_labels_as_full_sequences_do(real_data: Path, qwen_target) -> None:  # noqa: ANN001
+    assert label_scoring_gap(qwen_target, real_data) < 1e-4  # tweet_emotion: "optimism", "sadness" 2 tokens each

@@ -97,20 +97,12 @@ class HFTarget:
     def _score_labels(self, task: Task, pairs: list[Pair], progress: Progress | None) -> list[Score]:
 
         label_ids = self.label_token_ids(task)
-        single_token = all(len(ids) == 1 for ids in label_ids)
+        extra_tokens = sum(len(ids) - 1 for ids in label_ids)  # label tokens read after the shared context
         out: list[Score] = []
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
             contexts = [self._tok(self.context_text(task, p), add_special_tokens=False).input_ids for p in chunk]
-            if single_token:
-                # One forward pass per pair: the next-token distribution after the context.
-                logprobs = self._next_token_logprobs(contexts)  # (batch, vocab)
-                label_lp = logprobs[:, [ids[0] for ids in label_ids]]  # (batch, labels)
-            else:
-                # Several tokens for some label: one sequence per (pair, label), summed token log-probs.
-                seqs = [ctx + ids for ctx in contexts for ids in label_ids]
-                starts = [len(ctx) for ctx in contexts for _ in label_ids]
-                label_lp = self._continuation_logprobs(seqs, starts).view(len(chunk), len(label_ids))
+            label_lp = self._label_logprobs(contexts, label_ids)  # (batch, labels)
             for pair, lps, ctx in zip(chunk, label_lp.tolist(), contexts, strict=True):
                 best = max(range(len(lps)), key=lambda i: lps[i])
                 gold = int(pair.example.label) if pair.example.label is not None else None
@@ -118,7 +110,7 @@ class HFTarget:
                 label_nll = _logsumexp(lps) - lps[gold] if gold is not None else None
                 out.append(Score(correct=best == gold, prediction=task.labels[best], gold_nll=gold_nll,
                                  label_nll=label_nll,
-                                 tokens=len(ctx) + (0 if single_token else sum(map(len, label_ids)))))
+                                 tokens=len(ctx) + extra_tokens))
             if progress:
                 progress(len(chunk))
         return out
@@ -132,34 +124,48 @@ class HFTarget:
         ids, mask = left_pad(seqs, self._tok.pad_token_id)
         return ids.to(self._device()), mask.to(self._device())
 
-    def _next_token_logprobs(self, contexts: list[list[int]]) -> Any:
+    def _label_logprobs(self, contexts: list[list[int]], label_ids: list[list[int]]) -> Any:
+        """log p(label | context) for every (context, label), summed over the label's tokens: (batch, labels).
+
+        The contexts run once (left-padded, KV cache kept); the first label token is read from the last
+        position's distribution. Labels of several tokens then continue from that cache in one batched
+        step of ``batch x labels`` rows holding only the label tokens, and log-probabilities are taken
+        only where a label token is read.
+        """
         import torch
 
         from .sampling import position_ids
 
         ids, mask = self._left_pad(contexts)
+        longest = max(map(len, label_ids))
         with torch.inference_mode():
-            logits = self._lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                              logits_to_keep=1).logits[:, -1, :]  # (batch, vocab)
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
-
-    def _continuation_logprobs(self, seqs: list[list[int]], starts: list[int]) -> Any:
-        import torch
-
-        from .sampling import position_ids
-
-        ids, mask = self._left_pad(seqs)
-        with torch.inference_mode():
-            logits = self._lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (batch, seq-1, vocab)
-            token_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (batch, seq-1)
-        width = ids.shape[1]
-        totals = []
-        for row, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
-            offset = width - len(seq)  # left padding
-            # token t (absolute position p = offset + t) is predicted at position p - 1
-            totals.append(token_lp[row, offset + start - 1 : offset + len(seq) - 1].sum())
-        return torch.stack(totals).cpu()
+            out = self._lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                           use_cache=longest > 1, logits_to_keep=1)
+            first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (batch, vocab)
+            total = first[:, [label[0] for label in label_ids]]  # (batch, labels)
+            if longest == 1:
+                return total.cpu()
+            batch, n_labels, width = len(contexts), len(label_ids), longest - 1
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(n_labels)  # row b*n_labels + j: context b for label j
+            # Inputs: each label's tokens but its last, right-padded (padding sits after every real token,
+            # so causal attention keeps it out of what is read).
+            pad = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
+            steps = torch.tensor([label[:-1] + [pad] * (width - len(label) + 1) for label in label_ids])
+            steps = steps.repeat(batch, 1).to(ids.device)  # (batch*labels, width)
+            step_mask = torch.cat([mask.repeat_interleave(n_labels, dim=0),
+                                   torch.ones_like(steps)], dim=1)
+            context_len = mask.sum(dim=1, keepdim=True).repeat_interleave(n_labels, dim=0)
+            positions = context_len + torch.arange(width, device=ids.device)
+            logits = self._lm(input_ids=steps, attention_mask=step_mask, position_ids=positions,
+                              past_key_values=cache).logits  # (batch*labels, width, vocab)
+            targets = torch.tensor([label[1:] + [0] * (width - len(label) + 1) for label in label_ids])
+            valid = torch.tensor([[t < len(label) - 1 for t in range(width)] for label in label_ids])
+            targets, valid = targets.repeat(batch, 1).to(ids.device), valid.repeat(batch, 1).to(ids.device)
+            read = logits.float()
+            token_lp = read.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(read, dim=-1)
+            rest = (token_lp * valid).sum(dim=1).view(batch, n_labels)
+        return (total + rest.to(total.device)).cpu()
 
     # Math: greedy generation ------------------------------------------------------------------
 
