@@ -92,6 +92,27 @@ def test_d0_floor_trains_on_the_better_part_of_d0_only(tmp_path: Path, tiny_base
         LoopConfig(d0_floor_quantile=1.0)
 
 
+def test_query_rank_conditioning_trains_on_the_better_half_of_each_query_and_stays_fixed(
+        tmp_path: Path, tiny_base: str) -> None:
+    from qpo_middleware.training.policy import RewardBuckets, conditioning_values
+
+    small_run(tmp_path, tiny_base)
+    train, loops = configs(tiny_base)
+    ranked = TrainConfig(**{**train.__dict__, "conditioning": "query_rank"})
+    metrics = run_loops(tmp_path, ranked, LoopConfig(**{**loops.__dict__, "loops": 1, "d0_floor_quantile": 0.5}))
+    d0 = OfflineDataset(tmp_path).records
+    values = sorted(conditioning_values(d0, "query_rank"))
+    floor = values[round(0.5 * (len(values) - 1))]
+    assert metrics[0].train_records == sum(v >= floor for v in values) < len(d0)
+    buckets = RewardBuckets.from_dict(json.loads(RunPaths(tmp_path).buckets.read_text()))
+    assert buckets == RewardBuckets.even(4)
+    # The run's buckets are fixed: a resume with the paper's conditioning is refused with the fix named.
+    with pytest.raises(ValueError, match="keep --conditioning query_rank"):
+        run_loops(tmp_path, train, loops)
+    with pytest.raises(ValueError, match="conditioning"):
+        TrainConfig(conditioning="rank")
+
+
 def test_loops_need_d0(tmp_path: Path, tiny_base: str) -> None:
     with pytest.raises(FileNotFoundError, match="qpo collect"):
         run_loops(tmp_path, *configs(tiny_base))

@@ -19,8 +19,10 @@ from qpo_middleware.training.policy import (
     add_policy_tokens,
     build_examples,
     collate,
+    conditioning_values,
     policy_token_ids,
     qpo_loss,
+    top_bucket_coverage,
 )
 
 
@@ -165,6 +167,55 @@ def test_buckets_reject_bad_input():
         RewardBuckets(edges=[2.0, 1.0])
     with pytest.raises(ValueError, match=">= 1"):
         RewardBuckets.from_rewards([1.0], 0)
+
+
+def _scored(query_id: str, prompt: str, correct: bool, reward: float):
+    from qpo_middleware.training.dataset import Record
+
+    return Record(task="t", query_id=query_id, query=f"query {query_id}", prompt=prompt, prompt_source="pool:x",
+                  loop=0, target="hf:x", correct=correct, reward=reward, prompt_mean_accuracy=0.5)
+
+
+def test_query_rank_puts_each_querys_best_correct_prompt_on_top_and_wrong_ones_below_half():
+    records = [
+        # q1: the best-on-average prompt A (high reward) is wrong; B is right for this query.
+        _scored("q1", "A", False, 9.0), _scored("q1", "B", True, 11.0), _scored("q1", "C", False, 2.0),
+        # q2: three correct prompts, ordered by reward; one wrong.
+        _scored("q2", "A", True, 19.0), _scored("q2", "B", True, 15.0), _scored("q2", "C", True, 12.0),
+        _scored("q2", "D", False, 3.0),
+        # q3: nothing correct: the best wrong prompt must stay below the top half.
+        _scored("q3", "A", False, 8.0), _scored("q3", "B", False, 7.0),
+    ]
+    values = conditioning_values(records, "query_rank")
+    assert values == pytest.approx([0.25, 1.0, 0.0, 1.0, 0.5 + 0.5 * 2 / 3, 0.5 + 0.5 / 3, 0.0, 0.25, 0.0])
+    assert conditioning_values(records, "absolute") == [r.reward for r in records]
+    ranks = RewardBuckets.for_records(records, 10, "query_rank")
+    assert ranks.edges == pytest.approx([i / 10 for i in range(1, 10)]) and ranks.conditioning == "query_rank"
+    assert [ranks.bucket(v) == ranks.top for v in values] == [False, True, False, True, False, False, False,
+                                                              False, False]
+    assert top_bucket_coverage(records, ranks) == 1.0  # q1 and q2 (q3 has no correct prompt)
+    # Absolute rewards: the top bucket is q2's A alone, so q1's right prompt B is not on top.
+    absolute = RewardBuckets.for_records(records, 10)
+    assert absolute.conditioning == "absolute" and top_bucket_coverage(records, absolute) == 0.5
+    assert RewardBuckets.from_dict(ranks.to_dict()) == ranks
+    assert RewardBuckets.from_dict({"edges": [0.0]}).conditioning == "absolute"  # buckets.json before the field
+    with pytest.raises(ValueError, match="query_rank"):
+        conditioning_values(records, "relative")
+    with pytest.raises(ValueError, match="conditioning"):
+        RewardBuckets(edges=[], conditioning="rank")
+
+
+def test_build_examples_uses_the_conditioning_values(policy):
+    _, tokenizer, fmt = policy
+    records = [_scored("q1", "Be brief.", True, 1.0), _scored("q1", "Say it.", False, 30.0)]
+    ranks = RewardBuckets.even(4)
+    first, second = build_examples(records, tokenizer, fmt, ranks)
+    assert first.input_ids[0] == fmt.reward_token_ids[3]  # correct: rank 1.0 although its reward is lower
+    assert second.input_ids[0] == fmt.reward_token_ids[0]
+    given = build_examples(records, tokenizer, fmt, ranks, values=[0.3, 0.6])
+    assert [e.input_ids[0] for e in given] == [fmt.reward_token_ids[1], fmt.reward_token_ids[2]]
+    with pytest.raises(ValueError, match="conditioning values"):
+        build_examples(records, tokenizer, fmt, ranks, values=[0.3])
 
 
 # --- examples -----------------------------------------------------------------

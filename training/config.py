@@ -13,6 +13,7 @@ from typing import Any
 from .models import DEFAULT_MODEL, QWEN_MODEL
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
+CONDITIONING_KINDS = ("absolute", "query_rank")  # what a reward token encodes: training.policy.conditioning_values
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -173,6 +174,10 @@ class TrainConfig:
     )
     device: str = field(default="auto", metadata={"help": "'auto' (a GPU when present), 'cpu' or 'cuda'."})
     num_buckets: int = field(default=10, metadata={"help": "Reward buckets, one reward token each."})
+    conditioning: str = field(default="absolute", metadata={
+        "help": "What the reward token encodes: 'absolute' (the paper: the pair's reward, bucketed by D0's "
+                "quantiles) or 'query_rank' (the prompt's rank among the prompts scored on the same query, "
+                "correct ones above wrong ones: the top bucket asks for the best prompt for this query)."})
     query_max_tokens: int = field(
         default=40, metadata={"help": "Query tokens the policy sees (the rest is cut)."}
     )
@@ -220,6 +225,9 @@ class TrainConfig:
                 f"device must be one of {', '.join(DEVICES)}; got {self.device!r}. "
                 "To pick a GPU, set CUDA_VISIBLE_DEVICES; for several, use `accelerate launch`."
             )
+        if self.conditioning not in CONDITIONING_KINDS:
+            raise TrainConfigError(
+                f"conditioning must be one of {', '.join(CONDITIONING_KINDS)}; got {self.conditioning!r}.")
         _ = self.top_layers  # parses and validates `trainable`
 
     @property

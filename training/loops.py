@@ -36,7 +36,7 @@ from .config import LoopConfig, TrainConfig
 from .dataset import Record
 from .export import PolicyMeta, write_policy_meta
 from .io import atomic_write_json
-from .policy import RewardBuckets, add_policy_tokens, build_examples
+from .policy import RewardBuckets, add_policy_tokens, build_examples, conditioning_values, top_bucket_coverage
 from .run import Run, RunPaths
 from .sampling import generate_prompts
 from .targets import Pair, Score, Target
@@ -119,11 +119,16 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
     d0 = dataset.loop(0)
     if not d0:
         raise ValueError(f"{paths.root} has no D0 records; run `qpo collect --out {paths.root}` first.")
-    buckets = fixed_buckets(paths, d0, train.num_buckets)
+    buckets = fixed_buckets(paths, d0, train.num_buckets, train.conditioning)
+    coverage = top_bucket_coverage(d0, buckets)
+    if coverage is not None:
+        logger.info("conditioning %s: D0's top reward bucket holds a correct prompt for %.0f%% of the queries "
+                    "that have one", train.conditioning, 100 * coverage)
     d0_rewards = [r.reward for r in d0]
     d0_accuracy = statistics.fmean(r.correct for r in d0)
     floor = quantile(d0_rewards, loops.reward_floor_quantile)
-    d0_floor = quantile(d0_rewards, loops.d0_floor_quantile)  # quantile 0 = D0's lowest reward: all of D0
+    # D0's floor is on what the reward token encodes (quantile 0 = D0's lowest: all of D0).
+    d0_floor = quantile(conditioning_values(d0, train.conditioning), loops.d0_floor_quantile)
     collect_split = run.splits.collect[: loops.collect_queries] if loops.collect_queries else run.splits.collect
     target = target or run.make_target()
 
@@ -167,8 +172,9 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             metrics.mean_reward_kept = statistics.fmean(r.reward for r in kept) if kept else None
 
         # --- Fine-tune: on D_{t} (D0's records above its floor, and every later loop's), from the previous policy
-        training_records = [r for r in dataset if r.loop <= loop and (r.loop > 0 or r.reward >= d0_floor)]
-        examples = build_examples(training_records, tokenizer, fmt, buckets, include_empty=train.include_empty)
+        training_records, values = training_data(dataset.records, loop, train.conditioning, d0_floor)
+        examples = build_examples(training_records, tokenizer, fmt, buckets, values=values,
+                                  include_empty=train.include_empty)
         config = train if loop == 1 else _later(train, loops)
         phase(loop, f"fine-tuning on {len(examples)} examples ({config.epochs} epoch(s))")
         result = train_policy(model, tokenizer, examples, config, paths.loop(loop), on_step=on_step,
@@ -197,6 +203,17 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         done.append(metrics)
         del model
     return done
+
+
+def training_data(records: Sequence[Record], loop: int, conditioning: str,
+                  d0_floor: float) -> tuple[list[Record], list[float]]:
+    """D_loop and each record's conditioning value: D0's records at or above ``d0_floor`` and every later
+    loop's kept records up to ``loop``. Query ranks are taken among all of a query's records up to
+    ``loop`` (before D0's floor), so a prompt's standing counts every prompt scored on its query."""
+    pool = [r for r in records if r.loop <= loop]
+    values = conditioning_values(pool, conditioning)
+    kept = [(r, v) for r, v in zip(pool, values, strict=True) if r.loop > 0 or v >= d0_floor]
+    return [r for r, _ in kept], [v for _, v in kept]
 
 
 def _new_pairs(run: Run, examples: Sequence[Example], samples: Sequence[Sequence[str]],
@@ -237,18 +254,22 @@ def _later(train: TrainConfig, loops: LoopConfig) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def fixed_buckets(paths: RunPaths, d0: Sequence[Record], n: int) -> RewardBuckets:
-    """The run's reward buckets: read from ``policy/buckets.json``, or placed on D0's rewards and written there.
+def fixed_buckets(paths: RunPaths, d0: Sequence[Record], n: int, conditioning: str = "absolute") -> RewardBuckets:
+    """The run's reward buckets: read from ``policy/buckets.json``, or placed on D0 and written there.
 
     Fixed at loop 1, so a reward token means the same in every loop (and in every later fine-tune of the run).
     """
     path = paths.buckets
     if path.is_file():
         buckets = RewardBuckets.from_dict(json.loads(path.read_text()))
-        if buckets.num_buckets == n:
-            return buckets
-        raise ValueError(f"{path} has {buckets.num_buckets} reward buckets but {n} were asked; "
-                         "keep --num-buckets as in the first `qpo train` of this run, or use a new run directory.")
-    buckets = RewardBuckets.from_rewards([r.reward for r in d0], n)
+        if buckets.num_buckets != n:
+            raise ValueError(f"{path} has {buckets.num_buckets} reward buckets but {n} were asked; keep "
+                             "--num-buckets as in the first `qpo train` of this run, or use a new run directory.")
+        if buckets.conditioning != conditioning:
+            raise ValueError(f"{path} was made with --conditioning {buckets.conditioning} but {conditioning} was "
+                             f"asked; keep --conditioning {buckets.conditioning} for this run, or use a new run "
+                             "directory (a copy of its run.json and dataset.jsonl trains afresh).")
+        return buckets
+    buckets = RewardBuckets.for_records(d0, n, conditioning)
     atomic_write_json(path, buckets.to_dict())
     return buckets

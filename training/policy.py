@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from qpo_middleware.policy_format import PolicyFormat, reward_token
 
+from .config import CONDITIONING_KINDS
 from .dataset import Record
 
 logger = logging.getLogger(__name__)
@@ -166,18 +167,52 @@ def add_policy_tokens(
     )
 
 
+def conditioning_values(records: Sequence[Record], kind: str = "absolute") -> list[float]:
+    """What each record's reward token encodes, for :class:`RewardBuckets` to cut into buckets.
+
+    * ``absolute`` (the paper): the record's reward. Its ``prompt_mean_accuracy`` term ranks prompts
+      that are good on average above prompts that are right for this query, so the top bucket asks
+      for the best task-level prompt.
+    * ``query_rank``: the record's standing among the prompts scored on its own query. Correct records
+      take (0.5, 1] and wrong ones [0, 0.5), each half ordered by reward (its NLL and prompt-accuracy
+      terms break ties among equally correct prompts): the query's best correct prompt is 1.0, so
+      every query with a correct pair has one in the top bucket, and a wrong prompt never reaches it.
+      Position ``i`` (0 = lowest) of ``m`` correct records is ``0.5 + 0.5 * (i + 1) / m``; of ``m``
+      wrong ones, ``0.5 * i / m``.
+    """
+    if kind not in CONDITIONING_KINDS:
+        raise ValueError(f"conditioning must be one of {', '.join(CONDITIONING_KINDS)}; got {kind!r}.")
+    if kind == "absolute":
+        return [float(r.reward) for r in records]
+    groups: dict[tuple[str, bool], list[int]] = {}
+    for index, record in enumerate(records):
+        groups.setdefault((record.query_id, record.correct), []).append(index)
+    values = [0.0] * len(records)
+    for (_, correct), indices in groups.items():
+        indices.sort(key=lambda i: records[i].reward)
+        m = len(indices)
+        for position, index in enumerate(indices):
+            values[index] = 0.5 + 0.5 * (position + 1) / m if correct else 0.5 * position / m
+    return values
+
+
 @dataclass
 class RewardBuckets:
-    """Reward -> bucket index by quantile edges; bucket 0 = lowest rewards, the top bucket = the best.
+    """Conditioning value -> bucket index by edges; bucket 0 = the lowest values, the top bucket = the best.
 
-    ``edges`` are the ``n - 1`` ascending inner edges of ``n`` buckets; a reward
-    equal to an edge goes to the bucket above it, so the largest reward seen
-    always lands in the top bucket.
+    ``edges`` are the ``n - 1`` ascending inner edges of ``n`` buckets; a value
+    equal to an edge goes to the bucket above it, so the largest value seen
+    always lands in the top bucket. ``conditioning`` names what the values are
+    (:func:`conditioning_values`): the paper's reward, placed by D0's quantiles
+    (:meth:`from_rewards`), or a query rank in [0, 1], cut evenly (:meth:`even`).
     """
 
     edges: list[float]
+    conditioning: str = "absolute"
 
     def __post_init__(self) -> None:
+        if self.conditioning not in CONDITIONING_KINDS:
+            raise ValueError(f"conditioning must be one of {', '.join(CONDITIONING_KINDS)}; got {self.conditioning!r}.")
         self.edges = [float(e) for e in self.edges]
         if any(not math.isfinite(e) for e in self.edges):
             raise ValueError(f"Reward bucket edges must be finite numbers; got {self.edges}.")
@@ -207,17 +242,49 @@ class RewardBuckets:
         quantiles = torch.arange(1, n, dtype=torch.float64) / n
         return cls(edges=torch.quantile(values, quantiles).tolist())
 
-    def bucket(self, reward: float) -> int:
-        return bisect.bisect_right(self.edges, float(reward))
+    @classmethod
+    def even(cls, n: int, conditioning: str = "query_rank") -> RewardBuckets:
+        """``n`` equal-width buckets over [0, 1] (for query ranks): the top bucket holds values >= (n-1)/n."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"The number of reward buckets must be an integer >= 1; got {n!r}.")
+        return cls(edges=[i / n for i in range(1, n)], conditioning=conditioning)
+
+    @classmethod
+    def for_records(cls, records: Sequence[Record], n: int, conditioning: str = "absolute") -> RewardBuckets:
+        """The buckets of a run, placed once on its D0 ``records``."""
+        if conditioning == "absolute":
+            return cls.from_rewards(conditioning_values(records, conditioning), n)
+        return cls.even(n, conditioning)
+
+    def bucket(self, value: float) -> int:
+        return bisect.bisect_right(self.edges, float(value))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"edges": list(self.edges)}
+        return {"edges": list(self.edges), "conditioning": self.conditioning}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RewardBuckets:
         if not isinstance(data, Mapping) or not isinstance(data.get("edges"), list):
             raise ValueError(f"Reward buckets must be an object with a list 'edges'; got {data!r}.")
-        return cls(edges=list(data["edges"]))
+        return cls(edges=list(data["edges"]), conditioning=str(data.get("conditioning", "absolute")))
+
+
+def top_bucket_coverage(records: Sequence[Record], buckets: RewardBuckets,
+                        values: Sequence[float] | None = None) -> float | None:
+    """The share of queries with a correct record whose correct records include one in the top bucket.
+
+    What conditioning on the top bucket can teach: a query with no correct record there only ever
+    shows the policy its other prompts as "best". None when no query has a correct record.
+    """
+    values = conditioning_values(records, buckets.conditioning) if values is None else values
+    with_correct: set[str] = set()
+    covered: set[str] = set()
+    for record, value in zip(records, values, strict=True):
+        if record.correct:
+            with_correct.add(record.query_id)
+            if buckets.bucket(value) == buckets.top:
+                covered.add(record.query_id)
+    return len(covered) / len(with_correct) if with_correct else None
 
 
 @dataclass
@@ -234,11 +301,13 @@ def build_examples(
     fmt: PolicyFormat,
     buckets: RewardBuckets,
     *,
+    values: Sequence[float] | None = None,
     include_empty: bool = True,
 ) -> list[Example]:
-    """One example per record: ``fmt.encode(query, tokenize, bucket(reward))`` then the prompt (capped) and eos.
+    """One example per record: ``fmt.encode(query, tokenize, bucket(value))`` then the prompt (capped) and eos.
 
-    Only the prompt tokens and eos are supervised. A record with an empty
+    ``values`` are the records' conditioning values (default: :func:`conditioning_values` of the
+    records with the buckets' kind). Only the prompt tokens and eos are supervised. A record with an empty
     prompt (the "no instruction" baseline) teaches the policy to answer with
     eos alone; ``include_empty=False`` drops such records instead.
     """
@@ -253,13 +322,17 @@ def build_examples(
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    if values is None:
+        values = conditioning_values(records, buckets.conditioning)
+    if len(values) != len(records):
+        raise ValueError(f"build_examples got {len(values)} conditioning values for {len(records)} records.")
     examples: list[Example] = []
-    for record in records:
+    for record, value in zip(records, values, strict=True):
         empty = not record.prompt.strip()
         if empty and not include_empty:
             continue
         # The query as the runtime reads it (policy_text, a prefix of a long query): trained as served.
-        context = fmt.encode(record.query, tokenize, buckets.bucket(record.reward))
+        context = fmt.encode(record.query, tokenize, buckets.bucket(value))
         prompt_ids: list[int] = []
         if not empty:
             prompt_ids = tokenize(record.prompt)

@@ -26,6 +26,7 @@ def command(
     train_policy_tokens: Annotated[bool, typer.Option(help=help_of(TrainConfig, "train_policy_tokens"))] = False,
     max_steps: Annotated[int | None, typer.Option(help=help_of(TrainConfig, "max_steps"))] = None,
     num_buckets: Annotated[int, typer.Option(help=help_of(TrainConfig, "num_buckets"))] = 10,
+    conditioning: Annotated[str, typer.Option(help=help_of(TrainConfig, "conditioning"))] = "absolute",
     query_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "query_max_tokens"))] = 40,
     prompt_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "prompt_max_tokens"))] = 40,
     samples_per_query: Annotated[int, typer.Option(help=help_of(LoopConfig, "samples_per_query"))] = 2,
@@ -43,7 +44,7 @@ def command(
                                    grad_accum_steps=grad_accum_steps, trainable=resolve_trainable(trainable, device),
                                    max_steps=max_steps, num_buckets=num_buckets, query_max_tokens=query_max_tokens,
                                    prompt_max_tokens=prompt_max_tokens, device=device, seed=seed,
-                                   train_policy_tokens=train_policy_tokens)
+                                   train_policy_tokens=train_policy_tokens, conditioning=conditioning)
         loop_config = LoopConfig(loops=loops, base_model=base_model, later_epochs=later_epochs,
                                  samples_per_query=samples_per_query, collect_queries=collect_queries,
                                  reward_floor_quantile=reward_floor_quantile, d0_floor_quantile=d0_floor_quantile,
