@@ -113,6 +113,36 @@ def test_query_rank_conditioning_trains_on_the_better_half_of_each_query_and_sta
         TrainConfig(conditioning="rank")
 
 
+def test_preference_step_after_or_instead_of_the_supervised_one(tmp_path: Path, tiny_base: str) -> None:
+    import math
+    from dataclasses import replace
+
+    train, loops = configs(tiny_base)
+    for name in ("after", "instead"):
+        small_run(tmp_path / name, tiny_base)
+        # The tiny random target gives every prompt the same verdict on a query; one more scored prompt with the
+        # opposite verdict per query makes the right-vs-wrong contrasts a real target gives.
+        dataset = OfflineDataset(tmp_path / name)
+        first = {r.query_id: r for r in dataset.loop(0)}
+        dataset.append([replace(r, prompt="Decide.", prompt_source="pool:flip", correct=not r.correct)
+                        for r in first.values()])
+    after = run_loops(tmp_path / "after", train, LoopConfig(**{**loops.__dict__, "loops": 1, "preference": "after"}))
+    instead = run_loops(tmp_path / "instead", train,
+                        LoopConfig(**{**loops.__dict__, "loops": 1, "preference": "instead"}))
+    for m in (after[0], instead[0]):
+        assert m.preference_pairs > 0 and m.preference_last_loss is not None
+    assert after[0].preference_pairs == instead[0].preference_pairs == 8 * 4  # 8 queries, 4 pairs each
+    assert after[0].train_records == 8 * 6 and instead[0].train_records == 0
+    # Instead of the supervised step, the first DPO step starts from the reference itself: loss log 2.
+    assert instead[0].preference_first_loss == pytest.approx(math.log(2), abs=1e-4)
+    assert instead[0].first_loss == instead[0].preference_first_loss
+    # After it, the policy has moved away from the reference (the previous loop's policy, here the base).
+    assert after[0].preference_first_loss != pytest.approx(math.log(2), abs=1e-4)
+    assert (RunPaths(tmp_path / "instead").checkpoint(1) / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="preference"):
+        LoopConfig(preference="dpo")
+
+
 def test_loops_need_d0(tmp_path: Path, tiny_base: str) -> None:
     with pytest.raises(FileNotFoundError, match="qpo collect"):
         run_loops(tmp_path, *configs(tiny_base))

@@ -13,6 +13,7 @@ from typing import Any
 from .models import DEFAULT_MODEL, QWEN_MODEL
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
+PREFERENCE_MODES = ("off", "after", "instead")
 CONDITIONING_KINDS = ("absolute", "query_rank")  # what a reward token encodes: training.policy.conditioning_values
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -267,6 +268,16 @@ class LoopConfig:
     later_epochs: int = field(default=1, metadata={"help": "Epochs of the fine-tune in loops >= 2."})
     later_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate in loops >= 2 (default: the train learning rate)."})
+    preference: str = field(default="off", metadata={
+        "help": "Within-query preference training (DPO on right-vs-wrong prompt pairs of the same query, against the "
+                "previous loop's policy as reference): 'off', 'after' the supervised step of each loop, or 'instead' "
+                "of it."})
+    preference_beta: float = field(default=0.1, metadata={"help": "DPO beta (strength of the pull to the reference)."})
+    preference_pairs_per_query: int = field(default=4, metadata={
+        "help": "Right-vs-wrong prompt pairs drawn per query (from every record up to the loop)."})
+    preference_epochs: int = field(default=1, metadata={"help": "Epochs of the preference step."})
+    preference_learning_rate: float | None = field(default=None, metadata={
+        "help": "Learning rate of the preference step (default: the loop's learning rate)."})
     generation_batch_size: int = field(default=16, metadata={"help": "Queries per policy generate() call."})
     eval_greedy: bool = field(default=True, metadata={"help": "Score greedy policy prompts on the collect split."})
     seed: int = field(default=0, metadata={"help": "Seed of the policy sampling."})
@@ -280,6 +291,12 @@ class LoopConfig:
             raise ValueError(f"reward_floor_quantile must be in [0, 1]; got {self.reward_floor_quantile}.")
         if not 0.0 <= self.d0_floor_quantile < 1.0:
             raise ValueError(f"d0_floor_quantile must be in [0, 1); got {self.d0_floor_quantile}.")
+        if self.preference not in PREFERENCE_MODES:
+            raise ValueError(f"preference must be one of {', '.join(PREFERENCE_MODES)}; got {self.preference!r}.")
+        if self.preference_beta <= 0 or self.preference_pairs_per_query < 1 or self.preference_epochs < 1:
+            raise ValueError("preference_beta must be > 0, preference_pairs_per_query and preference_epochs >= 1.")
+        if self.preference_learning_rate is not None and not 0 < self.preference_learning_rate < 1:
+            raise ValueError(f"preference_learning_rate must be in (0, 1); got {self.preference_learning_rate}.")
         if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:
             raise ValueError("top_p must be in (0, 1] and temperature > 0.")
 

@@ -23,7 +23,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,13 @@ from .dataset import Record
 from .export import PolicyMeta, write_policy_meta
 from .io import atomic_write_json
 from .policy import RewardBuckets, add_policy_tokens, build_examples, conditioning_values, top_bucket_coverage
+from .preference import (
+    PreferenceExample,
+    PreferenceObjective,
+    preference_examples,
+    preference_pairs,
+    with_reference_logps,
+)
 from .run import Run, RunPaths
 from .sampling import generate_prompts
 from .targets import Pair, Score, Target
@@ -63,6 +70,9 @@ class LoopMetrics:
     target_calls: int = 0
     seconds: float = 0.0
     checkpoint: str = ""
+    preference_pairs: int = 0
+    preference_first_loss: float | None = None
+    preference_last_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,14 +186,32 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         examples = build_examples(training_records, tokenizer, fmt, buckets, values=values,
                                   include_empty=train.include_empty)
         config = train if loop == 1 else _later(train, loops)
-        phase(loop, f"fine-tuning on {len(examples)} examples ({config.epochs} epoch(s))")
-        result = train_policy(model, tokenizer, examples, config, paths.loop(loop), on_step=on_step,
-                              extra_state={"loop": loop, "buckets": buckets.to_dict()})
+        state = {"loop": loop, "buckets": buckets.to_dict()}
+        preferences = []
+        if loops.preference != "off":  # reference log-probs from the previous loop's policy, before any step
+            preferences = _preference_data(model, tokenizer, fmt, buckets, dataset.records, loop, loops)
+            metrics.preference_pairs = len(preferences)
+        if loops.preference != "instead":
+            phase(loop, f"fine-tuning on {len(examples)} examples ({config.epochs} epoch(s))")
+            result = train_policy(model, tokenizer, examples, config, paths.loop(loop), on_step=on_step,
+                                  extra_state=state)
+        if preferences:
+            preference = replace(config, epochs=loops.preference_epochs,
+                                 learning_rate=loops.preference_learning_rate or config.learning_rate)
+            phase(loop, f"preference training on {len(preferences)} pairs ({preference.epochs} epoch(s))")
+            preferred = train_policy(model, tokenizer, preferences, preference, paths.loop(loop), on_step=on_step,
+                                     objective=PreferenceObjective(beta=loops.preference_beta), extra_state=state)
+            metrics.preference_first_loss, metrics.preference_last_loss = preferred.first_loss, preferred.last_loss
+            if loops.preference == "instead":
+                result = preferred
+        elif loops.preference == "instead":
+            raise ValueError(f"--preference instead found no query with both a right and a wrong prompt in "
+                             f"{paths.dataset} (loop {loop}); use --preference after or off.")
         checkpoint = paths.checkpoint(loop)
         write_policy_meta(checkpoint, PolicyMeta(policy=fmt, template=run.task.template, task=run.task.name,
                                                  base_model=loops.base_model,
                                                  training_data_sha256=dataset.content_hash()))
-        metrics.train_records = len(examples)
+        metrics.train_records = len(examples) if loops.preference != "instead" else 0
         metrics.first_loss, metrics.last_loss, metrics.train_seconds = result.first_loss, result.last_loss, result.seconds
         metrics.checkpoint = str(checkpoint)
 
@@ -203,6 +231,19 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         done.append(metrics)
         del model
     return done
+
+
+def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, buckets: RewardBuckets,
+                     records: Sequence[Record], loop: int, loops: LoopConfig) -> list[PreferenceExample]:
+    """This loop's preference pairs (every record up to the loop) with the reference log-probs of ``model``."""
+    pairs = preference_pairs([r for r in records if r.loop <= loop], loops.preference_pairs_per_query,
+                             seed=loops.seed + loop)
+    if not pairs:
+        logger.warning("loop %d: no query has both a right and a wrong prompt: no preference pairs", loop)
+        return []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return with_reference_logps(model, preference_examples(pairs, tokenizer, fmt, buckets), pad_id,
+                                batch_size=loops.generation_batch_size)
 
 
 def training_data(records: Sequence[Record], loop: int, conditioning: str,

@@ -376,3 +376,14 @@ def qpo_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         reduction="sum",
     )
     return total / count.clamp(min=1)
+
+
+@dataclass(frozen=True)
+class SupervisedObjective:
+    """Return-conditioned supervised learning (the paper) as a :func:`~.trainer.train_policy` objective."""
+
+    def collate(self, items: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate(items, pad_id)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return qpo_loss(logits, batch["labels"])

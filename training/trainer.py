@@ -27,19 +27,31 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from .config import TrainConfig, TrainConfigError
 from .io import atomic_write_json, fsync_dir
-from .policy import Example, PolicyDataError, collate, qpo_loss
+from .policy import Example, PolicyDataError, SupervisedObjective, collate, qpo_loss
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE_FILE = "trainer_state.json"
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+
+
+class Objective(Protocol):
+    """What a fine-tune minimises: how items become a batch, and the batch's loss from the model's logits.
+
+    :class:`~.policy.SupervisedObjective` (the paper's return-conditioned SFT) and
+    :class:`~.preference.PreferenceObjective` (DPO on within-query pairs) are the two.
+    """
+
+    def collate(self, items: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -211,14 +223,18 @@ def evaluate_loss(model: Any, examples: Sequence[Example], pad_id: int, batch_si
 def train_policy(
     model: Any,
     tokenizer: Any,
-    examples: Sequence[Example],
+    examples: Sequence[Any],
     config: TrainConfig,
     output_dir: str | os.PathLike[str],
     *,
+    objective: Objective | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     extra_state: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``examples``; checkpoint to ``output_dir/checkpoint`` every epoch.
+
+    ``objective`` turns examples into batches and losses: by default the paper's supervised loss on
+    :class:`~.policy.Example` s; :class:`~.preference.PreferenceObjective` trains DPO on preference pairs.
 
     ``on_step(step, total, loss)`` is called on the main process after every
     optimizer step (the CLI drives its progress bar with it). ``extra_state``
@@ -229,6 +245,7 @@ def train_policy(
 
     if not examples:
         raise PolicyDataError("No training examples: the dataset is empty or every record was filtered out.")
+    objective = objective or SupervisedObjective()
     output_dir = Path(output_dir)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -311,7 +328,7 @@ def train_policy(
                 # --- Forward and backward one micro-batch --------------------------
                 batch = {
                     k: v.to(accelerator.device)
-                    for k, v in collate([examples[i] for i in indices], pad_id).items()
+                    for k, v in objective.collate([examples[i] for i in indices], pad_id).items()
                 }
                 # This micro-batch's accumulation window (shorter at the end of an epoch);
                 # the last one of the window all-reduces the gradients and steps.
@@ -325,7 +342,7 @@ def train_policy(
                         logits = ddp_model(
                             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                         ).logits  # (B, T, V)
-                    loss = qpo_loss(logits, batch["labels"])
+                    loss = objective.loss(logits, batch)
                     accelerator.backward(loss / in_window)
                 window.append(loss.detach())
                 if not sync:

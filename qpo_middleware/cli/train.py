@@ -33,6 +33,13 @@ def command(
     collect_queries: Annotated[int | None, typer.Option(help=help_of(LoopConfig, "collect_queries"))] = None,
     reward_floor_quantile: Annotated[float, typer.Option(help=help_of(LoopConfig, "reward_floor_quantile"))] = 0.5,
     d0_floor_quantile: Annotated[float, typer.Option(help=help_of(LoopConfig, "d0_floor_quantile"))] = 0.5,
+    preference: Annotated[str, typer.Option(help=help_of(LoopConfig, "preference"))] = "off",
+    preference_beta: Annotated[float, typer.Option(help=help_of(LoopConfig, "preference_beta"))] = 0.1,
+    preference_pairs_per_query: Annotated[int, typer.Option(
+        help=help_of(LoopConfig, "preference_pairs_per_query"))] = 4,
+    preference_epochs: Annotated[int, typer.Option(help=help_of(LoopConfig, "preference_epochs"))] = 1,
+    preference_learning_rate: Annotated[float | None, typer.Option(
+        help=help_of(LoopConfig, "preference_learning_rate"))] = None,
     top_k: Annotated[int, typer.Option(help=help_of(LoopConfig, "top_k"))] = 10,
     top_p: Annotated[float, typer.Option(help=help_of(LoopConfig, "top_p"))] = 0.9,
     device: Annotated[str, typer.Option(help=help_of(TrainConfig, "device"))] = "auto",
@@ -48,7 +55,10 @@ def command(
         loop_config = LoopConfig(loops=loops, base_model=base_model, later_epochs=later_epochs,
                                  samples_per_query=samples_per_query, collect_queries=collect_queries,
                                  reward_floor_quantile=reward_floor_quantile, d0_floor_quantile=d0_floor_quantile,
-                                 top_k=top_k, top_p=top_p, seed=seed)
+                                 top_k=top_k, top_p=top_p, seed=seed, preference=preference,
+                                 preference_beta=preference_beta, preference_pairs_per_query=preference_pairs_per_query,
+                                 preference_epochs=preference_epochs,
+                                 preference_learning_rate=preference_learning_rate)
         metrics = train_with_progress(run, train_config, loop_config)
     print_loops(metrics)
     console.print(f"[green]Policy:[/] {metrics[-1].checkpoint}   next: qpo export --run {run}")

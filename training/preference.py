@@ -1,0 +1,155 @@
+"""Within-query preferences: DPO on (query, chosen prompt, rejected prompt) pairs from the scored records.
+
+Return-conditioned supervised learning only imitates; it never tells the policy that prompt A fails on
+this query while prompt B succeeds. D0 holds exactly such contrasts (several prompts scored per query),
+so each query with at least one right and one wrong prompt gives preference pairs, and a DPO loss
+(Rafailov et al., 2023) against a frozen reference (the previous loop's policy) trains on them:
+
+    loss = -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
+
+Every sequence is the query conditioned on the top reward bucket (the state the policy is served in)
+followed by the prompt, so the policy learns which prompt to write for this query when asked for the
+best. :func:`dpo_loss` equals TRL's ``DPOTrainer.dpo_loss`` (``loss_type="sigmoid"``) on the same tensors.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qpo_middleware.policy_format import PolicyFormat
+
+from .dataset import Record
+from .policy import IGNORE_INDEX, Example, RewardBuckets, build_examples, collate
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and the implicit rewards ``beta * (log pi - log ref)`` of chosen and rejected.
+
+    All inputs are (B,) sequence log-probabilities. ``label_smoothing`` > 0 is the conservative DPO
+    variant (the preference label is wrong with that probability).
+    """
+    logits = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (B,)
+    losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+              - F.logsigmoid(-beta * logits) * label_smoothing)
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the supervised tokens' log-probabilities per row: (B, T, V) logits, (B, T) labels -> (B,).
+
+    Position ``t`` predicts ``labels[:, t + 1]`` (labels aligned with the inputs, -100 where not supervised).
+    """
+    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:].to(shift_logits.device)  # (B, T-1)
+    mask = shift_labels != IGNORE_INDEX
+    picked = shift_labels.masked_fill(~mask, 0)
+    token_logps = torch.log_softmax(shift_logits, dim=-1).gather(-1, picked.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """On ``chosen.query``, ``chosen`` was right and ``rejected`` wrong."""
+
+    chosen: Record
+    rejected: Record
+
+
+def preference_pairs(records: Sequence[Record], pairs_per_query: int, seed: int = 0) -> list[PreferencePair]:
+    """(right, wrong) prompt pairs on the same query, at most ``pairs_per_query`` per query (seeded draw).
+
+    A query gives pairs only if some prompt was right and some wrong on it; pairs are drawn without
+    replacement from all (right, wrong) combinations, and a prompt scored twice on a query (in two
+    loops) counts once.
+    """
+    if pairs_per_query < 1:
+        raise ValueError(f"pairs_per_query must be >= 1; got {pairs_per_query}.")
+    by_query: dict[str, dict[str, Record]] = {}
+    for record in records:
+        by_query.setdefault(record.query_id, {}).setdefault(record.prompt, record)
+    rng = random.Random(seed)
+    out: list[PreferencePair] = []
+    for query_id in sorted(by_query):
+        scored = list(by_query[query_id].values())
+        right = [r for r in scored if r.correct]
+        wrong = [r for r in scored if not r.correct]
+        combos = [(c, w) for c in right for w in wrong]
+        for chosen, rejected in rng.sample(combos, min(pairs_per_query, len(combos))):
+            out.append(PreferencePair(chosen, rejected))
+    return out
+
+
+@dataclass
+class PreferenceExample:
+    """A pair as token sequences (same context: query + top reward token) with the reference's log-probs."""
+
+    chosen: Example
+    rejected: Example
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+
+def preference_examples(pairs: Sequence[PreferencePair], tokenizer: Any, fmt: PolicyFormat,
+                        buckets: RewardBuckets) -> list[PreferenceExample]:
+    """Both prompts of each pair after the query conditioned on the top reward bucket."""
+    top = [float("inf")]  # the top bucket, whatever the edges
+    out = []
+    for pair in pairs:
+        chosen = build_examples([pair.chosen], tokenizer, fmt, buckets, values=top)[0]
+        rejected = build_examples([pair.rejected], tokenizer, fmt, buckets, values=top)[0]
+        out.append(PreferenceExample(chosen, rejected))
+    return out
+
+
+@torch.no_grad()
+def with_reference_logps(model: Any, examples: Sequence[PreferenceExample], pad_id: int,
+                         batch_size: int = 16) -> list[PreferenceExample]:
+    """``examples`` with ``ref_chosen`` / ``ref_rejected`` from ``model`` (the frozen reference), in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[PreferenceExample] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate([e.chosen for e in chunk] + [e.rejected for e in chunk], pad_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            logps = sequence_logps(logits, batch["labels"]).cpu()
+            n = len(chunk)
+            out += [replace(e, ref_chosen=float(c), ref_rejected=float(r))
+                    for e, c, r in zip(chunk, logps[:n], logps[n:], strict=True)]
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass(frozen=True)
+class PreferenceObjective:
+    """DPO as a :func:`~.trainer.train_policy` objective: one batch holds the chosen rows, then the rejected."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+    def collate(self, items: Sequence[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
+        batch = collate([e.chosen for e in items] + [e.rejected for e in items], pad_id)
+        batch["ref_chosen"] = torch.tensor([e.ref_chosen for e in items], dtype=torch.float32)
+        batch["ref_rejected"] = torch.tensor([e.ref_rejected for e in items], dtype=torch.float32)
+        return batch
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logps = sequence_logps(logits, batch["labels"])
+        n = batch["ref_chosen"].shape[0]
+        losses, _, _ = dpo_loss(logps[:n], logps[n:], batch["ref_chosen"].to(logps.device),
+                                batch["ref_rejected"].to(logps.device), self.beta, self.label_smoothing)
+        return losses.mean()
