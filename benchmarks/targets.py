@@ -70,8 +70,10 @@ def target_stats(run_dir: Path, seconds: float, calls: int) -> dict[str, Any]:
 
 
 def render(results: dict[str, Any]) -> str:
-    lines = [f"# Targets compared on the same D0 ({results['queries']} train queries x {results['pool_prompts']} "
-             "pool prompts + no instruction)", "", f"Command: `{results['command']}`  ",
+    lines = [f"# Targets compared on the same D0 ({results['queries']} train queries x the same prompts + no "
+             "instruction)", "", "Rows: 12 prompts spread over the task's hand-written pool; rows marked [induce:N]: N "
+             "instructions induced by the embedded Qwen from labelled train examples (APE-style), same queries.", "",
+             f"Command (latest): `{results['command']}`; each row's own command and commit: `results.json`  ",
              f"Commit: {results['commit']}  ", f"Hardware: {results['environment'].get('cpu_model')}", ""]
     lines += ["| task | target | prompt accuracy min / median / max | no instruction | best prompt | "
               "per-query oracle | label-routing oracle | best prompt's lean vs gold | s / pair |",
@@ -115,7 +117,7 @@ def _earlier_results(path: Path, results: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         return {}
     earlier = json.loads(path.read_text(encoding="utf-8"))
-    same = all(earlier.get(k) == results[k] for k in ("queries", "pool_prompts", "seed"))
+    same = all(earlier.get(k) == results[k] for k in ("queries", "seed"))
     return earlier if same else {}
 
 
@@ -124,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="sst2")
     parser.add_argument("--targets", default="smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--queries", type=int, default=150)
-    parser.add_argument("--prompts", type=int, default=12, help="pool prompts, spread over the pool")
+    parser.add_argument("--prompts", default="12",
+                        help="N pool prompts spread over the pool, or induce:N (N induced by the embedded Qwen, "
+                             "reported as its own row)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/targets-cpu"))
@@ -136,21 +140,25 @@ def main(argv: list[str] | None = None) -> int:
                                "pool_prompts": args.prompts, "seed": args.seed, "tasks": {}}
     earlier = _earlier_results(args.out / "results.json", results)
     results["tasks"] = {task: dict(per_target) for task, per_target in earlier.get("tasks", {}).items()}
+    pool = "" if args.prompts.isdigit() else f" [{args.prompts}]"  # the hand-written pool's rows keep plain names
     for task in args.tasks.split(","):
         for target in args.targets.split(","):
-            run_dir = args.out / "runs" / f"{task}-{target}"
-            config = CollectConfig(task=task, target=target, queries=args.queries, prompts=str(args.prompts),
+            suffix = "" if args.prompts.isdigit() else "-" + args.prompts.replace(":", "")
+            run_dir = args.out / "runs" / f"{task}-{target}{suffix}"
+            config = CollectConfig(task=task, target=target, queries=args.queries, prompts=args.prompts,
                                    collect_queries=0, test_queries=0, seed=args.seed, batch_size=args.batch_size)
             start = time.perf_counter()
             summary = collect(config, run_dir)
             seconds = time.perf_counter() - start
             calls, made_by = summary.target_calls, {"commit": commit, "command": results["command"]}
-            before = earlier.get("tasks", {}).get(task, {}).get(target)
+            row = target + pool
+            before = earlier.get("tasks", {}).get(task, {}).get(row)
             if before and calls < before["target_calls"]:
                 # Pairs came from the score cache: keep the timing (and provenance) of the run that scored them.
                 seconds, calls = before["collect_seconds"], before["target_calls"]
                 made_by = {k: before.get(k, earlier.get(k)) for k in ("commit", "command")}
-            results["tasks"].setdefault(task, {})[target] = {**target_stats(run_dir, seconds, calls), **made_by}
+            stats = {**target_stats(run_dir, seconds, calls), "prompts": args.prompts, **made_by}
+            results["tasks"].setdefault(task, {})[row] = stats
             print(f"{task} {target}: {summary.target_calls} pairs in {seconds:.0f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "results.json", results)
