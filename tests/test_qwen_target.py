@@ -104,3 +104,32 @@ def test_qwen_target_prefers_a_sensible_prompt_on_40_sst2_dev_sentences(real_dat
 @pytest.mark.real
 def test_qwen_scores_multi_token_labels_as_full_sequences_do(real_data: Path, qwen_target) -> None:  # noqa: ANN001
     assert label_scoring_gap(qwen_target, real_data) < 1e-4  # tweet_emotion: "optimism", "sadness" 2 tokens each
+
+
+@pytest.mark.real
+def test_qwen_exports_as_a_policy_and_the_runtime_matches_torch(tmp_path: Path) -> None:
+    """The Qwen model as a policy base: policy tokens added, Optimum export (fp32), torch-free
+    rewrite; greedy ids equal transformers' generate on the fp32 checkpoint for the first tokens."""
+    import torch
+    from _tiny import torch_greedy
+
+    from qpo_middleware import PromptOptimizer, Template
+    from qpo_middleware.training.export import PolicyMeta, export_bundle, write_policy_meta
+    from qpo_middleware.training.models import load_model_and_tokenizer
+    from qpo_middleware.training.policy import add_policy_tokens
+
+    model, tokenizer = load_model_and_tokenizer(QWEN_MODEL, dtype=torch.float32)
+    vocab_rows = model.get_input_embeddings().weight.shape[0]
+    policy = add_policy_tokens(model, tokenizer, num_buckets=4, query_max_tokens=24, prompt_max_tokens=8)
+    assert model.get_input_embeddings().weight.shape[0] == vocab_rows  # Qwen pads its vocabulary: rows reused
+    assert policy.eos_token_ids == (151645,)
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    write_policy_meta(checkpoint, PolicyMeta(policy, Template(), "sst2", QWEN_MODEL, "cd" * 32))
+    optimizer = PromptOptimizer.from_bundle(export_bundle(checkpoint, tmp_path / "bundle"), provider="cpu")
+    assert optimizer.manifest.model.num_layers == 24
+    query = "The film was a delight from start to finish."
+    ids = optimizer.input_ids(query)
+    assert optimizer.generate_ids([ids])[0] == torch_greedy(model.eval(), ids, policy, 8)
+    assert query in optimizer.optimize(query).text
