@@ -119,9 +119,8 @@ def test_qwen_exports_as_a_policy_and_the_runtime_matches_torch(tmp_path: Path) 
     from qpo_middleware.training.policy import add_policy_tokens
 
     model, tokenizer = load_model_and_tokenizer(QWEN_MODEL, dtype=torch.float32)
-    vocab_rows = model.get_input_embeddings().weight.shape[0]
     policy = add_policy_tokens(model, tokenizer, num_buckets=4, query_max_tokens=24, prompt_max_tokens=8)
-    assert model.get_input_embeddings().weight.shape[0] == vocab_rows  # Qwen pads its vocabulary: rows reused
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
     assert policy.eos_token_ids == (151645,)
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
