@@ -53,6 +53,10 @@ def test_two_loops_export_and_rewrite(tmp_path: Path, tiny_base: str) -> None:
     assert len([r for r in records if r.loop == 2]) == metrics[1].kept_pairs
     assert all(r.prompt_source == "policy" for r in records if r.loop == 2)
     assert metrics[1].train_records == len(records)
+    pool = {r.prompt for r in records if r.loop == 0}
+    new = {r.prompt for r in records if r.loop == 2} - pool
+    assert metrics[1].new_distinct_prompts_kept == len(new) <= metrics[1].new_distinct_prompts
+    assert metrics[1].new_distinct_prompts > 0 and 0.0 <= metrics[1].new_prompt_accuracy <= 1.0  # random text: new
     for m in metrics:
         assert m.greedy_accuracy_collect is not None and 0.0 <= m.greedy_accuracy_collect <= 1.0
     paths = RunPaths(tmp_path)

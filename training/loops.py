@@ -70,6 +70,9 @@ class LoopMetrics:
     target_calls: int = 0
     seconds: float = 0.0
     checkpoint: str = ""
+    new_distinct_prompts: int = 0  # sampled prompts that no earlier record holds (pool or earlier loops)
+    new_distinct_prompts_kept: int = 0
+    new_prompt_accuracy: float | None = None  # accuracy of the sampled pairs with such prompts
     preference_pairs: int = 0
     preference_first_loss: float | None = None
     preference_last_loss: float | None = None
@@ -180,6 +183,12 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             metrics.sampled_pairs, metrics.kept_pairs = len(records), len(kept)
             metrics.mean_reward_sampled = statistics.fmean(r.reward for r in records) if records else None
             metrics.mean_reward_kept = statistics.fmean(r.reward for r in kept) if kept else None
+            # --- Exploration: prompts no earlier record holds (not in the pool, not written by an earlier loop)
+            known = {r.prompt for r in dataset if r.loop < loop}
+            new = [r for r in records if r.prompt not in known]
+            metrics.new_distinct_prompts = len({r.prompt for r in new})
+            metrics.new_distinct_prompts_kept = len({r.prompt for r in kept if r.prompt not in known})
+            metrics.new_prompt_accuracy = statistics.fmean(r.correct for r in new) if new else None
 
         # --- Fine-tune: on D_{t} (D0's records above its floor, and every later loop's), from the previous policy
         training_records, values = training_data(dataset.records, loop, train.conditioning, d0_floor)

@@ -42,6 +42,7 @@ def command(
         help=help_of(LoopConfig, "preference_learning_rate"))] = None,
     top_k: Annotated[int, typer.Option(help=help_of(LoopConfig, "top_k"))] = 10,
     top_p: Annotated[float, typer.Option(help=help_of(LoopConfig, "top_p"))] = 0.9,
+    temperature: Annotated[float, typer.Option(help=help_of(LoopConfig, "temperature"))] = 1.0,
     device: Annotated[str, typer.Option(help=help_of(TrainConfig, "device"))] = "auto",
     seed: Annotated[int, typer.Option(help=help_of(TrainConfig, "seed"))] = 0,
 ) -> None:
@@ -55,7 +56,7 @@ def command(
         loop_config = LoopConfig(loops=loops, base_model=base_model, later_epochs=later_epochs,
                                  samples_per_query=samples_per_query, collect_queries=collect_queries,
                                  reward_floor_quantile=reward_floor_quantile, d0_floor_quantile=d0_floor_quantile,
-                                 top_k=top_k, top_p=top_p, seed=seed, preference=preference,
+                                 top_k=top_k, top_p=top_p, temperature=temperature, seed=seed, preference=preference,
                                  preference_beta=preference_beta, preference_pairs_per_query=preference_pairs_per_query,
                                  preference_epochs=preference_epochs,
                                  preference_learning_rate=preference_learning_rate)
@@ -90,14 +91,15 @@ def train_with_progress(run: Path, train_config: TrainConfig, loop_config: LoopC
 
 def print_loops(metrics: list) -> None:
     table = Table(title="QPO loops")
-    for name in ("loop", "train examples", "loss first→last", "new pairs kept/sampled", "mean reward new vs D0",
-                 "greedy acc (collect)", "target calls", "time"):
+    for name in ("loop", "train examples", "loss first→last", "new pairs kept/sampled", "new prompts kept/sampled",
+                 "mean reward new vs D0", "greedy acc (collect)", "target calls", "time"):
         table.add_column(name, justify="right")
     for m in metrics:
         new = f"{m.kept_pairs}/{m.sampled_pairs}" if m.loop > 1 else "-"
+        prompts = f"{m.new_distinct_prompts_kept}/{m.new_distinct_prompts}" if m.loop > 1 else "-"
         reward = (f"{m.mean_reward_sampled:.2f} vs {m.mean_reward_d0:.2f}"
                   if m.mean_reward_sampled is not None else f"- vs {m.mean_reward_d0:.2f}")
         accuracy = f"{m.greedy_accuracy_collect:.1%}" if m.greedy_accuracy_collect is not None else "-"
-        table.add_row(str(m.loop), str(m.train_records), f"{m.first_loss:.3f}→{m.last_loss:.3f}", new, reward,
+        table.add_row(str(m.loop), str(m.train_records), f"{m.first_loss:.3f}→{m.last_loss:.3f}", new, prompts, reward,
                       accuracy, str(m.target_calls), f"{m.seconds:.0f}s")
     console.print(table)
