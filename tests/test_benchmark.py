@@ -77,7 +77,7 @@ def runs(tiny_base: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
 
 
 METHODS = {"none", "default", "random_pool", "best_pool", "selector", "oracle_pool", "qpo_loop1", "qpo_loop2",
-           "qpo_best_of_2"}
+           "qpo_best_of_2", "qpo_implicit_best_of_2"}
 
 
 def test_results_json_has_every_method_and_loop(runs: dict[str, Any]) -> None:
@@ -171,6 +171,8 @@ def test_torch_backend_writes_the_runtime_prompts(runs: dict[str, Any]) -> None:
     sampled = result.method("qpo_best_of_3")
     assert sampled.n == 6 and "torch on cpu" in sampled.description
     assert result.selector["best_of_n_distinct_candidates_mean"] >= 1
+    implicit = result.method("qpo_implicit_best_of_3")
+    assert implicit.n == 6 and result.selector["implicit_scoring_ms_p50"] > 0
     with pytest.raises(ValueError, match="policy_backend must be one of onnx, torch"):
         BenchmarkConfig(policy_backend="jax")
     with pytest.raises(ValueError, match="policy_batch_size must be >= 1"):

@@ -117,3 +117,24 @@ def test_dpo_steps_raise_the_chosen_prompts_margin_on_a_tiny_policy(tmp_path: Pa
     n = len(examples)
     margins = (logps[:n] - batch["ref_chosen"]) - (logps[n:] - batch["ref_rejected"])
     assert (margins > 0).all(), margins  # every pair: the right prompt gained on the wrong one
+
+
+def test_implicit_reward_is_the_top_vs_bottom_token_log_ratio() -> None:
+    from qpo_middleware.training.preference import implicit_rewards
+
+    tokenizer = load_tokenizer()
+    model = tiny_model(len(tokenizer)).eval()
+    fmt = add_policy_tokens(model, tokenizer, num_buckets=4, query_max_tokens=8, prompt_max_tokens=6)
+    query, prompts = "a gorgeous , witty movie .", ["Classify the review.", "", "Answer positive or negative now."]
+    scores = implicit_rewards(model, tokenizer, fmt, query, prompts)
+
+    def logp(bucket: int, prompt: str) -> float:  # one sequence at a time, no padding
+        context = fmt.encode(query, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], bucket)
+        target = tokenizer(prompt, add_special_tokens=False)["input_ids"][:6] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([context + target])).logits[0], -1)
+        return sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(target))
+
+    expected = [logp(3, p) - logp(0, p) for p in prompts]
+    assert scores == pytest.approx(expected, abs=1e-4)
+    assert implicit_rewards(model, tokenizer, fmt, query, []) == []

@@ -153,3 +153,32 @@ class PreferenceObjective:
         losses, _, _ = dpo_loss(logps[:n], logps[n:], batch["ref_chosen"].to(logps.device),
                                 batch["ref_rejected"].to(logps.device), self.beta, self.label_smoothing)
         return losses.mean()
+
+
+@torch.no_grad()
+def implicit_rewards(model: Any, tokenizer: Any, fmt: PolicyFormat, query: str, prompts: Sequence[str],
+                     pad_id: int | None = None) -> list[float]:
+    """The policy's own score of each candidate prompt for ``query``: how much more likely the top reward
+    token makes it than the bottom one, ``log p(prompt | top, query) - log p(prompt | bottom, query)``
+    (prompt tokens and eos). Best-of-n with no extra model: sample n prompts, send the highest."""
+    if not prompts:
+        return []
+    special = fmt.special_ids
+    eos = fmt.eos_token_ids[0]
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    rows: list[Example] = []
+    for bucket in (len(fmt.reward_token_ids) - 1, 0):
+        context = fmt.encode(query, tokenize, bucket)
+        for prompt in prompts:
+            target = [t for t in tokenize(prompt) if t not in special][: fmt.prompt_max_tokens] + [eos]
+            rows.append(Example(input_ids=context + target, labels=[IGNORE_INDEX] * len(context) + target))
+    pad = pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+    batch = collate(rows, pad)
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    logps = sequence_logps(logits, batch["labels"]).cpu()
+    n = len(prompts)
+    return (logps[:n] - logps[n:]).tolist()

@@ -14,7 +14,9 @@ method run on each loop's policy; the benchmark adds:
 * ``qpo_loop<t>``  — the greedy prompt of the policy after loop t, for every loop (:mod:`.policies`:
   an exported bundle through the torch-free runtime, or the checkpoint with torch);
 * ``qpo_best_of_<n>`` — (optional) n prompts sampled from the final policy per query, the one
-  the selector predicts most likely to be answered correctly is sent.
+  the selector predicts most likely to be answered correctly is sent;
+* ``qpo_implicit_best_of_<n>`` — the same samples, the one the policy itself rates highest is sent
+  (:func:`~qpo_middleware.training.preference.implicit_rewards`: no selector, no extra model).
 
 Per method: accuracy with a 95% percentile-bootstrap interval, per-label accuracy, mean prompt
 length in words, policy latency p50 (per query, one query at a time), the target calls the method
@@ -47,7 +49,8 @@ from qpo_middleware.training.evaluate import (
     score_prompts,
 )
 from qpo_middleware.training.loops import LoopMetrics, completed_loops
-from qpo_middleware.training.run import Run
+from qpo_middleware.training.preference import implicit_rewards
+from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score, Target
 from qpo_middleware.training.tasks import Example, resolve_prompts
@@ -60,7 +63,7 @@ logger = logging.getLogger(__name__)
 # What differs between two fresh runs with the same seed: wall times, latencies, paths, the machine.
 VOLATILE_KEYS = frozenset({
     "environment", "timings", "seconds", "train_seconds", "policy_latency_ms_p50", "export_seconds",
-    "wall_seconds", "checkpoint", "run_dir", "path", "out", "reused", "plots",
+    "wall_seconds", "checkpoint", "run_dir", "path", "out", "reused", "plots", "implicit_scoring_ms_p50",
 })
 
 
@@ -273,6 +276,24 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
         selector_info["best_of_n_distinct_candidates_mean"] = statistics.fmean(map(len, candidates_kept))
         timings["qpo_best_of_n"] = time.perf_counter() - phase
 
+        # The same samples, picked by the policy's own implicit reward (no selector, no extra model).
+        phase = time.perf_counter()
+        say(f"qpo implicit best-of-{n}: the loop-{last} policy's top-vs-bottom reward-token log ratio picks")
+        scorer = final_policy if isinstance(final_policy, TorchPolicy) else TorchPolicy(
+            RunPaths(directory).checkpoint(last), config)
+        implicit_picks, scoring_ms = [], []
+        for query, candidates in zip(queries, candidates_kept, strict=True):
+            tick = time.perf_counter()
+            rewards = implicit_rewards(scorer.model, scorer.tokenizer, scorer.format, query, candidates)
+            implicit_picks.append(candidates[max(range(len(candidates)), key=rewards.__getitem__)])
+            scoring_ms.append((time.perf_counter() - tick) * 1000.0)
+        add(f"qpo_implicit_best_of_{n}", MethodPrompts(
+            implicit_picks, f"the same {n} samples per query; the one the loop-{last} policy rates highest "
+                            "(log p(prompt | top reward token) - log p(prompt | bottom one), torch) is sent"),
+            family=METHODS["qpo"].family, training=calls_upto[last], loop=last)
+        selector_info["implicit_scoring_ms_p50"] = statistics.median(scoring_ms) if scoring_ms else None
+        timings["qpo_implicit_best_of_n"] = time.perf_counter() - phase
+
     # -- loops: metrics and reward distributions of the prompts each loop added ------------------
     d0_rewards = [r.reward for r in d0]
     loop_rows = []
@@ -299,7 +320,7 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
     gaps = []
     qpo_names = [m.method for m in methods if m.family == "qpo"]
     final_names = [n for n in qpo_names if n == f"qpo_loop{loops[-1].loop}"] if loops else []
-    final_names += [n for n in qpo_names if n.startswith("qpo_best_of_")]
+    final_names += [n for n in qpo_names if n.startswith(("qpo_best_of_", "qpo_implicit_best_of_"))]
     for name in final_names:
         for other in ("best_pool", "selector", "oracle_pool", "none"):
             if other not in per_query_hits:
