@@ -124,6 +124,24 @@ def cpu_v1_profile() -> Profile:
 PROFILES: dict[str, Callable[[], Profile]] = {"cpu": cpu_profile, "cpu-v1": cpu_v1_profile, "gpu": gpu_profile}
 
 
+def with_overrides(profile: Profile, settings: Sequence[str]) -> Profile:
+    """``profile`` with ``SECTION.FIELD=VALUE`` settings applied (sections: train, loops, bench)."""
+    import json
+
+    sections = {"train": dict(profile.train), "loops": dict(profile.loops), "bench": dict(profile.bench)}
+    for setting in settings:
+        key, sep, raw = setting.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in sections or not name:
+            raise SystemExit(f"--set {setting!r}: expected SECTION.FIELD=VALUE with SECTION one of train, loops, bench.")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        sections[section][name] = value
+    return Profile(**{**profile.to_dict(), **sections})
+
+
 def default_data_dir() -> Path | None:
     value = os.environ.get("QPO_DATA")
     if value:
@@ -133,9 +151,12 @@ def default_data_dir() -> Path | None:
 
 
 def run_quality(tasks: Sequence[str], profile: Profile, out: Path, *, seed: int = 0, shots: int = 0,
-                model: str = DEFAULT_MODEL, data_dir: Path | None = None,
+                model: str = DEFAULT_MODEL, target: str | None = None, data_dir: Path | None = None,
                 say: Callable[[str], None] = print, notes: Sequence[str] = ()) -> dict[str, Any]:
-    """collect -> loops -> benchmark for every task; writes results.json, report.md and plots under ``out``."""
+    """collect -> loops -> benchmark for every task; writes results.json, report.md and plots under ``out``.
+
+    ``model`` is the policy base; ``target`` the target LLM (default: the same model)."""
+    target_name = target or model
     from qpo_bench import BenchmarkConfig, benchmark, environment, write_plots, write_report
     from qpo_middleware.training.collect import collect
     from qpo_middleware.training.config import CollectConfig, LoopConfig, TrainConfig
@@ -152,6 +173,7 @@ def run_quality(tasks: Sequence[str], profile: Profile, out: Path, *, seed: int 
     bench = BenchmarkConfig(**{**profile.bench, "seed": seed})
     payload: dict[str, Any] = {
         "config": {"profile": profile.name, "tasks": list(tasks), "seed": seed, "shots": shots, "model": model,
+                   "target": target_name,
                    "sizes": profile.to_dict(), "train": asdict(train), "loops": asdict(loops),
                    "benchmark": bench.to_dict(), "seeds": {"splits": seed, "demonstrations": seed, "training": seed,
                                                            "policy_sampling": seed, "benchmark": seed}},
@@ -162,27 +184,27 @@ def run_quality(tasks: Sequence[str], profile: Profile, out: Path, *, seed: int 
     for name in tasks:
         run_dir = out / "runs" / f"{name}-seed{seed}-shots{shots}"
         timings: dict[str, float] = {}
-        collect_config = CollectConfig(task=name, target=model, queries=profile.queries,
+        collect_config = CollectConfig(task=name, target=target_name, queries=profile.queries,
                                        collect_queries=profile.collect_queries, test_queries=profile.test_queries,
                                        prompts=profile.prompts, prompts_per_query=profile.prompts_per_query,
                                        shots=shots, seed=seed,
                                        batch_size=profile.target_batch_size)
         run = Run.open(run_dir, collect_config)
-        target = run.make_target()  # one target (one model load) for collect, loops and benchmark
+        scorer = run.make_target()  # one target (one model load) for collect, loops and benchmark
 
         phase = time.perf_counter()
         say(f"[{name}] collect: {profile.queries} queries x {profile.prompts} pool prompts -> {run_dir}")
-        summary = collect(collect_config, run_dir, target=target)
+        summary = collect(collect_config, run_dir, target=scorer)
         timings["collect"] = time.perf_counter() - phase
         say(f"[{name}] D0: best prompt {summary.best_prompt.accuracy:.1%}, oracle {summary.oracle_accuracy:.1%}")
 
         phase = time.perf_counter()
         tag = f"[{name}]"
-        run_loops(run_dir, train, loops, target=target,
+        run_loops(run_dir, train, loops, target=scorer,
                   on_phase=lambda loop, what, tag=tag: say(f"{tag} loop {loop}: {what}"))
         timings["loops"] = time.perf_counter() - phase
 
-        result = benchmark(run_dir, bench, target=target, progress=lambda message, tag=tag: say(f"{tag} {message}"))
+        result = benchmark(run_dir, bench, target=scorer, progress=lambda message, tag=tag: say(f"{tag} {message}"))
         task_payload = result.to_dict()
         task_payload["timings"] = {**timings, **{f"benchmark_{k}": v for k, v in result.timings.items()}}
         task_payload["plots"] = [str(p.relative_to(out)) for p in write_plots(task_payload, out, name=name)]
@@ -224,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--best-of-n", type=int, default=None, help="QPO best-of-n samples per query (0 = off; profile default).")
     parser.add_argument("--note", action="append", default=[], help="A note for results.json and the report (repeatable): how settings were chosen, what else ran.")
     parser.add_argument("--quantize", choices=("int8", "none"), default=None, help="Bundle export (profile default).")
+    parser.add_argument("--target", default=None, help="Target LLM (default: --model), e.g. qwen2.5-coder-0.5b-instruct.")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="Override a profile setting, e.g. train.conditioning=query_rank or loops.preference=after "
+                             "(repeatable; VALUE is parsed as JSON when it can be, else taken as a string).")
     parser.add_argument("--policy-backend", choices=("onnx", "torch"), default=None,
                         help="Run the QPO policy as exported bundles through the runtime (onnx, with latency) or as "
                              "checkpoints with torch, batched on the GPU (profile default: onnx on cpu, torch on gpu).")
@@ -239,14 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench["quantize"] = None if args.quantize == "none" else args.quantize
     if args.policy_backend is not None:
         bench["policy_backend"] = args.policy_backend
-    profile = Profile(**{**profile.to_dict(), "bench": bench})
+    profile = with_overrides(Profile(**{**profile.to_dict(), "bench": bench}), args.set)
     out = args.out or REPO / "benchmarks" / "results" / f"quality-{profile.name}"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     for noisy in ("httpx", "urllib3", "transformers", "optimum", "onnxruntime"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    payload = run_quality(tasks, profile, out, seed=args.seed, shots=args.shots, model=args.model,
+    payload = run_quality(tasks, profile, out, seed=args.seed, shots=args.shots, model=args.model, target=args.target,
                           data_dir=args.data_dir, say=lambda message: console.log(message), notes=args.note)
     print_headline(payload)
     console.print(f"results: {out / 'results.json'}   report: {out / 'report.md'}   "
