@@ -11,7 +11,7 @@ import torch
 from _tiny_policy import load_tokenizer, tiny_model
 
 from qpo_middleware.training.dataset import Record
-from qpo_middleware.training.policy import RewardBuckets, add_policy_tokens, collate
+from qpo_middleware.training.policy import add_policy_tokens, collate
 from qpo_middleware.training.preference import (
     PreferenceObjective,
     dpo_loss,
@@ -93,7 +93,7 @@ def test_dpo_steps_raise_the_chosen_prompts_margin_on_a_tiny_policy(tmp_path: Pa
         records += [_record(f"q{i}", "Answer with one word.", i % 2 == 0),
                     _record(f"q{i}", "Think about the tone first.", i % 2 == 1)]
     pairs = preference_pairs(records, 1)
-    examples = with_reference_logps(model, preference_examples(pairs, tokenizer, fmt, RewardBuckets.even(4)),
+    examples = with_reference_logps(model, preference_examples(pairs, tokenizer, fmt),
                                     tokenizer.pad_token_id)
     objective = PreferenceObjective(beta=0.5)
     batch = objective.collate(examples, tokenizer.pad_token_id)

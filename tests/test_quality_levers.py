@@ -61,8 +61,7 @@ def test_dpo_on_real_sst2_pairs_prefers_the_right_prompt_for_each_query(sst2_d0:
     pairs = preference_pairs(sst2_d0, pairs_per_query=1)
     assert len(pairs) >= 30  # SmolLM2 is right and wrong on the same sentence under different prompts
     pad = tokenizer.pad_token_id
-    examples = with_reference_logps(model, preference_examples(pairs, tokenizer, fmt,
-                                                               RewardBuckets.even(config.num_buckets)), pad)
+    examples = with_reference_logps(model, preference_examples(pairs, tokenizer, fmt), pad)
     result = train_policy(model, tokenizer, examples, config, tmp_path, objective=PreferenceObjective(beta=0.1))
     assert result.first_loss == pytest.approx(math.log(2), abs=1e-4)  # the reference is the policy it starts from
     assert result.epoch_losses[-1] < result.epoch_losses[0] < math.log(2) + 0.1, result.epoch_losses

@@ -192,13 +192,13 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
 
         # --- Fine-tune: on D_{t} (D0's records above its floor, and every later loop's), from the previous policy
         training_records, values = training_data(dataset.records, loop, train.conditioning, d0_floor)
-        examples = build_examples(training_records, tokenizer, fmt, buckets, values=values,
-                                  include_empty=train.include_empty)
+        examples = [] if loops.preference == "instead" else build_examples(
+            training_records, tokenizer, fmt, buckets, values=values, include_empty=train.include_empty)
         config = train if loop == 1 else _later(train, loops)
         state = {"loop": loop, "buckets": buckets.to_dict()}
         preferences = []
         if loops.preference != "off":  # reference log-probs from the previous loop's policy, before any step
-            preferences = _preference_data(model, tokenizer, fmt, buckets, dataset.records, loop, loops)
+            preferences = _preference_data(model, tokenizer, fmt, dataset.records, loop, loops)
             metrics.preference_pairs = len(preferences)
         if loops.preference != "instead":
             phase(loop, f"fine-tuning on {len(examples)} examples ({config.epochs} epoch(s))")
@@ -220,7 +220,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         write_policy_meta(checkpoint, PolicyMeta(policy=fmt, template=run.task.template, task=run.task.name,
                                                  base_model=loops.base_model,
                                                  training_data_sha256=dataset.content_hash()))
-        metrics.train_records = len(examples) if loops.preference != "instead" else 0
+        metrics.train_records = len(examples)
         metrics.first_loss, metrics.last_loss, metrics.train_seconds = result.first_loss, result.last_loss, result.seconds
         metrics.checkpoint = str(checkpoint)
 
@@ -242,8 +242,8 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
     return done
 
 
-def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, buckets: RewardBuckets,
-                     records: Sequence[Record], loop: int, loops: LoopConfig) -> list[PreferenceExample]:
+def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Sequence[Record], loop: int,
+                     loops: LoopConfig) -> list[PreferenceExample]:
     """This loop's preference pairs (every record up to the loop) with the reference log-probs of ``model``."""
     pairs = preference_pairs([r for r in records if r.loop <= loop], loops.preference_pairs_per_query,
                              seed=loops.seed + loop)
@@ -251,7 +251,7 @@ def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, buckets: Rew
         logger.warning("loop %d: no query has both a right and a wrong prompt: no preference pairs", loop)
         return []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return with_reference_logps(model, preference_examples(pairs, tokenizer, fmt, buckets), pad_id,
+    return with_reference_logps(model, preference_examples(pairs, tokenizer, fmt), pad_id,
                                 batch_size=loops.generation_batch_size)
 
 

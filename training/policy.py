@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,9 +316,6 @@ def build_examples(
             f"The reward buckets ({buckets.num_buckets}) and the policy's reward tokens "
             f"({len(fmt.reward_token_ids)}) differ in number; build both with the same num_buckets."
         )
-    special = fmt.special_ids
-    eos = fmt.eos_token_ids[0]
-
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -326,21 +323,22 @@ def build_examples(
         values = conditioning_values(records, buckets.conditioning)
     if len(values) != len(records):
         raise ValueError(f"build_examples got {len(values)} conditioning values for {len(records)} records.")
-    examples: list[Example] = []
-    for record, value in zip(records, values, strict=True):
-        empty = not record.prompt.strip()
-        if empty and not include_empty:
-            continue
-        # The query as the runtime reads it (policy_text, a prefix of a long query): trained as served.
-        context = fmt.encode(record.query, tokenize, buckets.bucket(value))
-        prompt_ids: list[int] = []
-        if not empty:
-            prompt_ids = tokenize(record.prompt)
-            # A prompt must not teach the policy to emit its own control tokens.
-            prompt_ids = [int(t) for t in prompt_ids if int(t) not in special][: fmt.prompt_max_tokens]
-        target = [*prompt_ids, eos]
-        examples.append(Example(input_ids=context + target, labels=[IGNORE_INDEX] * len(context) + target))
-    return examples
+    return [prompt_example(fmt, tokenize, record.query, record.prompt, buckets.bucket(value))
+            for record, value in zip(records, values, strict=True)
+            if include_empty or record.prompt.strip()]
+
+
+def prompt_example(fmt: PolicyFormat, tokenize: Callable[[str], Sequence[int]], query: str, prompt: str,
+                   bucket: int) -> Example:
+    """``fmt.encode(query, tokenize, bucket)`` then the prompt's tokens (capped) and eos; only those supervised.
+
+    The query is read as the runtime reads it (policy_text, a prefix of a long query): trained as served.
+    A blank prompt targets eos alone. The policy's own control tokens are dropped from the prompt.
+    """
+    context = fmt.encode(query, tokenize, bucket)
+    prompt_ids = [int(t) for t in tokenize(prompt) if int(t) not in fmt.special_ids] if prompt.strip() else []
+    target = [*prompt_ids[: fmt.prompt_max_tokens], fmt.eos_token_ids[0]]
+    return Example(input_ids=context + target, labels=[IGNORE_INDEX] * len(context) + target)
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from qpo_middleware.policy_format import PolicyFormat
 
 from .dataset import Record
-from .policy import IGNORE_INDEX, Example, RewardBuckets, build_examples, collate
+from .policy import IGNORE_INDEX, Example, collate, prompt_example
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -99,39 +99,44 @@ class PreferenceExample:
     ref_rejected: float = 0.0
 
 
-def preference_examples(pairs: Sequence[PreferencePair], tokenizer: Any, fmt: PolicyFormat,
-                        buckets: RewardBuckets) -> list[PreferenceExample]:
+def _tokenizer_fn(tokenizer: Any) -> Any:
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def preference_examples(pairs: Sequence[PreferencePair], tokenizer: Any, fmt: PolicyFormat) -> list[PreferenceExample]:
     """Both prompts of each pair after the query conditioned on the top reward bucket."""
-    top = [float("inf")]  # the top bucket, whatever the edges
-    out = []
-    for pair in pairs:
-        chosen = build_examples([pair.chosen], tokenizer, fmt, buckets, values=top)[0]
-        rejected = build_examples([pair.rejected], tokenizer, fmt, buckets, values=top)[0]
-        out.append(PreferenceExample(chosen, rejected))
-    return out
+    tokenize, top = _tokenizer_fn(tokenizer), len(fmt.reward_token_ids) - 1
+    return [PreferenceExample(prompt_example(fmt, tokenize, p.chosen.query, p.chosen.prompt, top),
+                              prompt_example(fmt, tokenize, p.rejected.query, p.rejected.prompt, top))
+            for p in pairs]
 
 
 @torch.no_grad()
-def with_reference_logps(model: Any, examples: Sequence[PreferenceExample], pad_id: int,
-                         batch_size: int = 16) -> list[PreferenceExample]:
-    """``examples`` with ``ref_chosen`` / ``ref_rejected`` from ``model`` (the frozen reference), in eval mode."""
+def examples_logps(model: Any, examples: Sequence[Example], pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Each example's supervised-token log-probability under ``model``, in eval mode, on the CPU: (N,)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out: list[PreferenceExample] = []
+    out: list[torch.Tensor] = []
     try:
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            batch = collate([e.chosen for e in chunk] + [e.rejected for e in chunk], pad_id)
+            batch = collate(examples[start : start + batch_size], pad_id)
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits
-            logps = sequence_logps(logits, batch["labels"]).cpu()
-            n = len(chunk)
-            out += [replace(e, ref_chosen=float(c), ref_rejected=float(r))
-                    for e, c, r in zip(chunk, logps[:n], logps[n:], strict=True)]
+            out.append(sequence_logps(logits, batch["labels"]).cpu())
     finally:
         model.train(was_training)
-    return out
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def with_reference_logps(model: Any, examples: Sequence[PreferenceExample], pad_id: int,
+                         batch_size: int = 16) -> list[PreferenceExample]:
+    """``examples`` with ``ref_chosen`` / ``ref_rejected`` from ``model`` (the frozen reference)."""
+    n = len(examples)
+    logps = examples_logps(model, [e.chosen for e in examples] + [e.rejected for e in examples], pad_id,
+                           batch_size=2 * batch_size)
+    return [replace(e, ref_chosen=float(c), ref_rejected=float(r))
+            for e, c, r in zip(examples, logps[:n], logps[n:], strict=True)]
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,6 @@ class PreferenceObjective:
         return losses.mean()
 
 
-@torch.no_grad()
 def implicit_rewards(model: Any, tokenizer: Any, fmt: PolicyFormat, query: str, prompts: Sequence[str],
                      pad_id: int | None = None) -> list[float]:
     """The policy's own score of each candidate prompt for ``query``: how much more likely the top reward
@@ -163,22 +167,11 @@ def implicit_rewards(model: Any, tokenizer: Any, fmt: PolicyFormat, query: str, 
     (prompt tokens and eos). Best-of-n with no extra model: sample n prompts, send the highest."""
     if not prompts:
         return []
-    special = fmt.special_ids
-    eos = fmt.eos_token_ids[0]
-
-    def tokenize(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    rows: list[Example] = []
-    for bucket in (len(fmt.reward_token_ids) - 1, 0):
-        context = fmt.encode(query, tokenize, bucket)
-        for prompt in prompts:
-            target = [t for t in tokenize(prompt) if t not in special][: fmt.prompt_max_tokens] + [eos]
-            rows.append(Example(input_ids=context + target, labels=[IGNORE_INDEX] * len(context) + target))
-    pad = pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
-    batch = collate(rows, pad)
-    device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    logps = sequence_logps(logits, batch["labels"]).cpu()
+    tokenize = _tokenizer_fn(tokenizer)
+    rows = [prompt_example(fmt, tokenize, query, prompt, bucket)
+            for bucket in (len(fmt.reward_token_ids) - 1, 0) for prompt in prompts]
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.eos_token_ids[0]
+    logps = examples_logps(model, rows, pad_id, batch_size=len(rows))
     n = len(prompts)
     return (logps[:n] - logps[n:]).tolist()
