@@ -16,6 +16,7 @@ from qpo_middleware.template import Template
 from qpo_middleware.training.config import RewardConfig
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.oirl import OIRL_TEMPLATE, OirlImportError, import_prompt_oirl
+from qpo_middleware.training.run import ImportedLogs, RunPaths
 from qpo_middleware.training.tasks import get_task
 
 DATA = Path(os.environ.get("QPO_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -48,7 +49,10 @@ def test_gsm8k_train_sample(tmp_path: Path, prompt_texts: dict[str, str]) -> Non
     assert summary.records_written == len(records) == 6 * 200
     assert Counter(r.prompt_source for r in records) == {f"oirl:{a}": 200 for a in BASE}
     assert {r.prompt for r in records} == {prompt_texts[a] for a in BASE}
-    assert summary.template == OIRL_TEMPLATE == Template(placement="after", separator="")
+    # GSM8K questions had "\n" appended before the prompt; the other datasets are plain suffixes.
+    assert summary.template == Template(placement="after", separator="\n") != OIRL_TEMPLATE
+    logs = ImportedLogs.read(RunPaths(tmp_path))
+    assert (logs.task, logs.target, logs.template) == ("gsm8k", "oirl:llama-2-7b-chat", summary.template)
 
     # Ids and query texts are those of our gsm8k task; labels are the gold numbers.
     train, _ = get_task("gsm8k").loader(DATA)
@@ -173,3 +177,25 @@ def test_cli(tmp_path: Path) -> None:
     assert len(OfflineDataset(out)) == 6 * 30
     bad = runner.invoke(app, ["--data-dir", str(DATA), "--dataset", "nope", "--out", str(out)])
     assert bad.exit_code == 2 and "Unknown Prompt-OIRL dataset" in bad.output
+
+
+def test_train_loop_1_on_imported_logs(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An imported D0 trains like a collected one (loop 1); later loops need a target and are refused."""
+    from _tiny_policy import save_tiny_checkpoint
+
+    from qpo_middleware.training.config import LoopConfig, TrainConfig
+    from qpo_middleware.training.export import read_policy_meta
+    from qpo_middleware.training.loops import run_loops
+
+    base = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+    summary = import_prompt_oirl(DATA, "gsm8k", tmp_path, split="train", max_queries=6, seed=1)
+    train = TrainConfig(epochs=1, batch_size=8, num_buckets=4, prompt_max_tokens=8, query_max_tokens=16,
+                        conditioning="query_rank", device="cpu")
+    with pytest.raises(ValueError, match="--loops 1"):
+        run_loops(tmp_path, train, LoopConfig(loops=2, base_model=base))
+    metrics = run_loops(tmp_path, train, LoopConfig(loops=1, base_model=base, d0_floor_quantile=0.0))
+    assert [m.loop for m in metrics] == [1] and metrics[0].target_calls == 0
+    assert metrics[0].train_records == 6 * 6 == summary.records_written
+    assert metrics[0].greedy_accuracy_collect is None  # no target, no collect split
+    meta = read_policy_meta(RunPaths(tmp_path).checkpoint(1))
+    assert (meta.task, meta.template) == ("gsm8k", summary.template)

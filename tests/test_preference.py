@@ -138,3 +138,26 @@ def test_implicit_reward_is_the_top_vs_bottom_token_log_ratio() -> None:
     expected = [logp(3, p) - logp(0, p) for p in prompts]
     assert scores == pytest.approx(expected, abs=1e-4)
     assert implicit_rewards(model, tokenizer, fmt, query, []) == []
+
+
+def test_candidate_logps_score_every_query_prompt_and_bucket_in_place() -> None:
+    """One shared context per (query, bucket), prompts of different lengths: each score equals the one-sequence value."""
+    from qpo_middleware.training.preference import candidate_logps
+
+    tokenizer = load_tokenizer()
+    model = tiny_model(len(tokenizer)).eval()
+    fmt = add_policy_tokens(model, tokenizer, num_buckets=4, query_max_tokens=8, prompt_max_tokens=6)
+    tokenize = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    queries = ["a gorgeous , witty movie .", "dull"]
+    prompts = ["Classify the review in one word please.", "", "Sentiment?"]
+    scores = candidate_logps(model, tokenizer, fmt, queries, prompts, (3, 1))
+    assert scores.shape == (2, 2, 3)
+    for b, bucket in enumerate((3, 1)):
+        for q, query in enumerate(queries):
+            for p, prompt in enumerate(prompts):
+                context = fmt.encode(query, tokenize, bucket)
+                target = tokenize(prompt)[:6] + [tokenizer.eos_token_id]
+                with torch.no_grad():
+                    logprobs = torch.log_softmax(model(torch.tensor([context + target])).logits[0], -1)
+                expected = sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(target))
+                assert scores[b, q, p].item() == pytest.approx(expected, abs=1e-4), (bucket, query, prompt)

@@ -33,7 +33,7 @@ from qpo_middleware.stats import quantile
 
 from .collect import make_records, score_pairs
 from .config import LoopConfig, TrainConfig
-from .dataset import Record
+from .dataset import OfflineDataset, Record
 from .export import PolicyMeta, write_policy_meta
 from .io import atomic_write_json
 from .policy import RewardBuckets, add_policy_tokens, build_examples, conditioning_values, top_bucket_coverage
@@ -44,7 +44,7 @@ from .preference import (
     preference_pairs,
     with_reference_logps,
 )
-from .run import Run, RunPaths
+from .run import ImportedLogs, Run, RunPaths
 from .sampling import generate_prompts
 from .targets import Pair, Score, Target
 from .tasks import Example
@@ -125,10 +125,16 @@ def load_policy(checkpoint_or_base: str | os.PathLike[str], train: TrainConfig) 
 def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopConfig, *,
               target: Target | None = None, on_step: Callable[[int, int, float], None] | None = None,
               on_phase: Callable[[int, str], None] | None = None) -> list[LoopMetrics]:
-    """Run (or resume) loops 1..T of QPO in ``run_dir`` (made by ``qpo collect``)."""
-    run = Run.open(run_dir)
-    paths = run.paths
-    dataset = run.dataset()
+    """Run (or resume) loops 1..T of QPO in ``run_dir`` (made by ``qpo collect``, or a D0 imported from
+    logs by ``qpo import-oirl``: loop 1 only, as there is no target to score new prompts on)."""
+    paths = RunPaths(run_dir)
+    imported = ImportedLogs.read(paths) if not paths.is_run() and paths.imported.is_file() else None
+    run = None if imported else Run.open(run_dir)
+    if imported and loops.loops > 1:
+        raise ValueError(f"{paths.root} holds a D0 imported from {imported.source} ({imported.target}): loops 2+ "
+                         "score new prompts on the target, which this machine cannot call. Use --loops 1.")
+    dataset = OfflineDataset(paths.root)
+    task_name, template = (imported.task, imported.template) if imported else (run.task.name, run.task.template)
     d0 = dataset.loop(0)
     if not d0:
         raise ValueError(f"{paths.root} has no D0 records; run `qpo collect --out {paths.root}` first.")
@@ -142,8 +148,9 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
     floor = quantile(d0_rewards, loops.reward_floor_quantile)
     # D0's floor is on what the reward token encodes (quantile 0 = D0's lowest: all of D0).
     d0_floor = quantile(conditioning_values(d0, train.conditioning), loops.d0_floor_quantile)
-    collect_split = run.splits.collect[: loops.collect_queries] if loops.collect_queries else run.splits.collect
-    target = target or run.make_target()
+    collect_split = [] if run is None else run.splits.collect[: loops.collect_queries or None]
+    if run is not None:
+        target = target or run.make_target()
 
     def phase(loop: int, name: str) -> None:
         logger.info("loop %d: %s", loop, name)
@@ -160,6 +167,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
 
         # --- Generate: K prompts per collect query from the previous policy (loops >= 2) -----
         if loop > 1:
+            assert run is not None and target is not None
             phase(loop, f"sampling {loops.samples_per_query} prompts x {len(collect_split)} collect queries")
             sampling = GenerationConfig.for_policy(fmt, do_sample=True, top_k=loops.top_k, top_p=loops.top_p,
                                                    temperature=loops.temperature)
@@ -217,7 +225,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             raise ValueError(f"--preference instead found no query with both a right and a wrong prompt in "
                              f"{paths.dataset} (loop {loop}); use --preference after or off.")
         checkpoint = paths.checkpoint(loop)
-        write_policy_meta(checkpoint, PolicyMeta(policy=fmt, template=run.task.template, task=run.task.name,
+        write_policy_meta(checkpoint, PolicyMeta(policy=fmt, template=template, task=task_name,
                                                  base_model=loops.base_model,
                                                  training_data_sha256=dataset.content_hash()))
         metrics.train_records = len(examples)
@@ -225,7 +233,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         metrics.checkpoint = str(checkpoint)
 
         # --- Evaluate: greedy policy prompts on the collect split --------------------------------
-        if loops.eval_greedy and collect_split:
+        if loops.eval_greedy and collect_split and run is not None and target is not None:
             phase(loop, "scoring greedy policy prompts on the collect split")
             greedy = generate_prompts(model, tokenizer, fmt, [e.query for e in collect_split],
                                       GenerationConfig.for_policy(fmt), batch_size=loops.generation_batch_size)

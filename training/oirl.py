@@ -42,7 +42,7 @@ import logging
 import os
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,11 +51,19 @@ from qpo_middleware.template import Template
 
 from .config import RewardConfig
 from .dataset import OfflineDataset, Record
+from .run import ImportedLogs, RunPaths
 
 logger = logging.getLogger(__name__)
 
 OIRL_TEMPLATE = Template(placement="after", separator="")
 """How Prompt-OIRL applied a prompt: ``question + prompt`` with no separator (a suffix)."""
+GSM8K_TEMPLATE = Template(placement="after", separator="\n")
+"""GSM8K questions had ``"\\n"`` appended before the prompt: ``question + "\\n" + prompt``."""
+
+
+def logged_template(dataset: str) -> Template:
+    """How the logged model was given the prompt and the query for ``dataset``."""
+    return GSM8K_TEMPLATE if dataset == "gsm8k" else OIRL_TEMPLATE
 
 OIRL_TARGET = "oirl:llama-2-7b-chat"
 DATASETS: dict[str, str] = {"gsm8k": "gsm8k", "svamp": "oirl_svamp", "mawps": "oirl_mawps"}
@@ -117,6 +125,7 @@ def import_prompt_oirl(
     max_queries: int | None = None,
     seed: int = 0,
     rewards: RewardConfig | None = None,
+    query_ids: Collection[str] | None = None,
 ) -> ImportSummary:
     """Append the Prompt-OIRL records of ``dataset``/``split`` to ``OfflineDataset(out_dir)``.
 
@@ -124,7 +133,9 @@ def import_prompt_oirl(
     the ``prompt_oirl`` folder itself is accepted too; ``None`` reads ``$QPO_DATA``).
     ``prompts`` is ``"base"`` (the 6 training prompts) or ``"all"`` (the 16, where a
     query has them: the GPT-4 prompts ran only on the test portion). ``max_queries``
-    keeps a deterministic ``random.Random(seed)`` sample of the distinct queries.
+    keeps a deterministic ``random.Random(seed)`` sample of the distinct queries; ``query_ids``
+    keeps only those queries first (a train/dev split made by the caller), and the prompts'
+    mean accuracies are then over the kept queries alone.
     Re-running appends nothing new (records are keyed by query id, prompt and loop).
     """
     if dataset not in DATASETS:
@@ -148,6 +159,9 @@ def import_prompt_oirl(
         queries = _gsm8k_queries(root, split, aliases)
     else:
         queries = _pool_queries(oirl, dataset, split, aliases)
+    if query_ids is not None:
+        wanted = set(query_ids)
+        queries = [q for q in queries if q.query_id in wanted]
     if max_queries is not None and max_queries < len(queries):
         keep = set(random.Random(seed).sample(range(len(queries)), max_queries))
         queries = [q for i, q in enumerate(queries) if i in keep]
@@ -202,6 +216,9 @@ def import_prompt_oirl(
 
     store = OfflineDataset(out_dir)
     written = store.append(records)
+    # What lets `qpo train --loops 1` run on the import: the task, the logged model and its template.
+    ImportedLogs(source=f"prompt_oirl/{dataset}/{split}", task=task, target=OIRL_TARGET,
+                 template=logged_template(dataset)).write(RunPaths(out_dir))
     oracle = sum(any(correct.get((q.query_id, a), False) for a in present) for q in queries) / len(queries)
     best = max(present, key=lambda a: accuracy[a])
     logger.info(
@@ -227,7 +244,7 @@ def import_prompt_oirl(
         best_prompt=best,
         best_accuracy=accuracy[best],
         oracle_accuracy=oracle,
-        template=OIRL_TEMPLATE,
+        template=logged_template(dataset),
     )
 
 

@@ -117,16 +117,19 @@ def examples_logps(model: Any, examples: Sequence[Example], pad_id: int, batch_s
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out: list[torch.Tensor] = []
+    # Batches of similar lengths waste little on padding; the result is put back in the given order.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out = torch.zeros(len(examples))
     try:
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size], pad_id)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = collate([examples[i] for i in rows], pad_id)
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits
-            out.append(sequence_logps(logits, batch["labels"]).cpu())
+            out[rows] = sequence_logps(logits, batch["labels"]).float().cpu()
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    return out
 
 
 def with_reference_logps(model: Any, examples: Sequence[PreferenceExample], pad_id: int,
@@ -160,18 +163,57 @@ class PreferenceObjective:
         return losses.mean()
 
 
-def implicit_rewards(model: Any, tokenizer: Any, fmt: PolicyFormat, query: str, prompts: Sequence[str],
-                     pad_id: int | None = None) -> list[float]:
+@torch.no_grad()
+def candidate_logps(model: Any, tokenizer: Any, fmt: PolicyFormat, queries: Sequence[str],
+                    prompts: Sequence[str], buckets: Sequence[int]) -> torch.Tensor:
+    """``log p(prompt | bucket, query)`` (prompt tokens and eos) of every candidate prompt for every query,
+    under each reward bucket: shape ``(len(buckets), len(queries), len(prompts))``.
+
+    Choosing among known prompts (a logged set, or the policy's own samples) by this score is decoding
+    constrained to those prompts: the exact most likely one, not a greedy approximation. Per query, the
+    contexts (one per bucket, all the same length) run once and their KV cache is shared by every prompt,
+    so the query is not re-read for each candidate.
+    """
+    if not queries or not prompts or not buckets:
+        return torch.zeros(len(buckets), len(queries), len(prompts))
+    tokenize = _tokenizer_fn(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.eos_token_ids[0]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n_buckets, n_prompts = len(buckets), len(prompts)
+    out = torch.zeros(n_buckets, len(queries), n_prompts)
+    try:
+        for q, query in enumerate(queries):
+            rows = [prompt_example(fmt, tokenize, query, prompt, bucket) for bucket in buckets for prompt in prompts]
+            width = rows[0].labels.count(IGNORE_INDEX)  # the context: the same for every row of a bucket
+            contexts = torch.tensor([rows[b * n_prompts].input_ids[:width] for b in range(n_buckets)], device=device)
+            first = model(input_ids=contexts, use_cache=True)
+            cache = first.past_key_values
+            cache.batch_repeat_interleave(n_prompts)  # (buckets,) -> (buckets * prompts,), bucket-major like rows
+            targets = [row.input_ids[width:] for row in rows]
+            length = max(len(t) for t in targets)
+            ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+            mask = torch.zeros(len(rows), length, dtype=torch.long)
+            for i, target in enumerate(targets):
+                ids[i, : len(target)], mask[i, : len(target)] = torch.tensor(target), 1
+            attention = torch.cat([torch.ones(len(rows), width, dtype=torch.long), mask], dim=1)
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), past_key_values=cache).logits
+            # Token 0 is predicted by the context's last position, token i by the prompt's position i - 1.
+            logits = torch.cat([first.logits[:, -1:].repeat_interleave(n_prompts, dim=0), logits[:, :-1]], dim=1)
+            logits = logits.float()
+            picked = logits.gather(-1, ids.to(device).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+            out[:, q] = (picked.cpu() * mask).sum(-1).reshape(n_buckets, n_prompts)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def implicit_rewards(model: Any, tokenizer: Any, fmt: PolicyFormat, query: str, prompts: Sequence[str]) -> list[float]:
     """The policy's own score of each candidate prompt for ``query``: how much more likely the top reward
     token makes it than the bottom one, ``log p(prompt | top, query) - log p(prompt | bottom, query)``
     (prompt tokens and eos). Best-of-n with no extra model: sample n prompts, send the highest."""
     if not prompts:
         return []
-    tokenize = _tokenizer_fn(tokenizer)
-    rows = [prompt_example(fmt, tokenize, query, prompt, bucket)
-            for bucket in (len(fmt.reward_token_ids) - 1, 0) for prompt in prompts]
-    if pad_id is None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.eos_token_ids[0]
-    logps = examples_logps(model, rows, pad_id, batch_size=len(rows))
-    n = len(prompts)
-    return (logps[:n] - logps[n:]).tolist()
+    top, bottom = candidate_logps(model, tokenizer, fmt, [query], prompts, (len(fmt.reward_token_ids) - 1, 0))
+    return (top[0] - bottom[0]).tolist()

@@ -6,6 +6,7 @@ A run directory holds everything a QPO run makes::
     scores.sqlite                 every target verdict, committed as it comes (resume = cache hits)
     dataset.jsonl                 the offline dataset (append-only, checksummed records)
     collect.json                  the D0 summary (accuracy per prompt, oracle, calls, tokens)
+    imported.json                 instead of run.json: a D0 imported from logs (`qpo import-oirl`), no target
     prompts.json                  the induced candidate instructions (kept, dropped and why), with --induce
     policy/buckets.json           the reward buckets, fixed from D0 at loop 1
     policy/loop_<t>/checkpoint/   the policy after loop t (model, tokenizer, qpo_policy.json)
@@ -27,9 +28,9 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from qpo_middleware.template import Demo
+from qpo_middleware.template import Demo, Template
 
 from .config import CollectConfig
 from .io import atomic_write_json
@@ -72,6 +73,11 @@ class RunPaths:
     def collect_summary(self) -> Path:
         """``collect.json``: the D0 summary of ``qpo collect``."""
         return self.root / "collect.json"
+
+    @property
+    def imported(self) -> Path:
+        """``imported.json``: where an imported D0 came from (:class:`ImportedLogs`); such a directory has no ``run.json``."""
+        return self.root / "imported.json"
 
     @property
     def induced_prompts(self) -> Path:
@@ -134,6 +140,35 @@ class RunPaths:
     def is_run(self) -> bool:
         """Whether the directory holds a run (its ``run.json``)."""
         return self.run_file.is_file()
+
+
+@dataclass(frozen=True)
+class ImportedLogs:
+    """A D0 imported from another system's logs (``qpo import-oirl``): no target to call, no splits.
+
+    Loop 1 trains on it like on a collected D0; later loops, which score new prompts, need a target.
+    """
+
+    source: str  # e.g. "prompt_oirl/gsm8k/train"
+    task: str
+    target: str  # the logged model, not one this machine can call
+    template: Template  # how the logged model was given the prompt and the query
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "task": self.task, "target": self.target, "template": self.template.to_dict()}
+
+    @classmethod
+    def read(cls, paths: RunPaths) -> ImportedLogs:
+        try:
+            data = json.loads(paths.imported.read_text(encoding="utf-8"))
+            return cls(source=str(data["source"]), task=str(data["task"]), target=str(data["target"]),
+                       template=Template.from_dict(data["template"]))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"Cannot read {paths.imported}: {exc}; re-run the import (`qpo import-oirl --out "
+                             f"{paths.root}`) to rewrite it.") from exc
+
+    def write(self, paths: RunPaths) -> None:
+        atomic_write_json(paths.imported, self.to_dict())
 
 
 @dataclass

@@ -68,8 +68,7 @@ def print_summary(summary: ImportSummary) -> None:
         f"per-query oracle: [bold]{summary.oracle_accuracy:.1%}[/]   new records: {summary.records_written}"
     )
     template = summary.template
-    note = " (GSM8K questions had '\\n' appended first)" if summary.dataset == "gsm8k" else ""
     console.print(
         f"task {summary.task}; template: prompt placed {template.placement} the query, "
-        f"separator {template.separator!r}{note}"
+        f"separator {template.separator!r}"
     )

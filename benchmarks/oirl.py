@@ -1,0 +1,273 @@
+"""QPO on a 7B target through its logs: Prompt-OIRL's LLaMA-2-7B-chat correctness on GSM8K, no target calls.
+
+The logs record whether LLaMA-2-7B-chat solved each GSM8K question with each of 6 training prompts
+(every train question) and 10 more GPT-4-written prompts (the first 1,000 test questions). QPO
+trains on a sample of the logged train questions (``qpo import-oirl`` then loop 1 of ``qpo train``:
+later loops would have to call the 7B model) and is scored offline: for each question the policy
+chooses among the logged prompts (decoding constrained to them, :func:`candidate_logps`), and the
+log says whether LLaMA-2 got it right with that prompt.
+
+Splits: ``--train-queries`` logged train questions are D0 and ``--dev-queries`` other train
+questions are the validation split every choice is made on (which recipe, and which way the policy
+picks: the top reward token's likelihood, or the implicit reward, top minus bottom); the test
+questions are scored once per recipe. Methods, each with the 6 training prompts as candidates:
+
+* ``best_prompt`` — the prompt with the best D0 accuracy, for every question (the task-level baseline);
+* ``random_prompt`` — a seeded random training prompt per question;
+* ``selector`` — the Prompt-OIRL-style reward model (:mod:`qpo_middleware.training.selector`) fit on
+  the same D0 picks the prompt;
+* ``qpo_<recipe>_likelihood`` — the prompt the policy finds most likely after the top reward token;
+* ``qpo_<recipe>_implicit`` — the prompt the top reward token favours most over the bottom one;
+* ``oracle`` — a question counts when any candidate was right: an upper bound, not a method.
+
+    python benchmarks/oirl.py --train-queries 300 --dev-queries 150 --out benchmarks/results/oirl-cpu
+
+Writes ``OUT/results.json`` (command, commit, hardware, settings, the validation scores that chose,
+and per method accuracy with paired 95% intervals against ``best_prompt`` and ``selector``) and
+``OUT/report.md``; runs and per-split scores stay under ``OUT/runs/`` (ignored by git), so a re-run
+resumes: finished trainings and scored splits are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from qpo_bench.environment import environment
+from qpo_middleware.stats import bootstrap_ci, paired_bootstrap_ci
+from qpo_middleware.training.config import LoopConfig, TrainConfig
+from qpo_middleware.training.dataset import OfflineDataset, Record
+from qpo_middleware.training.io import atomic_write_json
+from qpo_middleware.training.loops import completed_loops, load_policy, run_loops
+from qpo_middleware.training.oirl import BASE_ALIASES, import_prompt_oirl
+from qpo_middleware.training.preference import candidate_logps
+from qpo_middleware.training.run import RunPaths
+from qpo_middleware.training.selector import Selector
+
+# Training settings shared by every recipe (the quality benchmark's CPU profile); recipes differ in
+# what the reward token encodes, which D0 records train, and the preference step.
+TRAIN = {"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "trainable": "top:4", "prompt_max_tokens": 32,
+         "query_max_tokens": 40, "device": "cpu"}
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    # The paper: absolute reward token, loop 1 on D0's better half ("expert" D0).
+    "paper": {"train": {"conditioning": "absolute"}, "loops": {"d0_floor_quantile": 0.5}},
+    # Query-relative token: the top bucket is this question's right prompt; every D0 record trains.
+    "query_rank": {"train": {"conditioning": "query_rank"}, "loops": {"d0_floor_quantile": 0.0}},
+    # The same, then DPO on (question, right prompt, wrong prompt) against the supervised policy.
+    "query_rank_dpo": {"train": {"conditioning": "query_rank"},
+                       "loops": {"d0_floor_quantile": 0.0, "preference": "after", "preference_epochs": 1,
+                                 "preference_pairs_per_query": 2, "preference_learning_rate": 1e-4}},
+}
+RULES = ("likelihood", "implicit")
+
+
+def logged(path: Path) -> dict[str, dict[str, bool]]:
+    """query_id -> {prompt text -> correct} of an imported log dataset."""
+    table: dict[str, dict[str, bool]] = {}
+    for record in OfflineDataset(path):
+        table.setdefault(record.query_id, {})[record.prompt] = record.correct
+    return table
+
+
+def queries_of(path: Path) -> dict[str, str]:
+    return {r.query_id: r.query for r in OfflineDataset(path)}
+
+
+def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache: Path) -> dict[str, list[int]]:
+    """Per rule, the index of the prompt the policy of loop 1 picks for each query (cached in ``cache``)."""
+    if cache.is_file():
+        return json.loads(cache.read_text(encoding="utf-8"))
+    train = TrainConfig(**TRAIN)
+    model, tokenizer, fmt = load_policy(RunPaths(run_dir).checkpoint(1), train)
+    top = len(fmt.reward_token_ids) - 1
+    started = time.perf_counter()
+    scores = candidate_logps(model, tokenizer, fmt, queries, prompts, (top, 0))
+    seconds = time.perf_counter() - started
+    choices = {"likelihood": scores[0].argmax(-1).tolist(), "implicit": (scores[0] - scores[1]).argmax(-1).tolist(),
+               "seconds_per_query": seconds / max(1, len(queries))}
+    atomic_write_json(cache, choices)
+    return choices
+
+
+def method_row(hits: list[bool], reference: dict[str, list[bool]]) -> dict[str, Any]:
+    low, high = bootstrap_ci(hits)
+    row: dict[str, Any] = {"accuracy": statistics.fmean(hits), "ci95": [low, high], "n": len(hits)}
+    for name, other in reference.items():
+        diff, d_low, d_high, _ = paired_bootstrap_ci(hits, other)
+        row[f"vs_{name}"] = {"diff": diff, "ci95": [d_low, d_high], "significant": d_low > 0 or d_high < 0}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train-queries", type=int, default=300)
+    parser.add_argument("--dev-queries", type=int, default=150)
+    parser.add_argument("--test-queries", type=int, default=1000, help="First N of the 1,000 logged test questions.")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"Comma list of {', '.join(RECIPES)}.")
+    parser.add_argument("--test-recipes", default="paper,chosen",
+                        help="Recipes scored on test ('chosen' = the best on the dev split); each once.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/oirl-cpu"))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    out, runs = args.out, args.out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        sys.exit(f"Unknown recipe(s) {unknown}; use {', '.join(RECIPES)}.")
+
+    # -- logs: every train question (6 prompts) and the 1,000 test questions -------------------------
+    all_train = runs / "logs_train"
+    if not RunPaths(all_train).dataset.is_file():
+        import_prompt_oirl(None, "gsm8k", all_train, split="train")
+    test_logs = runs / "logs_test"
+    if not RunPaths(test_logs).dataset.is_file():
+        import_prompt_oirl(None, "gsm8k", test_logs, split="test")
+    train_outcomes, test_outcomes = logged(all_train), logged(test_logs)
+    ids = sorted(train_outcomes, key=lambda i: int(i.rsplit("-", 1)[1]))
+    random.Random(args.seed).shuffle(ids)
+    d0_ids, dev_ids = ids[: args.train_queries], ids[args.train_queries : args.train_queries + args.dev_queries]
+    test_ids = [f"gsm8k-test-{i}" for i in range(1, args.test_queries + 1)]
+    texts = {**queries_of(all_train), **queries_of(test_logs)}
+
+    # -- D0 for every recipe: the same questions, prompt accuracies over D0 alone ---------------------
+    d0_dir = runs / f"d0_seed{args.seed}_n{args.train_queries}"
+    if not RunPaths(d0_dir).dataset.is_file():
+        import_prompt_oirl(None, "gsm8k", d0_dir, split="train", query_ids=d0_ids)
+    d0: list[Record] = list(OfflineDataset(d0_dir))
+    prompts = sorted({r.prompt for r in d0}, key=lambda p: BASE_ALIASES.index(
+        next(r.prompt_source for r in d0 if r.prompt == p).removeprefix("oirl:")))
+    accuracy = {p: statistics.fmean(r.correct for r in d0 if r.prompt == p) for p in prompts}
+    best = max(prompts, key=lambda p: accuracy[p])
+    selector = Selector.fit(d0)
+    aliases = {r.prompt: r.prompt_source.removeprefix("oirl:") for r in d0}
+    picked: dict[str, Counter[str]] = {}  # "<split>:<method>" -> how often each prompt was sent
+
+    def baselines(split_ids: list[str], outcomes: dict[str, dict[str, bool]]) -> dict[str, list[bool]]:
+        rng = random.Random(args.seed)
+        queries = [texts[i] for i in split_ids]
+        predicted = [selector.predict(q, prompts) for q in queries]
+        picks = [prompts[max(range(len(prompts)), key=p.__getitem__)] for p in predicted]
+        picked[f"{'test' if outcomes is test_outcomes else 'dev'}:selector"] = Counter(aliases[p] for p in picks)
+        return {
+            "best_prompt": [outcomes[i][best] for i in split_ids],
+            "random_prompt": [outcomes[i][rng.choice(prompts)] for i in split_ids],
+            "selector": [outcomes[i][p] for i, p in zip(split_ids, picks, strict=True)],
+            "oracle": [any(outcomes[i][p] for p in prompts) for i in split_ids],
+        }
+
+    # -- train each recipe (loop 1 on the imported D0; resumes) ----------------------------------------
+    timings: dict[str, float] = {}
+    for recipe in recipes:
+        run_dir = runs / f"{recipe}_seed{args.seed}_n{args.train_queries}"
+        if not completed_loops(run_dir):
+            for path in RunPaths(d0_dir).dataset, RunPaths(d0_dir).imported:
+                (run_dir / path.name).parent.mkdir(parents=True, exist_ok=True)
+                (run_dir / path.name).write_bytes(path.read_bytes())
+            t = time.perf_counter()
+            spec = RECIPES[recipe]
+            run_loops(run_dir, TrainConfig(**{**TRAIN, **spec["train"]}),
+                      LoopConfig(loops=1, seed=args.seed, **spec["loops"]))
+            timings[f"train_{recipe}"] = time.perf_counter() - t
+
+    def qpo_hits(recipe: str, split: str, split_ids: list[str],
+                 outcomes: dict[str, dict[str, bool]]) -> tuple[dict[str, list[bool]], float]:
+        run_dir = runs / f"{recipe}_seed{args.seed}_n{args.train_queries}"
+        choices = policy_choices(run_dir, [texts[i] for i in split_ids], prompts,
+                                 run_dir / f"choices_{split}_{len(split_ids)}.json")
+        for rule in RULES:
+            picked[f"{split}:qpo_{recipe}_{rule}"] = Counter(aliases[prompts[c]] for c in choices[rule])
+        return ({f"qpo_{recipe}_{rule}": [outcomes[i][prompts[c]] for i, c in zip(split_ids, choices[rule], strict=True)]
+                 for rule in RULES}, choices["seconds_per_query"])
+
+    # -- validation: choose the recipe and the rule -------------------------------------------------
+    dev = baselines(dev_ids, train_outcomes)
+    dev_seconds = {}
+    for recipe in recipes:
+        hits, dev_seconds[recipe] = qpo_hits(recipe, "dev", dev_ids, train_outcomes)
+        dev.update(hits)
+    dev_scores = {name: statistics.fmean(h) for name, h in dev.items()}
+    qpo_dev = {name: score for name, score in dev_scores.items() if name.startswith("qpo_")}
+    chosen = max(qpo_dev, key=qpo_dev.__getitem__)
+    chosen_recipe = next(r for r in recipes if chosen.startswith(f"qpo_{r}_") and chosen.removeprefix(f"qpo_{r}_") in RULES)
+
+    # -- test: each listed recipe once -------------------------------------------------------------
+    test = baselines(test_ids, test_outcomes)
+    test_recipes = [chosen_recipe if r == "chosen" else r for r in args.test_recipes.split(",") if r]
+    test_seconds = {}
+    for recipe in dict.fromkeys(r for r in test_recipes if r in recipes):
+        hits, test_seconds[recipe] = qpo_hits(recipe, "test", test_ids, test_outcomes)
+        test.update(hits)
+    reference = {"best_prompt": test["best_prompt"], "selector": test["selector"]}
+    methods = {name: method_row(h, {k: v for k, v in reference.items() if k != name}) for name, h in test.items()}
+
+    results = {
+        "benchmark": "oirl", "dataset": "gsm8k", "target": "oirl:llama-2-7b-chat (logged)",
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "dirty": bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                     text=True).stdout.strip()),
+        "environment": environment(),
+        "settings": {"train_queries": args.train_queries, "dev_queries": args.dev_queries,
+                     "test_queries": args.test_queries, "seed": args.seed, "train": TRAIN,
+                     "recipes": {r: RECIPES[r] for r in recipes}},
+        "d0": {"queries": len({r.query_id for r in d0}), "records": len(d0),
+               "prompt_accuracy": {next(r.prompt_source for r in d0 if r.prompt == p): a for p, a in accuracy.items()},
+               "best_prompt": next(r.prompt_source for r in d0 if r.prompt == best)},
+        "validation": {"scores": dev_scores, "chosen": chosen, "chosen_recipe": chosen_recipe,
+                       "seconds_per_query": dev_seconds},
+        "prompts_sent": {k: dict(v.most_common()) for k, v in picked.items()},
+        "test": {"methods": methods, "recipes_scored": list(dict.fromkeys(test_recipes)),
+                 "seconds_per_query": test_seconds},
+        "timings": {**timings, "total_seconds": time.perf_counter() - started},
+    }
+    atomic_write_json(out / "results.json", results)
+    (out / "report.md").write_text(report(results), encoding="utf-8")
+    print((out / "report.md").read_text(encoding="utf-8"))
+
+
+def report(results: dict[str, Any]) -> str:
+    s, d0, val, test = results["settings"], results["d0"], results["validation"], results["test"]
+    lines = [
+        "# QPO on LLaMA-2-7B-chat through its logs (GSM8K, Prompt-OIRL)", "",
+        f"`{results['command']}` — commit `{results['commit']}`{' (uncommitted changes)' if results['dirty'] else ''}, "
+        f"{results['environment'].get('cpu_model')}, {results['environment'].get('cpu_cores_usable')} cores", "",
+        f"D0: {d0['queries']} logged train questions x 6 prompts ({d0['records']} records); dev: {s['dev_queries']} "
+        f"other train questions; test: the first {s['test_queries']} GSM8K test questions. Best D0 prompt: "
+        f"`{d0['best_prompt']}`.", "",
+        "## Validation (chooses the recipe and how the policy picks)", "",
+        "| method | dev accuracy |", "|---|---:|",
+        *[f"| {k} | {100 * v:.1f} |" for k, v in sorted(val["scores"].items(), key=lambda kv: -kv[1])],
+        "", f"Chosen: `{val['chosen']}`.", "",
+        "## Test (each recipe scored once)", "",
+        "| method | accuracy % [95% CI] | vs best prompt [95% CI] | vs selector [95% CI] |", "|---|---|---|---|",
+    ]
+    for name, row in test["methods"].items():
+        def cell(key: str, row: dict[str, Any] = row) -> str:
+            if key not in row:
+                return "—"
+            c = row[key]
+            mark = "" if c["significant"] else " (n.s.)"
+            return f"{100 * c['diff']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]{mark}"
+        lo, hi = row["ci95"]
+        lines.append(f"| {name} | {100 * row['accuracy']:.1f} [{100 * lo:.1f}–{100 * hi:.1f}] | "
+                     f"{cell('vs_best_prompt')} | {cell('vs_selector')} |")
+    lines += ["", "Prompts sent on test (count per prompt):", ""]
+    lines += [f"- {k.removeprefix('test:')}: " + ", ".join(f"{a} {n}" for a, n in v.items())
+              for k, v in results["prompts_sent"].items() if k.startswith("test:")]
+    lines += ["", "Policy scoring cost per question (6 prompts x 2 reward tokens, CPU): " + ", ".join(
+        f"{k} {v:.2f} s" for k, v in test["seconds_per_query"].items()), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
