@@ -76,8 +76,8 @@ def runs(tiny_base: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     return out
 
 
-METHODS = {"none", "default", "random_pool", "best_pool", "selector", "oracle_pool", "qpo_loop1", "qpo_loop2",
-           "qpo_best_of_2", "qpo_implicit_best_of_2"}
+METHODS = {"none", "default", "random_pool", "best_pool", "selector", "oracle_pool", "oracle_label_routing",
+           "qpo_loop1", "qpo_loop2", "qpo_best_of_2", "qpo_implicit_best_of_2"}
 
 
 def test_results_json_has_every_method_and_loop(runs: dict[str, Any]) -> None:
@@ -97,9 +97,16 @@ def test_results_json_has_every_method_and_loop(runs: dict[str, Any]) -> None:
     assert by_name["qpo_loop2"]["training_target_calls"] == 24 + sum(r["target_calls"] for r in task["loops"])
     assert by_name["qpo_loop1"]["policy_latency_ms_p50"] > 0
     assert by_name["qpo_best_of_2"]["policy_latency_ms_p50"] > 0
-    # The oracle is an upper bound of every single-prompt-per-query pool method.
-    for name in ("none", "random_pool", "best_pool", "selector"):
+    # The oracle is an upper bound of every single-prompt-per-query pool method, and of routing by label,
+    # which in turn is at least every single pool prompt.
+    for name in ("none", "random_pool", "best_pool", "selector", "oracle_label_routing"):
         assert by_name["oracle_pool"]["accuracy"] >= by_name[name]["accuracy"]
+    assert by_name["oracle_label_routing"]["accuracy"] >= by_name["best_pool"]["accuracy"]
+    # Leakage check on every row: with leaking prompts replaced by the best pool prompt's outcome.
+    for m in task["methods"]:
+        assert 0.0 <= m["label_leak_share"] <= 1.0
+        if m["label_leak_share"] == 0.0:
+            assert m["accuracy_without_leaks"] == pytest.approx(m["accuracy"])
     assert len(task["d0"]["rewards"]) == 24
     assert task["loops"][0]["train_records"] < 24  # loop 1 trains on D0 above its 0.25 quantile only
     assert task["loops"][1]["new_records"] == len(task["loops"][1]["new_rewards"]) == task["loops"][1]["kept_pairs"]
@@ -301,3 +308,30 @@ def test_selector_fits_a_real_tiny_d0(runs: dict[str, Any]) -> None:
     scores = selector.predict(query, selector.prompts + ["an instruction the pool never had"])
     assert len(scores) == len(selector.prompts) + 1 and all(0.0 < s < 1.0 for s in scores)
 
+
+
+def test_names_labels_matches_whole_label_words() -> None:
+    from qpo_bench.harness import names_labels
+
+    labels = ["positive", "negative", "sci/tech"]
+    assert names_labels("The answer is Positive.", labels) == {"positive"}
+    assert names_labels("positive or negative?", labels) == {"positive", "negative"}
+    assert names_labels("Answer with one word.", labels) == set()
+    assert names_labels("nonpositive values", labels) == set()  # not a whole word
+    assert names_labels("Is it Sci/Tech news?", labels) == {"sci/tech"}
+
+
+def test_label_routing_sends_each_label_to_its_best_prompt() -> None:
+    from qpo_bench.harness import label_routing
+    from qpo_middleware.training.targets import Score
+
+    def row(*hits: bool) -> list[Score]:
+        return [Score(correct=h) for h in hits]
+
+    # Prompt 0 is right on every "a" query, prompt 1 on every "b" query; prompt 2 never.
+    matrix = [row(True, False, False), row(True, False, False), row(False, True, False), row(True, True, False)]
+    golds = ["a", "a", "b", "b"]
+    assert label_routing(matrix, golds, [0, 1, 2]) == {"a": 0, "b": 1}
+    # The prompt right most often wins whatever the order; among equals, the earlier one in ``order``.
+    assert label_routing([row(True, True, False), row(False, True, True)], ["b", "b"], [2, 0, 1]) == {"b": 1}
+    assert label_routing([row(True, False, True)], ["c"], [2, 0, 1]) == {"c": 2}

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import re
 import statistics
 import time
 from collections import defaultdict
@@ -77,6 +78,10 @@ class BenchMethod(MethodResult):
     failed: int = 0
     accuracy_by_label: dict[str, float] = field(default_factory=dict)
     description: str = ""
+    # Leakage check: the share of the method's prompts that name exactly one label word ("the answer is
+    # positive"), and its accuracy with those prompts replaced by the best pool prompt's outcome.
+    label_leak_share: float | None = None
+    accuracy_without_leaks: float | None = None
 
 
 @dataclass
@@ -103,6 +108,23 @@ class TaskBenchmark:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def names_labels(prompt: str, labels: Sequence[str]) -> set[str]:
+    """The label words ``prompt`` names (whole words, any case)."""
+    text = prompt.lower()
+    return {label for label in labels
+            if re.search(rf"(?<![a-z0-9]){re.escape(label.lower())}(?![a-z0-9])", text)}
+
+
+def label_routing(matrix: Sequence[Sequence[Score]], golds: Sequence[str], order: Sequence[int]) -> dict[str, int]:
+    """Per gold label, the column of ``matrix`` (queries x prompts) right most often on that label's
+    queries; ties go to the earlier column in ``order``."""
+    routing = {}
+    for gold in dict.fromkeys(golds):
+        rows = [row for row, g in zip(matrix, golds, strict=True) if g == gold]
+        routing[gold] = max(order, key=lambda j, rows=rows: (sum(r[j].correct for r in rows), -order.index(j)))
+    return routing
 
 
 def training_calls(run: Run, loops: Sequence[LoopMetrics]) -> tuple[int, dict[int, int]]:
@@ -236,6 +258,15 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
         add("oracle_pool", MethodPrompts(
             prompts, f"the best of {len(pool)} pool prompts per test query (uses test labels: an upper bound)"),
             family="upper_bound", scores=scores, eval_calls=oracle_calls)
+        if labels:  # how much of the pool oracle is routing by label: one prompt per gold label
+            golds = [task.gold_text(e) for e in examples]
+            routing = label_routing(oracle_matrix, golds, order)
+            add("oracle_label_routing", MethodPrompts(
+                [pool[routing[g]] for g in golds],
+                "each gold label sent to the pool prompt with the best test accuracy on it (uses test labels: "
+                "the part of the pool oracle that routing by label reaches)"),
+                family="upper_bound", scores=[row[routing[g]] for row, g in zip(oracle_matrix, golds, strict=True)],
+                eval_calls=0)
 
     # -- QPO after every loop: the greedy prompts of `qpo eval`'s qpo method, per loop's policy -----
     bundles: dict[str, dict[str, Any]] = {}
@@ -293,6 +324,16 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
             family=METHODS["qpo"].family, training=calls_upto[last], loop=last)
         selector_info["implicit_scoring_ms_p50"] = statistics.median(scoring_ms) if scoring_ms else None
         timings["qpo_implicit_best_of_n"] = time.perf_counter() - phase
+
+    # -- leakage check: a prompt that names one label may win by answering, not by prompting ---------
+    if labels and "best_pool" in per_query_hits:
+        for method in methods:
+            leaks = [len(names_labels(p, labels)) == 1 for p in per_query_prompts[method.method]]
+            kept = [b if leak else h for h, b, leak in zip(per_query_hits[method.method], per_query_hits["best_pool"],
+                                                           leaks, strict=True)]
+            valid = [k for k in kept if k is not None]
+            method.label_leak_share = statistics.fmean(leaks) if leaks else None
+            method.accuracy_without_leaks = statistics.fmean(valid) if valid else None
 
     # -- loops: metrics and reward distributions of the prompts each loop added ------------------
     d0_rewards = [r.reward for r in d0]

@@ -122,6 +122,15 @@ def render_report(payload: Mapping[str, Any]) -> str:
                          f"{m['mean_prompt_words']:.1f} | {latency} | {m['training_target_calls']} | "
                          f"{m['target_calls']} |")
         lines.append("")
+        leaks = [m for m in task["methods"] if m.get("label_leak_share") is not None and m["family"] in ("qpo", "selection")]
+        if leaks:
+            lines += ["Leakage check: the share of each method's prompts that name exactly one label word, and its "
+                      "accuracy with those prompts replaced by the best pool prompt (a gain that comes from writing "
+                      "the answer into the prompt is not a prompt-optimization gain):", "",
+                      "| method | prompts naming one label | accuracy | with those → best pool |", "|---|---:|---:|---:|"]
+            lines += [f"| {m['method']} | {_pct(m['label_leak_share'])} | {_pct(m['accuracy'])} | "
+                      f"{_pct(m['accuracy_without_leaks'])} |" for m in leaks]
+            lines.append("")
         final = final_qpo(task)
         if final is not None:
             lines += ["**Gaps (honest reading).**", ""]
