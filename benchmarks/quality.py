@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -125,21 +126,48 @@ PROFILES: dict[str, Callable[[], Profile]] = {"cpu": cpu_profile, "cpu-v1": cpu_
 
 
 def with_overrides(profile: Profile, settings: Sequence[str]) -> Profile:
-    """``profile`` with ``SECTION.FIELD=VALUE`` settings applied (sections: train, loops, bench)."""
+    """``profile`` with ``SECTION.FIELD=VALUE`` settings applied (sections: train, loops, bench, and size for
+    the profile's own sizes: queries, prompts, prompts_per_query, collect_queries, test_queries, target_batch_size)."""
     import json
 
     sections = {"train": dict(profile.train), "loops": dict(profile.loops), "bench": dict(profile.bench)}
+    sizes: dict[str, Any] = {}
+    size_fields = {"queries", "prompts", "prompts_per_query", "collect_queries", "test_queries", "target_batch_size"}
     for setting in settings:
         key, sep, raw = setting.partition("=")
         section, dot, name = key.partition(".")
-        if not sep or not dot or section not in sections or not name:
-            raise SystemExit(f"--set {setting!r}: expected SECTION.FIELD=VALUE with SECTION one of train, loops, bench.")
+        if not sep or not dot or section not in (*sections, "size") or not name:
+            raise SystemExit(f"--set {setting!r}: expected SECTION.FIELD=VALUE with SECTION one of train, loops, "
+                             "bench, size.")
+        if section == "size" and name not in size_fields:
+            raise SystemExit(f"--set {setting!r}: size fields are {', '.join(sorted(size_fields))}.")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        sections[section][name] = value
-    return Profile(**{**profile.to_dict(), **sections})
+        (sizes if section == "size" else sections[section])[name] = value
+    return Profile(**{**profile.to_dict(), **sizes, **sections})
+
+
+def reuse_d0(source: Path, run_dir: Path) -> bool:
+    """Start ``run_dir`` from the D0 of ``source`` (another recipe's run of the same task and seed): its
+    run.json, collect summary, score cache and loop-0 records, so recipes compare on the same D0 and pay
+    no target call twice. Nothing happens when ``run_dir`` exists already."""
+    from qpo_middleware.training.dataset import OfflineDataset
+    from qpo_middleware.training.run import RunPaths
+
+    if run_dir.exists() or not RunPaths(source).is_run():
+        return False
+    src, dst = RunPaths(source), RunPaths(run_dir)
+    staging = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for path in (src.run_file, src.collect_summary, src.scores):
+        if path.is_file():
+            shutil.copy2(path, staging / path.name)
+    OfflineDataset(staging).append(OfflineDataset(source).loop(0))
+    staging.rename(dst.root)
+    return True
 
 
 def default_data_dir() -> Path | None:
@@ -152,10 +180,12 @@ def default_data_dir() -> Path | None:
 
 def run_quality(tasks: Sequence[str], profile: Profile, out: Path, *, seed: int = 0, shots: int = 0,
                 model: str = DEFAULT_MODEL, target: str | None = None, data_dir: Path | None = None,
-                say: Callable[[str], None] = print, notes: Sequence[str] = ()) -> dict[str, Any]:
+                say: Callable[[str], None] = print, notes: Sequence[str] = (),
+                d0_from: Path | None = None) -> dict[str, Any]:
     """collect -> loops -> benchmark for every task; writes results.json, report.md and plots under ``out``.
 
-    ``model`` is the policy base; ``target`` the target LLM (default: the same model)."""
+    ``model`` is the policy base; ``target`` the target LLM (default: the same model); ``d0_from`` an earlier
+    output folder whose D0 and score cache each new run starts from (:func:`reuse_d0`)."""
     target_name = target or model
     from qpo_bench import BenchmarkConfig, benchmark, environment, write_plots, write_report
     from qpo_middleware.training.collect import collect
@@ -189,6 +219,8 @@ def run_quality(tasks: Sequence[str], profile: Profile, out: Path, *, seed: int 
                                        prompts=profile.prompts, prompts_per_query=profile.prompts_per_query,
                                        shots=shots, seed=seed,
                                        batch_size=profile.target_batch_size)
+        if d0_from is not None and reuse_d0(d0_from / "runs" / run_dir.name, run_dir):
+            say(f"[{name}] D0 and score cache copied from {d0_from / 'runs' / run_dir.name}")
         run = Run.open(run_dir, collect_config)
         scorer = run.make_target()  # one target (one model load) for collect, loops and benchmark
 
@@ -253,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--policy-backend", choices=("onnx", "torch"), default=None,
                         help="Run the QPO policy as exported bundles through the runtime (onnx, with latency) or as "
                              "checkpoints with torch, batched on the GPU (profile default: onnx on cpu, torch on gpu).")
+    parser.add_argument("--d0-from", type=Path, default=None,
+                        help="An earlier output folder of the same tasks and seed: start each run from its D0 and score "
+                             "cache (compare recipes on the same D0 without scoring it again).")
     args = parser.parse_args(argv)
 
     profile = PROFILES[args.profile]()
@@ -273,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "transformers", "optimum", "onnxruntime"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     payload = run_quality(tasks, profile, out, seed=args.seed, shots=args.shots, model=args.model, target=args.target,
-                          data_dir=args.data_dir, say=lambda message: console.log(message), notes=args.note)
+                          data_dir=args.data_dir, say=lambda message: console.log(message), notes=args.note,
+                          d0_from=args.d0_from)
     print_headline(payload)
     console.print(f"results: {out / 'results.json'}   report: {out / 'report.md'}   "
                   f"wall time {payload['wall_seconds'] / 60:.1f} min")

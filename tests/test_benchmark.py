@@ -335,3 +335,23 @@ def test_label_routing_sends_each_label_to_its_best_prompt() -> None:
     # The prompt right most often wins whatever the order; among equals, the earlier one in ``order``.
     assert label_routing([row(True, True, False), row(False, True, True)], ["b", "b"], [2, 0, 1]) == {"b": 1}
     assert label_routing([row(True, False, True)], ["c"], [2, 0, 1]) == {"c": 2}
+
+
+def test_size_overrides_and_a_recipe_started_from_another_runs_d0(runs: dict[str, Any], tmp_path: Path) -> None:
+    quality = load_quality()
+    profile = quality.with_overrides(tiny_profile(quality), ["size.test_queries=300", "train.conditioning=query_rank"])
+    assert profile.test_queries == 300 and profile.train["conditioning"] == "query_rank"
+    with pytest.raises(SystemExit, match="size fields"):
+        quality.with_overrides(profile, ["size.epochs=3"])
+
+    folder, _ = runs["a"]
+    source = next((folder / "runs").iterdir())
+    copied = tmp_path / "runs" / source.name
+    assert quality.reuse_d0(source, copied)
+    from qpo_middleware.training.run import RunPaths
+
+    d0 = OfflineDataset(source).loop(0)
+    assert OfflineDataset(copied).records == d0 and len(OfflineDataset(source).records) > len(d0)  # loops left out
+    assert not RunPaths(copied).policy.exists()  # the recipe trains afresh
+    assert (RunPaths(copied).run_file.read_text() == RunPaths(source).run_file.read_text())
+    assert not quality.reuse_d0(source, copied)  # an existing run is never overwritten
