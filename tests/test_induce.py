@@ -301,3 +301,64 @@ def test_a_local_model_induces_a_usable_pool_that_collect_scores(tmp_path: Path,
     scored = {s.prompt_id for s in summary.prompts}
     assert {c.source for c in pool.kept} <= scored and all(s.n == 8 for s in summary.prompts)
     assert summary.induction is not None and summary.induction.kept == len(pool.kept)
+
+
+# -- mutation (the loops' exploration step) ---------------------------------------------------------------------
+
+
+def test_mutate_writes_one_filtered_variation_per_prompt() -> None:
+    from qpo_middleware.training.induce import mutate, variation_prompt
+
+    task = get_task("sst2_sample")
+    originals = ["Label the sentiment.", "Is the review positive or negative?", "Label the sentiment."]
+    inducer = ScriptedInducer(["Say how the reviewer feels about the film.", "label the sentiment",
+                               "Say how the reviewer feels about the film."])
+    candidates = mutate(task, originals, inducer, seed=1, existing=["Sentiment?"])
+    assert [c.reason for c in candidates] == [None, "duplicate", "duplicate"]  # = an original; = the first variation
+    assert [c.source for c in candidates] == ["mutation:role:0", "mutation:step_by_step:1", "mutation:format:2"]
+    assert "Label the sentiment." in inducer.requests[0][-1]["content"]
+    assert inducer.requests[1] == variation_prompt(task, originals[1], "step_by_step")
+
+
+def make_variations_chat() -> GenericFakeChatModel:
+    """A ``module:factory`` mutation model for the loop test: a new wording per request."""
+    return GenericFakeChatModel(messages=iter([AIMessage(content=f"Rate the feeling of this review, variant {i}.")
+                                              for i in range(100)]))
+
+
+def test_loops_score_variations_of_each_querys_best_prompt(tmp_path: Path, tiny_target_model: str) -> None:
+    from qpo_middleware.training.config import LoopConfig, TrainConfig
+    from qpo_middleware.training.loops import run_loops
+
+    collect(CollectConfig(task="sst2_sample", target=tiny_target_model, queries=6, collect_queries=4,
+                          test_queries=2, prompts="3", chunk_size=8, batch_size=8), tmp_path)
+    train = TrainConfig(epochs=1, batch_size=8, num_buckets=4, prompt_max_tokens=8, query_max_tokens=16)
+    loops = LoopConfig(loops=2, base_model=tiny_target_model, samples_per_query=1, reward_floor_quantile=0.0,
+                       d0_floor_quantile=0.0, mutations=3, mutation_model="test_induce:make_variations_chat")
+    metrics = run_loops(tmp_path, train, loops)
+    assert metrics[1].mutation_pairs == 3 and metrics[1].mutation_accuracy is not None
+    mutated = [r for r in OfflineDataset(tmp_path).records if r.prompt_source.startswith("mutation:")]
+    # Variations pass the loop's reward floor like sampled prompts; those kept are tagged with loop 2.
+    assert 1 <= len(mutated) <= 3 and all(r.loop == 2 and "variant" in r.prompt for r in mutated)
+    assert len({r.query_id for r in mutated}) == len(mutated)  # one variation per collect query
+    assert metrics[1].new_distinct_prompts >= 3  # the variations are new prompts
+
+
+@pytest.mark.real
+def test_a_local_model_writes_new_variations_of_real_prompts() -> None:
+    from qpo_middleware.training.induce import LocalInducer, mutate
+    from qpo_middleware.training.models import ModelNotFoundError
+
+    task = get_task("sst2")
+    originals = ["Is this movie review positive or negative?", "Sentiment?",
+                 "You are a film critic. Read the review and say whether the critic liked the film.",
+                 "Classify the sentiment of the sentence."]
+    try:
+        inducer = LocalInducer(INDUCER)
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    candidates = mutate(task, originals, inducer, seed=0)
+    print(json.dumps([(c.reason, c.text) for c in candidates], indent=1))
+    kept = [c.text for c in candidates if c.reason is None]
+    assert len(kept) >= 2, candidates
+    assert all(t not in originals and "<|" not in t and len(t.split()) >= 2 for t in kept)

@@ -278,6 +278,13 @@ class LoopConfig:
     preference_epochs: int = field(default=1, metadata={"help": "Epochs of the preference step."})
     preference_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the preference step (default: the loop's learning rate)."})
+    mutations: int = field(default=0, metadata={
+        "help": "Exploration beyond the policy's own samples: in loops >= 2, for this many collect queries, an "
+                "instruct model writes a variation of the best prompt scored on the query so far, and the variation "
+                "is scored on it too (0 = off)."})
+    mutation_model: str | None = field(default=None, metadata={
+        "help": "Model that writes the variations: a local model name/path or a LangChain chat model as "
+                "module:factory (default: the run's inducer, the embedded Qwen)."})
     generation_batch_size: int = field(default=16, metadata={"help": "Queries per policy generate() call."})
     eval_greedy: bool = field(default=True, metadata={"help": "Score greedy policy prompts on the collect split."})
     seed: int = field(default=0, metadata={"help": "Seed of the policy sampling."})
@@ -291,6 +298,8 @@ class LoopConfig:
             raise ValueError(f"reward_floor_quantile must be in [0, 1]; got {self.reward_floor_quantile}.")
         if not 0.0 <= self.d0_floor_quantile < 1.0:
             raise ValueError(f"d0_floor_quantile must be in [0, 1); got {self.d0_floor_quantile}.")
+        if self.mutations < 0:
+            raise ValueError(f"mutations must be >= 0 (0 = off); got {self.mutations}.")
         if self.preference not in PREFERENCE_MODES:
             raise ValueError(f"preference must be one of {', '.join(PREFERENCE_MODES)}; got {self.preference!r}.")
         if self.preference_beta <= 0 or self.preference_pairs_per_query < 1 or self.preference_epochs < 1:

@@ -180,6 +180,22 @@ def meta_prompt(task: Task, examples: Sequence[Example], style: str) -> list[dic
             {"role": "user", "content": user}]
 
 
+def variation_prompt(task: Task, prompt: str, style: str) -> list[dict[str, str]]:
+    """The chat messages asking for a variation of ``prompt`` (the mutation step of the loops): the same job,
+    other words, the style's hint."""
+    if task.kind == "classification":
+        answers = f"The answer is always one of these words: {', '.join(task.labels)}."
+    else:
+        answers = "The answer is always a number."
+    user = (
+        f"This instruction makes a reader answer an input well:\n\n{prompt}\n\n{answers}\n"
+        f"Write a different instruction for the same job, in other words. {STYLES[style]} "
+        "Reply with the instruction itself in one or two sentences: no list of steps, no examples."
+    )
+    return [{"role": "system", "content": "You are a helpful assistant who writes clear instructions."},
+            {"role": "user", "content": user}]
+
+
 def request_wording(task: Task, style: str) -> str:
     """The words of a ``style`` request without its examples: what an echoing reply repeats."""
     return " ".join(m["content"] for m in meta_prompt(task, [], style))
@@ -274,20 +290,11 @@ def induce(task: Task, train: Sequence[Example], count: int, inducer: Inducer, *
            batch_size: int = BATCH_SIZE, progress: Callable[[int], None] | None = None) -> InducedPool:
     """Ask ``inducer`` ``count`` times (see :func:`requests`; ``batch_size`` at once, each batch
     under its own seed), clean and filter the replies."""
-    candidates, finished = [], []
     todo = requests(task, train, count, shots, seed)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        replies = list(inducer([r.messages for r in batch], seed * 100_003 + start))
-        if len(replies) != len(batch):
-            raise RuntimeError(f"The inducer gave {len(replies)} replies to {len(batch)} requests.")
-        for request, reply in zip(batch, replies, strict=True):
-            reply = reply if isinstance(reply, Reply) else Reply(str(reply))
-            candidates.append(Candidate(f"induced:{request.style}:{request.index}", request.style,
-                                        clean_candidate(reply.text), reply.text, list(request.example_ids)))
-            finished.append(reply.finished)
-        if progress:
-            progress(len(batch))
+    replies = ask(inducer, [r.messages for r in todo], seed, batch_size, progress)
+    candidates = [Candidate(f"induced:{request.style}:{request.index}", request.style, clean_candidate(reply.text),
+                            reply.text, list(request.example_ids)) for request, reply in zip(todo, replies, strict=True)]
+    finished = [reply.finished for reply in replies]
     shown = {e.id: e.query for e in train}
     wording = {style: request_wording(task, style) for style in STYLES}
     filter_candidates(candidates, labels=task.labels, examples=shown, wording=wording, existing=existing,
@@ -295,6 +302,38 @@ def induce(task: Task, train: Sequence[Example], count: int, inducer: Inducer, *
     return InducedPool(inducer=inducer_id, asked=count, shots=shots, seed=seed,
                        kept=[c for c in candidates if c.reason is None],
                        dropped=[c for c in candidates if c.reason is not None])
+
+
+def ask(inducer: Inducer, messages: Sequence[list[dict[str, str]]], seed: int, batch_size: int = BATCH_SIZE,
+        progress: Callable[[int], None] | None = None) -> list[Reply]:
+    """``inducer``'s reply to each request, ``batch_size`` at once, each batch under its own seed."""
+    out: list[Reply] = []
+    for start in range(0, len(messages), batch_size):
+        batch = list(messages[start : start + batch_size])
+        replies = list(inducer(batch, seed * 100_003 + start))
+        if len(replies) != len(batch):
+            raise RuntimeError(f"The inducer gave {len(replies)} replies to {len(batch)} requests.")
+        out += [reply if isinstance(reply, Reply) else Reply(str(reply)) for reply in replies]
+        if progress:
+            progress(len(batch))
+    return out
+
+
+def mutate(task: Task, prompts: Sequence[str], inducer: Inducer, *, seed: int = 0, existing: Sequence[str] = (),
+           special_strings: Sequence[str] = (), batch_size: int = BATCH_SIZE) -> list[Candidate]:
+    """One variation of each of ``prompts`` (:func:`variation_prompt`, styles rotating), cleaned and filtered
+    like induced candidates: a variation equal to a known prompt (``existing``, or its own original) is a
+    ``duplicate``. Returns every candidate, source ``mutation:<style>:<i>``; ``reason`` None = kept."""
+    styles = list(STYLES)
+    asked = [(i, styles[(seed + i) % len(styles)], prompt) for i, prompt in enumerate(prompts)]
+    replies = ask(inducer, [variation_prompt(task, prompt, style) for _, style, prompt in asked], seed, batch_size)
+    candidates = [Candidate(f"mutation:{style}:{i}", style, clean_candidate(reply.text), reply.text, [])
+                  for (i, style, _), reply in zip(asked, replies, strict=True)]
+    wording = {style: " ".join(m["content"] for m in variation_prompt(task, "", style)) for style in styles}
+    return filter_candidates(candidates, labels=task.labels, examples={}, wording=wording,
+                             existing=[*existing, *prompts],
+                             special_strings=special_strings or getattr(inducer, "special_strings", ()),
+                             finished=[reply.finished for reply in replies])
 
 
 def save_pool(path: str | os.PathLike[str], pool: InducedPool) -> None:

@@ -35,6 +35,7 @@ from .collect import make_records, score_pairs
 from .config import LoopConfig, TrainConfig
 from .dataset import OfflineDataset, Record
 from .export import PolicyMeta, write_policy_meta
+from .induce import Inducer, make_inducer, mutate
 from .io import atomic_write_json
 from .policy import RewardBuckets, add_policy_tokens, build_examples, conditioning_values, top_bucket_coverage
 from .preference import (
@@ -74,6 +75,8 @@ class LoopMetrics:
     new_distinct_prompts_kept: int = 0
     new_prompt_accuracy: float | None = None  # accuracy of the sampled pairs with such prompts
     preference_pairs: int = 0
+    mutation_pairs: int = 0  # variations written and scored this loop (after the filters)
+    mutation_accuracy: float | None = None
     preference_first_loss: float | None = None
     preference_last_loss: float | None = None
 
@@ -158,6 +161,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             on_phase(loop, name)
 
     done = completed_loops(paths.root)
+    inducer: Inducer | None = None  # loaded on the first loop that writes variations
     for loop in range(len(done) + 1, loops.loops + 1):
         started = time.perf_counter()
         previous = paths.checkpoint(loop - 1) if loop > 1 else loops.base_model
@@ -181,6 +185,16 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             pairs = _new_pairs(run, collect_split, samples, dataset_keys=seen)
             phase(loop, f"scoring {len(pairs)} new pairs on {target.id}")
             scores = score_pairs(target, run.task, pairs, run.config.chunk_size)
+            if loops.mutations:  # variations of each query's best prompt so far, scored on the query
+                inducer = inducer or make_inducer(loops.mutation_model or run.config.inducer)
+                known = {r.prompt for r in dataset if r.loop < loop} | {p.prompt for p in pairs}
+                variations = mutation_pairs(run, collect_split, pairs, scores, inducer, loops, loop, known, d0)
+                phase(loop, f"scoring {len(variations)} prompt variations on {target.id}")
+                mutated = score_pairs(target, run.task, variations, run.config.chunk_size)
+                valid = [s.correct for s in mutated if not s.failed]
+                metrics.mutation_pairs = len(variations)
+                metrics.mutation_accuracy = statistics.fmean(valid) if valid else None
+                pairs, scores = [*pairs, *variations], [*scores, *mutated]
             metrics.target_calls += sum(not s.cached for s in scores)
             accuracy = shrunk_accuracy(pairs, scores, prior_mean=d0_accuracy, prior_weight=loops.prompt_accuracy_prior)
             records = make_records(run.task, target.id, pairs, scores, loop=loop, rewards=run.config.rewards,
@@ -286,6 +300,44 @@ def _new_pairs(run: Run, examples: Sequence[Example], samples: Sequence[Sequence
             seen.add((example.id, prompt))
             pairs.append(Pair(example, prompt, "policy", run.demos(example)))
     return pairs
+
+
+def mutation_pairs(run: Run, collect_split: Sequence[Example], pairs: Sequence[Pair], scores: Sequence[Score],
+                   inducer: Inducer, loops: LoopConfig, loop: int, known: set[str], d0: Sequence[Record]) -> list[Pair]:
+    """Pairs of (collect query, a variation of the best prompt scored on it so far) for ``loops.mutations``
+    collect queries (a window that moves with the loop, so later loops vary other queries' prompts).
+
+    A query's best prompt is its right sampled prompt with the lowest answer NLL, else its sampled prompt with
+    the lowest NLL, else D0's best prompt on average. Variations equal to a known prompt, naming only a label,
+    echoing the request or cut off are dropped (:func:`~.induce.mutate`)."""
+    if not collect_split:
+        return []
+    best: dict[str, tuple[tuple[bool, float], str]] = {}
+    for pair, score in zip(pairs, scores, strict=True):
+        if score.failed or not pair.prompt:
+            continue
+        nll = score.label_nll if score.label_nll is not None else score.gold_nll
+        rank = (bool(score.correct), -(nll if nll is not None else 0.0))
+        if pair.example.id not in best or rank > best[pair.example.id][0]:
+            best[pair.example.id] = (rank, pair.prompt)
+    by_prompt: dict[str, list[bool]] = {}
+    for record in d0:
+        by_prompt.setdefault(record.prompt, []).append(record.correct)
+    fallback = max((p for p in by_prompt if p), key=lambda p: statistics.fmean(by_prompt[p]), default="")
+    count = min(loops.mutations, len(collect_split))
+    start = (loop - 2) * count % len(collect_split)
+    chosen = [collect_split[(start + i) % len(collect_split)] for i in range(count)]
+    originals = [best[e.id][1] if e.id in best else fallback for e in chosen]
+    keep = [i for i, p in enumerate(originals) if p]
+    candidates = mutate(run.task, [originals[i] for i in keep], inducer, seed=loops.seed + loop,
+                        existing=sorted(known), special_strings=getattr(inducer, "special_strings", ()))
+    out = []
+    for index, candidate in zip(keep, candidates, strict=True):
+        if candidate.reason is None:
+            example = chosen[index]
+            out.append(Pair(example, candidate.text, candidate.source.rsplit(":", 1)[0], run.demos(example)))
+    logger.info("loop %d: %d of %d variations kept", loop, len(out), len(candidates))
+    return out
 
 
 def shrunk_accuracy(pairs: Sequence[Pair], scores: Sequence[Score], *, prior_mean: float,

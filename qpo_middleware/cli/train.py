@@ -14,7 +14,9 @@ from ._common import console, progress_bar, user_errors
 
 
 def command(
-    run: Annotated[Path, typer.Option(help="Run directory made by `qpo collect` (resumes where it stopped).")],
+    run: Annotated[Path, typer.Option(
+        help="Run directory made by `qpo collect`, or by `qpo import-oirl` (then --loops 1: there is no target "
+             "to score new prompts on). Resumes where it stopped.")],
     loops: Annotated[int, typer.Option(help=help_of(LoopConfig, "loops"))] = 2,
     base_model: Annotated[str, typer.Option(help=help_of(LoopConfig, "base_model"))] = "smollm2-135m-instruct",
     epochs: Annotated[int, typer.Option(help=help_of(TrainConfig, "epochs"))] = 3,
@@ -40,6 +42,8 @@ def command(
     preference_epochs: Annotated[int, typer.Option(help=help_of(LoopConfig, "preference_epochs"))] = 1,
     preference_learning_rate: Annotated[float | None, typer.Option(
         help=help_of(LoopConfig, "preference_learning_rate"))] = None,
+    mutations: Annotated[int, typer.Option(help=help_of(LoopConfig, "mutations"))] = 0,
+    mutation_model: Annotated[str | None, typer.Option(help=help_of(LoopConfig, "mutation_model"))] = None,
     top_k: Annotated[int, typer.Option(help=help_of(LoopConfig, "top_k"))] = 10,
     top_p: Annotated[float, typer.Option(help=help_of(LoopConfig, "top_p"))] = 0.9,
     temperature: Annotated[float, typer.Option(help=help_of(LoopConfig, "temperature"))] = 1.0,
@@ -59,7 +63,8 @@ def command(
                                  top_k=top_k, top_p=top_p, temperature=temperature, seed=seed, preference=preference,
                                  preference_beta=preference_beta, preference_pairs_per_query=preference_pairs_per_query,
                                  preference_epochs=preference_epochs,
-                                 preference_learning_rate=preference_learning_rate)
+                                 preference_learning_rate=preference_learning_rate, mutations=mutations,
+                                 mutation_model=mutation_model)
         metrics = train_with_progress(run, train_config, loop_config)
     print_loops(metrics)
     console.print(f"[green]Policy:[/] {metrics[-1].checkpoint}   next: qpo export --run {run}")
