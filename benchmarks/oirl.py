@@ -81,18 +81,23 @@ def queries_of(path: Path) -> dict[str, str]:
     return {r.query_id: r.query for r in OfflineDataset(path)}
 
 
-def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache: Path) -> dict[str, list[int]]:
-    """Per rule, the index of the prompt the policy of loop 1 picks for each query (cached in ``cache``)."""
+def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache: Path,
+                   rules: tuple[str, ...] = RULES) -> dict[str, Any]:
+    """Per rule, the index of the prompt the policy of loop 1 picks for each query (cached in ``cache``);
+    the bottom reward token is scored only when the implicit rule is asked for."""
     if cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))
     train = TrainConfig(**TRAIN)
     model, tokenizer, fmt = load_policy(RunPaths(run_dir).checkpoint(1), train)
     top = len(fmt.reward_token_ids) - 1
     started = time.perf_counter()
-    scores = candidate_logps(model, tokenizer, fmt, queries, prompts, (top, 0))
+    scores = candidate_logps(model, tokenizer, fmt, queries, prompts, (top, 0) if "implicit" in rules else (top,))
     seconds = time.perf_counter() - started
-    choices = {"likelihood": scores[0].argmax(-1).tolist(), "implicit": (scores[0] - scores[1]).argmax(-1).tolist(),
-               "seconds_per_query": seconds / max(1, len(queries))}
+    choices: dict[str, Any] = {"seconds_per_query": seconds / max(1, len(queries))}
+    if "likelihood" in rules:
+        choices["likelihood"] = scores[0].argmax(-1).tolist()
+    if "implicit" in rules:
+        choices["implicit"] = (scores[0] - scores[1]).argmax(-1).tolist()
     atomic_write_json(cache, choices)
     return choices
 
@@ -114,6 +119,9 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"Comma list of {', '.join(RECIPES)}.")
     parser.add_argument("--test-recipes", default="paper,chosen",
                         help="Recipes scored on test ('chosen' = the best on the dev split); each once.")
+    parser.add_argument("--held-out-queries", type=int, default=0,
+                        help="Also score the chosen recipe and rule choosing among all 16 logged prompts (the 10 "
+                             "GPT-4 prompts never seen in training) on the first N test questions (0 = off).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/oirl-cpu"))
     args = parser.parse_args()
@@ -210,6 +218,38 @@ def main() -> None:
     reference = {"best_prompt": test["best_prompt"], "selector": test["selector"]}
     methods = {name: method_row(h, {k: v for k, v in reference.items() if k != name}) for name, h in test.items()}
 
+    # -- held-out prompts: the chosen recipe and rule choose among all 16 logged prompts -------------
+    held_out: dict[str, Any] = {}
+    if args.held_out_queries:
+        all_logs = runs / "logs_test_all"
+        if not RunPaths(all_logs).dataset.is_file():
+            import_prompt_oirl(None, "gsm8k", all_logs, split="test", prompts="all")
+        outcomes16 = logged(all_logs)
+        ids16 = test_ids[: args.held_out_queries]
+        prompts16 = [*prompts, *sorted({p for i in ids16 for p in outcomes16[i]} - set(prompts))]
+        rule = chosen.removeprefix(f"qpo_{chosen_recipe}_")
+        run_dir = runs / f"{chosen_recipe}_seed{args.seed}_n{args.train_queries}"
+        picks16 = policy_choices(run_dir, [texts[i] for i in ids16], prompts16,
+                                 run_dir / f"choices_test16_{len(ids16)}_{rule}.json", rules=(rule,))
+        predicted = [selector.predict(texts[i], prompts16) for i in ids16]
+        hits16 = {
+            "best_prompt": [outcomes16[i][best] for i in ids16],
+            "selector_16": [outcomes16[i][prompts16[max(range(len(prompts16)), key=p.__getitem__)]]
+                            for i, p in zip(ids16, predicted, strict=True)],
+            f"{chosen}_16": [outcomes16[i][prompts16[c]] for i, c in zip(ids16, picks16[rule], strict=True)],
+            "oracle_16": [any(outcomes16[i].values()) for i in ids16],
+            "oracle_6": [any(outcomes16[i][p] for p in prompts) for i in ids16],
+        }
+        ref16 = {"best_prompt": hits16["best_prompt"], "selector": hits16["selector_16"]}
+        held_out = {
+            "queries": len(ids16), "prompts": len(prompts16), "rule": rule, "recipe": chosen_recipe,
+            "methods": {name: method_row(h, {k: v for k, v in ref16.items() if v is not h})
+                        for name, h in hits16.items()},
+            "prompt_accuracy": {p[:60]: statistics.fmean(outcomes16[i][p] for i in ids16) for p in prompts16},
+            "seconds_per_query": picks16["seconds_per_query"],
+            "qpo_prompts_sent": dict(Counter(prompts16[c][:60] for c in picks16[rule]).most_common()),
+        }
+
     results = {
         "benchmark": "oirl", "dataset": "gsm8k", "target": "oirl:llama-2-7b-chat (logged)",
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -228,11 +268,23 @@ def main() -> None:
         "prompts_sent": {k: dict(v.most_common()) for k, v in picked.items()},
         "test": {"methods": methods, "recipes_scored": list(dict.fromkeys(test_recipes)),
                  "seconds_per_query": test_seconds},
+        "held_out_prompts": held_out,
         "timings": {**timings, "total_seconds": time.perf_counter() - started},
     }
     atomic_write_json(out / "results.json", results)
     (out / "report.md").write_text(report(results), encoding="utf-8")
     print((out / "report.md").read_text(encoding="utf-8"))
+
+
+def method_line(name: str, row: dict[str, Any]) -> str:
+    """A report table row: accuracy with its interval, and the paired gaps to the best prompt and the selector."""
+    cells = []
+    for key in ("vs_best_prompt", "vs_selector"):
+        c = row.get(key)
+        cells.append("—" if c is None else f"{100 * c['diff']:+.1f} [{100 * c['ci95'][0]:+.1f}, "
+                     f"{100 * c['ci95'][1]:+.1f}]{'' if c['significant'] else ' (n.s.)'}")
+    lo, hi = row["ci95"]
+    return f"| {name} | {100 * row['accuracy']:.1f} [{100 * lo:.1f}–{100 * hi:.1f}] | {cells[0]} | {cells[1]} |"
 
 
 def report(results: dict[str, Any]) -> str:
@@ -251,19 +303,16 @@ def report(results: dict[str, Any]) -> str:
         "## Test (each recipe scored once)", "",
         "| method | accuracy % [95% CI] | vs best prompt [95% CI] | vs selector [95% CI] |", "|---|---|---|---|",
     ]
-    for name, row in test["methods"].items():
-        def cell(key: str, row: dict[str, Any] = row) -> str:
-            if key not in row:
-                return "—"
-            c = row[key]
-            mark = "" if c["significant"] else " (n.s.)"
-            return f"{100 * c['diff']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]{mark}"
-        lo, hi = row["ci95"]
-        lines.append(f"| {name} | {100 * row['accuracy']:.1f} [{100 * lo:.1f}–{100 * hi:.1f}] | "
-                     f"{cell('vs_best_prompt')} | {cell('vs_selector')} |")
+    lines += [method_line(name, row) for name, row in test["methods"].items()]
     lines += ["", "Prompts sent on test (count per prompt):", ""]
     lines += [f"- {k.removeprefix('test:')}: " + ", ".join(f"{a} {n}" for a, n in v.items())
               for k, v in results["prompts_sent"].items() if k.startswith("test:")]
+    held = results.get("held_out_prompts") or {}
+    if held:
+        lines += ["", f"## Held-out prompts: all {held['prompts']} logged prompts as candidates "
+                      f"(first {held['queries']} test questions; `{held['recipe']}`, rule `{held['rule']}`)", "",
+                  "| method | accuracy % [95% CI] | vs best prompt [95% CI] | vs selector [95% CI] |", "|---|---|---|---|"]
+        lines += [method_line(name, row) for name, row in held["methods"].items()]
     lines += ["", "Policy scoring cost per question (6 prompts x 2 reward tokens, CPU): " + ", ".join(
         f"{k} {v:.2f} s" for k, v in test["seconds_per_query"].items()), ""]
     return "\n".join(lines)
