@@ -137,11 +137,12 @@ def test_preference_step_after_or_instead_of_the_supervised_one(tmp_path: Path, 
         assert m.preference_pairs > 0 and m.preference_last_loss is not None
     assert after[0].preference_pairs == instead[0].preference_pairs == 8 * 4  # 8 queries, 4 pairs each
     assert after[0].train_records == 8 * 6 and instead[0].train_records == 0
-    # Instead of the supervised step, the first DPO step starts from the reference itself: loss log 2.
+    # The first DPO step starts from the reference itself (loss log 2): instead of the supervised step, the
+    # previous loop's policy; after it, the supervised policy of this loop, not the one before that step.
     assert instead[0].preference_first_loss == pytest.approx(math.log(2), abs=1e-4)
     assert instead[0].first_loss == instead[0].preference_first_loss
-    # After it, the policy has moved away from the reference (the previous loop's policy, here the base).
-    assert after[0].preference_first_loss != pytest.approx(math.log(2), abs=1e-4)
+    assert after[0].preference_first_loss == pytest.approx(math.log(2), abs=1e-4)
+    assert after[0].first_loss != after[0].preference_first_loss  # the supervised step ran first
     assert (RunPaths(tmp_path / "instead").checkpoint(1) / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="preference"):
         LoopConfig(preference="dpo")

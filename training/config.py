@@ -270,8 +270,8 @@ class LoopConfig:
         default=None, metadata={"help": "Learning rate in loops >= 2 (default: the train learning rate)."})
     preference: str = field(default="off", metadata={
         "help": "Within-query preference training (DPO on right-vs-wrong prompt pairs of the same query, against the "
-                "previous loop's policy as reference): 'off', 'after' the supervised step of each loop, or 'instead' "
-                "of it."})
+                "policy the step starts from as reference): 'off', 'after' the supervised step of each loop (reference: "
+                "that supervised policy), or 'instead' of it (reference: the previous loop's policy)."})
     preference_beta: float = field(default=0.1, metadata={"help": "DPO beta (strength of the pull to the reference)."})
     preference_pairs_per_query: int = field(default=4, metadata={
         "help": "Right-vs-wrong prompt pairs drawn per query (from every record up to the loop)."})

@@ -218,14 +218,17 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             training_records, tokenizer, fmt, buckets, values=values, include_empty=train.include_empty)
         config = train if loop == 1 else _later(train, loops)
         state = {"loop": loop, "buckets": buckets.to_dict()}
-        preferences = []
-        if loops.preference != "off":  # reference log-probs from the previous loop's policy, before any step
-            preferences = _preference_data(model, tokenizer, fmt, dataset.records, loop, loops)
-            metrics.preference_pairs = len(preferences)
         if loops.preference != "instead":
             phase(loop, f"fine-tuning on {len(examples)} examples ({config.epochs} epoch(s))")
             result = train_policy(model, tokenizer, examples, config, paths.loop(loop), on_step=on_step,
                                   extra_state=state)
+        preferences = []
+        if loops.preference != "off":
+            # The reference is the policy the preference step starts from, as in DPO after SFT: this loop's
+            # supervised policy ('after'), the previous loop's ('instead'). A reference taken before the
+            # supervised step would count that step's own gains (largest on long prompts) as preference margin.
+            preferences = _preference_data(model, tokenizer, fmt, dataset.records, loop, loops)
+            metrics.preference_pairs = len(preferences)
         if preferences:
             preference = replace(config, epochs=loops.preference_epochs,
                                  learning_rate=loops.preference_learning_rate or config.learning_rate)

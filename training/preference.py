@@ -3,7 +3,8 @@
 Return-conditioned supervised learning only imitates; it never tells the policy that prompt A fails on
 this query while prompt B succeeds. D0 holds exactly such contrasts (several prompts scored per query),
 so each query with at least one right and one wrong prompt gives preference pairs, and a DPO loss
-(Rafailov et al., 2023) against a frozen reference (the previous loop's policy) trains on them:
+(Rafailov et al., 2023) against a frozen reference (the policy the step starts from: this loop's supervised policy, or the
+previous loop's when the step replaces the supervised one) trains on them:
 
     loss = -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
 
