@@ -56,14 +56,16 @@ from qpo_middleware.training.selector import Selector
 # what the reward token encodes, which D0 records train, and the preference step.
 TRAIN = {"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "trainable": "top:4", "prompt_max_tokens": 32,
          "query_max_tokens": 40, "device": "cpu"}
-RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+RECIPES: dict[str, dict[str, Any]] = {
     # The paper: absolute reward token, loop 1 on D0's better half ("expert" D0).
     "paper": {"train": {"conditioning": "absolute"}, "loops": {"d0_floor_quantile": 0.5}},
     # Query-relative token: the top bucket is this question's right prompt; every D0 record trains.
     "query_rank": {"train": {"conditioning": "query_rank"}, "loops": {"d0_floor_quantile": 0.0}},
-    # The same, then DPO on (question, right prompt, wrong prompt) against the supervised policy.
-    "query_rank_dpo": {"train": {"conditioning": "query_rank"},
-                       "loops": {"d0_floor_quantile": 0.0, "preference": "after", "preference_epochs": 1,
+    # The same, then DPO on (question, right prompt, wrong prompt) against the supervised policy: loop 1 with
+    # --preference after. Run as query_rank's policy + a DPO step (--preference instead from that checkpoint,
+    # reference = that policy), which is the same thing without training the supervised step twice.
+    "query_rank_dpo": {"train": {"conditioning": "query_rank"}, "from": {"recipe": "query_rank"},
+                       "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 1,
                                  "preference_pairs_per_query": 2, "preference_learning_rate": 1e-4}},
 }
 RULES = ("likelihood", "implicit")
@@ -183,8 +185,14 @@ def main() -> None:
                 (run_dir / path.name).write_bytes(path.read_bytes())
             t = time.perf_counter()
             spec = RECIPES[recipe]
+            start: dict[str, str] = {}
+            if "from" in spec:  # starts from another recipe's trained policy (which must be in --recipes first)
+                source = runs / f"{spec['from']['recipe']}_seed{args.seed}_n{args.train_queries}"
+                if not completed_loops(source):
+                    sys.exit(f"Recipe {recipe} starts from {spec['from']['recipe']}: list it before {recipe}.")
+                start = {"base_model": str(RunPaths(source).checkpoint(1))}
             run_loops(run_dir, TrainConfig(**{**TRAIN, **spec["train"]}),
-                      LoopConfig(loops=1, seed=args.seed, **spec["loops"]))
+                      LoopConfig(loops=1, seed=args.seed, **start, **spec["loops"]))
             timings[f"train_{recipe}"] = time.perf_counter() - t
 
     def qpo_hits(recipe: str, split: str, split_ids: list[str],
