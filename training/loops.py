@@ -323,10 +323,9 @@ def mutation_pairs(run: Run, collect_split: Sequence[Example], pairs: Sequence[P
         rank = (bool(score.correct), -(nll if nll is not None else 0.0))
         if pair.example.id not in best or rank > best[pair.example.id][0]:
             best[pair.example.id] = (rank, pair.prompt)
-    by_prompt: dict[str, list[bool]] = {}
-    for record in d0:
-        by_prompt.setdefault(record.prompt, []).append(record.correct)
-    fallback = max((p for p in by_prompt if p), key=lambda p: statistics.fmean(by_prompt[p]), default="")
+    # D0 records carry their prompt's mean accuracy over D0's queries.
+    fallback = max((r for r in d0 if r.prompt), key=lambda r: r.prompt_mean_accuracy, default=None)
+    fallback = fallback.prompt if fallback else ""
     count = min(loops.mutations, len(collect_split))
     start = (loop - 2) * count % len(collect_split)
     chosen = [collect_split[(start + i) % len(collect_split)] for i in range(count)]
