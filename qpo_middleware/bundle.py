@@ -343,10 +343,15 @@ class Manifest:
     template: Template
     generation: GenerationConfig
     files: dict[str, str] = field(default_factory=dict)
+    library_file: str | None = None  # the prompt library (qpo_middleware.library); bundles before it have none
 
     @property
     def model_path(self) -> Path:
         return safe_member(self.root, self.model.file, "model.file")
+
+    @property
+    def library_path(self) -> Path | None:
+        return None if self.library_file is None else safe_member(self.root, self.library_file, "library.file")
 
     @property
     def tokenizer_path(self) -> Path:
@@ -354,7 +359,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form written as ``qpo.json``."""
-        return {
+        data = {
             "format": FORMAT,
             "format_version": self.format_version,
             "created_by": self.created_by,
@@ -368,6 +373,9 @@ class Manifest:
             "generation": self.generation.to_dict(),
             "files": dict(sorted(self.files.items())),
         }
+        if self.library_file is not None:
+            data["library"] = {"file": self.library_file}
+        return data
 
 
 def parse_manifest(data: Any, root: Path) -> Manifest:
@@ -401,6 +409,7 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
             "template",
             "generation",
             "files",
+            "library",
         },
         "",
     )
@@ -448,7 +457,15 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
             raise BundleError(
                 f"qpo.json: files[{brief_repr(name)}] must be a SHA-256 of 64 lowercase hex digits; got {brief_repr(digest)}."
             )
-    for what, name in (("model.file", model.file), ("tokenizer.file", tokenizer_file)):
+    library_file = None
+    if "library" in data:
+        library = _object(data, "library")
+        _no_unknown(library, {"file"}, "library")
+        library_file = _field(library, "file", str, "library.")
+    named = [("model.file", model.file), ("tokenizer.file", tokenizer_file)]
+    if library_file is not None:
+        named.append(("library.file", library_file))
+    for what, name in named:
         safe_member(root, name, what)
         if name not in files:
             raise BundleError(
@@ -470,6 +487,7 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
         template=template,
         generation=generation,
         files=dict(files),
+        library_file=library_file,
     )
 
 

@@ -48,6 +48,11 @@ class RuntimeConfig:
     with no prompt and ``status="timeout"``; without ``fail_open`` it raises
     :class:`~qpo_middleware.runtime.LatencyBudgetExceeded`). ``verify`` checks every bundle
     file's SHA-256 at load.
+
+    Decoding: ``speculative`` (greedy decoding drafts from the bundle's prompt library and
+    verifies each draft in one forward pass; the output is the same token for token, see
+    :mod:`qpo_middleware.generator`; bundles without a library decode one token per step) and
+    ``max_draft_tokens`` (the longest draft verified at once).
     """
 
     provider: Provider = "auto"
@@ -63,16 +68,21 @@ class RuntimeConfig:
     latency_budget_ms: float | None = None
     fail_open: bool = True
     verify: bool = True
+    speculative: bool = True
+    max_draft_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.provider not in ("auto", "cpu", "cuda"):
             raise RuntimeConfigError(f"provider must be 'auto', 'cpu' or 'cuda'; got {self.provider!r}.")
+        for name in ("cpu_mem_arena", "fail_open", "verify", "speculative"):
+            if not isinstance(getattr(self, name), bool):
+                raise RuntimeConfigError(f"{name} must be true or false; got {getattr(self, name)!r}.")
         if self.graph_optimization not in _GRAPH_LEVELS:
             raise RuntimeConfigError(
                 f"graph_optimization must be one of {', '.join(_GRAPH_LEVELS)}; got {self.graph_optimization!r}."
             )
         for name, low in (("intra_op_threads", 0), ("inter_op_threads", 0), ("max_batch_size", 1),
-                          ("max_queue", 1), ("cache_size", 0)):
+                          ("max_queue", 1), ("cache_size", 0), ("max_draft_tokens", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise RuntimeConfigError(f"{name} must be an integer >= {low}; got {value!r}.")

@@ -105,10 +105,13 @@ class OnnxDecoder:
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
         past: list[Any],
+        all_positions: bool = False,
     ) -> tuple[np.ndarray, list[Any]]:
         """One run. Returns (last-position logits as float32 (batch, vocab), presents in past order).
 
-        ``past`` holds numpy arrays, or ORT values from the previous step with IO binding.
+        ``past`` holds numpy arrays, or ORT values from the previous step with IO binding. With
+        ``all_positions`` the logits of every input position come back, (batch, seq, vocab), as a
+        speculative step's verification needs.
         """
         feeds: dict[str, Any] = {
             "input_ids": input_ids.astype(self.ids_dtype, copy=False),
@@ -120,10 +123,11 @@ class OnnxDecoder:
             feeds[key_name] = past[i]
             feeds[value_name] = past[i + 1]
         if self.io_binding:
-            return self._forward_bound(feeds)
-        logits, *presents = self.session.run(self.output_names, feeds)
-        # logits: (batch, seq, vocab); only the last position decides the next token.
-        return np.asarray(logits[:, -1, :], dtype=np.float32), presents
+            logits, presents = self._forward_bound(feeds)
+        else:
+            logits, *presents = self.session.run(self.output_names, feeds)
+        # logits: (batch, seq, vocab); in plain decoding only the last position decides the next token.
+        return np.asarray(logits if all_positions else logits[:, -1, :], dtype=np.float32), presents
 
     def _forward_bound(self, feeds: dict[str, Any]) -> tuple[np.ndarray, list[Any]]:
         binding = self.session.io_binding()
@@ -137,8 +141,16 @@ class OnnxDecoder:
         self.session.run_with_iobinding(binding)
         logits, *presents = binding.get_outputs()
         # On CUDA this copies the whole (batch, seq, vocab) block; at a decode step seq is 1.
-        return np.asarray(logits.numpy()[:, -1, :], dtype=np.float32), presents
+        return logits.numpy(), presents
 
     def take_rows(self, past: list[Any], keep: np.ndarray) -> list[Any]:
         """The past of the rows in ``keep`` (a boolean mask): ORT values come to the host once for it."""
         return [(p.numpy() if isinstance(p, ort.OrtValue) else p)[keep] for p in past]
+
+    def trim_past(self, past: list[Any], length: int) -> list[Any]:
+        """The first ``length`` positions of a host past (positions after them were never accepted).
+
+        ORT values (IO binding) stay as they are: masked-out positions are harmless, and trimming
+        them would bring the cache to the host.
+        """
+        return [p if isinstance(p, ort.OrtValue) else p[:, :, :length] for p in past]

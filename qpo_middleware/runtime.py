@@ -39,6 +39,7 @@ from .bundle import GenerationConfig, Manifest, load_manifest
 from .config import Provider, RuntimeConfig, ort  # ort: ONNX Runtime, imported with the install fix
 from .decoder import OnnxDecoder, make_session, session_providers
 from .generator import Generator
+from .library import Drafter, library_stats, read_library
 from .policy_format import PolicyFormat
 from .template import Template
 from .text import finish_prompt, special_token_strings
@@ -190,6 +191,16 @@ class PromptOptimizer:
         # a prompt may spell one out of ordinary tokens, and a target LLM's tokenizer could read it
         # as the real token (e.g. "<|im_end|>" ending the user turn), so prompts never contain them.
         self.special_strings = special_token_strings(tokenizer)
+        self.drafter: Drafter | None = None
+        self.library: dict[str, int] | None = None
+        if manifest.library_path is not None:
+            entries = read_library(manifest.library_path, vocab_size=manifest.model.vocab_size,
+                                   max_ids=manifest.policy.prompt_max_tokens + 1)
+            self.library = library_stats(entries)
+            if config.speculative:
+                self.drafter = Drafter(entries)
+        self._decode_counts = {"forward_passes": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
+        self._counts_lock = threading.Lock()
         self._cache = _LRU(config.cache_size) if config.cache_size else None
         self._batcher: MicroBatcher[list[int]] | None = None
         if config.batch_window_ms is not None:
@@ -289,16 +300,23 @@ class PromptOptimizer:
         """
         generation = generation or self.generation(do_sample=do_sample)
         eos = self.policy.eos_token_ids if eos_token_ids is None else eos_token_ids
-        generator = Generator(self.decoder, generation, eos, self.policy.pad_token_id, np.random.default_rng(seed))
-        generator.append_tokens(rows)
-        while not generator.is_done():
-            if deadline is not None and _clock() > deadline:
-                raise LatencyBudgetExceeded(
-                    "The policy ran past its latency budget; decoding was stopped. Raise latency_budget_ms, serve "
-                    "a faster bundle (qpo export --quantize int8 on CPU, --fp16 on GPU), or set fail_open=True to "
-                    "send the query on without a prompt."
-                )
-            generator.generate_next_token()
+        generator = Generator(self.decoder, generation, eos, self.policy.pad_token_id, np.random.default_rng(seed),
+                              drafter=self.drafter, max_draft=self.config.max_draft_tokens)
+        try:
+            generator.append_tokens(rows)
+            while not generator.is_done():
+                if deadline is not None and _clock() > deadline:
+                    raise LatencyBudgetExceeded(
+                        "The policy ran past its latency budget; decoding was stopped. Raise latency_budget_ms, "
+                        "serve a faster bundle (qpo export --quantize int8 on CPU, --fp16 on GPU), or set "
+                        "fail_open=True to send the query on without a prompt."
+                    )
+                generator.generate_next_token()
+        finally:
+            with self._counts_lock:
+                self._decode_counts["forward_passes"] += generator.forwards
+                self._decode_counts["draft_tokens"] += generator.drafted
+                self._decode_counts["accepted_draft_tokens"] += generator.accepted
         return generator.sequences()
 
     def _decode_queries(
@@ -483,8 +501,10 @@ class PromptOptimizer:
         return self._batcher is not None
 
     def stats(self) -> dict[str, Any]:
-        """Counters: cache hits/misses/size, micro-batches and queries decoded through them, queue depth."""
-        out: dict[str, Any] = {}
+        """Counters: forward passes, draft tokens verified and accepted, cache hits/misses/size, micro-batches
+        and queries decoded through them, queue depth."""
+        with self._counts_lock:
+            out: dict[str, Any] = dict(self._decode_counts)
         if self._cache is not None:
             out.update(cache_hits=self._cache.hits, cache_misses=self._cache.misses, cache_size=len(self._cache))
         if self._batcher is not None:
@@ -502,5 +522,7 @@ class PromptOptimizer:
             "dtype": m.model.dtype,
             "provider": self.provider,
             "io_binding": self.decoder.io_binding,
+            "library": self.library,
+            "speculative": self.drafter is not None,
             "created_by": m.created_by,
         }

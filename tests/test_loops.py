@@ -70,6 +70,27 @@ def test_two_loops_export_and_rewrite(tmp_path: Path, tiny_base: str) -> None:
     query = "a gorgeous , witty , seductive movie ."
     result = optimizer.optimize(query)
     assert query in result.text and result.latency_ms > 0
+    # The bundle carries the run's prompt library: every distinct non-blank prompt of D0 and loop 2, with its
+    # record count, tokenized as the policy was trained to write it (read back through the runtime).
+    from collections import Counter
+
+    from qpo_middleware.library import read_library
+
+    library = read_library(bundle / "library.json", vocab_size=optimizer.manifest.model.vocab_size, max_ids=9)
+    counts = Counter(r.prompt for r in records if r.prompt.strip())
+    assert {e.text: e.count for e in library} == counts and len(counts) == len({p for p in pool | new if p.strip()})
+    tokenizer = optimizer.tokenizer
+    for entry in library:
+        assert entry.ids == (*tokenizer.encode(entry.text, add_special_tokens=False).ids[:8], optimizer.policy.eos_token_ids[0])
+    assert optimizer.info()["library"]["prompts"] == len(library) and optimizer.drafter is not None
+    plain = PromptOptimizer.from_bundle(bundle, config=optimizer.config.with_(speculative=False))
+    queries = [r.query for r in records][:12]
+    assert [r.prompt for r in optimizer.optimize_batch(queries)] == [r.prompt for r in plain.optimize_batch(queries)]
+    assert plain.stats()["draft_tokens"] == 0  # (this barely trained policy's prompts may never meet a draft)
+    # An earlier loop's checkpoint gets the prompts known at that loop only.
+    from qpo_middleware.training.export import run_prompt_library
+
+    assert run_prompt_library(paths.checkpoint(1)) == Counter(r.prompt for r in records if r.loop <= 1)
 
 
 def test_loops_resume_at_the_first_unfinished_loop(tmp_path: Path, tiny_base: str) -> None:

@@ -121,3 +121,37 @@ def test_smollm2_int8_agreement_with_fp32(smollm2_policy, tmp_path: Path) -> Non
     assert first_token >= FIRST_TOKEN_MIN
     assert int8_vs_fp32 >= INT8_TOKEN_MIN and int8_vs_fp32 > dynamic_vs_fp32 + 0.2
     assert batch_vs_single >= BATCH_EQUALS_SINGLE_MIN
+
+
+def test_smollm2_speculative_decoding_equals_plain_on_24_sentences(smollm2_policy, tmp_path: Path) -> None:
+    """A library of SmolLM2's own greedy prompts (from torch) for half the sentences and the sst2 pool: drafts
+    are accepted, cut and rejected, and every prompt equals plain greedy decoding's, alone and batched."""
+    import json
+
+    from _tiny import torch_greedy
+
+    from qpo_middleware import PromptOptimizer, RuntimeConfig
+    from qpo_middleware.training.export import export_bundle
+    from qpo_middleware.training.tasks import get_task
+
+    checkpoint, model, tokenizer, policy = smollm2_policy
+    task = get_task("sst2_sample")
+    sentences = [e.query for e in task.splits(None, seed=3, n_train=0, n_collect=0, n_test=24).test]
+    own = []
+    for sentence in sentences[:12]:
+        ids = policy.encode(sentence, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+        generated = [t for t in torch_greedy(model, ids, policy, MAX_NEW_TOKENS) if t not in policy.eos_token_ids]
+        own.append(tokenizer.decode(generated, skip_special_tokens=True).strip())
+    pool = json.loads((Path(__file__).parents[1] / "training" / "prompts" / "sst2.json").read_text())["prompts"]
+    library = {p["text"]: 1 for p in pool} | {p: 3 for p in own if p}
+    bundle = export_bundle(checkpoint, tmp_path / "bundle", library=library)
+    fast = PromptOptimizer.from_bundle(bundle, config=RuntimeConfig(provider="cpu", max_batch_size=8))
+    plain = PromptOptimizer.from_bundle(bundle, config=RuntimeConfig(provider="cpu", max_batch_size=8,
+                                                                     speculative=False))
+    assert fast.drafter is not None and plain.drafter is None
+    reference = [plain.optimize(s).prompt for s in sentences]
+    assert [fast.optimize(s).prompt for s in sentences] == reference
+    assert [r.prompt for r in fast.optimize_batch(sentences)] == [r.prompt for r in plain.optimize_batch(sentences)]
+    stats = fast.stats()
+    assert 0 < stats["accepted_draft_tokens"] < stats["draft_tokens"]
+    assert stats["forward_passes"] < plain.stats()["forward_passes"]

@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from qpo_middleware.bundle import (
     load_manifest,
     sha256_file,
 )
+from qpo_middleware.library import LIBRARY_FILE, build_library, write_library
 from qpo_middleware.policy_format import PolicyFormat
 from qpo_middleware.template import Template
 
@@ -160,6 +162,7 @@ def export_bundle(
     generation: GenerationConfig | Mapping[str, Any] | None = None,
     overwrite: bool = False,
     on_step: Callable[[str], None] | None = None,
+    library: Mapping[str, int] | None = None,
 ) -> Path:
     """Export ``checkpoint_dir`` (a Hugging Face causal LM + tokenizer) as a bundle at ``out_dir``.
 
@@ -168,6 +171,10 @@ def export_bundle(
     ``fp16=True`` exports half precision (GPU serving). ``meta`` defaults to the checkpoint's own
     ``qpo_policy.json`` (:func:`read_policy_meta`). ``generation`` (a :class:`GenerationConfig`, or
     a mapping of fields) overrides the decoding defaults of :meth:`GenerationConfig.for_policy`.
+
+    ``library`` (prompt text -> training record count) becomes the bundle's prompt library
+    (``library.json``, drafts for speculative decoding); by default it is read from the run the
+    checkpoint belongs to (:func:`run_prompt_library`), and ``{}`` writes none.
     Returns ``out_dir``.
     """
     checkpoint = Path(checkpoint_dir).expanduser()
@@ -193,6 +200,8 @@ def export_bundle(
     gen = GenerationConfig.from_dict({**GenerationConfig.for_policy(policy).to_dict(), **dict(generation or {})})
     _check_out_dir(out, overwrite)
     dtype = quantize if quantize else "fp16" if fp16 else "fp32"
+    if library is None:
+        library = run_prompt_library(checkpoint) or {}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -220,6 +229,9 @@ def export_bundle(
         vocab_size = _smoke_test(staging, spec, policy)
         spec = dataclasses.replace(spec, vocab_size=vocab_size)
         _check_tokenizer(staging / TOKENIZER_FILE, policy, gen, vocab_size)
+        files = [*model_files, TOKENIZER_FILE]
+        if library:
+            files.append(_write_library(staging, library, policy))
 
         from qpo_middleware import __version__
 
@@ -235,7 +247,8 @@ def export_bundle(
             policy=policy,
             template=meta.template,
             generation=gen,
-            files={name: sha256_file(staging / name) for name in sorted([*model_files, TOKENIZER_FILE])},
+            files={name: sha256_file(staging / name) for name in sorted(files)},
+            library_file=LIBRARY_FILE if library else None,
         )
         atomic_write_json(staging / MANIFEST_NAME, manifest.to_dict())
         load_manifest(staging, verify=False)  # the runtime's own validator must accept what we wrote
@@ -249,6 +262,37 @@ def export_bundle(
     size = sum(p.stat().st_size for p in out.iterdir())
     logger.info("Bundle written to %s (%s, %.1f MB)", out, dtype, size / 1e6)
     return out
+
+
+def run_prompt_library(checkpoint: str | os.PathLike[str]) -> dict[str, int] | None:
+    """The distinct prompts (text -> record count) the policy at ``checkpoint`` was trained on: D0 and every
+    loop's kept prompts up to its loop, read from the run it belongs to (``RUN/policy/loop_<t>/checkpoint``).
+
+    ``None`` for a checkpoint outside a run directory (no library is written then).
+    """
+    from .dataset import OfflineDataset
+    from .run import RunPaths
+
+    path = Path(checkpoint).expanduser().absolute()
+    loop = re.fullmatch(r"loop_(\d+)", path.parent.name)
+    if path.name != "checkpoint" or loop is None or path.parent.parent.name != "policy":
+        return None
+    run = RunPaths(path.parent.parent.parent)
+    if not run.dataset.is_file():
+        return None
+    last = int(loop.group(1))
+    return dict(Counter(r.prompt for r in OfflineDataset(run.root).records if r.loop <= last))
+
+
+def _write_library(staging: Path, prompts: Mapping[str, int], policy: PolicyFormat) -> str:
+    """Tokenize the prompts with the bundle's own tokenizer file, as the policy was trained to write them."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(staging / TOKENIZER_FILE))
+    entries = build_library(prompts, policy, lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
+    write_library(staging / LIBRARY_FILE, entries)
+    logger.info("Prompt library: %d distinct prompts", len(entries))
+    return LIBRARY_FILE
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qpo_middleware.library import prompt_target_ids
 from qpo_middleware.policy_format import PolicyFormat, reward_token
 
 from .config import CONDITIONING_KINDS
@@ -336,8 +337,7 @@ def prompt_example(fmt: PolicyFormat, tokenize: Callable[[str], Sequence[int]], 
     A blank prompt targets eos alone. The policy's own control tokens are dropped from the prompt.
     """
     context = fmt.encode(query, tokenize, bucket)
-    prompt_ids = [int(t) for t in tokenize(prompt) if int(t) not in fmt.special_ids] if prompt.strip() else []
-    target = [*prompt_ids[: fmt.prompt_max_tokens], fmt.eos_token_ids[0]]
+    target = prompt_target_ids(fmt, tokenize, prompt)
     return Example(input_ids=context + target, labels=[IGNORE_INDEX] * len(context) + target)
 
 

@@ -1,0 +1,180 @@
+"""The bundle's prompt library, and drafting from it for speculative decoding.
+
+A trained policy mostly writes prompts it saw in training: D0's pool and the prompts later loops
+kept. ``qpo export`` writes those prompts into the bundle as ``library.json``, already tokenized
+the way the policy was trained to write them (the prompt's tokens, capped at
+``prompt_max_tokens``, then the policy's first EOS id), with how many training records held each.
+
+At decode time a :class:`Drafter` guesses how a row goes on from what it has generated so far:
+the continuation of the library prompts that start with those tokens (the most frequent branch
+of a token trie), or, once a row has left every library prompt, the tokens that followed its last
+few tokens in some library prompt (prompt lookup). The generator verifies a whole draft in one
+forward pass and keeps only the tokens greedy decoding would have chosen, so drafts change speed,
+never output. This module is the one definition of the library file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .bundle import BundleError
+from .policy_format import PolicyFormat, brief_repr
+
+LIBRARY_FILE = "library.json"
+LIBRARY_FORMAT = "qpo-prompt-library"
+LIBRARY_VERSION = 1
+MAX_LIBRARY_PROMPTS = 1_000_000
+# Prompt lookup: the longest and shortest suffix of a row that is looked up in the library.
+LOOKUP_NGRAMS = (3, 2)
+
+
+@dataclass(frozen=True)
+class LibraryPrompt:
+    """One distinct training prompt: its text, the ids the policy writes for it (EOS last), its record count."""
+
+    text: str
+    ids: tuple[int, ...]
+    count: int = 1
+
+
+def prompt_target_ids(policy: PolicyFormat, tokenize: Callable[[str], Sequence[int]], prompt: str) -> list[int]:
+    """The ids the policy is trained to write for ``prompt``: its tokens without the policy's control
+    tokens, capped at ``prompt_max_tokens``, then the first EOS id (a blank prompt is EOS alone).
+
+    Training builds its targets with this function and export tokenizes the library with it.
+    """
+    ids = [int(t) for t in tokenize(prompt) if int(t) not in policy.special_ids] if prompt.strip() else []
+    return [*ids[: policy.prompt_max_tokens], policy.eos_token_ids[0]]
+
+
+def build_library(prompts: Mapping[str, int], policy: PolicyFormat,
+                  tokenize: Callable[[str], Sequence[int]]) -> list[LibraryPrompt]:
+    """Library entries for ``prompts`` (text -> record count); blank prompts are left out (nothing to draft).
+
+    Sorted by count, most frequent first, then by text, so the file is the same for the same data.
+    """
+    entries = [LibraryPrompt(text, tuple(prompt_target_ids(policy, tokenize, text)), int(count))
+               for text, count in prompts.items() if text.strip()]
+    return sorted(entries, key=lambda e: (-e.count, e.text))
+
+
+def write_library(path: str | os.PathLike[str], entries: Iterable[LibraryPrompt]) -> None:
+    """Write ``library.json`` (the caller makes the write atomic: export writes into a staging directory)."""
+    data = {
+        "format": LIBRARY_FORMAT,
+        "version": LIBRARY_VERSION,
+        "prompts": [{"text": e.text, "ids": list(e.ids), "count": e.count} for e in entries],
+    }
+    Path(path).write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
+
+
+def read_library(path: str | os.PathLike[str], *, vocab_size: int, max_ids: int) -> list[LibraryPrompt]:
+    """Read and validate ``library.json``: every id inside the vocabulary, at most ``max_ids`` ids per prompt.
+
+    Raises :class:`BundleError` naming what is wrong. The checksum is checked with the other bundle files.
+    """
+    where = Path(path).name
+
+    def bad(message: str) -> BundleError:
+        return BundleError(f"{where}: {message}; re-export the bundle with `qpo export`.")
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise BundleError(f"Cannot read the prompt library {where}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != LIBRARY_FORMAT:
+        raise bad(f"not a prompt library (format must be {LIBRARY_FORMAT!r})")
+    if data.get("version") != LIBRARY_VERSION:
+        raise bad(f"version {brief_repr(data.get('version'))} is not supported (this qpo-middleware reads "
+                  f"{LIBRARY_VERSION})")
+    prompts = data.get("prompts")
+    if not isinstance(prompts, list) or len(prompts) > MAX_LIBRARY_PROMPTS:
+        raise bad(f"'prompts' must be a list of at most {MAX_LIBRARY_PROMPTS} entries")
+    entries = []
+    for i, item in enumerate(prompts):
+        if not isinstance(item, dict) or set(item) != {"text", "ids", "count"}:
+            raise bad(f"prompts[{i}] must be an object with text, ids and count")
+        text, ids, count = item["text"], item["ids"], item["count"]
+        ok_ids = isinstance(ids, list) and 1 <= len(ids) <= max_ids and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids)
+        if not isinstance(text, str) or not ok_ids:
+            raise bad(f"prompts[{i}] must have a text and 1..{max_ids} token ids below {vocab_size}; got "
+                      f"{brief_repr(item)}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise bad(f"prompts[{i}].count must be an integer >= 1; got {brief_repr(count)}")
+        entries.append(LibraryPrompt(text, tuple(ids), count))
+    return entries
+
+
+class _Node:
+    __slots__ = ("best", "children", "weight")
+
+    def __init__(self) -> None:
+        self.children: dict[int, _Node] = {}
+        self.weight = 0
+        self.best: int | None = None  # the child token with the most weight under it
+
+
+class Drafter:
+    """Guesses the next tokens of a row from the library: trie continuation first, then prompt lookup.
+
+    Pure Python over small dicts: a draft costs microseconds against milliseconds per forward pass.
+    """
+
+    def __init__(self, entries: Sequence[LibraryPrompt]) -> None:
+        self.size = len(entries)
+        self._root = _Node()
+        # n-gram -> (ids of the most frequent prompt holding it, index after the n-gram there)
+        self._lookup: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}
+        lookup_weight: dict[tuple[int, ...], int] = {}
+        for entry in entries:
+            node = self._root
+            node.weight += entry.count
+            for token in entry.ids:
+                node = node.children.setdefault(token, _Node())
+                node.weight += entry.count
+            for n in LOOKUP_NGRAMS:
+                for end in range(n, len(entry.ids)):
+                    key = entry.ids[end - n : end]
+                    if entry.count > lookup_weight.get(key, 0):
+                        lookup_weight[key] = entry.count
+                        self._lookup[key] = (entry.ids, end)
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            if node.children:
+                node.best = min(node.children, key=lambda t: (-node.children[t].weight, t))
+                stack.extend(node.children.values())
+
+    def draft(self, generated: Sequence[int], limit: int) -> list[int]:
+        """Up to ``limit`` tokens that may follow ``generated`` (the row's tokens so far); ``[]`` for no guess."""
+        if limit <= 0:
+            return []
+        node: _Node | None = self._root
+        for token in generated:
+            node = node.children.get(token) if node is not None else None
+            if node is None:
+                break
+        out: list[int] = []
+        if node is not None:  # the row is still the start of some library prompt
+            while node.best is not None and len(out) < limit:
+                out.append(node.best)
+                node = node.children[node.best]
+            return out
+        for n in LOOKUP_NGRAMS:
+            if len(generated) >= n:
+                hit = self._lookup.get(tuple(generated[-n:]))
+                if hit is not None:
+                    ids, start = hit
+                    return list(ids[start : start + limit])
+        return []
+
+
+def library_stats(entries: Sequence[LibraryPrompt]) -> dict[str, Any]:
+    """Size figures for logs and ``PromptOptimizer.info``."""
+    return {"prompts": len(entries), "tokens": sum(len(e.ids) for e in entries)}
