@@ -279,9 +279,9 @@ class ModelSpec:
                     f"qpo.json: field model.{key} must be a non-empty list of names; got {brief_repr(names)}."
                 )
             values[key] = tuple(names)
-        if values["dtype"] not in ("fp32", "fp16", "int8", "int8-dynamic"):
+        if values["dtype"] not in ("fp32", "fp16", "int8", "int4", "int8-dynamic"):
             raise BundleError(
-                "qpo.json: field model.dtype must be fp32, fp16, int8 or int8-dynamic; "
+                "qpo.json: field model.dtype must be fp32, fp16, int8, int4 or int8-dynamic; "
                 f"got {brief_repr(values['dtype'])}."
             )
         for key in ("past_key_name", "past_value_name", "present_key_name", "present_value_name"):

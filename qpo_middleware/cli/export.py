@@ -24,7 +24,8 @@ def command(
     ] = None,
     quantize: Annotated[
         str | None, typer.Option(help="Quantize for CPU serving: 'int8' (block-wise int8 weights; batch-independent, "
-                                 "close to fp32) or 'int8-dynamic' (ORT dynamic quantization).")
+                                 "close to fp32), 'int4' (block-wise 4-bit weights: smaller, further from fp32) "
+                                 "or 'int8-dynamic' (ORT dynamic quantization).")
     ] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Export in half precision (for GPU serving).")] = False,
     overwrite: Annotated[
