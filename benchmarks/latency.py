@@ -222,12 +222,27 @@ def prepare_bundles(checkpoint: Path, work: Path) -> dict[str, Path]:
 
 
 def optimum_dir(bundle: Path, checkpoint: Path, work: Path) -> Path:
-    """A folder ORTModelForCausalLM loads: the bundle's model.onnx (linked, not copied) + the checkpoint's config."""
+    """A folder ORTModelForCausalLM loads: the bundle's model.onnx + the checkpoint's config.
+
+    Optimum does not feed the bundle's ``logits_to_keep`` input: the copy holds it as a constant 0
+    (every position's logits, as Optimum's own export computes them).
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
     target = work / f"optimum-{bundle.name}"
     target.mkdir(exist_ok=True)
     for name in os.listdir(bundle):
-        if name.startswith("model.onnx") and not (target / name).exists():
+        if name.startswith("model.onnx") and name != "model.onnx" and not (target / name).exists():
             (target / name).symlink_to((bundle / name).resolve())
+    if not (target / "model.onnx").exists():
+        model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+        inputs = [i for i in model.graph.input if i.name == "logits_to_keep"]
+        if inputs:
+            model.graph.input.remove(inputs[0])
+            model.graph.initializer.append(numpy_helper.from_array(np.zeros(1, dtype=np.int64), "logits_to_keep"))
+        onnx.save(model, str(target / "model.onnx"))
     for name in ("config.json", "generation_config.json"):
         if (checkpoint / name).is_file():
             (target / name).write_bytes((checkpoint / name).read_bytes())

@@ -34,6 +34,8 @@ _MAX_MANIFEST_BYTES = 16 << 20
 _MAX_DIMS = {"num_layers": 1024, "num_kv_heads": 1024, "head_dim": 65536, "vocab_size": (1 << 31) - 1}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_NAME_CHARS = 255
+# The decoder input (int64 [1]; 0 = all) that limits the logits to the last positions (bundles since its export).
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 class BundleError(ValueError):
@@ -227,6 +229,7 @@ class ModelSpec:
     present_value_name: str
     vocab_size: int
     has_position_ids: bool
+    logits_to_keep: bool = False  # the graph takes LOGITS_TO_KEEP (bundles exported before it do not)
 
     def past_names(self) -> list[tuple[str, str]]:
         """(key, value) input names per layer."""
@@ -272,6 +275,8 @@ class ModelSpec:
                 )
             values[key] = value
         values["has_position_ids"] = _field(data, "has_position_ids", bool, where)
+        if "logits_to_keep" in data:
+            values["logits_to_keep"] = _field(data, "logits_to_keep", bool, where)
         for key in ("input_names", "output_names"):
             names = _field(data, key, list, where)
             if not names or not all(isinstance(n, str) and n for n in names):
@@ -305,12 +310,15 @@ def check_model_io(spec: ModelSpec, inputs: Iterable[str], outputs: Iterable[str
 
     ``inputs``/``outputs`` are the names ``source`` offers (the manifest's lists, the ONNX graph or
     the session). It must take ``input_ids``, ``attention_mask``, ``position_ids`` when
-    ``spec.has_position_ids``, and every layer's past key/value, and nothing else the runtime
-    cannot feed; it must return ``logits`` and every layer's present key/value.
+    ``spec.has_position_ids``, ``logits_to_keep`` when ``spec.logits_to_keep``, and every layer's past
+    key/value, and nothing else the runtime cannot feed; it must return ``logits`` and every layer's
+    present key/value.
     """
     needed_in = {"input_ids", "attention_mask"} | {n for pair in spec.past_names() for n in pair}
     if spec.has_position_ids:
         needed_in.add("position_ids")
+    if spec.logits_to_keep:
+        needed_in.add(LOGITS_TO_KEEP)
     needed_out = {"logits"} | {n for pair in spec.present_names() for n in pair}
     inputs, outputs = set(inputs), set(outputs)
     missing = sorted(needed_in - inputs)

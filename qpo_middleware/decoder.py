@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import BundleError, ModelSpec, check_model_io
+from .bundle import LOGITS_TO_KEEP, BundleError, ModelSpec, check_model_io
 from .config import RuntimeConfig, ort  # ort: ONNX Runtime, imported with the install fix
 
 logger = logging.getLogger("qpo_middleware.runtime")
@@ -119,6 +119,8 @@ class OnnxDecoder:
         }
         if self.spec.has_position_ids:
             feeds["position_ids"] = position_ids.astype(self.pos_dtype, copy=False)
+        if self.spec.logits_to_keep:  # logits of the positions read: the last one, or all to verify a draft
+            feeds[LOGITS_TO_KEEP] = np.array([input_ids.shape[1] if all_positions else 1], dtype=np.int64)
         for (key_name, value_name), i in zip(self.past_names, range(0, len(past), 2), strict=True):
             feeds[key_name] = past[i]
             feeds[value_name] = past[i + 1]

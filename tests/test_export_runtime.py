@@ -298,7 +298,7 @@ def test_crash_leaves_no_half_bundle(
 
 def test_bad_export_arguments(tiny: TinyPolicy, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="quantize"):
-        export_tiny(tiny, tmp_path / "a", quantize="int4")
+        export_tiny(tiny, tmp_path / "a", quantize="int2")
     with pytest.raises(ExportError, match="not both"):
         export_tiny(tiny, tmp_path / "a", quantize="int8", fp16=True)
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -399,3 +399,34 @@ def test_cli_export_and_rewrite(tiny: TinyPolicy, bundle: Path, tmp_path: Path) 
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)  # logs go to stderr; stdout is the JSON alone
     assert QUERIES[0] in data["text"] and data["tokens"] >= 1
+
+
+def test_prefill_computes_the_logits_it_needs_only(bundle: Path) -> None:
+    """The exported graph takes logits_to_keep: 1 gives the last position's logits, N the last N, 0 all of them,
+    each equal to the full computation's; a manifest from before the input (no model.logits_to_keep) still parses."""
+    import numpy as np
+
+    optimizer = PromptOptimizer.from_bundle(bundle, provider="cpu")
+    decoder = optimizer.decoder
+    assert decoder.spec.logits_to_keep and "logits_to_keep" in decoder.spec.input_names
+    rows = [optimizer.input_ids(q) for q in QUERIES[:3]]
+    from qpo_middleware.generator import left_pad
+
+    ids, mask, positions = left_pad(rows, optimizer.policy.pad_token_id)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    feeds.update({name: past for pair, past in zip(decoder.past_names, zip(*[iter(decoder.empty_past(3))] * 2),
+                                                    strict=True) for name, past in zip(pair, past, strict=True)})
+    full = decoder.session.run(["logits"], {**feeds, "logits_to_keep": np.array([0])})[0]
+    assert full.shape[:2] == ids.shape
+    for keep in (1, 3):
+        kept = decoder.session.run(["logits"], {**feeds, "logits_to_keep": np.array([keep])})[0]
+        assert kept.shape[1] == keep
+        np.testing.assert_allclose(kept, full[:, -keep:], atol=1e-5)
+    last, _ = decoder.forward(ids, mask, positions, decoder.empty_past(3))
+    np.testing.assert_allclose(last, full[:, -1], atol=1e-5)
+    data = load_manifest(bundle).to_dict()
+    data["model"] = {k: v for k, v in data["model"].items() if k != "logits_to_keep"}
+    data["model"]["input_names"] = [n for n in data["model"]["input_names"] if n != "logits_to_keep"]
+    from qpo_middleware.bundle import parse_manifest
+
+    assert not parse_manifest(data, bundle).model.logits_to_keep
