@@ -70,6 +70,7 @@ class Status(StrEnum):
     TIMEOUT = "timeout"  # fail-open: the latency budget ran out; no prompt, the query goes on as is
     OVERLOADED = "overloaded"  # fail-open: the micro-batching queue was full; no prompt
     ERROR = "error"  # fail-open in an integration: the policy raised (the runtime itself raises)
+    PASSTHROUGH = "passthrough"  # not rewritten by choice: a per-request or per-route setting (qpo serve)
 
     @property
     def failed_open(self) -> bool:

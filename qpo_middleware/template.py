@@ -42,6 +42,27 @@ def format_fields(pattern: str) -> list[str]:
     return fields
 
 
+def is_text_part(part: Any) -> bool:
+    """A content part that carries text: a string, or ``{"type": "text", "text": ...}``."""
+    return isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text"
+                                     and isinstance(part.get("text"), str))
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's content: the string itself, or its text parts joined (other parts ignored),
+    the way LangChain's ``BaseMessage.text`` reads it."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part if isinstance(part, str) else part["text"] for part in content if is_text_part(part))
+    return ""
+
+
+def append_text(content: str | list[Any], text: str) -> str | list[Any]:
+    """``content`` with ``text`` added at the end (as a new text part for multimodal content)."""
+    return content + text if isinstance(content, str) else [*content, {"type": "text", "text": text}]
+
+
 @dataclass(frozen=True)
 class Demo:
     """One few-shot demonstration: a query and its answer as the target should write it."""
@@ -107,6 +128,23 @@ class Template:
         if self.placement == "before":
             return prompt + self.separator + body
         return body + self.separator + prompt
+
+    def add_prompt(self, content: str | list[Any], prompt: str) -> str | list[Any]:
+        """A user turn's content (a string, or a list of content parts) with the prompt added per ``placement``
+        ``"before"``/``"after"``; the query text and every other part stay as they are.
+
+        Multimodal content gets the prompt as its own text part, before the first text part or after
+        the last one. The LangChain integration and the OpenAI-compatible proxy both place prompts here.
+        """
+        if isinstance(content, str):
+            return self.user_text(prompt, content)
+        blocks = list(content)
+        texts = [i for i, block in enumerate(blocks) if is_text_part(block)] or [len(blocks)]
+        if self.placement == "after":
+            blocks.insert(texts[-1] + 1, {"type": "text", "text": self.separator + prompt})
+        else:
+            blocks.insert(texts[0], {"type": "text", "text": prompt + self.separator})
+        return blocks
 
     def render(self, prompt: str, query: str, demos: Sequence[Demo] = ()) -> Rendered:
         """Render into chat messages plus the user-turn text; ``query`` is kept verbatim."""

@@ -414,8 +414,9 @@ def test_prefill_computes_the_logits_it_needs_only(bundle: Path) -> None:
 
     ids, mask, positions = left_pad(rows, optimizer.policy.pad_token_id)
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-    feeds.update({name: past for pair, past in zip(decoder.past_names, zip(*[iter(decoder.empty_past(3))] * 2),
-                                                    strict=True) for name, past in zip(pair, past, strict=True)})
+    empty = decoder.empty_past(3)
+    for i, (key, value) in enumerate(decoder.past_names):
+        feeds[key], feeds[value] = empty[2 * i], empty[2 * i + 1]
     full = decoder.session.run(["logits"], {**feeds, "logits_to_keep": np.array([0])})[0]
     assert full.shape[:2] == ids.shape
     for keep in (1, 3):

@@ -16,7 +16,7 @@ from langchain_core.language_models import LanguageModelInput
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage, convert_to_messages
 from langchain_core.prompt_values import ChatPromptValue, PromptValue, StringPromptValue
 
-from qpo_middleware.template import Template
+from qpo_middleware.template import Template, append_text
 
 __all__ = ["QPOInput", "Slot", "parse_input"]
 
@@ -31,28 +31,6 @@ class Slot:
     original: Any
     query: str | None
     rebuild: Callable[[str], Any]
-
-
-def _is_text_block(block: Any) -> bool:
-    return isinstance(block, str) or (isinstance(block, dict) and block.get("type") == "text")
-
-
-def _add_prompt(content: str | list[Any], prompt: str, template: Template) -> str | list[Any]:
-    """The user turn with the prompt added per ``template`` ("before"/"after"); the query stays verbatim."""
-    if isinstance(content, str):
-        return template.user_text(prompt, content)
-    # Multimodal content: the prompt is its own text block, beside the text blocks; nothing else moves.
-    blocks = list(content)
-    texts = [i for i, block in enumerate(blocks) if _is_text_block(block)] or [len(blocks)]
-    if template.placement == "after":
-        blocks.insert(texts[-1] + 1, {"type": "text", "text": template.separator + prompt})
-    else:
-        blocks.insert(texts[0], {"type": "text", "text": prompt + template.separator})
-    return blocks
-
-
-def _append_text(content: str | list[Any], text: str) -> str | list[Any]:
-    return content + text if isinstance(content, str) else [*content, {"type": "text", "text": text}]
 
 
 def _text_slot(original: Any, text: str, template: Template, wrap: Callable[[str], Any]) -> Slot:
@@ -80,12 +58,12 @@ def _messages_slot(
             first = out[0]
             if isinstance(first, SystemMessage):
                 # Keep the caller's system text; the policy's prompt follows it.
-                content = _append_text(first.content, template.separator + prompt)
+                content = append_text(first.content, template.separator + prompt)
                 out[0] = first.model_copy(update={"content": content})
             else:
                 out.insert(0, SystemMessage(content=prompt))
         else:
-            out[index] = human.model_copy(update={"content": _add_prompt(human.content, prompt, template)})
+            out[index] = human.model_copy(update={"content": template.add_prompt(human.content, prompt)})
         return wrap(out)
 
     return Slot(original, query if query.strip() else None, rebuild)

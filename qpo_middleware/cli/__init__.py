@@ -48,6 +48,8 @@ COMMANDS: dict[str, CommandSpec] = {
                               "SmolLM2 and print the comparison."),
     "bench": CommandSpec("bench", "Latency (p50/p95/p99), per-token time, throughput per batch size, "
                          "concurrency, load time and RSS."),
+    "serve": CommandSpec("serve", "Serve an OpenAI-compatible proxy that rewrites each chat request's query with "
+                         "the policy."),
 }
 
 
