@@ -8,6 +8,7 @@ import threading
 import time
 
 import uvicorn
+from _echo_upstream import models  # the same model list route (run as a script, tests/ is on sys.path)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -40,11 +41,6 @@ async def chat(request: Request) -> Response:
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                       "finish_reason": "length", "logprobs": None}],
                          "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}})
-
-
-async def models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [{"id": "smollm2", "object": "model", "created": 0,
-                                                     "owned_by": "qpo-tests"}]})
 
 
 app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models)])

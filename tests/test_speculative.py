@@ -151,6 +151,15 @@ def test_runtime_decodes_the_same_prompts_with_the_library(library_bundle: Path,
         assert prompts(fast) == prompts(plain) == prompts(old)
     stats = fast.stats()
     assert stats["accepted_draft_tokens"] > 0 and stats["forward_passes"] < plain.stats()["forward_passes"]
+    # Through the micro-batcher: concurrent callers share speculative decodes and get plain greedy's prompts.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with PromptOptimizer.from_bundle(library_bundle, config=RuntimeConfig(provider="cpu", batch_window_ms=20,
+                                                                          max_batch_size=8)) as batched:
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda q: batched.optimize(q).prompt, QUERIES))
+        assert got == [r.prompt for r in plain.optimize_batch(QUERIES)]
+        assert batched.stats()["batches"] < len(QUERIES) and batched.stats()["accepted_draft_tokens"] > 0
     with pytest.raises(ValueError, match="max_draft_tokens"):
         RuntimeConfig(max_draft_tokens=0)
 
