@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop", type=int, default=None, help="The loop whose policy to export (default: the last).")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "speculative-cpu")
     parser.add_argument("--queries", type=int, default=200, help="Held-out queries (the run's test split).")
-    parser.add_argument("--max-draft-tokens", type=int, default=16)
+    parser.add_argument("--max-draft-tokens", type=int, default=None,
+                        help="Longest draft verified at once (default: RuntimeConfig's).")
+    parser.add_argument("--draft-sweep", default="4,8,32",
+                        help="Other max_draft_tokens values measured at batch 1 on the int8 bundle.")
     parser.add_argument("--batch-sizes", default="8,32")
     parser.add_argument("--skip", default="", help="Parts to skip: fp32, nogain, prefill, int4.")
     parser.add_argument("--note", default="")
@@ -196,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     from qpo_middleware.training.run import Run, RunPaths
 
     skip = {s for s in args.skip.split(",") if s}
+    if args.max_draft_tokens is None:
+        from qpo_middleware import RuntimeConfig
+
+        args.max_draft_tokens = RuntimeConfig().max_draft_tokens
     paths = RunPaths(args.run)
     loop = args.loop or completed_loops(args.run)[-1].loop
     checkpoint = paths.checkpoint(loop)
@@ -231,6 +238,17 @@ def main(argv: list[str] | None = None) -> int:
         results["bundles"][name] = run_worker(
             {"kind": "decode", "bundle": str(bundle), "queries": queries, "batch_sizes": batch_sizes,
              "max_draft_tokens": args.max_draft_tokens, "library_texts": library_texts}, work, f"decode-{name}")
+        save()
+    results["draft_sweep"] = {}
+    for value in [int(v) for v in args.draft_sweep.split(",") if v]:
+        print(f"[speculative] int8 with max_draft_tokens={value} …", flush=True)
+        row = run_worker({"kind": "decode", "bundle": str(bundles["int8"]), "queries": queries, "batch_sizes": [],
+                          "max_draft_tokens": value, "library_texts": library_texts}, work, f"sweep-{value}")
+        results["draft_sweep"][str(value)] = {"p50_ratio": row["p50_ratio"], "identical_share": row["identical_share"],
+                                              "plain_p50_ms": row["plain"]["latency_ms"]["p50"],
+                                              "speculative_p50_ms": row["speculative"]["latency_ms"]["p50"],
+                                              "forward_passes_per_rewrite": row["speculative"]["forward_passes_per_rewrite"],
+                                              "acceptance": row["speculative"]["acceptance"]}
         save()
     if "prefill" not in skip:
         results["prefill_batch64"] = {

@@ -29,8 +29,11 @@ LIBRARY_FILE = "library.json"
 LIBRARY_FORMAT = "qpo-prompt-library"
 LIBRARY_VERSION = 1
 MAX_LIBRARY_PROMPTS = 1_000_000
-# Prompt lookup: the longest and shortest suffix of a row that is looked up in the library.
+# Prompt lookup: the longest and shortest suffix of a row that is looked up in the library, and the most
+# tokens such a guess drafts (a guess from 2-3 tokens is often wrong, and a wide pass that is rejected costs more
+# than a plain step; a row still on a library prompt's trie path drafts the whole rest of it).
 LOOKUP_NGRAMS = (3, 2)
+LOOKUP_MAX_DRAFT = 4
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ class Drafter:
                 hit = self._lookup.get(tuple(generated[-n:]))
                 if hit is not None:
                     ids, start = hit
-                    return list(ids[start : start + limit])
+                    return list(ids[start : start + min(limit, LOOKUP_MAX_DRAFT)])
         return []
 
 

@@ -42,6 +42,9 @@ def test_drafter_follows_the_most_frequent_library_prompt_then_looks_up_the_last
     assert drafter.draft([5, 5, 7, 8], 10) == [6, 9]
     assert drafter.draft([0, 2, 4], 10) == [5, 9]
     assert drafter.draft([0, 0, 4], 10) == [] and drafter.draft([3], 10) == []  # a lone token is not looked up
+    long = Drafter([entry(list(range(10, 30)))])
+    assert long.draft([10], 30) == list(range(11, 30))  # on the trie path: the whole rest of the prompt
+    assert long.draft([0, 14, 15], 30) == [16, 17, 18, 19]  # a lookup guess drafts LOOKUP_MAX_DRAFT tokens
     assert drafter.draft([1], 0) == []
     assert Drafter([]).draft([1, 2], 5) == []
 
