@@ -21,6 +21,7 @@ import argparse
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -208,6 +209,9 @@ def run_quality(tasks: Sequence[str], profile: Profile, out: Path, *, seed: int 
                    "benchmark": bench.to_dict(), "seeds": {"splits": seed, "demonstrations": seed, "training": seed,
                                                            "policy_sampling": seed, "benchmark": seed}},
         "environment": environment(),
+        "command": " ".join(["python", *sys.argv]),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                                 capture_output=True, text=True).stdout.strip(),
         "notes": list(notes),
         "tasks": {},
     }
