@@ -11,7 +11,14 @@ bundle's prompt library, one forward pass of the same graph reads them all (the 
 several new positions), and the row keeps the longest prefix of the guess that equals the token
 greedy decoding picks at each position, plus nothing else. Rejected positions are masked out of
 the cache (and cut off when no row needs them), so the output is the greedy output, token for
-token. Sampling always decodes one token per step.
+token (exactly so for fp32 and fp16 bundles; an int8 kernel may round a several-token pass
+differently from a one-token step, as it rounds a batch differently from a single row).
+Sampling always decodes one token per step.
+
+Drafting stays cheap when it does not help: a row whose draft is rejected at its first token
+drafts only along the library's trie afterwards (no more prompt-lookup guesses), and a step whose
+drafts hold fewer tokens than the batch has rows runs as a plain step (a wider pass costs every
+row, and at larger batches it is compute-bound).
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ class Generator:
         self.forwards = 0  # forward passes run, the prefill included
         self.drafted = 0  # draft tokens sent for verification
         self.accepted = 0  # draft tokens kept
+        self._lookup_ok: dict[int, bool] = {}  # per row: may it still draft by prompt lookup?
         self.generation = generation
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.pad_token_id = pad_token_id
@@ -124,7 +132,9 @@ class Generator:
             return
         tokens = tokens[keep]
         drafts = [self._draft(row) for row in self._rows.tolist()] if self.drafter is not None else []
-        if not any(drafts):
+        if sum(map(len, drafts)) < len(drafts):  # too little to draft to pay for a wider pass
+            drafts = []
+        if not drafts:
             self._mask = np.concatenate([self._mask, np.ones((self._mask.shape[0], 1), dtype=np.int64)], axis=1)
             self._logits, self._past = self.decoder.forward(
                 tokens[:, None], self._mask, self._positions[:, None], self._past
@@ -169,7 +179,7 @@ class Generator:
         assert self.drafter is not None
         generated = self._generated[row]
         room = min(self.max_draft, self.generation.max_new_tokens - len(generated))
-        draft = self.drafter.draft(generated, room)
+        draft = self.drafter.draft(generated, room, lookup=self._lookup_ok.get(row, True))
         for i, token in enumerate(draft):
             if token in self.eos_token_ids:
                 return draft[: i + 1]
@@ -202,6 +212,8 @@ class Generator:
                     keep[i] = False
                     break
             self.accepted += int(accepted[i])
+            if draft and not accepted[i]:
+                self._lookup_ok[row] = False
             new_mask[i, 1 + accepted[i] :] = 0  # rejected drafts and pads: never attended to again
         self._logits = logits[np.arange(live), accepted]
         self._mask = np.concatenate([self._mask, new_mask], axis=1)

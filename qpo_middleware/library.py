@@ -154,8 +154,11 @@ class Drafter:
                 node.best = min(node.children, key=lambda t: (-node.children[t].weight, t))
                 stack.extend(node.children.values())
 
-    def draft(self, generated: Sequence[int], limit: int) -> list[int]:
-        """Up to ``limit`` tokens that may follow ``generated`` (the row's tokens so far); ``[]`` for no guess."""
+    def draft(self, generated: Sequence[int], limit: int, *, lookup: bool = True) -> list[int]:
+        """Up to ``limit`` tokens that may follow ``generated`` (the row's tokens so far); ``[]`` for no guess.
+
+        ``lookup=False`` drafts only along the trie (for a row whose last guess was wrong).
+        """
         if limit <= 0:
             return []
         node: _Node | None = self._root
@@ -169,7 +172,7 @@ class Drafter:
                 out.append(node.best)
                 node = node.children[node.best]
             return out
-        for n in LOOKUP_NGRAMS:
+        for n in LOOKUP_NGRAMS if lookup else ():
             if len(generated) >= n:
                 hit = self._lookup.get(tuple(generated[-n:]))
                 if hit is not None:

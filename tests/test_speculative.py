@@ -181,3 +181,26 @@ def test_a_library_with_a_wrong_checksum_is_refused(library_bundle: Path, tmp_pa
     (copy / "qpo.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="library.file = 'library.json' has no checksum"):
         PromptOptimizer.from_bundle(copy, provider="cpu")
+
+
+def test_drafting_backs_off_when_it_does_not_help(optimizer: PromptOptimizer) -> None:
+    """Wrong guesses only: each row's prompt-lookup guess is rejected once, then the row stops guessing; a batch
+    whose drafts are fewer tokens than its rows decodes plain steps. The output stays plain greedy's."""
+    rows = [optimizer.input_ids(q) for q in QUERIES]
+    plain, plain_gen = _decode(optimizer, rows, optimizer.generation(), None, 0)
+    vocab = optimizer.manifest.model.vocab_size
+    # For every 2-gram the rows write, a library prompt that continues it with a token no row writes next; each
+    # starts with a token no row writes, so no row is ever on a library prompt's trie path.
+    unused = next(t for t in range(vocab) if all(t not in seq for seq in plain))
+    wrong = [entry([unused, a, b, (c + 1) % vocab, (c + 2) % vocab])
+             for seq in plain for a, b, c in zip(seq, seq[1:], seq[2:], strict=False)]
+    drafter = Drafter(wrong)
+    guessed = 0
+    for row in rows:
+        fast, gen = _decode(optimizer, [row], optimizer.generation(), drafter, 4)
+        assert fast == _decode(optimizer, [row], optimizer.generation(), None, 0)[0]
+        assert gen.drafted <= 2 and gen.accepted == 0  # one rejected guess at most, then no more drafting
+        guessed += gen.drafted > 0
+    assert guessed > len(rows) // 2
+    fast, gen = _decode(optimizer, rows, optimizer.generation(), drafter, 4)
+    assert fast == plain and gen.forwards == plain_gen.forwards  # a single row's guess never widens the batch
