@@ -262,19 +262,27 @@ def main(argv: list[str] | None = None) -> int:
         fixed = {name: run_worker({"kind": "fixed", "bundle": str(bundles[name]), "queries": queries[:24],
                                    "new_tokens": 32, "latency_queries": 12}, work, f"fixed-{name}")
                  for name in ("fp32", "int8", "int4") if name in bundles}
-        reference = fixed.get("fp32")
-        for row in fixed.values():
-            if reference is not None:
-                pairs = [(a, b) for ra, rb in zip(row["ids"], reference["ids"], strict=True)
-                         for a, b in zip(ra, rb, strict=True)]
-                row["token_agreement_with_fp32"] = sum(a == b for a, b in pairs) / len(pairs)
-            del row["ids"]
-        results["quantization"] = fixed
+        results["quantization"] = quantization_rows(fixed)
         save()
     save()
     write_plot(results, args.out)
     summarize(results)
     return 0
+
+
+def quantization_rows(fixed: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The fixed-length workers' rows with each one's share of tokens equal to fp32's (the ids dropped)."""
+    reference = fixed.get("fp32")
+    out = {}
+    for name, row in fixed.items():
+        row = dict(row)
+        if reference is not None:
+            pairs = [(a, b) for ra, rb in zip(row["ids"], reference["ids"], strict=True)
+                     for a, b in zip(ra, rb, strict=True)]
+            row["token_agreement_with_fp32"] = sum(a == b for a, b in pairs) / len(pairs)
+        del row["ids"]
+        out[name] = row
+    return out
 
 
 def write_plot(results: dict[str, Any], out: Path) -> Path:

@@ -196,7 +196,8 @@ class _Proxy:
 
 
 def _relayed_headers(response: httpx.Response) -> dict[str, str]:
-    return {k: v for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP}
+    """The upstream's response headers the client gets (uvicorn writes its own date and server)."""
+    return {k: v for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP | {"date", "server"}}
 
 
 def create_app(config: ProxyConfig, bundle: str | os.PathLike[str] | None = None, *,
