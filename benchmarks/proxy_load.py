@@ -99,16 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from _servers import qpo_serve, upstream
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    logs = args.out / "work"  # the servers' logs (git-ignored)
+    logs.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
         "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
                      "python": platform.python_version()},
         "bundle": str(args.bundle), "concurrency": args.concurrency, "note": args.note, "rounds": []}
-    echo_context, echo_url = upstream("_echo_upstream.py", args.out / "echo.log")
+    echo_context, echo_url = upstream("_echo_upstream.py", logs / "echo.log")
     with echo_context:
-        proxy_context, proxy_url = qpo_serve(args.bundle, echo_url, args.out / "proxy.log",
+        proxy_context, proxy_url = qpo_serve(args.bundle, echo_url, logs / "proxy.log",
                                              "--max-in-flight", str(4 * args.concurrency))
         with proxy_context as proxy:
             results["proxy_rss_start_mb"] = rss_mb(proxy.pid)
