@@ -31,7 +31,6 @@ resumes: finished trainings and scored splits are reused.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import subprocess
@@ -42,33 +41,21 @@ from pathlib import Path
 from typing import Any
 
 from qpo_bench.environment import environment
-from qpo_middleware.stats import bootstrap_ci, paired_bootstrap_ci
-from qpo_middleware.training.config import LoopConfig, TrainConfig
+from qpo_bench.offline import (
+    RECIPES,
+    RULES,
+    TRAIN,
+    method_line,
+    method_row,
+    policy_choices,
+    recipe_dir,
+    train_recipes,
+)
 from qpo_middleware.training.dataset import OfflineDataset, Record
 from qpo_middleware.training.io import atomic_write_json
-from qpo_middleware.training.loops import completed_loops, load_policy, run_loops
 from qpo_middleware.training.oirl import BASE_ALIASES, import_prompt_oirl
-from qpo_middleware.training.preference import candidate_logps
 from qpo_middleware.training.run import RunPaths
 from qpo_middleware.training.selector import Selector
-
-# Training settings shared by every recipe (the quality benchmark's CPU profile); recipes differ in
-# what the reward token encodes, which D0 records train, and the preference step.
-TRAIN = {"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "trainable": "top:4", "prompt_max_tokens": 32,
-         "query_max_tokens": 40, "device": "cpu"}
-RECIPES: dict[str, dict[str, Any]] = {
-    # The paper: absolute reward token, loop 1 on D0's better half ("expert" D0).
-    "paper": {"train": {"conditioning": "absolute"}, "loops": {"d0_floor_quantile": 0.5}},
-    # Query-relative token: the top bucket is this question's right prompt; every D0 record trains.
-    "query_rank": {"train": {"conditioning": "query_rank"}, "loops": {"d0_floor_quantile": 0.0}},
-    # The same, then DPO on (question, right prompt, wrong prompt) against the supervised policy: loop 1 with
-    # --preference after. Run as query_rank's policy + a DPO step (--preference instead from that checkpoint,
-    # reference = that policy), which is the same thing without training the supervised step twice.
-    "query_rank_dpo": {"train": {"conditioning": "query_rank"}, "from": {"recipe": "query_rank"},
-                       "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 1,
-                                 "preference_pairs_per_query": 2, "preference_learning_rate": 1e-4}},
-}
-RULES = ("likelihood", "implicit")
 
 
 def logged(path: Path) -> dict[str, dict[str, bool]]:
@@ -83,42 +70,12 @@ def queries_of(path: Path) -> dict[str, str]:
     return {r.query_id: r.query for r in OfflineDataset(path)}
 
 
-def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache: Path,
-                   rules: tuple[str, ...] = RULES) -> dict[str, Any]:
-    """Per rule, the index of the prompt the policy of loop 1 picks for each query (cached in ``cache``);
-    the bottom reward token is scored only when the implicit rule is asked for."""
-    if cache.is_file():
-        return json.loads(cache.read_text(encoding="utf-8"))
-    train = TrainConfig(**TRAIN)
-    model, tokenizer, fmt = load_policy(RunPaths(run_dir).checkpoint(1), train)
-    top = len(fmt.reward_token_ids) - 1
-    started = time.perf_counter()
-    scores = candidate_logps(model, tokenizer, fmt, queries, prompts, (top, 0) if "implicit" in rules else (top,))
-    seconds = time.perf_counter() - started
-    choices: dict[str, Any] = {"seconds_per_query": seconds / max(1, len(queries))}
-    if "likelihood" in rules:
-        choices["likelihood"] = scores[0].argmax(-1).tolist()
-    if "implicit" in rules:
-        choices["implicit"] = (scores[0] - scores[1]).argmax(-1).tolist()
-    atomic_write_json(cache, choices)
-    return choices
-
-
-def method_row(hits: list[bool], reference: dict[str, list[bool]]) -> dict[str, Any]:
-    low, high = bootstrap_ci(hits)
-    row: dict[str, Any] = {"accuracy": statistics.fmean(hits), "ci95": [low, high], "n": len(hits)}
-    for name, other in reference.items():
-        diff, d_low, d_high, _ = paired_bootstrap_ci(hits, other)
-        row[f"vs_{name}"] = {"diff": diff, "ci95": [d_low, d_high], "significant": d_low > 0 or d_high < 0}
-    return row
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-queries", type=int, default=300)
     parser.add_argument("--dev-queries", type=int, default=150)
     parser.add_argument("--test-queries", type=int, default=1000, help="First N of the 1,000 logged test questions.")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"Comma list of {', '.join(RECIPES)}.")
+    parser.add_argument("--recipes", default="paper,query_rank,query_rank_dpo", help=f"Comma list of {', '.join(RECIPES)}.")
     parser.add_argument("--test-recipes", default="paper,chosen",
                         help="Recipes scored on test ('chosen' = the best on the dev split); each once.")
     parser.add_argument("--held-out-queries", type=int, default=0,
@@ -176,28 +133,17 @@ def main() -> None:
         }
 
     # -- train each recipe (loop 1 on the imported D0; resumes) ----------------------------------------
-    timings: dict[str, float] = {}
-    for recipe in recipes:
-        run_dir = runs / f"{recipe}_seed{args.seed}_n{args.train_queries}"
-        if not completed_loops(run_dir):
-            for path in RunPaths(d0_dir).dataset, RunPaths(d0_dir).imported:
-                (run_dir / path.name).parent.mkdir(parents=True, exist_ok=True)
-                (run_dir / path.name).write_bytes(path.read_bytes())
-            t = time.perf_counter()
-            spec = RECIPES[recipe]
-            start: dict[str, str] = {}
-            if "from" in spec:  # starts from another recipe's trained policy (which must be in --recipes first)
-                source = runs / f"{spec['from']['recipe']}_seed{args.seed}_n{args.train_queries}"
-                if not completed_loops(source):
-                    sys.exit(f"Recipe {recipe} starts from {spec['from']['recipe']}: list it before {recipe}.")
-                start = {"base_model": str(RunPaths(source).checkpoint(1))}
-            run_loops(run_dir, TrainConfig(**{**TRAIN, **spec["train"]}),
-                      LoopConfig(loops=1, seed=args.seed, **start, **spec["loops"]))
-            timings[f"train_{recipe}"] = time.perf_counter() - t
+    def prepare(run_dir: Path) -> None:
+        for path in RunPaths(d0_dir).dataset, RunPaths(d0_dir).imported:
+            (run_dir / path.name).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / path.name).write_bytes(path.read_bytes())
+
+    suffix = f"seed{args.seed}_n{args.train_queries}"
+    timings = train_recipes(runs, recipes, suffix, prepare, seed=args.seed)
 
     def qpo_hits(recipe: str, split: str, split_ids: list[str],
                  outcomes: dict[str, dict[str, bool]]) -> tuple[dict[str, list[bool]], float]:
-        run_dir = runs / f"{recipe}_seed{args.seed}_n{args.train_queries}"
+        run_dir = recipe_dir(runs, recipe, suffix)
         choices = policy_choices(run_dir, [texts[i] for i in split_ids], prompts,
                                  run_dir / f"choices_{split}_{len(split_ids)}.json")
         for rule in RULES:
@@ -236,7 +182,7 @@ def main() -> None:
         ids16 = test_ids[: args.held_out_queries]
         prompts16 = [*prompts, *sorted({p for i in ids16 for p in outcomes16[i]} - set(prompts))]
         rule = chosen.removeprefix(f"qpo_{chosen_recipe}_")
-        run_dir = runs / f"{chosen_recipe}_seed{args.seed}_n{args.train_queries}"
+        run_dir = recipe_dir(runs, chosen_recipe, suffix)
         picks16 = policy_choices(run_dir, [texts[i] for i in ids16], prompts16,
                                  run_dir / f"choices_test16_{len(ids16)}_{rule}.json", rules=(rule,))
         predicted = [selector.predict(texts[i], prompts16) for i in ids16]
@@ -282,17 +228,6 @@ def main() -> None:
     atomic_write_json(out / "results.json", results)
     (out / "report.md").write_text(report(results), encoding="utf-8")
     print((out / "report.md").read_text(encoding="utf-8"))
-
-
-def method_line(name: str, row: dict[str, Any]) -> str:
-    """A report table row: accuracy with its interval, and the paired gaps to the best prompt and the selector."""
-    cells = []
-    for key in ("vs_best_prompt", "vs_selector"):
-        c = row.get(key)
-        cells.append("—" if c is None else f"{100 * c['diff']:+.1f} [{100 * c['ci95'][0]:+.1f}, "
-                     f"{100 * c['ci95'][1]:+.1f}]{'' if c['significant'] else ' (n.s.)'}")
-    lo, hi = row["ci95"]
-    return f"| {name} | {100 * row['accuracy']:.1f} [{100 * lo:.1f}–{100 * hi:.1f}] | {cells[0]} | {cells[1]} |"
 
 
 def report(results: dict[str, Any]) -> str:

@@ -49,6 +49,7 @@ class Profile:
     collect_queries: int
     test_queries: int
     target_batch_size: int
+    dev_queries: int = 0  # validation: never trained or sampled on; the kept loop is chosen there
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     loops: dict[str, Any] = field(default_factory=dict)  # LoopConfig fields (base_model and seed are set)
     bench: dict[str, Any] = field(default_factory=dict)  # BenchmarkConfig fields (seed is set)
@@ -80,6 +81,7 @@ def cpu_profile() -> Profile:
     scoring: oracle 14 x 100 (covers none, random_pool, best_pool, selector),
       default 100, QPO 3 x 100, best-of-4 100 = ~1,900 pairs                    5.0 m    6.5 m
     policy decoding: 3 x 100 greedy + 100 x best-of-4 (4 rows); selector fit    2.3 m    2.5 m
+    dev split: 100 greedy rewrites + 100 pairs per loop (chooses the kept loop)  ~3 m     ~3 m
     total                                                                      ~23 m    ~27 m
     =========================================================================  ======  =======
 
@@ -89,7 +91,7 @@ def cpu_profile() -> Profile:
     """
     return Profile(
         name="cpu", queries=160, prompts="13", prompts_per_query=5, collect_queries=32, test_queries=100,
-        target_batch_size=16,
+        dev_queries=100, target_batch_size=16,
         train={"epochs": 4, "learning_rate": 2e-4, "batch_size": 8, "trainable": "top:4", "prompt_max_tokens": 32,
                "query_max_tokens": 40},
         loops={"loops": 3, "samples_per_query": 2, "later_epochs": 1, "d0_floor_quantile": 0.5},
@@ -106,7 +108,8 @@ def gpu_profile() -> Profile:
     per task, sst2 and ag_news as two processes side by side (benchmarks/device/, results in
     benchmarks/results/quality-gpu); loops ~4 min, selector fit ~1.7 min (numpy, CPU), oracle 30-37 s."""
     return Profile(
-        name="gpu", queries=500, prompts="all", prompts_per_query=0, collect_queries=200, test_queries=500, target_batch_size=64,
+        name="gpu", queries=500, prompts="all", prompts_per_query=0, collect_queries=200, test_queries=500,
+        dev_queries=200, target_batch_size=64,
         train={"epochs": 3, "learning_rate": 1e-4, "batch_size": 32, "trainable": "all", "prompt_max_tokens": 40,
                "query_max_tokens": 40},
         loops={"loops": 4, "samples_per_query": 4, "later_epochs": 1, "generation_batch_size": 64,
@@ -119,7 +122,7 @@ def cpu_v1_profile() -> Profile:
     """The CPU profile before D0 got more queries: 48 train queries x all 14 prompts, loop 1 on all of D0
     for 2 epochs; the rest as :func:`cpu_profile`. Kept to compare the two on other seeds."""
     profile = cpu_profile()
-    return Profile(**{**profile.to_dict(), "name": "cpu-v1", "queries": 48, "prompts_per_query": 0,
+    return Profile(**{**profile.to_dict(), "name": "cpu-v1", "queries": 48, "prompts_per_query": 0, "dev_queries": 0,
                       "train": {**profile.train, "epochs": 2}, "loops": {**profile.loops, "d0_floor_quantile": 0.0}})
 
 
@@ -128,12 +131,14 @@ PROFILES: dict[str, Callable[[], Profile]] = {"cpu": cpu_profile, "cpu-v1": cpu_
 
 def with_overrides(profile: Profile, settings: Sequence[str]) -> Profile:
     """``profile`` with ``SECTION.FIELD=VALUE`` settings applied (sections: train, loops, bench, and size for
-    the profile's own sizes: queries, prompts, prompts_per_query, collect_queries, test_queries, target_batch_size)."""
+    the profile's own sizes: queries, prompts, prompts_per_query, collect_queries, test_queries, dev_queries,
+    target_batch_size)."""
     import json
 
     sections = {"train": dict(profile.train), "loops": dict(profile.loops), "bench": dict(profile.bench)}
     sizes: dict[str, Any] = {}
-    size_fields = {"queries", "prompts", "prompts_per_query", "collect_queries", "test_queries", "target_batch_size"}
+    size_fields = {"queries", "prompts", "prompts_per_query", "collect_queries", "test_queries", "dev_queries",
+                   "target_batch_size"}
     for setting in settings:
         key, sep, raw = setting.partition("=")
         section, dot, name = key.partition(".")
@@ -220,7 +225,7 @@ def run_quality(tasks: Sequence[str], profile: Profile, out: Path, *, seed: int 
         timings: dict[str, float] = {}
         collect_config = CollectConfig(task=name, target=target_name, queries=profile.queries,
                                        collect_queries=profile.collect_queries, test_queries=profile.test_queries,
-                                       prompts=profile.prompts, prompts_per_query=profile.prompts_per_query,
+                                       dev_queries=profile.dev_queries, prompts=profile.prompts, prompts_per_query=profile.prompts_per_query,
                                        shots=shots, seed=seed,
                                        batch_size=profile.target_batch_size)
         if d0_from is not None and reuse_d0(d0_from / "runs" / run_dir.name, run_dir):

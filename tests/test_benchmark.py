@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from qpo_bench import BenchmarkConfig, benchmark, stable_view, target_check
+from qpo_bench import BenchmarkConfig, benchmark, final_qpo, stable_view, target_check
 from qpo_middleware.training.dataset import OfflineDataset, Record
 from qpo_middleware.training.selector import Selector, SelectorConfig, text_features
 
@@ -53,7 +53,8 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def tiny_profile(quality: ModuleType) -> Any:
     return quality.Profile(
-        name="tiny", queries=8, prompts="4", prompts_per_query=3, collect_queries=6, test_queries=6, target_batch_size=8,
+        name="tiny", queries=8, prompts="4", prompts_per_query=3, collect_queries=6, test_queries=6, dev_queries=4,
+        target_batch_size=8,
         train={"epochs": 2, "batch_size": 8, "learning_rate": 5e-3, "num_buckets": 4, "prompt_max_tokens": 8,
                "query_max_tokens": 16, "warmup_ratio": 0.0},
         loops={"loops": 2, "samples_per_query": 2, "reward_floor_quantile": 0.0, "top_k": 50,
@@ -111,6 +112,11 @@ def test_results_json_has_every_method_and_loop(runs: dict[str, Any]) -> None:
     assert task["loops"][0]["train_records"] < 24  # loop 1 trains on D0 above its 0.25 quantile only
     assert task["loops"][1]["new_records"] == len(task["loops"][1]["new_rewards"]) == task["loops"][1]["kept_pairs"]
     assert {g["versus"] for g in task["gaps"]} >= {"best_pool", "selector"}
+    # The kept loop (whose row the gaps and best-of-n use) is chosen on the dev split, not on test.
+    dev = {row["loop"]: row["greedy_accuracy_dev"] for row in task["loops"]}
+    assert task["kept_loop"] == max(sorted(dev), key=lambda loop: (dev[loop], -loop)) and "dev" in task["kept_loop_reason"]
+    assert {g["method"] for g in task["gaps"]} == {f"qpo_loop{task['kept_loop']}", "qpo_best_of_2",
+                                                   "qpo_implicit_best_of_2"}
     assert {e["label"] for e in task["examples"]} == {"negative", "positive"}
     config = saved["config"]
     assert config["seed"] == 0 and config["sizes"]["queries"] == 8
@@ -123,8 +129,9 @@ def test_report_and_plots_are_written(runs: dict[str, Any]) -> None:
     report = (folder / "report.md").read_text()
     for name in METHODS:
         assert f"| {name} |" in report
-    assert "`qpo_loop2` vs `best_pool`" in report and "`qpo_loop2` vs `selector`" in report
-    assert "**Against the target** (final loop `qpo_loop2`" in report and "At least +7 over `best_pool`" in report
+    kept = f"qpo_loop{payload['tasks']['sst2_sample']['kept_loop']}"
+    assert f"`{kept}` vs `best_pool`" in report and f"`{kept}` vs `selector`" in report
+    assert f"**Against the target** (loop chosen on the dev split `{kept}`" in report and "At least +7 over `best_pool`" in report
     assert "- Settings chosen on the test split." in report and payload["notes"] == ["Settings chosen on the test split."]
     plots = payload["tasks"]["sst2_sample"]["plots"]
     assert len(plots) == 4
@@ -227,7 +234,7 @@ def test_target_check_says_how_far_off() -> None:
     lines = target_check(task)
     assert lines[0].endswith("— met.") and "+8.0 [+3.0, +13.0]" in lines[0]
     assert lines[1].endswith("— met.")
-    assert lines[2] == "- Final loop (3) above loop 1: 68.0 vs 70.0 — **not met: 2.0 points below loop 1**."
+    assert lines[2] == "- Last loop (3) above loop 1: 68.0 vs 70.0 — **not met: 2.0 points below loop 1**."
     task["gaps"] = [gap("best_pool", 0.03), gap("selector", -0.01)]
     lines = target_check(task)
     assert "**not met: 4.0 points short**" in lines[0] and "**not met: 1.0 points behind**" in lines[1]
@@ -237,6 +244,11 @@ def test_target_check_says_how_far_off() -> None:
     assert "**not met: 7.0 points short**" in lines[0] and lines[1].endswith("**not met: tied**.")
     assert lines[2].endswith("**not met: tied with loop 1**.")
     assert target_check({"methods": [method("best_pool", 0.6)], "gaps": []}) == []
+    # A loop kept on the dev split is QPO's result; the last-vs-first check still reads the last loop.
+    assert final_qpo(task)["method"] == "qpo_loop3"
+    task["kept_loop"] = 1
+    assert final_qpo(task)["method"] == "qpo_loop1"
+    assert target_check(task)[-1].startswith("- Last loop (3) above loop 1")
 
 
 # ---------------------------------------------------------------------------- selector

@@ -184,3 +184,32 @@ def test_new_prompt_accuracy_is_shrunk_to_the_d0_scale() -> None:
     accuracy = shrunk_accuracy(pairs, scores, prior_mean=0.5, prior_weight=2.0)
     assert accuracy == {"p": pytest.approx((2 + 1.0) / 4), "r": pytest.approx(1.0 / 3)}
     assert shrunk_accuracy(pairs, scores, prior_mean=0.5, prior_weight=0.0)["r"] == 0.0
+
+
+def test_dev_split_scores_every_loop_and_chooses_the_kept_one(tmp_path: Path, tiny_base: str) -> None:
+    """The dev split is scored after every loop (never sampled on: loop 2 samples on collect queries only),
+    and the kept loop is the best there; without a dev split it is the last."""
+    from qpo_middleware.training.loops import LoopMetrics, chosen_loop
+    from qpo_middleware.training.run import Run
+
+    collect(CollectConfig(task="sst2_sample", target=tiny_base, queries=8, collect_queries=6, test_queries=4,
+                          dev_queries=5, prompts="4", chunk_size=8, batch_size=8), tmp_path)
+    run = Run.open(tmp_path)
+    dev_ids = {e.id for e in run.splits.dev}
+    assert len(dev_ids) == 5 and not dev_ids & {e.id for e in (*run.splits.train, *run.splits.collect)}
+    train, loops = configs(tiny_base)
+    metrics = run_loops(tmp_path, train, loops)
+    assert all(m.greedy_accuracy_dev is not None and 0.0 <= m.greedy_accuracy_dev <= 1.0 for m in metrics)
+    assert not dev_ids & {r.query_id for r in OfflineDataset(tmp_path).records}  # no record on a dev query
+    kept, why = chosen_loop(metrics)
+    assert kept.greedy_accuracy_dev == max(m.greedy_accuracy_dev for m in metrics) and "dev" in why
+
+    def loop(n: int, dev: float | None) -> LoopMetrics:
+        return LoopMetrics(loop=n, train_records=1, first_loss=0.0, last_loss=0.0, train_seconds=0.0,
+                           greedy_accuracy_dev=dev)
+
+    assert chosen_loop([loop(1, 0.7), loop(2, 0.6), loop(3, 0.7)])[0].loop == 1  # earliest on a tie
+    assert chosen_loop([loop(1, 0.5), loop(2, 0.6)])[0].loop == 2
+    assert chosen_loop([loop(1, None), loop(2, None)])[0].loop == 2
+    with pytest.raises(ValueError, match="No loop"):
+        chosen_loop([])

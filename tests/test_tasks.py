@@ -25,6 +25,26 @@ def test_builtin_splits_are_disjoint_and_deterministic(name: str, real_data: Pat
         assert example.query.strip()
 
 
+@pytest.mark.parametrize("name", ["sst2", "ag_news", "gsm8k"])
+def test_dev_split_is_disjoint_and_leaves_the_other_splits_as_they_were(name: str, real_data: Path) -> None:
+    task = get_task(name)
+    without = task.splits(real_data, seed=5, n_train=60, n_collect=30, n_test=30)
+    with_dev = task.splits(real_data, seed=5, n_train=60, n_collect=30, n_test=30, n_dev=40)
+    assert (with_dev.train, with_dev.collect, with_dev.test) == (without.train, without.collect, without.test)
+    assert without.dev == [] and len(with_dev.dev) == 40 and with_dev.get("dev") == with_dev.dev
+    seen = [{e.query.lower() for e in s} for s in (with_dev.train, with_dev.collect, with_dev.test)]
+    assert not any({e.query.lower() for e in with_dev.dev} & texts for texts in seen)
+    # collect takes what is left when no size is given: it gives the dev queries up
+    rest = task.splits(real_data, seed=5, n_train=60, n_test=30, n_dev=40)
+    assert not ({e.id for e in rest.collect} & {e.id for e in rest.dev}) and len(rest.dev) == 40
+
+
+def test_a_dev_split_larger_than_the_data_names_the_fix() -> None:
+    task = get_task("sst2_sample")
+    with pytest.raises(TaskError, match="dev split"):
+        task.splits(seed=0, n_train=50, n_collect=50, n_test=100, n_dev=10_000)
+
+
 def test_quickstart_sample_ships_in_the_package() -> None:
     task = get_task("sst2_sample")
     splits = task.splits(seed=0, n_train=50, n_collect=50, n_test=100)

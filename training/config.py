@@ -71,6 +71,9 @@ class CollectConfig:
     queries: int = field(default=50, metadata={"help": "Train queries to score (the D0 query set)."})
     collect_queries: int = field(default=100, metadata={"help": "Held-out queries the training loops sample prompts for."})
     test_queries: int = field(default=100, metadata={"help": "Held-out test queries for evaluation."})
+    dev_queries: int = field(default=0, metadata={
+        "help": "Validation queries, never trained or sampled on: each loop's greedy prompts are scored on them, "
+                "and the loop to keep is chosen there (0 = none)."})
     prompts: str = field(default="all", metadata={
         "help": "'all', a number N (N prompts spread over the pool), a JSON file of prompts, 'none' (no given "
                 "prompts), or 'induce:N' (only N induced ones: 'none' with --induce N)."})
@@ -109,7 +112,8 @@ class CollectConfig:
             self.prompts, self.induce = "none", int(count)
         if not self.inducer:
             raise ValueError("inducer must name a local model or a LangChain chat model as module:factory.")
-        may_be_zero = ("collect_queries", "test_queries", "target_retries", "prompts_per_query", "induce")
+        may_be_zero = ("collect_queries", "test_queries", "dev_queries", "target_retries", "prompts_per_query",
+                       "induce")
         for name in ("queries", "batch_size", "chunk_size", "target_concurrency", "induce_shots", *may_be_zero):
             if getattr(self, name) < (0 if name in may_be_zero else 1):
                 allowed = " or 0" if name in may_be_zero else ""
@@ -124,7 +128,7 @@ class CollectConfig:
 
     def split_args(self) -> dict[str, Any]:
         return {"seed": self.seed, "n_train": self.queries, "n_collect": self.collect_queries,
-                "n_test": self.test_queries}
+                "n_test": self.test_queries, "n_dev": self.dev_queries}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

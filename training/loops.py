@@ -67,7 +67,8 @@ class LoopMetrics:
     mean_reward_kept: float | None = None
     mean_reward_d0: float = 0.0
     reward_floor: float | None = None
-    greedy_accuracy_collect: float | None = None
+    greedy_accuracy_collect: float | None = None  # leaky from loop 2 on: the loops sample and keep prompts there
+    greedy_accuracy_dev: float | None = None  # the dev split (never trained or sampled on): chooses the loop
     target_calls: int = 0
     seconds: float = 0.0
     checkpoint: str = ""
@@ -249,22 +250,43 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         metrics.first_loss, metrics.last_loss, metrics.train_seconds = result.first_loss, result.last_loss, result.seconds
         metrics.checkpoint = str(checkpoint)
 
-        # --- Evaluate: greedy policy prompts on the collect split --------------------------------
-        if loops.eval_greedy and collect_split and run is not None and target is not None:
-            phase(loop, "scoring greedy policy prompts on the collect split")
-            greedy = generate_prompts(model, tokenizer, fmt, [e.query for e in collect_split],
-                                      GenerationConfig.for_policy(fmt), batch_size=loops.generation_batch_size)
-            pairs = [Pair(e, g[0], "policy", run.demos(e)) for e, g in zip(collect_split, greedy, strict=True)]
-            scores = score_pairs(target, run.task, pairs, run.config.chunk_size)
-            metrics.target_calls += sum(not s.cached for s in scores)
-            valid = [s for s in scores if not s.failed]
-            metrics.greedy_accuracy_collect = sum(s.correct for s in valid) / max(1, len(valid))
+        # --- Evaluate: greedy policy prompts on the collect split and on the dev split --------------
+        if loops.eval_greedy and run is not None and target is not None:
+            for split, examples in (("collect", collect_split), ("dev", run.splits.dev)):
+                if not examples:
+                    continue
+                phase(loop, f"scoring greedy policy prompts on the {split} split")
+                accuracy, calls = greedy_accuracy(model, tokenizer, fmt, run, target, examples, loops)
+                setattr(metrics, f"greedy_accuracy_{split}", accuracy)
+                metrics.target_calls += calls
 
         metrics.seconds = time.perf_counter() - started
         atomic_write_json(paths.metrics(loop), metrics.to_dict())
         done.append(metrics)
         del model
     return done
+
+
+def greedy_accuracy(model: Any, tokenizer: Any, fmt: PolicyFormat, run: Run, target: Target,
+                    examples: Sequence[Example], loops: LoopConfig) -> tuple[float, int]:
+    """The target's accuracy with the policy's greedy prompt per query, and the target calls it took."""
+    greedy = generate_prompts(model, tokenizer, fmt, [e.query for e in examples], GenerationConfig.for_policy(fmt),
+                              batch_size=loops.generation_batch_size)
+    pairs = [Pair(e, g[0], "policy", run.demos(e)) for e, g in zip(examples, greedy, strict=True)]
+    scores = score_pairs(target, run.task, pairs, run.config.chunk_size)
+    valid = [s for s in scores if not s.failed]
+    return sum(s.correct for s in valid) / max(1, len(valid)), sum(not s.cached for s in scores)
+
+
+def chosen_loop(done: Sequence[LoopMetrics]) -> tuple[LoopMetrics, str]:
+    """The loop whose policy to keep, and why: the best greedy accuracy on the dev split (the earliest on a
+    tie) when every loop was scored there; otherwise the last loop."""
+    if not done:
+        raise ValueError("No loop is done yet.")
+    if all(m.greedy_accuracy_dev is not None for m in done):
+        best = max(done, key=lambda m: (m.greedy_accuracy_dev, -m.loop))
+        return best, f"best greedy accuracy on the dev split ({best.greedy_accuracy_dev:.1%})"
+    return done[-1], "the last loop (no dev split)"
 
 
 def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Sequence[Record], loop: int,

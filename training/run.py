@@ -288,7 +288,7 @@ class Run:
 
 
 def _check_same_run(stored: CollectConfig, asked: CollectConfig, directory: Path) -> None:
-    keys = ("task", "target", "queries", "collect_queries", "test_queries", "shots", "seed", "prompts",
+    keys = ("task", "target", "queries", "collect_queries", "test_queries", "dev_queries", "shots", "seed", "prompts",
             "include_empty", "prompts_per_query", "rewards", "induce")
     if stored.induce or asked.induce:  # which model induced, and from how many examples, matters only then
         keys += ("inducer", "induce_shots")

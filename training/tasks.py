@@ -38,17 +38,24 @@ class Example:
     answer: float | None = None
 
 
+SPLIT_NAMES = ("train", "collect", "test", "dev")
+
+
 @dataclass(frozen=True)
 class Splits:
-    """Disjoint train / collect / test lists of examples (no query text in two splits)."""
+    """Disjoint train / collect / test / dev lists of examples (no query text in two splits).
+
+    ``dev`` (validation) is never trained on and never sampled on: settings such as which loop's
+    policy to keep are chosen on it. Empty unless asked for."""
 
     train: list[Example]
     collect: list[Example]
     test: list[Example]
+    dev: list[Example] = field(default_factory=list)
 
     def get(self, name: str) -> list[Example]:
-        if name not in ("train", "collect", "test"):
-            raise TaskError(f"Unknown split {name!r}; use train, collect or test.")
+        if name not in SPLIT_NAMES:
+            raise TaskError(f"Unknown split {name!r}; use {', '.join(SPLIT_NAMES)}.")
         return getattr(self, name)
 
 
@@ -124,12 +131,16 @@ class Task:
         n_train: int | None = None,
         n_collect: int | None = None,
         n_test: int | None = None,
+        n_dev: int = 0,
     ) -> Splits:
-        """Deterministic (by ``seed``) train / collect / test splits.
+        """Deterministic (by ``seed``) train / collect / test / dev splits.
 
         Identical query texts are merged first, test keeps precedence, so no
         query appears in two splits. ``None`` sizes take what is left: train and
-        collect share the pool half and half when both are ``None``.
+        collect share the pool half and half when both are ``None``. The ``n_dev``
+        dev queries come from the pool after train and collect, so asking for them
+        leaves the other splits as they were (with ``n_collect=None`` collect gives
+        up its last ``n_dev``).
         """
         pool, test = self.loader(resolve_data_dir(data_dir) if self.needs_data_dir else Path("."))
         rng = random.Random(seed)
@@ -150,16 +161,20 @@ class Task:
             n_train = max(0, len(pool) - int(n_collect or 0))
         train = pool[:n_train]
         rest = pool[n_train:]
-        collect = rest if n_collect is None else rest[:n_collect]
-        requested = {"train": n_train, "collect": n_collect, "test": n_test}
-        for name, got in (("train", train), ("collect", collect), ("test", test)):
+        if n_collect is None:
+            n_collect_taken = max(0, len(rest) - n_dev)
+            collect, dev = rest[:n_collect_taken], rest[n_collect_taken:][:n_dev]
+        else:
+            collect, dev = rest[:n_collect], rest[n_collect:][:n_dev]
+        requested = {"train": n_train, "collect": n_collect, "test": n_test, "dev": n_dev or None}
+        for name, got in (("train", train), ("collect", collect), ("test", test), ("dev", dev)):
             want = requested[name]
             if want is not None and len(got) < want:
                 raise TaskError(
                     f"Task {self.name!r} has only {len(got)} examples left for the {name} split, {want} asked; "
                     f"ask for fewer (--queries / sizes) or add data."
                 )
-        return Splits(train=train, collect=collect, test=test)
+        return Splits(train=train, collect=collect, test=test, dev=dev)
 
     def demos_for(self, example: Example, train: Sequence[Example], k: int, seed: int = 0) -> tuple[Demo, ...]:
         """``k`` demonstrations from ``train``, fixed per (query, seed) so every method sees the same ones."""

@@ -49,7 +49,7 @@ from qpo_middleware.training.evaluate import (
     method_result,
     score_prompts,
 )
-from qpo_middleware.training.loops import LoopMetrics, completed_loops
+from qpo_middleware.training.loops import LoopMetrics, chosen_loop, completed_loops
 from qpo_middleware.training.preference import implicit_rewards
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
@@ -102,6 +102,8 @@ class TaskBenchmark:
     per_query: dict[str, Any]
     timings: dict[str, float]
     config: dict[str, Any]
+    kept_loop: int | None = None  # the loop whose policy is QPO's result: chosen on the dev split, else the last
+    kept_loop_reason: str = ""
 
     def method(self, name: str) -> BenchMethod:
         return next(m for m in self.methods if m.method == name)
@@ -270,7 +272,8 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
 
     # -- QPO after every loop: the greedy prompts of `qpo eval`'s qpo method, per loop's policy -----
     bundles: dict[str, dict[str, Any]] = {}
-    final_policy: OnnxPolicy | TorchPolicy | None = None
+    final_policy: OnnxPolicy | TorchPolicy | None = None  # the kept loop's (chosen on dev when there is one)
+    kept_metrics, kept_by = chosen_loop(loops) if loops else (None, "")
     queries = inputs.queries
     for metrics in loops:
         phase = time.perf_counter()
@@ -283,11 +286,12 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
             MethodPrompts(prompts, f"QPO policy after loop {metrics.loop}, greedy, {policy.label}", latencies=latencies),
             family=METHODS["qpo"].family, training=calls_upto[metrics.loop], loop=metrics.loop)
         timings[f"qpo_loop{metrics.loop}"] = time.perf_counter() - phase
-        final_policy = policy
+        if kept_metrics is not None and metrics.loop == kept_metrics.loop:
+            final_policy = policy
 
     if config.best_of_n and final_policy is not None:
         phase = time.perf_counter()
-        n, last = config.best_of_n, loops[-1].loop
+        n, last = config.best_of_n, kept_metrics.loop if kept_metrics is not None else loops[-1].loop
         say(f"qpo best-of-{n}: sampling {n} prompts per query from loop {last}, selector picks")
         samples, latencies = final_policy.sample(queries, n)
         picks, candidates_kept = [], []
@@ -360,7 +364,7 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
     # -- gaps: final QPO vs best_pool and vs selector, paired over the same queries -------------
     gaps = []
     qpo_names = [m.method for m in methods if m.family == "qpo"]
-    final_names = [n for n in qpo_names if n == f"qpo_loop{loops[-1].loop}"] if loops else []
+    final_names = [n for n in qpo_names if kept_metrics is not None and n == f"qpo_loop{kept_metrics.loop}"]
     final_names += [n for n in qpo_names if n.startswith(("qpo_best_of_", "qpo_implicit_best_of_"))]
     for name in final_names:
         for other in ("best_pool", "selector", "oracle_pool", "none"):
@@ -396,6 +400,7 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
         task=task.name, target=target.id, run_dir=str(directory), split=config.split, queries=len(examples),
         labels=labels, methods=methods, loops=loop_rows, d0=d0_info, gaps=gaps, examples=examples_out,
         selector=selector_info, bundles=bundles, per_query=per_query, timings=timings, config=config.to_dict(),
+        kept_loop=None if kept_metrics is None else kept_metrics.loop, kept_loop_reason=kept_by,
     )
 
 

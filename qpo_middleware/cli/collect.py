@@ -29,6 +29,7 @@ def command(
     out: Annotated[Path, typer.Option(help="Run directory (created; re-run the same command to resume).")] = Path("runs/sst2"),
     collect_queries: Annotated[int, typer.Option(help="Held-out queries for the training loops.")] = 100,
     test_queries: Annotated[int, typer.Option(help="Held-out test queries.")] = 100,
+    dev_queries: Annotated[int, typer.Option(help=help_of(CollectConfig, "dev_queries"))] = 0,
     shots: Annotated[int, typer.Option(help="Few-shot demonstrations per query (0 = zero-shot).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the splits and demonstrations.")] = 0,
     data_dir: Annotated[str | None, typer.Option(help="Data collection root (default: $QPO_DATA).")] = None,
@@ -46,8 +47,8 @@ def command(
         from qpo_middleware.training.run import RunPaths
 
         config = CollectConfig(task=task, target=target, queries=queries, prompts=prompts,
-                               collect_queries=collect_queries, test_queries=test_queries, shots=shots, seed=seed,
-                               data_dir=data_dir, batch_size=batch_size, include_empty=not no_empty,
+                               collect_queries=collect_queries, test_queries=test_queries, dev_queries=dev_queries,
+                               shots=shots, seed=seed, data_dir=data_dir, batch_size=batch_size, include_empty=not no_empty,
                                prompts_per_query=prompts_per_query, induce=induce, inducer=inducer,
                                induce_shots=induce_shots,
                                rewards=RewardConfig(nll=reward_nll), target_concurrency=target_concurrency,

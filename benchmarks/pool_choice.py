@@ -1,0 +1,229 @@
+"""QPO recipes compared on a local target's full outcome matrix: the policy chooses among the pool prompts,
+each already scored on every dev and test query, so a recipe costs training time and no target call.
+
+This is ``benchmarks/oirl.py``'s protocol with a local target instead of logs. D0 is an ordinary collect
+(``--train-queries`` x ``--prompts-per-query`` of the pool, as the quality benchmark's CPU profile); the
+collect split is the dev split (loop 1 never sees it) and every pool prompt is scored on every dev and
+test query once (cached in D0's ``scores.sqlite``). Each recipe trains loop 1 on the same D0; per query
+the policy picks the pool prompt it finds most likely after the top reward token (``likelihood``) or most
+favoured by the top token over the bottom one (``implicit``) — decoding constrained to the pool.
+
+The recipe and rule are chosen on dev; test is scored once per listed recipe. Rows: ``none`` (no
+instruction), ``best_prompt`` (best D0 accuracy), ``random_prompt``, ``selector`` (Prompt-OIRL-style, fit
+on D0), ``oracle`` (any pool prompt right: a bound) and ``label_routing`` (per gold label, the prompt right
+most often on that label's queries of the same split: how much of the oracle is routing by label).
+
+    python benchmarks/pool_choice.py --task sst2 --seed 0 --recipes paper,query_rank,query_rank_dpo
+
+Writes ``OUT/<task>-seed<S>/results.json`` (command, commit, hardware, settings, dev scores that chose,
+test rows with paired 95% intervals against ``best_prompt`` and ``selector``) and ``report.md``; runs
+stay under ``OUT/runs/`` (ignored by git) and a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from quality import DEFAULT_MODEL, reuse_d0
+
+from qpo_bench.environment import environment
+from qpo_bench.harness import label_routing
+from qpo_bench.offline import (
+    RECIPES,
+    RULES,
+    TRAIN,
+    method_line,
+    method_row,
+    policy_choices,
+    recipe_dir,
+    train_recipes,
+)
+from qpo_middleware.training.collect import collect, score_pairs
+from qpo_middleware.training.config import CollectConfig
+from qpo_middleware.training.dataset import OfflineDataset
+from qpo_middleware.training.io import atomic_write_json
+from qpo_middleware.training.run import Run
+from qpo_middleware.training.selector import Selector
+from qpo_middleware.training.tasks import Example
+
+REFERENCES = ("best_prompt", "selector")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--target", default=DEFAULT_MODEL, help="Target LLM (the policy base is the recipes').")
+    parser.add_argument("--train-queries", type=int, default=400)
+    parser.add_argument("--prompts-per-query", type=int, default=5, help="Pool prompts scored per D0 query (0 = all).")
+    parser.add_argument("--prompts", default="13", help="The pool (CollectConfig.prompts); the empty prompt comes on top.")
+    parser.add_argument("--dev-queries", type=int, default=150)
+    parser.add_argument("--test-queries", type=int, default=300)
+    parser.add_argument("--recipes", default="paper,query_rank,query_rank_dpo", help=f"Comma list of {', '.join(RECIPES)}.")
+    parser.add_argument("--test-recipes", default="paper,chosen",
+                        help="Recipes scored on test ('chosen' = the best on dev); each once.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pool-choice-cpu"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    started = time.perf_counter()
+    recipes = [r for r in args.recipes.split(",") if r]
+    if unknown := [r for r in recipes if r not in RECIPES]:
+        sys.exit(f"Unknown recipe(s) {unknown}; use {', '.join(RECIPES)}.")
+    name = f"{args.task}-seed{args.seed}"
+    out, runs = args.out / name, args.out / "runs" / name
+    runs.mkdir(parents=True, exist_ok=True)
+
+    # -- D0, and every pool prompt on every dev and test query (one target, cached) --------------------
+    d0_dir = runs / "d0"
+    config = CollectConfig(task=args.task, target=args.target, queries=args.train_queries,
+                           collect_queries=args.dev_queries, test_queries=args.test_queries, prompts=args.prompts,
+                           prompts_per_query=args.prompts_per_query, seed=args.seed, batch_size=16)
+    run = Run.open(d0_dir, config)
+    target = run.make_target()
+    t = time.perf_counter()
+    summary = collect(config, d0_dir, target=target)
+    timings = {"collect": time.perf_counter() - t}
+    pool = run.prompts()
+    prompts = [text for _, text in pool]
+    source = {text: src for src, text in pool}
+
+    def matrix(examples: list[Example]) -> dict[str, dict[str, bool]]:
+        scores = score_pairs(target, run.task, run.pairs(examples, pool), config.chunk_size)
+        table: dict[str, dict[str, bool]] = {}
+        for pair, score in zip(run.pairs(examples, pool), scores, strict=True):
+            table.setdefault(pair.example.id, {})[pair.prompt] = bool(score.correct)  # failed = wrong
+        return table
+
+    t = time.perf_counter()
+    dev_ex, test_ex = list(run.splits.collect), list(run.splits.test)
+    outcomes = {"dev": matrix(dev_ex), "test": matrix(test_ex)}
+    timings["score_matrices"] = time.perf_counter() - t
+    examples = {"dev": dev_ex, "test": test_ex}
+
+    d0 = OfflineDataset(d0_dir).loop(0)
+    accuracy = {p: statistics.fmean(r.correct for r in d0 if r.prompt == p) for p in prompts}
+    best = max(prompts, key=lambda p: (accuracy[p], -prompts.index(p)))
+    selector = Selector.fit(d0)
+    picked: dict[str, Counter[str]] = {}
+
+    def baselines(split: str) -> dict[str, list[bool]]:
+        table, exs = outcomes[split], examples[split]
+        rng = random.Random(args.seed)
+        picks = [prompts[max(range(len(prompts)), key=s.__getitem__)]
+                 for s in (selector.predict(e.query, prompts) for e in exs)]
+        picked[f"{split}:selector"] = Counter(source[p] for p in picks)
+        golds = [run.task.gold_text(e) for e in exs]
+        grid = [[_Hit(table[e.id][p]) for p in prompts] for e in exs]
+        routing = label_routing(grid, golds, list(range(len(prompts))))
+        return {
+            "none": [table[e.id][""] for e in exs] if "" in prompts else [],
+            "best_prompt": [table[e.id][best] for e in exs],
+            "random_prompt": [table[e.id][rng.choice(prompts)] for e in exs],
+            "selector": [table[e.id][p] for e, p in zip(exs, picks, strict=True)],
+            "oracle": [any(table[e.id].values()) for e in exs],
+            "label_routing": [table[e.id][prompts[routing[g]]] for e, g in zip(exs, golds, strict=True)],
+        }
+
+    # -- each recipe: loop 1 on the same D0 (resumes) ------------------------------------------------
+    suffix = f"n{args.train_queries}x{args.prompts_per_query}"
+    timings |= train_recipes(runs, recipes, suffix, lambda run_dir: reuse_d0(d0_dir, run_dir), seed=args.seed,
+                             target=target)
+
+    def qpo_hits(recipe: str, split: str) -> tuple[dict[str, list[bool]], float]:
+        run_dir, exs = recipe_dir(runs, recipe, suffix), examples[split]
+        choices = policy_choices(run_dir, [e.query for e in exs], prompts, run_dir / f"choices_{split}_{len(exs)}.json")
+        hits = {}
+        for rule in RULES:
+            picked[f"{split}:qpo_{recipe}_{rule}"] = Counter(source[prompts[c]] for c in choices[rule])
+            hits[f"qpo_{recipe}_{rule}"] = [outcomes[split][e.id][prompts[c]]
+                                            for e, c in zip(exs, choices[rule], strict=True)]
+        return hits, choices["seconds_per_query"]
+
+    # -- validation chooses the recipe and the rule; test scores each listed recipe once ----------------
+    dev = {k: v for k, v in baselines("dev").items() if v}
+    seconds: dict[str, dict[str, float]] = {"dev": {}, "test": {}}
+    for recipe in recipes:
+        hits, seconds["dev"][recipe] = qpo_hits(recipe, "dev")
+        dev |= hits
+    dev_scores = {k: statistics.fmean(v) for k, v in dev.items()}
+    qpo_dev = {k: v for k, v in dev_scores.items() if k.startswith("qpo_")}
+    chosen = max(qpo_dev, key=qpo_dev.__getitem__)
+    chosen_recipe = next(r for r in recipes if chosen.removeprefix(f"qpo_{r}_") in RULES)
+
+    test = {k: v for k, v in baselines("test").items() if v}
+    test_recipes = [chosen_recipe if r == "chosen" else r for r in args.test_recipes.split(",") if r]
+    for recipe in dict.fromkeys(r for r in test_recipes if r in recipes):
+        hits, seconds["test"][recipe] = qpo_hits(recipe, "test")
+        test |= hits
+    reference = {k: test[k] for k in REFERENCES}
+    methods = {k: method_row(v, {r: h for r, h in reference.items() if r != k}) for k, v in test.items()}
+
+    results: dict[str, Any] = {
+        "benchmark": "pool_choice", "task": args.task, "target": target.id,
+        "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "dirty": bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                     text=True).stdout.strip()),
+        "environment": environment(),
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "train": TRAIN,
+                     "recipes": {r: RECIPES[r] for r in recipes}},
+        "d0": {"queries": summary.queries, "records": len(d0), "target_calls": summary.target_calls,
+               "prompt_accuracy": {source[p]: accuracy[p] for p in prompts}, "best_prompt": source[best],
+               "oracle": summary.oracle_accuracy},
+        "pool": [{"source": src, "text": text} for src, text in pool],
+        "validation": {"queries": len(dev_ex), "scores": dev_scores, "chosen": chosen, "chosen_recipe": chosen_recipe},
+        "prompts_sent": {k: dict(v.most_common()) for k, v in picked.items()},
+        "test": {"queries": len(test_ex), "methods": methods, "recipes_scored": list(dict.fromkeys(test_recipes))},
+        "policy_seconds_per_query": seconds,
+        "timings": {**timings, "total_seconds": time.perf_counter() - started},
+    }
+    atomic_write_json(out / "results.json", results)
+    (out / "report.md").write_text(report(results), encoding="utf-8")
+    print((out / "report.md").read_text(encoding="utf-8"))
+
+
+class _Hit:
+    """An outcome cell for :func:`label_routing`, which reads ``.correct``."""
+
+    def __init__(self, correct: bool) -> None:
+        self.correct = correct
+
+
+def report(results: dict[str, Any]) -> str:
+    s, d0, val, test = results["settings"], results["d0"], results["validation"], results["test"]
+    lines = [
+        f"# QPO recipes on {results['task']} with {results['target']}: choosing among the pool prompts", "",
+        f"`{results['command']}` — commit `{results['commit']}`{' (uncommitted changes)' if results['dirty'] else ''}, "
+        f"{results['environment'].get('cpu_model')}, {results['environment'].get('cpu_cores_usable')} cores", "",
+        f"D0: {d0['queries']} train queries x {s['prompts_per_query'] or 'all'} of {len(results['pool'])} pool prompts "
+        f"({d0['records']} records, D0 oracle {100 * d0['oracle']:.1f}%); dev: {val['queries']} collect queries; "
+        f"test: {test['queries']} held-out queries; every pool prompt scored on every dev and test query. "
+        f"Best D0 prompt: `{d0['best_prompt']}` ({100 * d0['prompt_accuracy'][d0['best_prompt']]:.1f}% on D0).", "",
+        "## Validation (chooses the recipe and how the policy picks)", "",
+        "| method | dev accuracy |", "|---|---:|",
+        *[f"| {k} | {100 * v:.1f} |" for k, v in sorted(val["scores"].items(), key=lambda kv: -kv[1])],
+        "", f"Chosen: `{val['chosen']}`.", "",
+        "## Test (each recipe scored once)", "",
+        "| method | accuracy % [95% CI] | vs best prompt [95% CI] | vs selector [95% CI] |", "|---|---|---|---|",
+        *[method_line(k, row, REFERENCES) for k, row in test["methods"].items()],
+        "", "`oracle` and `label_routing` are bounds that read the gold label, not methods.", "",
+        "Prompts sent on test (count per pool prompt):", "",
+        *[f"- {k.removeprefix('test:')}: " + ", ".join(f"{a} {n}" for a, n in v.items())
+          for k, v in results["prompts_sent"].items() if k.startswith("test:")],
+        "", "Policy scoring cost per query (all pool prompts x 2 reward tokens, CPU): " + ", ".join(
+            f"{k} {v:.2f} s" for k, v in results["policy_seconds_per_query"]["test"].items()), "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Offline QPO evaluation on known outcomes: the policy chooses among prompts whose result on each query is
+already known (logged by someone else, or scored once on a local target), so recipes are compared with no
+further target call. Shared by ``benchmarks/oirl.py`` (LLaMA-2-7B's logs) and ``benchmarks/pool_choice.py``
+(a local target's full query x pool-prompt matrix).
+
+* :data:`RECIPES` — the training recipes (loop 1 on D0), each a set of :class:`TrainConfig` and
+  :class:`LoopConfig` fields over :data:`TRAIN`;
+* :func:`train_recipes` — train each recipe in its own run directory (resumes);
+* :func:`policy_choices` — which candidate the policy picks per query, by rule (cached);
+* :func:`method_row` — accuracy with its interval and paired gaps to reference methods.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qpo_middleware.stats import bootstrap_ci, paired_bootstrap_ci
+from qpo_middleware.training.config import LoopConfig, TrainConfig
+from qpo_middleware.training.io import atomic_write_json
+from qpo_middleware.training.loops import completed_loops, load_policy, run_loops
+from qpo_middleware.training.run import RunPaths
+
+# Training settings shared by every recipe (the quality benchmark's CPU profile); recipes differ in
+# what the reward token encodes, which D0 records train, and the preference step.
+TRAIN: dict[str, Any] = {"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "trainable": "top:4",
+                         "prompt_max_tokens": 32, "query_max_tokens": 40, "device": "cpu"}
+RECIPES: dict[str, dict[str, Any]] = {
+    # The paper: absolute reward token, loop 1 on D0's better half ("expert" D0).
+    "paper": {"train": {"conditioning": "absolute"}, "loops": {"d0_floor_quantile": 0.5}},
+    # Query-relative token: the top bucket is this query's right prompt; every D0 record trains.
+    "query_rank": {"train": {"conditioning": "query_rank"}, "loops": {"d0_floor_quantile": 0.0}},
+    # The same, then DPO on (query, right prompt, wrong prompt) against the supervised policy: loop 1 with
+    # --preference after. Run as query_rank's policy + a DPO step (--preference instead from that checkpoint,
+    # reference = that policy), which is the same thing without training the supervised step twice.
+    "query_rank_dpo": {"train": {"conditioning": "query_rank"}, "from": {"recipe": "query_rank"},
+                       "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 1,
+                                 "preference_pairs_per_query": 2, "preference_learning_rate": 1e-4}},
+    # query_rank with every weight trained, and the reward/separator token embeddings with it: the
+    # conditioning then reaches the lower layers, which read the query.
+    "query_rank_all": {"train": {"conditioning": "query_rank", "trainable": "all", "learning_rate": 5e-5},
+                       "loops": {"d0_floor_quantile": 0.0}},
+    # DPO alone from the base model (no supervised step): the preference signal without imitation.
+    "dpo_only": {"train": {"conditioning": "query_rank"},
+                 "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
+                           "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4}},
+}
+RULES = ("likelihood", "implicit")
+
+
+def recipe_dir(runs: Path, recipe: str, suffix: str) -> Path:
+    return runs / f"{recipe}_{suffix}"
+
+
+def train_recipes(runs: Path, recipes: Sequence[str], suffix: str, prepare: Callable[[Path], None], *,
+                  seed: int, target: Any = None, say: Callable[[str], None] = print) -> dict[str, float]:
+    """Train loop 1 of each recipe in ``runs/<recipe>_<suffix>`` (``prepare(dir)`` puts D0 there first);
+    finished ones are kept. Returns the seconds each newly trained recipe took."""
+    timings: dict[str, float] = {}
+    for recipe in recipes:
+        run_dir = recipe_dir(runs, recipe, suffix)
+        if completed_loops(run_dir):
+            continue
+        prepare(run_dir)
+        spec = RECIPES[recipe]
+        start: dict[str, str] = {}
+        if "from" in spec:  # starts from another recipe's trained policy (which must be listed first)
+            source = recipe_dir(runs, spec["from"]["recipe"], suffix)
+            if not completed_loops(source):
+                raise SystemExit(f"Recipe {recipe} starts from {spec['from']['recipe']}: list it before {recipe}.")
+            start = {"base_model": str(RunPaths(source).checkpoint(1))}
+        say(f"training recipe {recipe} in {run_dir}")
+        started = time.perf_counter()
+        run_loops(run_dir, TrainConfig(**{**TRAIN, **spec["train"], "seed": seed}),
+                  LoopConfig(loops=1, seed=seed, eval_greedy=False, **start, **spec["loops"]), target=target)
+        timings[f"train_{recipe}"] = time.perf_counter() - started
+    return timings
+
+
+def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache: Path,
+                   rules: tuple[str, ...] = RULES) -> dict[str, Any]:
+    """Per rule, the index of the prompt the policy of loop 1 picks for each query (cached in ``cache``):
+    ``likelihood`` = most likely after the top reward token; ``implicit`` = most favoured by the top token
+    over the bottom one (scored only when asked for)."""
+    from qpo_middleware.training.preference import candidate_logps
+
+    if cache.is_file():
+        return json.loads(cache.read_text(encoding="utf-8"))
+    # The policy format (buckets, token budgets) is the same in every recipe: TRAIN's.
+    model, tokenizer, fmt = load_policy(RunPaths(run_dir).checkpoint(1), TrainConfig(**TRAIN))
+    top = len(fmt.reward_token_ids) - 1
+    started = time.perf_counter()
+    scores = candidate_logps(model, tokenizer, fmt, queries, prompts, (top, 0) if "implicit" in rules else (top,))
+    seconds = time.perf_counter() - started
+    choices: dict[str, Any] = {"seconds_per_query": seconds / max(1, len(queries))}
+    if "likelihood" in rules:
+        choices["likelihood"] = scores[0].argmax(-1).tolist()
+    if "implicit" in rules:
+        choices["implicit"] = (scores[0] - scores[1]).argmax(-1).tolist()
+    atomic_write_json(cache, choices)
+    return choices
+
+
+def method_row(hits: list[bool], reference: dict[str, list[bool]]) -> dict[str, Any]:
+    """Accuracy, its 95% interval, and the paired bootstrap gap to each reference method."""
+    low, high = bootstrap_ci(hits)
+    row: dict[str, Any] = {"accuracy": statistics.fmean(hits), "ci95": [low, high], "n": len(hits)}
+    for name, other in reference.items():
+        diff, d_low, d_high, _ = paired_bootstrap_ci(hits, other)
+        row[f"vs_{name}"] = {"diff": diff, "ci95": [d_low, d_high], "significant": d_low > 0 or d_high < 0}
+    return row
+
+
+def method_line(name: str, row: dict[str, Any], references: Sequence[str] = ("best_prompt", "selector")) -> str:
+    """A report table row: accuracy with its interval, and the paired gaps to the reference methods."""
+    cells = []
+    for key in (f"vs_{r}" for r in references):
+        gap = row.get(key)
+        if gap is None:
+            cells.append("—")
+        else:
+            mark = "" if gap["significant"] else " (n.s.)"
+            cells.append(f"{100 * gap['diff']:+.1f} [{100 * gap['ci95'][0]:+.1f}, {100 * gap['ci95'][1]:+.1f}]{mark}")
+    low, high = row["ci95"]
+    return f"| {name} | {100 * row['accuracy']:.1f} [{100 * low:.1f}–{100 * high:.1f}] | " + " | ".join(cells) + " |"
