@@ -49,6 +49,7 @@ from qpo_bench.offline import (
     method_row,
     policy_choices,
     recipe_dir,
+    rules_of,
     train_recipes,
 )
 from qpo_middleware.training.dataset import OfflineDataset, Record
@@ -146,10 +147,10 @@ def main() -> None:
         run_dir = recipe_dir(runs, recipe, suffix)
         choices = policy_choices(run_dir, [texts[i] for i in split_ids], prompts,
                                  run_dir / f"choices_{split}_{len(split_ids)}.json")
-        for rule in RULES:
+        for rule in rules_of(choices):
             picked[f"{split}:qpo_{recipe}_{rule}"] = Counter(aliases[prompts[c]] for c in choices[rule])
         return ({f"qpo_{recipe}_{rule}": [outcomes[i][prompts[c]] for i, c in zip(split_ids, choices[rule], strict=True)]
-                 for rule in RULES}, choices["seconds_per_query"])
+                 for rule in rules_of(choices)}, choices["seconds_per_query"])
 
     # -- validation: choose the recipe and the rule -------------------------------------------------
     dev = baselines(dev_ids, train_outcomes)

@@ -45,6 +45,8 @@ from qpo_bench.offline import (
     method_row,
     policy_choices,
     recipe_dir,
+    reference_model,
+    rules_of,
     train_recipes,
 )
 from qpo_middleware.training.collect import collect, score_pairs
@@ -140,9 +142,10 @@ def main() -> None:
 
     def qpo_hits(recipe: str, split: str) -> tuple[dict[str, list[bool]], float]:
         run_dir, exs = recipe_dir(runs, recipe, suffix), examples[split]
-        choices = policy_choices(run_dir, [e.query for e in exs], prompts, run_dir / f"choices_{split}_{len(exs)}.json")
+        choices = policy_choices(run_dir, [e.query for e in exs], prompts, run_dir / f"choices_{split}_{len(exs)}.json",
+                                 rules=RULES, reference=reference_model(runs, recipe, suffix))
         hits = {}
-        for rule in RULES:
+        for rule in rules_of(choices):
             picked[f"{split}:qpo_{recipe}_{rule}"] = Counter(source[prompts[c]] for c in choices[rule])
             hits[f"qpo_{recipe}_{rule}"] = [outcomes[split][e.id][prompts[c]]
                                             for e, c in zip(exs, choices[rule], strict=True)]

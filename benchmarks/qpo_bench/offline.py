@@ -49,7 +49,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                  "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
                            "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4}},
 }
-RULES = ("likelihood", "implicit")
+RULES = ("likelihood", "implicit", "dpo_ratio")  # dpo_ratio: recipes with a preference step only
 
 
 def recipe_dir(runs: Path, recipe: str, suffix: str) -> Path:
@@ -81,17 +81,32 @@ def train_recipes(runs: Path, recipes: Sequence[str], suffix: str, prepare: Call
     return timings
 
 
+def reference_model(runs: Path, recipe: str, suffix: str) -> str | None:
+    """The policy a recipe's preference step started from (its DPO reference), or None without one."""
+    spec = RECIPES[recipe]
+    if spec["loops"].get("preference", "off") == "off":
+        return None
+    if spec["loops"]["preference"] != "instead":
+        raise ValueError(f"Recipe {recipe}: only preference 'instead' keeps its reference (the start policy).")
+    if "from" in spec:
+        return str(RunPaths(recipe_dir(runs, spec["from"]["recipe"], suffix)).checkpoint(1))
+    return LoopConfig().base_model
+
+
 def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache: Path,
-                   rules: tuple[str, ...] = RULES) -> dict[str, Any]:
+                   rules: tuple[str, ...] = ("likelihood", "implicit"), reference: str | None = None) -> dict[str, Any]:
     """Per rule, the index of the prompt the policy of loop 1 picks for each query (cached in ``cache``):
     ``likelihood`` = most likely after the top reward token; ``implicit`` = most favoured by the top token
-    over the bottom one (scored only when asked for)."""
+    over the bottom one; ``dpo_ratio`` = most favoured by the policy over ``reference`` (the model its
+    preference step started from) after the top token, DPO's implicit reward. Each is scored only when asked
+    for (``dpo_ratio`` only with a reference). ``seconds_per_query`` is the policy's own scoring time."""
     from qpo_middleware.training.preference import candidate_logps
 
     if cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))
     # The policy format (buckets, token budgets) is the same in every recipe: TRAIN's.
-    model, tokenizer, fmt = load_policy(RunPaths(run_dir).checkpoint(1), TrainConfig(**TRAIN))
+    train = TrainConfig(**TRAIN)
+    model, tokenizer, fmt = load_policy(RunPaths(run_dir).checkpoint(1), train)
     top = len(fmt.reward_token_ids) - 1
     started = time.perf_counter()
     scores = candidate_logps(model, tokenizer, fmt, queries, prompts, (top, 0) if "implicit" in rules else (top,))
@@ -101,8 +116,18 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
         choices["likelihood"] = scores[0].argmax(-1).tolist()
     if "implicit" in rules:
         choices["implicit"] = (scores[0] - scores[1]).argmax(-1).tolist()
+    if "dpo_ratio" in rules and reference is not None:
+        del model
+        ref_model, ref_tokenizer, ref_fmt = load_policy(reference, train)
+        ref = candidate_logps(ref_model, ref_tokenizer, ref_fmt, queries, prompts, (top,))
+        choices["dpo_ratio"] = (scores[0] - ref[0]).argmax(-1).tolist()
     atomic_write_json(cache, choices)
     return choices
+
+
+def rules_of(choices: dict[str, Any]) -> list[str]:
+    """The rules a :func:`policy_choices` result holds."""
+    return [rule for rule in RULES if rule in choices]
 
 
 def method_row(hits: list[bool], reference: dict[str, list[bool]]) -> dict[str, Any]:
