@@ -55,6 +55,7 @@ from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.io import atomic_write_json
 from qpo_middleware.training.run import Run
 from qpo_middleware.training.selector import Selector
+from qpo_middleware.training.targets import Score
 from qpo_middleware.training.tasks import Example
 
 REFERENCES = ("best_prompt", "selector")
@@ -99,9 +100,10 @@ def main() -> None:
     source = {text: src for src, text in pool}
 
     def matrix(examples: list[Example]) -> dict[str, dict[str, bool]]:
-        scores = score_pairs(target, run.task, run.pairs(examples, pool), config.chunk_size)
+        pairs = run.pairs(examples, pool)
+        scores = score_pairs(target, run.task, pairs, config.chunk_size)
         table: dict[str, dict[str, bool]] = {}
-        for pair, score in zip(run.pairs(examples, pool), scores, strict=True):
+        for pair, score in zip(pairs, scores, strict=True):
             table.setdefault(pair.example.id, {})[pair.prompt] = bool(score.correct)  # failed = wrong
         return table
 
@@ -124,7 +126,7 @@ def main() -> None:
                  for s in (selector.predict(e.query, prompts) for e in exs)]
         picked[f"{split}:selector"] = Counter(source[p] for p in picks)
         golds = [run.task.gold_text(e) for e in exs]
-        grid = [[_Hit(table[e.id][p]) for p in prompts] for e in exs]
+        grid = [[Score(correct=table[e.id][p]) for p in prompts] for e in exs]
         routing = label_routing(grid, golds, list(range(len(prompts))))
         return {
             "none": [table[e.id][""] for e in exs] if "" in prompts else [],
@@ -192,13 +194,6 @@ def main() -> None:
     atomic_write_json(out / "results.json", results)
     (out / "report.md").write_text(report(results), encoding="utf-8")
     print((out / "report.md").read_text(encoding="utf-8"))
-
-
-class _Hit:
-    """An outcome cell for :func:`label_routing`, which reads ``.correct``."""
-
-    def __init__(self, correct: bool) -> None:
-        self.correct = correct
 
 
 def report(results: dict[str, Any]) -> str:

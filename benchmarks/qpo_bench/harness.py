@@ -289,9 +289,9 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
         if kept_metrics is not None and metrics.loop == kept_metrics.loop:
             final_policy = policy
 
-    if config.best_of_n and final_policy is not None:
+    if config.best_of_n and final_policy is not None and kept_metrics is not None:
         phase = time.perf_counter()
-        n, last = config.best_of_n, kept_metrics.loop if kept_metrics is not None else loops[-1].loop
+        n, last = config.best_of_n, kept_metrics.loop
         say(f"qpo best-of-{n}: sampling {n} prompts per query from loop {last}, selector picks")
         samples, latencies = final_policy.sample(queries, n)
         picks, candidates_kept = [], []
