@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,7 @@ from qpo_middleware.training.collect import collect, score_pairs
 from qpo_middleware.training.config import CollectConfig
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.io import atomic_write_json
-from qpo_middleware.training.run import Run
+from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score
 from qpo_middleware.training.tasks import Example
@@ -75,18 +76,29 @@ def main() -> None:
                         help="Recipes scored on test ('chosen' = the best on dev); each once.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pool-choice-cpu"))
+    parser.add_argument("--verdicts-from", type=Path, default=None,
+                        help="Another run of the same task and target whose scores.sqlite seeds a new D0's score "
+                             "cache (verdicts are keyed by target, task, rendered input and gold, so only identical "
+                             "pairs hit): a bigger D0 then pays only for its new pairs.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.perf_counter()
     recipes = [r for r in args.recipes.split(",") if r]
     if unknown := [r for r in recipes if r not in RECIPES]:
         sys.exit(f"Unknown recipe(s) {unknown}; use {', '.join(RECIPES)}.")
-    name = f"{args.task}-seed{args.seed}"
+    shape = (args.train_queries, args.prompts_per_query)
+    name = f"{args.task}-seed{args.seed}" + ("" if shape == (400, 5) else "-n{}x{}".format(*shape))
     out, runs = args.out / name, args.out / "runs" / name
     runs.mkdir(parents=True, exist_ok=True)
 
     # -- D0, and every pool prompt on every dev and test query (one target, cached) --------------------
     d0_dir = runs / "d0"
+    if args.verdicts_from is not None and not d0_dir.exists():
+        source_scores = RunPaths(args.verdicts_from).scores
+        if not source_scores.is_file():
+            sys.exit(f"--verdicts-from {args.verdicts_from}: no {source_scores.name} there; pass a run directory.")
+        d0_dir.mkdir(parents=True)
+        shutil.copy2(source_scores, RunPaths(d0_dir).scores)
     config = CollectConfig(task=args.task, target=args.target, queries=args.train_queries,
                            collect_queries=args.dev_queries, test_queries=args.test_queries, prompts=args.prompts,
                            prompts_per_query=args.prompts_per_query, seed=args.seed, batch_size=16)
