@@ -56,6 +56,8 @@ EXPORT_TASK = "text-generation-with-past"
 # same block-wise scheme with 4-bit weights (half int8's weight bytes, further from fp32).
 QUANTIZE_CHOICES = ("int8", "int4", "int8-dynamic")
 INT8_BLOCK_SIZE = 32
+# MatMulNBits' compute type: 4 = int8 (activations quantized per block of each row), 1 = fp32.
+INT8_ACCURACY_LEVEL = 4
 WEIGHT_ONLY_BITS = {"int8": 8, "int4": 4}
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -380,13 +382,13 @@ def _quantize_weight_only(onnx_dir: Path, target: Path, bits: int) -> Path:
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                          "1024")
     ort.InferenceSession(str(onnx_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
-    config = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK_SIZE, is_symmetric=True, accuracy_level=4, bits=bits)
+    config = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK_SIZE, is_symmetric=True, accuracy_level=INT8_ACCURACY_LEVEL, bits=bits)
     root = logging.getLogger()  # the quantizer logs one INFO line per tensor on the root logger
     level = root.level
     root.setLevel(max(level, logging.WARNING))
     try:
         quantizer = MatMulNBitsQuantizer(onnx.load(str(folded)), bits=bits, block_size=INT8_BLOCK_SIZE,
-                                         is_symmetric=True, accuracy_level=4, algo_config=config)
+                                         is_symmetric=True, accuracy_level=INT8_ACCURACY_LEVEL, algo_config=config)
         quantizer.process()
     finally:
         root.setLevel(level)
