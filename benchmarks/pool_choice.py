@@ -87,7 +87,8 @@ def main() -> None:
     if unknown := [r for r in recipes if r not in RECIPES]:
         sys.exit(f"Unknown recipe(s) {unknown}; use {', '.join(RECIPES)}.")
     shape = (args.train_queries, args.prompts_per_query)
-    name = f"{args.task}-seed{args.seed}" + ("" if shape == (400, 5) else "-n{}x{}".format(*shape))
+    default_shape = (parser.get_default("train_queries"), parser.get_default("prompts_per_query"))
+    name = f"{args.task}-seed{args.seed}" + ("" if shape == default_shape else "-n{}x{}".format(*shape))
     out, runs = args.out / name, args.out / "runs" / name
     runs.mkdir(parents=True, exist_ok=True)
 
@@ -98,7 +99,9 @@ def main() -> None:
         if not source_scores.is_file():
             sys.exit(f"--verdicts-from {args.verdicts_from}: no {source_scores.name} there; pass a run directory.")
         d0_dir.mkdir(parents=True)
-        shutil.copy2(source_scores, RunPaths(d0_dir).scores)
+        partial = d0_dir / f"{source_scores.name}.partial"  # a copy cut short never poses as the cache
+        shutil.copy2(source_scores, partial)
+        partial.replace(RunPaths(d0_dir).scores)
     config = CollectConfig(task=args.task, target=args.target, queries=args.train_queries,
                            collect_queries=args.dev_queries, test_queries=args.test_queries, prompts=args.prompts,
                            prompts_per_query=args.prompts_per_query, seed=args.seed, batch_size=16)
