@@ -57,7 +57,6 @@ from qpo_middleware.training.io import atomic_write_json
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score
-from qpo_middleware.training.tasks import Example
 
 REFERENCES = ("best_prompt", "selector")
 
@@ -70,7 +69,12 @@ def main() -> None:
     parser.add_argument("--prompts-per-query", type=int, default=5, help="Pool prompts scored per D0 query (0 = all).")
     parser.add_argument("--prompts", default="13", help="The pool (CollectConfig.prompts); the empty prompt comes on top.")
     parser.add_argument("--dev-queries", type=int, default=150)
-    parser.add_argument("--test-queries", type=int, default=300)
+    parser.add_argument("--test-queries", type=int, default=300,
+                        help="Held-out test queries. Not part of D0: a larger number extends the same test split "
+                             "(its first queries are the smaller run's) and reuses D0, policies and verdicts.")
+    parser.add_argument("--bound-queries", type=int, default=0,
+                        help="Score every pool prompt on only the first N test queries (the oracle and label-routing "
+                             "bounds use those); the rest are scored only on the prompts the methods send. 0 = all.")
     parser.add_argument("--recipes", default="paper,query_rank,query_rank_dpo", help=f"Comma list of {', '.join(RECIPES)}.")
     parser.add_argument("--test-recipes", default="paper,chosen",
                         help="Recipes scored on test ('chosen' = the best on dev); each once.")
@@ -89,7 +93,8 @@ def main() -> None:
     shape = (args.train_queries, args.prompts_per_query)
     default_shape = (parser.get_default("train_queries"), parser.get_default("prompts_per_query"))
     name = f"{args.task}-seed{args.seed}" + ("" if shape == default_shape else "-n{}x{}".format(*shape))
-    out, runs = args.out / name, args.out / "runs" / name
+    test_name = "" if args.test_queries == parser.get_default("test_queries") else f"-t{args.test_queries}"
+    out, runs = args.out / (name + test_name), args.out / "runs" / name
     runs.mkdir(parents=True, exist_ok=True)
 
     # -- D0, and every pool prompt on every dev and test query (one target, cached) --------------------
@@ -102,10 +107,17 @@ def main() -> None:
         partial = d0_dir / f"{source_scores.name}.partial"  # a copy cut short never poses as the cache
         shutil.copy2(source_scores, partial)
         partial.replace(RunPaths(d0_dir).scores)
+    # D0 keeps the test size it was made with; the test split is drawn below at the size asked for.
+    d0_test = Run.open(d0_dir).config.test_queries if RunPaths(d0_dir).run_file.is_file() else args.test_queries
     config = CollectConfig(task=args.task, target=args.target, queries=args.train_queries,
-                           collect_queries=args.dev_queries, test_queries=args.test_queries, prompts=args.prompts,
+                           collect_queries=args.dev_queries, test_queries=d0_test, prompts=args.prompts,
                            prompts_per_query=args.prompts_per_query, seed=args.seed, batch_size=16)
     run = Run.open(d0_dir, config)
+    splits = run.task.splits(config.data_dir, **(config.split_args() | {"n_test": args.test_queries}))
+    if [e.id for e in splits.test[:d0_test]] != [e.id for e in run.splits.test][:args.test_queries] or \
+            (splits.train, splits.collect) != (run.splits.train, run.splits.collect):
+        sys.exit(f"Task {args.task!r} draws its test split from the train pool, so --test-queries {args.test_queries} "
+                 f"would change D0's splits; repeat --test-queries {d0_test} or use a new --out.")
     target = run.make_target()
     t = time.perf_counter()
     summary = collect(config, d0_dir, target=target)
@@ -114,19 +126,24 @@ def main() -> None:
     prompts = [text for _, text in pool]
     source = {text: src for src, text in pool}
 
-    def matrix(examples: list[Example]) -> dict[str, dict[str, bool]]:
-        pairs = run.pairs(examples, pool)
-        scores = score_pairs(target, run.task, pairs, config.chunk_size)
-        table: dict[str, dict[str, bool]] = {}
-        for pair, score in zip(pairs, scores, strict=True):
-            table.setdefault(pair.example.id, {})[pair.prompt] = bool(score.correct)  # failed = wrong
-        return table
+    dev_ex, test_ex = list(run.splits.collect), list(splits.test)
+    examples = {"dev": dev_ex, "test": test_ex}
+    # Every pool prompt on these queries: the oracle and label-routing bounds read them.
+    bounded = {"dev": dev_ex, "test": test_ex[: args.bound_queries or None]}
+    outcomes: dict[str, dict[str, dict[str, bool]]] = {"dev": {}, "test": {}}
+
+    def score(split: str, wanted: dict[str, list[str]]) -> None:
+        """Score on the target (cached) each (query id -> prompts) pair not yet in ``outcomes[split]``."""
+        table, by_id = outcomes[split], {e.id: e for e in examples[split]}
+        pairs = [pair for qid, asked in wanted.items()
+                 for pair in run.pairs([by_id[qid]], [(source[p], p) for p in dict.fromkeys(asked) if p not in table.get(qid, {})])]
+        for pair, verdict in zip(pairs, score_pairs(target, run.task, pairs, config.chunk_size), strict=True):
+            table.setdefault(pair.example.id, {})[pair.prompt] = bool(verdict.correct)  # failed = wrong
 
     t = time.perf_counter()
-    dev_ex, test_ex = list(run.splits.collect), list(run.splits.test)
-    outcomes = {"dev": matrix(dev_ex), "test": matrix(test_ex)}
+    for split, exs in bounded.items():
+        score(split, {e.id: prompts for e in exs})
     timings["score_matrices"] = time.perf_counter() - t
-    examples = {"dev": dev_ex, "test": test_ex}
 
     d0 = OfflineDataset(d0_dir).loop(0)
     accuracy = {p: statistics.fmean(r.correct for r in d0 if r.prompt == p) for p in prompts}
@@ -134,58 +151,77 @@ def main() -> None:
     selector = Selector.fit(d0)
     picked: dict[str, Counter[str]] = {}
 
-    def baselines(split: str) -> dict[str, list[bool]]:
-        table, exs = outcomes[split], examples[split]
-        rng = random.Random(args.seed)
+    def baselines(split: str) -> dict[str, list[str]]:
+        """The prompt each baseline sends to each query of ``split``."""
+        exs, rng = examples[split], random.Random(args.seed)
         picks = [prompts[max(range(len(prompts)), key=s.__getitem__)]
                  for s in (selector.predict(e.query, prompts) for e in exs)]
         picked[f"{split}:selector"] = Counter(source[p] for p in picks)
+        return {
+            **({"none": [""] * len(exs)} if "" in prompts else {}),
+            "best_prompt": [best] * len(exs),
+            "random_prompt": [rng.choice(prompts) for _ in exs],
+            "selector": picks,
+        }
+
+    def bounds(split: str) -> dict[str, list[bool]]:
+        """The oracle and label-routing bounds on ``split``'s fully scored queries."""
+        table, exs = outcomes[split], bounded[split]
         golds = [run.task.gold_text(e) for e in exs]
         grid = [[Score(correct=table[e.id][p]) for p in prompts] for e in exs]
         routing = label_routing(grid, golds, list(range(len(prompts))))
         return {
-            "none": [table[e.id][""] for e in exs] if "" in prompts else [],
-            "best_prompt": [table[e.id][best] for e in exs],
-            "random_prompt": [table[e.id][rng.choice(prompts)] for e in exs],
-            "selector": [table[e.id][p] for e, p in zip(exs, picks, strict=True)],
             "oracle": [any(table[e.id].values()) for e in exs],
             "label_routing": [table[e.id][prompts[routing[g]]] for e, g in zip(exs, golds, strict=True)],
         }
+
+    def hits(split: str, sent: dict[str, list[str]]) -> dict[str, list[bool]]:
+        """Each method's verdicts on ``split``, scoring the prompts it sent that are not scored yet."""
+        exs = examples[split]
+        wanted: dict[str, list[str]] = {}
+        for picks in sent.values():
+            for e, p in zip(exs, picks, strict=True):
+                wanted.setdefault(e.id, []).append(p)
+        score(split, wanted)
+        return {m: [outcomes[split][e.id][p] for e, p in zip(exs, picks, strict=True)] for m, picks in sent.items()}
 
     # -- each recipe: loop 1 on the same D0 (resumes) ------------------------------------------------
     suffix = f"n{args.train_queries}x{args.prompts_per_query}"
     timings |= train_recipes(runs, recipes, suffix, lambda run_dir: reuse_d0(d0_dir, run_dir), seed=args.seed,
                              target=target)
 
-    def qpo_hits(recipe: str, split: str) -> tuple[dict[str, list[bool]], float]:
+    def qpo_picks(recipe: str, split: str) -> tuple[dict[str, list[str]], float]:
+        """The prompt the recipe's policy sends to each query of ``split``, per rule."""
         run_dir, exs = recipe_dir(runs, recipe, suffix), examples[split]
         choices = policy_choices(run_dir, [e.query for e in exs], prompts, run_dir / f"choices_{split}_{len(exs)}.json",
                                  rules=RULES, reference=reference_model(runs, recipe, suffix))
-        hits = {}
+        sent = {}
         for rule in rules_of(choices):
             picked[f"{split}:qpo_{recipe}_{rule}"] = Counter(source[prompts[c]] for c in choices[rule])
-            hits[f"qpo_{recipe}_{rule}"] = [outcomes[split][e.id][prompts[c]]
-                                            for e, c in zip(exs, choices[rule], strict=True)]
-        return hits, choices["seconds_per_query"]
+            sent[f"qpo_{recipe}_{rule}"] = [prompts[c] for c in choices[rule]]
+        return sent, choices["seconds_per_query"]
 
     # -- validation chooses the recipe and the rule; test scores each listed recipe once ----------------
-    dev = {k: v for k, v in baselines("dev").items() if v}
+    sent = baselines("dev")
     seconds: dict[str, dict[str, float]] = {"dev": {}, "test": {}}
     for recipe in recipes:
-        hits, seconds["dev"][recipe] = qpo_hits(recipe, "dev")
-        dev |= hits
+        qpo, seconds["dev"][recipe] = qpo_picks(recipe, "dev")
+        sent |= qpo
+    dev = hits("dev", sent) | bounds("dev")
     dev_scores = {k: statistics.fmean(v) for k, v in dev.items()}
     qpo_dev = {k: v for k, v in dev_scores.items() if k.startswith("qpo_")}
     chosen = max(qpo_dev, key=qpo_dev.__getitem__)
     chosen_recipe = next(r for r in recipes if chosen.removeprefix(f"qpo_{r}_") in RULES)
 
-    test = {k: v for k, v in baselines("test").items() if v}
+    sent = baselines("test")
     test_recipes = [chosen_recipe if r == "chosen" else r for r in args.test_recipes.split(",") if r]
     for recipe in dict.fromkeys(r for r in test_recipes if r in recipes):
-        hits, seconds["test"][recipe] = qpo_hits(recipe, "test")
-        test |= hits
+        qpo, seconds["test"][recipe] = qpo_picks(recipe, "test")
+        sent |= qpo
+    test = hits("test", sent) | bounds("test")
     reference = {k: test[k] for k in REFERENCES}
-    methods = {k: method_row(v, {r: h for r, h in reference.items() if r != k}) for k, v in test.items()}
+    # A bound on the first --bound-queries is compared on those queries (the split's prefix).
+    methods = {k: method_row(v, {r: h[: len(v)] for r, h in reference.items() if r != k}) for k, v in test.items()}
 
     results: dict[str, Any] = {
         "benchmark": "pool_choice", "task": args.task, "target": target.id,
@@ -202,7 +238,7 @@ def main() -> None:
         "pool": [{"source": src, "text": text} for src, text in pool],
         "validation": {"queries": len(dev_ex), "scores": dev_scores, "chosen": chosen, "chosen_recipe": chosen_recipe},
         "prompts_sent": {k: dict(v.most_common()) for k, v in picked.items()},
-        "test": {"queries": len(test_ex), "methods": methods, "recipes_scored": list(dict.fromkeys(test_recipes))},
+        "test": {"queries": len(test_ex), "bound_queries": len(bounded["test"]), "methods": methods, "recipes_scored": list(dict.fromkeys(test_recipes))},
         "policy_seconds_per_query": seconds,
         "timings": {**timings, "total_seconds": time.perf_counter() - started},
     }
@@ -228,7 +264,9 @@ def report(results: dict[str, Any]) -> str:
         "## Test (each recipe scored once)", "",
         "| method | accuracy % [95% CI] | vs best prompt [95% CI] | vs selector [95% CI] |", "|---|---|---|---|",
         *[method_line(k, row, REFERENCES) for k, row in test["methods"].items()],
-        "", "`oracle` and `label_routing` are bounds that read the gold label, not methods.", "",
+        "", "`oracle` and `label_routing` are bounds that read the gold label, not methods"
+        + (f" (on the first {test['bound_queries']} test queries, where every pool prompt was scored)."
+           if test.get("bound_queries", test["queries"]) < test["queries"] else "."), "",
         "Prompts sent on test (count per pool prompt):", "",
         *[f"- {k.removeprefix('test:')}: " + ", ".join(f"{a} {n}" for a, n in v.items())
           for k, v in results["prompts_sent"].items() if k.startswith("test:")],
