@@ -109,3 +109,13 @@ def test_bad_user_files_name_line_and_problem(tmp_path: Path, content: str, suff
     task = TaskSpec(name="reviews", file=str(data), query_fields=("text",), labels=("bad", "good")).to_task()
     with pytest.raises(TaskError, match=message):
         task.splits(seed=0)
+
+
+@pytest.mark.parametrize("name", ["sst2", "ag_news"])
+def test_a_larger_test_split_extends_the_smaller_and_leaves_train_and_collect(name: str, real_data: Path) -> None:
+    # benchmarks/pool_choice.py extends a finished run's test split on this property (a task with its own test file)
+    task = get_task(name)
+    small = task.splits(real_data, seed=2, n_train=60, n_collect=30, n_test=30)
+    large = task.splits(real_data, seed=2, n_train=60, n_collect=30, n_test=70)
+    assert large.test[:30] == small.test and len(large.test) == 70
+    assert (large.train, large.collect) == (small.train, small.collect)
