@@ -8,7 +8,7 @@ test query once (cached in D0's ``scores.sqlite``). Each recipe trains loop 1 on
 the policy picks the pool prompt it finds most likely after the top reward token (``likelihood``) or most
 favoured by the top token over the bottom one (``implicit``) — decoding constrained to the pool.
 
-The recipe and rule are chosen on dev; test is scored once per listed recipe. Rows: ``none`` (no
+The recipe and rule are chosen on dev; test is scored once per listed recipe, with its best rule on dev. Rows: ``none`` (no
 instruction), ``best_prompt`` (best D0 accuracy), ``random_prompt``, ``selector`` (Prompt-OIRL-style, fit
 on D0), ``oracle`` (any pool prompt right: a bound) and ``label_routing`` (per gold label, the prompt right
 most often on that label's queries of the same split: how much of the oracle is routing by label).
@@ -190,13 +190,17 @@ def main() -> None:
     timings |= train_recipes(runs, recipes, suffix, lambda run_dir: reuse_d0(d0_dir, run_dir), seed=args.seed,
                              target=target)
 
-    def qpo_picks(recipe: str, split: str) -> tuple[dict[str, list[str]], float]:
-        """The prompt the recipe's policy sends to each query of ``split``, per rule."""
+    def qpo_picks(recipe: str, split: str, rules: tuple[str, ...] = RULES) -> tuple[dict[str, list[str]], float]:
+        """The prompt the recipe's policy sends to each query of ``split``, per rule (a cache of every rule
+        serves a subset; scoring fewer rules skips the passes only they need)."""
         run_dir, exs = recipe_dir(runs, recipe, suffix), examples[split]
-        choices = policy_choices(run_dir, [e.query for e in exs], prompts, run_dir / f"choices_{split}_{len(exs)}.json",
-                                 rules=RULES, reference=reference_model(runs, recipe, suffix))
+        cache = every = run_dir / f"choices_{split}_{len(exs)}.json"
+        if rules != RULES and not every.is_file():
+            cache = run_dir / f"choices_{split}_{len(exs)}_{'+'.join(rules)}.json"
+        choices = policy_choices(run_dir, [e.query for e in exs], prompts, cache,
+                                 rules=rules, reference=reference_model(runs, recipe, suffix))
         sent = {}
-        for rule in rules_of(choices):
+        for rule in (r for r in rules_of(choices) if r in rules):
             picked[f"{split}:qpo_{recipe}_{rule}"] = Counter(source[prompts[c]] for c in choices[rule])
             sent[f"qpo_{recipe}_{rule}"] = [prompts[c] for c in choices[rule]]
         return sent, choices["seconds_per_query"]
@@ -215,8 +219,9 @@ def main() -> None:
 
     sent = baselines("test")
     test_recipes = [chosen_recipe if r == "chosen" else r for r in args.test_recipes.split(",") if r]
-    for recipe in dict.fromkeys(r for r in test_recipes if r in recipes):
-        qpo, seconds["test"][recipe] = qpo_picks(recipe, "test")
+    for recipe in dict.fromkeys(r for r in test_recipes if r in recipes):  # each with its best rule on dev
+        rule = max((k for k in qpo_dev if k.removeprefix(f"qpo_{recipe}_") in RULES), key=qpo_dev.__getitem__)
+        qpo, seconds["test"][recipe] = qpo_picks(recipe, "test", (rule.removeprefix(f"qpo_{recipe}_"),))
         sent |= qpo
     test = hits("test", sent) | bounds("test")
     reference = {k: test[k] for k in REFERENCES}
@@ -270,7 +275,7 @@ def report(results: dict[str, Any]) -> str:
         "Prompts sent on test (count per pool prompt):", "",
         *[f"- {k.removeprefix('test:')}: " + ", ".join(f"{a} {n}" for a, n in v.items())
           for k, v in results["prompts_sent"].items() if k.startswith("test:")],
-        "", "Policy scoring cost per query (all pool prompts x 2 reward tokens, CPU): " + ", ".join(
+        "", "Policy scoring cost per test query (every pool prompt, the passes its rule needs, CPU): " + ", ".join(
             f"{k} {v:.2f} s" for k, v in results["policy_seconds_per_query"]["test"].items()), "",
     ]
     return "\n".join(lines)
