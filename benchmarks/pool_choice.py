@@ -254,13 +254,16 @@ def main() -> None:
 
 def report(results: dict[str, Any]) -> str:
     s, d0, val, test = results["settings"], results["d0"], results["validation"], results["test"]
+    bound = test.get("bound_queries", test["queries"])
+    grid = ("every test query" if bound == test["queries"] else
+            f"the first {bound} test queries (the others on the prompts the methods sent)")
     lines = [
         f"# QPO recipes on {results['task']} with {results['target']}: choosing among the pool prompts", "",
         f"`{results['command']}` — commit `{results['commit']}`{' (uncommitted changes)' if results['dirty'] else ''}, "
         f"{results['environment'].get('cpu_model')}, {results['environment'].get('cpu_cores_usable')} cores", "",
         f"D0: {d0['queries']} train queries x {s['prompts_per_query'] or 'all'} of {len(results['pool'])} pool prompts "
         f"({d0['records']} records, D0 oracle {100 * d0['oracle']:.1f}%); dev: {val['queries']} collect queries; "
-        f"test: {test['queries']} held-out queries; every pool prompt scored on every dev and test query. "
+        f"test: {test['queries']} held-out queries; every pool prompt scored on every dev query and {grid}. "
         f"Best D0 prompt: `{d0['best_prompt']}` ({100 * d0['prompt_accuracy'][d0['best_prompt']]:.1f}% on D0).", "",
         "## Validation (chooses the recipe and how the policy picks)", "",
         "| method | dev accuracy |", "|---|---:|",
