@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qpo_bench.environment import environment
+from qpo_bench.environment import code_version, environment
 from qpo_bench.offline import (
     RECIPES,
     RULES,
@@ -85,7 +84,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/oirl-cpu"))
     args = parser.parse_args()
-    started = time.perf_counter()
+    started, code = time.perf_counter(), code_version()
     out, runs = args.out, args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     recipes = [r for r in args.recipes.split(",") if r]
@@ -146,7 +145,7 @@ def main() -> None:
                  outcomes: dict[str, dict[str, bool]]) -> tuple[dict[str, list[bool]], float]:
         run_dir = recipe_dir(runs, recipe, suffix)
         choices = policy_choices(run_dir, [texts[i] for i in split_ids], prompts,
-                                 run_dir / f"choices_{split}_{len(split_ids)}.json")
+                                 run_dir / f"choices_{split}_{len(split_ids)}.json", seed=args.seed)
         for rule in rules_of(choices):
             picked[f"{split}:qpo_{recipe}_{rule}"] = Counter(aliases[prompts[c]] for c in choices[rule])
         return ({f"qpo_{recipe}_{rule}": [outcomes[i][prompts[c]] for i, c in zip(split_ids, choices[rule], strict=True)]
@@ -185,7 +184,7 @@ def main() -> None:
         rule = chosen.removeprefix(f"qpo_{chosen_recipe}_")
         run_dir = recipe_dir(runs, chosen_recipe, suffix)
         picks16 = policy_choices(run_dir, [texts[i] for i in ids16], prompts16,
-                                 run_dir / f"choices_test16_{len(ids16)}_{rule}.json", rules=(rule,))
+                                 run_dir / f"choices_test16_{len(ids16)}_{rule}.json", rules=(rule,), seed=args.seed)
         predicted = [selector.predict(texts[i], prompts16) for i in ids16]
         hits16 = {
             "best_prompt": [outcomes16[i][best] for i in ids16],
@@ -208,9 +207,7 @@ def main() -> None:
     results = {
         "benchmark": "oirl", "dataset": "gsm8k", "target": "oirl:llama-2-7b-chat (logged)",
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "dirty": bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                     text=True).stdout.strip()),
+        **code,
         "environment": environment(),
         "settings": {"train_queries": args.train_queries, "dev_queries": args.dev_queries,
                      "test_queries": args.test_queries, "seed": args.seed, "train": TRAIN,

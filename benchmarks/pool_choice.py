@@ -9,14 +9,14 @@ the policy picks the pool prompt it finds most likely after the top reward token
 favoured by the top token over the bottom one (``implicit``) — decoding constrained to the pool.
 
 The recipe and rule are chosen on dev; test is scored once per listed recipe, with its best rule on dev. Rows: ``none`` (no
-instruction), ``best_prompt`` (best D0 accuracy), ``random_prompt``, ``selector`` (Prompt-OIRL-style, fit
-on D0), ``oracle`` (any pool prompt right: a bound) and ``label_routing`` (per gold label, the prompt right
+instruction), ``best_prompt`` (best D0 accuracy), ``best_prompt_dev`` (best on dev, where QPO's recipe
+and rule are chosen), ``random_prompt``, ``selector`` (Prompt-OIRL-style, fit on D0), ``oracle`` (any pool prompt right: a bound) and ``label_routing`` (per gold label, the prompt right
 most often on that label's queries of the same split: how much of the oracle is routing by label).
 
     python benchmarks/pool_choice.py --task sst2 --seed 0 --recipes paper,query_rank,query_rank_dpo
 
 Writes ``OUT/<task>-seed<S>/results.json`` (command, commit, hardware, settings, dev scores that chose,
-test rows with paired 95% intervals against ``best_prompt`` and ``selector``) and ``report.md``; runs
+test rows with paired 95% intervals against ``best_prompt``, ``best_prompt_dev`` and ``selector``) and ``report.md``; runs
 stay under ``OUT/runs/`` (ignored by git) and a re-run resumes.
 """
 
@@ -27,7 +27,6 @@ import logging
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -36,7 +35,7 @@ from typing import Any
 
 from quality import DEFAULT_MODEL, reuse_d0
 
-from qpo_bench.environment import environment
+from qpo_bench.environment import code_version, environment
 from qpo_bench.harness import label_routing
 from qpo_bench.offline import (
     RECIPES,
@@ -58,7 +57,7 @@ from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score
 
-REFERENCES = ("best_prompt", "selector")
+REFERENCES = ("best_prompt", "best_prompt_dev", "selector")
 
 
 def main() -> None:
@@ -86,7 +85,7 @@ def main() -> None:
                              "pairs hit): a bigger D0 then pays only for its new pairs.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    started = time.perf_counter()
+    started, code = time.perf_counter(), code_version()
     recipes = [r for r in args.recipes.split(",") if r]
     if unknown := [r for r in recipes if r not in RECIPES]:
         sys.exit(f"Unknown recipe(s) {unknown}; use {', '.join(RECIPES)}.")
@@ -148,6 +147,9 @@ def main() -> None:
     d0 = OfflineDataset(d0_dir).loop(0)
     accuracy = {p: statistics.fmean(r.correct for r in d0 if r.prompt == p) for p in prompts}
     best = max(prompts, key=lambda p: (accuracy[p], -prompts.index(p)))
+    # The fixed prompt dev would choose: QPO's recipe and rule are chosen on dev, so a single prompt may be too.
+    dev_accuracy = {p: statistics.fmean(outcomes["dev"][e.id][p] for e in dev_ex) for p in prompts}
+    best_dev = max(prompts, key=lambda p: (dev_accuracy[p], accuracy[p], -prompts.index(p)))
     selector = Selector.fit(d0)
     picked: dict[str, Counter[str]] = {}
 
@@ -160,6 +162,7 @@ def main() -> None:
         return {
             **({"none": [""] * len(exs)} if "" in prompts else {}),
             "best_prompt": [best] * len(exs),
+            "best_prompt_dev": [best_dev] * len(exs),
             "random_prompt": [rng.choice(prompts) for _ in exs],
             "selector": picks,
         }
@@ -198,7 +201,7 @@ def main() -> None:
         if rules != RULES and not every.is_file():
             cache = run_dir / f"choices_{split}_{len(exs)}_{'+'.join(rules)}.json"
         choices = policy_choices(run_dir, [e.query for e in exs], prompts, cache,
-                                 rules=rules, reference=reference_model(runs, recipe, suffix))
+                                 rules=rules, reference=reference_model(runs, recipe, suffix), seed=args.seed)
         sent = {}
         for rule in (r for r in rules_of(choices) if r in rules):
             picked[f"{split}:qpo_{recipe}_{rule}"] = Counter(source[prompts[c]] for c in choices[rule])
@@ -231,15 +234,14 @@ def main() -> None:
     results: dict[str, Any] = {
         "benchmark": "pool_choice", "task": args.task, "target": target.id,
         "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "dirty": bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                     text=True).stdout.strip()),
+        **code,
         "environment": environment(),
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "train": TRAIN,
                      "recipes": {r: RECIPES[r] for r in recipes}},
         "d0": {"queries": summary.queries, "records": len(d0), "target_calls": summary.target_calls,
                "prompt_accuracy": {source[p]: accuracy[p] for p in prompts}, "best_prompt": source[best],
                "oracle": summary.oracle_accuracy},
+        "best_prompt_dev": {"prompt": source[best_dev], "dev_accuracy": {source[p]: dev_accuracy[p] for p in prompts}},
         "pool": [{"source": src, "text": text} for src, text in pool],
         "validation": {"queries": len(dev_ex), "scores": dev_scores, "chosen": chosen, "chosen_recipe": chosen_recipe},
         "prompts_sent": {k: dict(v.most_common()) for k, v in picked.items()},
@@ -255,6 +257,7 @@ def main() -> None:
 def report(results: dict[str, Any]) -> str:
     s, d0, val, test = results["settings"], results["d0"], results["validation"], results["test"]
     bound = test.get("bound_queries", test["queries"])
+    references = [r for r in REFERENCES if r in test["methods"]]
     grid = ("every test query" if bound == test["queries"] else
             f"the first {bound} test queries (the others on the prompts the methods sent)")
     lines = [
@@ -264,14 +267,17 @@ def report(results: dict[str, Any]) -> str:
         f"D0: {d0['queries']} train queries x {s['prompts_per_query'] or 'all'} of {len(results['pool'])} pool prompts "
         f"({d0['records']} records, D0 oracle {100 * d0['oracle']:.1f}%); dev: {val['queries']} collect queries; "
         f"test: {test['queries']} held-out queries; every pool prompt scored on every dev query and {grid}. "
-        f"Best D0 prompt: `{d0['best_prompt']}` ({100 * d0['prompt_accuracy'][d0['best_prompt']]:.1f}% on D0).", "",
+        f"Best D0 prompt: `{d0['best_prompt']}` ({100 * d0['prompt_accuracy'][d0['best_prompt']]:.1f}% on D0)"
+        + (f"; best on dev: `{results['best_prompt_dev']['prompt']}`."
+           if "best_prompt_dev" in results else "."), "",
         "## Validation (chooses the recipe and how the policy picks)", "",
         "| method | dev accuracy |", "|---|---:|",
         *[f"| {k} | {100 * v:.1f} |" for k, v in sorted(val["scores"].items(), key=lambda kv: -kv[1])],
         "", f"Chosen: `{val['chosen']}`.", "",
         "## Test (each recipe scored once)", "",
-        "| method | accuracy % [95% CI] | vs best prompt [95% CI] | vs selector [95% CI] |", "|---|---|---|---|",
-        *[method_line(k, row, REFERENCES) for k, row in test["methods"].items()],
+        "| method | accuracy % [95% CI] | " + " | ".join(f"vs {r.replace('_', ' ')} [95% CI]" for r in references) + " |",
+        "|---|---|" + "---|" * len(references),
+        *[method_line(k, row, references) for k, row in test["methods"].items()],
         "", "`oracle` and `label_routing` are bounds that read the gold label, not methods"
         + (f" (on the first {test['bound_queries']} test queries, where every pool prompt was scored)."
            if test.get("bound_queries", test["queries"]) < test["queries"] else "."), "",

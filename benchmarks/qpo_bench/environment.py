@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
+
+
+def code_version() -> dict[str, Any]:
+    """The commit a benchmark runs and whether tracked files differ from it. Read it when the run starts:
+    read at the end, a commit made while the run went on would be recorded as the code that ran."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def environment() -> dict[str, Any]:

@@ -12,7 +12,9 @@ further target call. Shared by ``benchmarks/oirl.py`` (LLaMA-2-7B's logs) and ``
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +26,8 @@ from qpo_middleware.training.config import LoopConfig, TrainConfig
 from qpo_middleware.training.io import atomic_write_json
 from qpo_middleware.training.loops import completed_loops, load_policy, run_loops
 from qpo_middleware.training.run import RunPaths
+
+logger = logging.getLogger(__name__)
 
 # Training settings shared by every recipe (the quality benchmark's CPU profile); recipes differ in
 # what the reward token encodes, which D0 records train, and the preference step.
@@ -94,24 +98,34 @@ def reference_model(runs: Path, recipe: str, suffix: str) -> str | None:
 
 
 def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache: Path,
-                   rules: tuple[str, ...] = ("likelihood", "implicit"), reference: str | None = None) -> dict[str, Any]:
+                   rules: tuple[str, ...] = ("likelihood", "implicit"), reference: str | None = None, *,
+                   seed: int) -> dict[str, Any]:
     """Per rule, the index of the prompt the policy of loop 1 picks for each query (cached in ``cache``):
     ``likelihood`` = most likely after the top reward token; ``implicit`` = most favoured by the top token
     over the bottom one; ``dpo_ratio`` = most favoured by the policy over ``reference`` (the model its
     preference step started from) after the top token, DPO's implicit reward. Each is scored only when asked
-    for (``dpo_ratio`` only with a reference). ``seconds_per_query`` is the policy's own scoring time."""
+    for (``dpo_ratio`` only with a reference). ``seconds_per_query`` is the policy's own scoring time.
+
+    ``seed`` is the one the recipe trained with: a base-model reference gets its reward-token rows from it,
+    as in training. The cache serves only the same queries, prompts, reference and seed, with every rule asked."""
     from qpo_middleware.training.preference import candidate_logps
 
+    inputs = hashlib.sha256(json.dumps([queries, prompts, reference, seed, str(RunPaths(run_dir).checkpoint(1))],
+                                       ensure_ascii=False).encode("utf-8")).hexdigest()
+    wanted = [r for r in rules if r != "dpo_ratio" or reference is not None]
     if cache.is_file():
-        return json.loads(cache.read_text(encoding="utf-8"))
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached.get("inputs") == inputs and all(r in cached for r in wanted):
+            return cached
+        logger.info("%s was made for other inputs or rules; scoring again", cache)
     # The policy format (buckets, token budgets) is the same in every recipe: TRAIN's.
-    train = TrainConfig(**TRAIN)
+    train = TrainConfig(**{**TRAIN, "seed": seed})
     model, tokenizer, fmt = load_policy(RunPaths(run_dir).checkpoint(1), train)
     top = len(fmt.reward_token_ids) - 1
     started = time.perf_counter()
     scores = candidate_logps(model, tokenizer, fmt, queries, prompts, (top, 0) if "implicit" in rules else (top,))
     seconds = time.perf_counter() - started
-    choices: dict[str, Any] = {"seconds_per_query": seconds / max(1, len(queries))}
+    choices: dict[str, Any] = {"inputs": inputs, "seconds_per_query": seconds / max(1, len(queries))}
     if "likelihood" in rules:
         choices["likelihood"] = scores[0].argmax(-1).tolist()
     if "implicit" in rules:
