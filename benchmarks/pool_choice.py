@@ -16,7 +16,8 @@ most often on that label's queries of the same split: how much of the oracle is 
     python benchmarks/pool_choice.py --task sst2 --seed 0 --recipes paper,query_rank,query_rank_dpo
 
 Writes ``OUT/<task>-seed<S>/results.json`` (command, commit, hardware, settings, dev scores that chose,
-test rows with paired 95% intervals against ``best_prompt``, ``best_prompt_dev`` and ``selector``) and ``report.md``; runs
+test rows with paired 95% intervals against ``best_prompt``, ``best_prompt_dev`` and ``selector``), ``report.md`` and
+``per_query.json`` (each query's verdicts per method, the pool grid, the policy's log-probabilities); runs
 stay under ``OUT/runs/`` (ignored by git) and a re-run resumes.
 """
 
@@ -202,11 +203,14 @@ def main() -> None:
             cache = run_dir / f"choices_{split}_{len(exs)}_{'+'.join(rules)}.json"
         choices = policy_choices(run_dir, [e.query for e in exs], prompts, cache,
                                  rules=rules, reference=reference_model(runs, recipe, suffix), seed=args.seed)
+        policy_logps[f"{split}:{recipe}"] = choices.get("logps", {})
         sent = {}
         for rule in (r for r in rules_of(choices) if r in rules):
             picked[f"{split}:qpo_{recipe}_{rule}"] = Counter(source[prompts[c]] for c in choices[rule])
             sent[f"qpo_{recipe}_{rule}"] = [prompts[c] for c in choices[rule]]
         return sent, choices["seconds_per_query"]
+
+    policy_logps: dict[str, dict[str, list[list[float]]]] = {}
 
     # -- validation chooses the recipe and the rule; test scores each listed recipe once ----------------
     sent = baselines("dev")
@@ -251,6 +255,17 @@ def main() -> None:
     }
     atomic_write_json(out / "results.json", results)
     (out / "report.md").write_text(report(results), encoding="utf-8")
+
+    def bits(values: list[bool]) -> str:
+        return "".join("1" if v else "0" for v in values)
+
+    # Per query, for paired comparisons across runs and rules tried later without the models or the target.
+    atomic_write_json(out / "per_query.json", {"prompts": [source[p] for p in prompts], "splits": {split: {
+        "ids": [e.id for e in examples[split]], "gold": [run.task.gold_text(e) for e in examples[split]],
+        "hits": {m: bits(h) for m, h in table.items()},
+        "grid": {e.id: bits([outcomes[split][e.id][p] for p in prompts]) for e in bounded[split]},
+        "policy_logps": {k.split(":", 1)[1]: v for k, v in policy_logps.items() if k.startswith(f"{split}:")},
+    } for split, table in (("dev", dev), ("test", test))}})
     print((out / "report.md").read_text(encoding="utf-8"))
 
 

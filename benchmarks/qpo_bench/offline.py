@@ -104,7 +104,8 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
     ``likelihood`` = most likely after the top reward token; ``implicit`` = most favoured by the top token
     over the bottom one; ``dpo_ratio`` = most favoured by the policy over ``reference`` (the model its
     preference step started from) after the top token, DPO's implicit reward. Each is scored only when asked
-    for (``dpo_ratio`` only with a reference). ``seconds_per_query`` is the policy's own scoring time.
+    for (``dpo_ratio`` only with a reference). ``seconds_per_query`` is the policy's own scoring time;
+    ``logps`` holds the (query x prompt) log-probabilities the rules read: ``top``, ``bottom``, ``reference``.
 
     ``seed`` is the one the recipe trained with: a base-model reference gets its reward-token rows from it,
     as in training. The cache serves only the same queries, prompts, reference and seed, with every rule asked."""
@@ -126,6 +127,7 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
     scores = candidate_logps(model, tokenizer, fmt, queries, prompts, (top, 0) if "implicit" in rules else (top,))
     seconds = time.perf_counter() - started
     choices: dict[str, Any] = {"inputs": inputs, "seconds_per_query": seconds / max(1, len(queries))}
+    logps = {"top": scores[0], **({"bottom": scores[1]} if "implicit" in rules else {})}
     if "likelihood" in rules:
         choices["likelihood"] = scores[0].argmax(-1).tolist()
     if "implicit" in rules:
@@ -135,6 +137,9 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
         ref_model, ref_tokenizer, ref_fmt = load_policy(reference, train)
         ref = candidate_logps(ref_model, ref_tokenizer, ref_fmt, queries, prompts, (top,))
         choices["dpo_ratio"] = (scores[0] - ref[0]).argmax(-1).tolist()
+        logps["reference"] = ref[0]
+    # The scores themselves (query x prompt), so other rules can be tried later without the models.
+    choices["logps"] = {k: [[round(x, 4) for x in row] for row in v.tolist()] for k, v in logps.items()}
     atomic_write_json(cache, choices)
     return choices
 
