@@ -367,3 +367,39 @@ def test_size_overrides_and_a_recipe_started_from_another_runs_d0(runs: dict[str
     assert not RunPaths(copied).policy.exists()  # the recipe trains afresh
     assert (RunPaths(copied).run_file.read_text() == RunPaths(source).run_file.read_text())
     assert not quality.reuse_d0(source, copied)  # an existing run is never overwritten
+
+
+def test_policy_choices_give_a_base_reference_the_recipe_seed_and_rescore_new_inputs(
+        tiny_base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pool_choice's choice step: a base-model DPO reference gets its reward-token rows from the recipe's seed
+    (as in training), and a cache made for other inputs is not served."""
+    import qpo_bench.offline as offline
+    from qpo_middleware.training.config import TrainConfig
+    from qpo_middleware.training.loops import load_policy
+    from qpo_middleware.training.preference import candidate_logps
+    from qpo_middleware.training.run import RunPaths
+
+    run_dir = tmp_path / "run"
+    model, tokenizer, _ = load_policy(tiny_base, TrainConfig(**offline.TRAIN))
+    model.save_pretrained(RunPaths(run_dir).checkpoint(1))
+    tokenizer.save_pretrained(RunPaths(run_dir).checkpoint(1))
+    queries, prompts = ["a gripping, funny film", "dull and far too long"], ["Is it positive?", "Label it.", ""]
+
+    def choose(seed: int, cache: str, candidates: list[str] = prompts) -> dict[str, Any]:
+        return offline.policy_choices(run_dir, queries, candidates, tmp_path / cache, rules=("dpo_ratio",),
+                                      reference=tiny_base, seed=seed)
+
+    seeded = {seed: choose(seed, f"choices-{seed}.json")["logps"]["reference"] for seed in (0, 1)}
+    assert seeded[0] != seeded[1]  # the new token rows' noise comes from the seed
+    ref, ref_tokenizer, ref_fmt = load_policy(tiny_base, TrainConfig(**{**offline.TRAIN, "seed": 1}))
+    top = len(ref_fmt.reward_token_ids) - 1
+    expected = candidate_logps(ref, ref_tokenizer, ref_fmt, queries, prompts, (top,))[0]
+    for got, want in zip(seeded[1], expected.tolist(), strict=True):
+        assert got == pytest.approx(want, abs=1e-3)
+
+    first = choose(1, "choices-1.json")  # the same inputs: served from the cache without a model
+    monkeypatch.setattr(offline, "load_policy", lambda *a, **k: pytest.fail("the cache should have served"))
+    assert choose(1, "choices-1.json") == first
+    monkeypatch.undo()
+    again = choose(1, "choices-1.json", prompts[:2])  # other prompts: scored again, never stale indices
+    assert len(again["logps"]["top"][0]) == 2 and again["inputs"] != first["inputs"]
