@@ -48,6 +48,7 @@ from qpo_bench.offline import (
     method_row,
     policy_choices,
     recipe_dir,
+    reference_model,
     rules_of,
     train_recipes,
 )
@@ -145,7 +146,8 @@ def main() -> None:
                  outcomes: dict[str, dict[str, bool]]) -> tuple[dict[str, list[bool]], float]:
         run_dir = recipe_dir(runs, recipe, suffix)
         choices = policy_choices(run_dir, [texts[i] for i in split_ids], prompts,
-                                 run_dir / f"choices_{split}_{len(split_ids)}.json", seed=args.seed)
+                                 run_dir / f"choices_{split}_{len(split_ids)}.json", rules=RULES,
+                                 reference=reference_model(runs, recipe, suffix), seed=args.seed)
         for rule in rules_of(choices):
             picked[f"{split}:qpo_{recipe}_{rule}"] = Counter(aliases[prompts[c]] for c in choices[rule])
         return ({f"qpo_{recipe}_{rule}": [outcomes[i][prompts[c]] for i, c in zip(split_ids, choices[rule], strict=True)]
@@ -184,7 +186,8 @@ def main() -> None:
         rule = chosen.removeprefix(f"qpo_{chosen_recipe}_")
         run_dir = recipe_dir(runs, chosen_recipe, suffix)
         picks16 = policy_choices(run_dir, [texts[i] for i in ids16], prompts16,
-                                 run_dir / f"choices_test16_{len(ids16)}_{rule}.json", rules=(rule,), seed=args.seed)
+                                 run_dir / f"choices_test16_{len(ids16)}_{rule}.json", rules=(rule,),
+                                 reference=reference_model(runs, chosen_recipe, suffix), seed=args.seed)
         predicted = [selector.predict(texts[i], prompts16) for i in ids16]
         hits16 = {
             "best_prompt": [outcomes16[i][best] for i in ids16],
