@@ -35,12 +35,10 @@ def column_means(rows: list[list[float]]) -> list[float]:
 
 
 def rule_scores(rule: str, logps: dict[str, list[list[float]]], offsets: dict[str, list[float]]) -> list[list[float]]:
-    """Per query, each pool prompt's score under ``rule`` (the prompt sent is the argmax)."""
+    """Per query, each pool prompt's score under a reference-free ``rule`` (the prompt sent is the argmax)."""
     top = logps["top"]
     if rule == "likelihood":
         return top
-    if rule == "dpo_ratio":
-        return [[t - r for t, r in zip(tq, rq, strict=True)] for tq, rq in zip(top, logps["reference"], strict=True)]
     offset = offsets["reference" if rule == "ratio_prior" else "top"]
     return [[t - o for t, o in zip(tq, offset, strict=True)] for tq in top]
 
@@ -72,16 +70,18 @@ def main() -> None:
         grid = [split["grid"][qid] for qid in split["ids"][: len(split["grid"])]]
         return [row[c] == "1" for row, c in zip(grid, chosen[: len(grid)], strict=True)]
 
-    dev_rules = [r for r in (*FREE_RULES, "dpo_ratio") if r != "dpo_ratio" or "reference" in dev_logps]
-    dev_scores = {r: statistics.fmean(verdicts(dev, picks(rule_scores(r, dev_logps, offsets)))) for r in dev_rules}
+    # dpo_ratio as the run scored it (its verdicts are recorded), beside the rules tried here.
+    ratio = f"qpo_{recipe}_dpo_ratio"
+    dev_scores = {r: statistics.fmean(verdicts(dev, picks(rule_scores(r, dev_logps, offsets)))) for r in FREE_RULES}
     chosen = max(FREE_RULES, key=dev_scores.__getitem__)
+    if ratio in dev["hits"]:
+        dev_scores["dpo_ratio"] = statistics.fmean(c == "1" for c in dev["hits"][ratio])
 
     bound = len(test["grid"])
     head = {k: [c == "1" for c in v[:bound]] for k, v in test["hits"].items()}
     rows = {
         f"{chosen} (chosen on dev, no reference model)": verdicts(test, picks(rule_scores(chosen, test_logps, offsets))),
-        **({"dpo_ratio": verdicts(test, picks(rule_scores("dpo_ratio", test_logps, offsets)))}
-           if "reference" in test_logps else {}),
+        **({"dpo_ratio": head[ratio]} if ratio in head else {}),
         **{k: head[k] for k in ("best_prompt", "best_prompt_dev", "selector") if k in head},
     }
     references = {k: rows[k] for k in ("best_prompt", "best_prompt_dev", "dpo_ratio") if k in rows}

@@ -24,6 +24,7 @@ stay under ``OUT/runs/`` (ignored by git) and a re-run resumes.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import shutil
@@ -53,7 +54,7 @@ from qpo_bench.offline import (
 from qpo_middleware.training.collect import collect, score_pairs
 from qpo_middleware.training.config import CollectConfig
 from qpo_middleware.training.dataset import OfflineDataset
-from qpo_middleware.training.io import atomic_write_json
+from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score
@@ -260,12 +261,12 @@ def main() -> None:
         return "".join("1" if v else "0" for v in values)
 
     # Per query, for paired comparisons across runs and rules tried later without the models or the target.
-    atomic_write_json(out / "per_query.json", {"prompts": [source[p] for p in prompts], "splits": {split: {
+    atomic_write_text(out / "per_query.json", json.dumps({"prompts": [source[p] for p in prompts], "splits": {split: {
         "ids": [e.id for e in examples[split]], "gold": [run.task.gold_text(e) for e in examples[split]],
         "hits": {m: bits(h) for m, h in table.items()},
         "grid": {e.id: bits([outcomes[split][e.id][p] for p in prompts]) for e in bounded[split]},
         "policy_logps": {k.split(":", 1)[1]: v for k, v in policy_logps.items() if k.startswith(f"{split}:")},
-    } for split, table in (("dev", dev), ("test", test))}})
+    } for split, table in (("dev", dev), ("test", test))}}, ensure_ascii=False, separators=(",", ":")) + "\n")
     print((out / "report.md").read_text(encoding="utf-8"))
 
 
@@ -295,7 +296,7 @@ def report(results: dict[str, Any]) -> str:
         *[method_line(k, row, references) for k, row in test["methods"].items()],
         "", "`oracle` and `label_routing` are bounds that read the gold label, not methods"
         + (f" (on the first {test['bound_queries']} test queries, where every pool prompt was scored)."
-           if test.get("bound_queries", test["queries"]) < test["queries"] else "."), "",
+           if bound < test["queries"] else "."), "",
         "Prompts sent on test (count per pool prompt):", "",
         *[f"- {k.removeprefix('test:')}: " + ", ".join(f"{a} {n}" for a, n in v.items())
           for k, v in results["prompts_sent"].items() if k.startswith("test:")],
