@@ -129,6 +129,9 @@ def _object(data: Mapping[str, Any], key: str, where: str = "") -> Mapping[str, 
 # ---------------------------------------------------------------------------- manifest parts
 
 
+STRATEGIES = ("generate", "choose")
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """How the policy decodes: the one settings type of every decode loop (runtime and training).
@@ -144,6 +147,9 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     suppress_token_ids: tuple[int, ...] = ()
+    # "generate": the policy writes a prompt; "choose": it picks one of the bundle's library prompts
+    # (qpo_middleware.choice), which needs a bundle with a library and is deterministic.
+    strategy: str = "generate"
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> BundleError:
@@ -170,6 +176,11 @@ class GenerationConfig:
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
         ):
             raise bad("suppress_token_ids", "a list of non-negative token ids")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", " or ".join(map(repr, STRATEGIES)))
+        if self.strategy == "choose" and self.do_sample:
+            raise BundleError("generation: do_sample applies to strategy 'generate'; strategy 'choose' picks the best "
+                              "library prompt deterministically. Pass strategy='generate' to sample.")
 
     @classmethod
     def for_policy(cls, policy: PolicyFormat, **overrides: Any) -> GenerationConfig:

@@ -10,12 +10,19 @@ the continuation of the library prompts that start with those tokens (the most f
 of a token trie), or, once a row has left every library prompt, the tokens that followed its last
 few tokens in some library prompt (prompt lookup). The generator verifies a whole draft in one
 forward pass and keeps only the tokens greedy decoding would have chosen, so drafts change speed,
-never output. This module is the one definition of the library file.
+never output.
+
+With the ``choose`` strategy (:mod:`qpo_middleware.choice`) the library is also the set the policy
+chooses from: each prompt may carry an ``offset``, the mean log-probability of the prompt under the
+policy's DPO reference over training queries, subtracted from the policy's score so that a prompt
+the reference already favoured on every query gets no credit for that. This module is the one
+definition of the library file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +34,8 @@ from .policy_format import PolicyFormat, brief_repr
 
 LIBRARY_FILE = "library.json"
 LIBRARY_FORMAT = "qpo-prompt-library"
-LIBRARY_VERSION = 1
+LIBRARY_VERSION = 2  # 2 added the optional per-prompt "offset"; version 1 files are still read
+READ_VERSIONS = (1, 2)
 MAX_LIBRARY_PROMPTS = 1_000_000
 # Prompt lookup: the longest and shortest suffix of a row that is looked up in the library, and the most
 # tokens such a guess drafts (a guess from 2-3 tokens is often wrong, and a wide pass that is rejected costs more
@@ -38,11 +46,13 @@ LOOKUP_MAX_DRAFT = 4
 
 @dataclass(frozen=True)
 class LibraryPrompt:
-    """One distinct training prompt: its text, the ids the policy writes for it (EOS last), its record count."""
+    """One distinct training prompt: its text, the ids the policy writes for it (EOS last), its record count,
+    and its choice offset (``None``: scored by the policy's log-probability alone)."""
 
     text: str
     ids: tuple[int, ...]
     count: int = 1
+    offset: float | None = None
 
 
 def prompt_target_ids(policy: PolicyFormat, tokenize: Callable[[str], Sequence[int]], prompt: str) -> list[int]:
@@ -55,14 +65,22 @@ def prompt_target_ids(policy: PolicyFormat, tokenize: Callable[[str], Sequence[i
     return [*ids[: policy.prompt_max_tokens], policy.eos_token_ids[0]]
 
 
-def build_library(prompts: Mapping[str, int], policy: PolicyFormat,
-                  tokenize: Callable[[str], Sequence[int]]) -> list[LibraryPrompt]:
+def build_library(prompts: Mapping[str, int], policy: PolicyFormat, tokenize: Callable[[str], Sequence[int]],
+                  offsets: Mapping[str, float] | None = None) -> list[LibraryPrompt]:
     """Library entries for ``prompts`` (text -> record count); blank prompts are left out (nothing to draft).
+    ``offsets`` (text -> choice offset), when given, must cover every prompt kept.
 
     Sorted by count, most frequent first, then by text, so the file is the same for the same data.
     """
-    entries = [LibraryPrompt(text, tuple(prompt_target_ids(policy, tokenize, text)), int(count))
-               for text, count in prompts.items() if text.strip()]
+    kept = [text for text in prompts if text.strip()]
+    if offsets is not None:
+        missing = [text for text in kept if text not in offsets]
+        if missing:
+            raise ValueError(f"{len(missing)} library prompt(s) have no choice offset, e.g. {brief_repr(missing[0])}; "
+                             "the offsets must come from the same training records as the library.")
+    entries = [LibraryPrompt(text, tuple(prompt_target_ids(policy, tokenize, text)), int(prompts[text]),
+                             None if offsets is None else float(offsets[text]))
+               for text in kept]
     return sorted(entries, key=lambda e: (-e.count, e.text))
 
 
@@ -71,7 +89,8 @@ def write_library(path: str | os.PathLike[str], entries: Iterable[LibraryPrompt]
     data = {
         "format": LIBRARY_FORMAT,
         "version": LIBRARY_VERSION,
-        "prompts": [{"text": e.text, "ids": list(e.ids), "count": e.count} for e in entries],
+        "prompts": [{"text": e.text, "ids": list(e.ids), "count": e.count,
+                     **({} if e.offset is None else {"offset": e.offset})} for e in entries],
     }
     Path(path).write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
 
@@ -92,17 +111,20 @@ def read_library(path: str | os.PathLike[str], *, vocab_size: int, max_ids: int)
         raise BundleError(f"Cannot read the prompt library {where}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != LIBRARY_FORMAT:
         raise bad(f"not a prompt library (format must be {LIBRARY_FORMAT!r})")
-    if data.get("version") != LIBRARY_VERSION:
-        raise bad(f"version {brief_repr(data.get('version'))} is not supported (this qpo-middleware reads "
-                  f"{LIBRARY_VERSION})")
+    version = data.get("version")
+    if isinstance(version, bool) or version not in READ_VERSIONS:
+        raise bad(f"version {brief_repr(version)} is not supported (this qpo-middleware reads "
+                  f"{', '.join(map(str, READ_VERSIONS))})")
     prompts = data.get("prompts")
     if not isinstance(prompts, list) or len(prompts) > MAX_LIBRARY_PROMPTS:
         raise bad(f"'prompts' must be a list of at most {MAX_LIBRARY_PROMPTS} entries")
     entries = []
     for i, item in enumerate(prompts):
-        if not isinstance(item, dict) or set(item) != {"text", "ids", "count"}:
-            raise bad(f"prompts[{i}] must be an object with text, ids and count")
-        text, ids, count = item["text"], item["ids"], item["count"]
+        fields = {"text", "ids", "count"}
+        if not isinstance(item, dict) or not fields <= set(item) <= fields | ({"offset"} if version >= 2 else set()):
+            raise bad(f"prompts[{i}] must be an object with text, ids and count"
+                      + (" (and optionally offset)" if version >= 2 else ""))
+        text, ids, count, offset = item["text"], item["ids"], item["count"], item.get("offset")
         ok_ids = isinstance(ids, list) and 1 <= len(ids) <= max_ids and all(
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids)
         if not isinstance(text, str) or not ok_ids:
@@ -110,7 +132,13 @@ def read_library(path: str | os.PathLike[str], *, vocab_size: int, max_ids: int)
                       f"{brief_repr(item)}")
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise bad(f"prompts[{i}].count must be an integer >= 1; got {brief_repr(count)}")
-        entries.append(LibraryPrompt(text, tuple(ids), count))
+        if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int | float)
+                                   or not math.isfinite(offset)):
+            raise bad(f"prompts[{i}].offset must be a finite number; got {brief_repr(offset)}")
+        entries.append(LibraryPrompt(text, tuple(ids), count, None if offset is None else float(offset)))
+    with_offset = {e.offset is None for e in entries}
+    if len(with_offset) > 1:
+        raise bad("either every prompt has an offset or none has")
     return entries
 
 
@@ -183,4 +211,5 @@ class Drafter:
 
 def library_stats(entries: Sequence[LibraryPrompt]) -> dict[str, Any]:
     """Size figures for logs and ``PromptOptimizer.info``."""
-    return {"prompts": len(entries), "tokens": sum(len(e.ids) for e in entries)}
+    return {"prompts": len(entries), "tokens": sum(len(e.ids) for e in entries),
+            "offsets": bool(entries) and entries[0].offset is not None}

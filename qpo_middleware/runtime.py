@@ -35,14 +35,15 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .batching import MicroBatcher, QueueFullError
-from .bundle import GenerationConfig, Manifest, load_manifest
+from .bundle import BundleError, GenerationConfig, Manifest, load_manifest
+from .choice import candidate_logps, choose
 from .config import Provider, RuntimeConfig, ort  # ort: ONNX Runtime, imported with the install fix
 from .decoder import OnnxDecoder, make_session, session_providers
 from .generator import Generator
-from .library import Drafter, library_stats, read_library
+from .library import Drafter, LibraryPrompt, library_stats, read_library
 from .policy_format import PolicyFormat
 from .template import Template
-from .text import finish_prompt, special_token_strings
+from .text import clean_prompt, finish_prompt, special_token_strings, strip_strings
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +152,22 @@ class _Call:
 
     start: float
     deadline: float | None
-    greedy: bool
+    greedy: bool  # deterministic with the bundle's own strategy: served by the cache and the micro-batcher
     results: list[OptimizedPrompt | None]
     fail_open: bool
+    strategy: str = "generate"
     todo: list[int] = field(default_factory=list)
+
+
+def _distinct_choices(entries: Sequence[LibraryPrompt]) -> list[LibraryPrompt]:
+    """The library as strategy 'choose' sees it: one entry per distinct id sequence (prompts longer than
+    ``prompt_max_tokens`` can share their cut ids), keeping the one that would win (lowest offset, then first)."""
+    best: dict[tuple[int, ...], int] = {}
+    for i, entry in enumerate(entries):
+        j = best.get(entry.ids)
+        if j is None or (entry.offset or 0.0) < (entries[j].offset or 0.0):  # offsets: every entry or none
+            best[entry.ids] = i
+    return [entries[i] for i in sorted(best.values())]
 
 
 class PromptOptimizer:
@@ -193,14 +206,23 @@ class PromptOptimizer:
         # as the real token (e.g. "<|im_end|>" ending the user turn), so prompts never contain them.
         self.special_strings = special_token_strings(tokenizer)
         self.drafter: Drafter | None = None
-        self.library: dict[str, int] | None = None
+        self.library: dict[str, Any] | None = None
+        self._choices: list[LibraryPrompt] = []  # what strategy 'choose' picks from: the library
+        self._offsets: np.ndarray | None = None
         if manifest.library_path is not None:
             entries = read_library(manifest.library_path, vocab_size=manifest.model.vocab_size,
                                    max_ids=manifest.policy.prompt_max_tokens + 1)
             self.library = library_stats(entries)
+            self._choices = _distinct_choices(entries)
+            if entries and entries[0].offset is not None:
+                self._offsets = np.array([e.offset for e in self._choices], dtype=np.float64)
             if config.speculative:
                 self.drafter = Drafter(entries)
-        self._decode_counts = {"forward_passes": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
+        self._choice_text = {e.ids: e.text for e in self._choices}
+        if manifest.generation.strategy == "choose" and not self._choices:
+            raise BundleError(f"{manifest.root}: generation.strategy is 'choose' but the bundle has no prompt library "
+                              "to choose from; re-export it from a run directory with `qpo export --strategy choose`.")
+        self._decode_counts = {"forward_passes": 0, "draft_tokens": 0, "accepted_draft_tokens": 0, "choices": 0}
         self._counts_lock = threading.Lock()
         self._cache = _LRU(config.cache_size) if config.cache_size else None
         self._batcher: MicroBatcher[list[int]] | None = None
@@ -279,8 +301,47 @@ class PromptOptimizer:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def generation(self, **overrides: Any) -> GenerationConfig:
-        """The bundle's :class:`GenerationConfig` with per-call ``overrides`` (``None`` values are ignored)."""
-        return self.manifest.generation.with_(**overrides)
+        """The bundle's :class:`GenerationConfig` with per-call ``overrides`` (``None`` values are ignored);
+        strategy ``'choose'`` needs a bundle with a prompt library."""
+        generation = self.manifest.generation.with_(**overrides)
+        if generation.strategy == "choose" and not self._choices:
+            raise BundleError(f"strategy 'choose' picks one of the bundle's library prompts, and {self.manifest.root} "
+                              "has none; re-export it from a run directory (its records are the library), or use "
+                              "strategy='generate'.")
+        return generation
+
+    def choose_ids(self, rows: Sequence[Sequence[int]], *, deadline: float | None = None) -> list[list[int]]:
+        """Strategy ``'choose'`` on a batch of policy inputs: the ids of the library prompt each row picks
+        (:mod:`qpo_middleware.choice`). ``deadline`` works as in :meth:`generate_ids`."""
+
+        def check() -> None:
+            if deadline is not None and _clock() > deadline:
+                raise LatencyBudgetExceeded(
+                    "The policy ran past its latency budget while scoring the library prompts. Raise "
+                    "latency_budget_ms, serve a smaller library or strategy 'generate', or set fail_open=True to "
+                    "send the query on without a prompt."
+                )
+
+        candidates = [e.ids for e in self._choices]
+        out = []
+        for row in rows:
+            scores = candidate_logps(self.decoder, row, candidates, pad_token_id=self.policy.pad_token_id, check=check)
+            out.append(list(candidates[choose(scores, self._offsets)]))
+        with self._counts_lock:
+            self._decode_counts["choices"] += len(rows)
+        return out
+
+    def scores(self, query: str) -> list[tuple[str, float]]:
+        """Every library prompt with its ``'choose'`` score for ``query`` (log-probability minus offset), best
+        first: what strategy ``'choose'`` ranks, for inspection."""
+        if not self._choices:
+            raise BundleError(f"{self.manifest.root} has no prompt library to score.")
+        scores = candidate_logps(self.decoder, self.input_ids(query), [e.ids for e in self._choices],
+                                 pad_token_id=self.policy.pad_token_id)
+        if self._offsets is not None:
+            scores = scores - self._offsets
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        return [(self._choices[i].text, float(scores[i])) for i in order]
 
     def generate_ids(
         self,
@@ -299,7 +360,7 @@ class PromptOptimizer:
         bundle's settings and ``eos_token_ids`` the policy's stop ids (benchmarks decode a fixed
         number of tokens with no stop id).
         """
-        generation = generation or self.generation(do_sample=do_sample)
+        generation = generation or self.generation(do_sample=do_sample, strategy="generate")
         eos = self.policy.eos_token_ids if eos_token_ids is None else eos_token_ids
         generator = Generator(self.decoder, generation, eos, self.policy.pad_token_id, np.random.default_rng(seed),
                               drafter=self.drafter, max_draft=self.config.max_draft_tokens)
@@ -322,9 +383,11 @@ class PromptOptimizer:
 
     def _decode_queries(
         self, queries: Sequence[str], do_sample: bool | None = None, seed: int | None = None,
-        deadline: float | None = None,
+        deadline: float | None = None, strategy: str | None = None,
     ) -> list[list[int]]:
-        """Generated ids for every (non-empty) query, decoded in length-sorted batches."""
+        """Generated (or, with strategy 'choose', chosen) ids for every (non-empty) query, in length-sorted batches."""
+        if self.generation(do_sample=do_sample, strategy=strategy).strategy == "choose":
+            return self.choose_ids([self.input_ids(q) for q in queries], deadline=deadline)
         todo = sorted(((i, self.input_ids(q)) for i, q in enumerate(queries)), key=lambda item: len(item[1]))
         generated: list[list[int]] = [[] for _ in queries]
         rng_seed = seed
@@ -339,14 +402,18 @@ class PromptOptimizer:
         return generated
 
     def _result(self, query: str, ids: Sequence[int], latency_ms: float,
-                status: Status = Status.REWRITTEN) -> OptimizedPrompt:
+                status: Status = Status.REWRITTEN, strategy: str = "generate") -> OptimizedPrompt:
         eos = set(self.policy.eos_token_ids)
         body = [t for t in ids if t not in eos]
-        prompt = finish_prompt(
-            self.tokenizer.decode(body, skip_special_tokens=True),
-            self.special_strings,
-            self.manifest.generation.max_new_tokens,
-        ) if body else ""
+        chosen = self._choice_text.get(tuple(ids)) if strategy == "choose" and body else None
+        if chosen is not None:  # the library prompt whole, as training scored it (its ids may be cut short)
+            prompt = strip_strings(clean_prompt(chosen), self.special_strings)
+        else:
+            prompt = finish_prompt(
+                self.tokenizer.decode(body, skip_special_tokens=True),
+                self.special_strings,
+                self.manifest.generation.max_new_tokens,
+            ) if body else ""
         rendered = self.template.render(prompt, query)
         return OptimizedPrompt(
             prompt=prompt,
@@ -359,15 +426,16 @@ class PromptOptimizer:
 
     def optimize(
         self, query: str, *, do_sample: bool | None = None, seed: int | None = None,
-        latency_budget_ms: float | None = None, fail_open: bool | None = None,
+        latency_budget_ms: float | None = None, fail_open: bool | None = None, strategy: str | None = None,
     ) -> OptimizedPrompt:
-        """Write a prompt for one query. ``do_sample`` overrides the bundle default; ``seed`` fixes sampling."""
+        """Write a prompt for one query. ``do_sample`` and ``strategy`` override the bundle defaults; ``seed``
+        fixes sampling."""
         return self.optimize_batch([query], do_sample=do_sample, seed=seed, latency_budget_ms=latency_budget_ms,
-                                   fail_open=fail_open)[0]
+                                   fail_open=fail_open, strategy=strategy)[0]
 
     def optimize_batch(
         self, queries: Sequence[str], *, do_sample: bool | None = None, seed: int | None = None,
-        latency_budget_ms: float | None = None, fail_open: bool | None = None,
+        latency_budget_ms: float | None = None, fail_open: bool | None = None, strategy: str | None = None,
     ) -> list[OptimizedPrompt]:
         """Write prompts for many queries in batched decodes (left padding, per-row stop).
 
@@ -384,15 +452,18 @@ class PromptOptimizer:
         micro-batching on, greedy calls join the shared batcher; a full queue is
         ``Status.OVERLOADED`` (fail-open) or :class:`QueueFullError`. The runtime is the one owner
         of the budget: integrations pass their settings here and keep no timer of their own.
+
+        ``strategy='choose'`` picks one of the bundle's library prompts per query instead of writing one
+        (:mod:`qpo_middleware.choice`); a bundle exported with ``--strategy choose`` does so by default.
         """
-        call = self._plan(queries, do_sample, latency_budget_ms, fail_open)
+        call = self._plan(queries, do_sample, latency_budget_ms, fail_open, strategy)
         if call.todo:
             pending = [queries[i] for i in call.todo]
             if call.greedy and self._batcher is not None:
                 generated = [self._wait(item, call) for item in self._submit(pending, call)]
             else:
                 try:
-                    generated = list(self._decode_queries(pending, do_sample, seed, call.deadline))
+                    generated = list(self._decode_queries(pending, do_sample, seed, call.deadline, call.strategy))
                 except LatencyBudgetExceeded:
                     if not call.fail_open:
                         raise
@@ -406,7 +477,7 @@ class PromptOptimizer:
 
     async def aoptimize_batch(
         self, queries: Sequence[str], *, do_sample: bool | None = None, seed: int | None = None,
-        latency_budget_ms: float | None = None, fail_open: bool | None = None,
+        latency_budget_ms: float | None = None, fail_open: bool | None = None, strategy: str | None = None,
     ) -> list[OptimizedPrompt]:
         """:meth:`optimize_batch` without blocking the event loop.
 
@@ -415,10 +486,11 @@ class PromptOptimizer:
         the call runs in a worker thread.
         """
         queries = list(queries)
-        if self._batcher is None or self.generation(do_sample=do_sample).do_sample:
+        if self._batcher is None or not self._shared(self.generation(do_sample=do_sample, strategy=strategy)):
             return await asyncio.to_thread(self.optimize_batch, queries, do_sample=do_sample, seed=seed,
-                                           latency_budget_ms=latency_budget_ms, fail_open=fail_open)
-        call = self._plan(queries, do_sample, latency_budget_ms, fail_open)
+                                           latency_budget_ms=latency_budget_ms, fail_open=fail_open,
+                                           strategy=strategy)
+        call = self._plan(queries, do_sample, latency_budget_ms, fail_open, strategy)
         generated: list[list[int] | Status] = []
         for item in self._submit([queries[i] for i in call.todo], call):
             if isinstance(item, Status):
@@ -434,15 +506,17 @@ class PromptOptimizer:
     # -- the steps of a call ------------------------------------------------------------------
 
     def _plan(self, queries: Sequence[str], do_sample: bool | None, latency_budget_ms: float | None,
-              fail_open: bool | None) -> _Call:
+              fail_open: bool | None, strategy: str | None = None) -> _Call:
         """Check the queries; answer empty ones and cache hits; list the rest to decode."""
         start = time.perf_counter()
         for query in queries:
             if not isinstance(query, str):
                 raise TypeError(f"queries must be strings; got {type(query).__name__}.")
         budget = latency_budget_ms if latency_budget_ms is not None else self.config.latency_budget_ms
+        generation = self.generation(do_sample=do_sample, strategy=strategy)
         call = _Call(start=start, deadline=None if budget is None else start + budget / 1000.0,
-                     greedy=not self.generation(do_sample=do_sample).do_sample, results=[None] * len(queries),
+                     greedy=self._shared(generation),
+                     results=[None] * len(queries), strategy=generation.strategy,
                      fail_open=self.config.fail_open if fail_open is None else bool(fail_open))
         for i, query in enumerate(queries):
             if not query.strip():
@@ -452,6 +526,11 @@ class PromptOptimizer:
             else:
                 call.todo.append(i)
         return call
+
+    def _shared(self, generation: GenerationConfig) -> bool:
+        """Whether a call with these settings may be served by the cache and the micro-batcher: deterministic,
+        with the bundle's own strategy (the batcher decodes with the bundle's settings)."""
+        return not generation.do_sample and generation.strategy == self.manifest.generation.strategy
 
     def _submit(self, queries: list[str], call: _Call) -> list[Future[list[int]] | Status]:
         """Queue every query on the batcher; a full queue is OVERLOADED (or raises without fail-open)."""
@@ -491,7 +570,7 @@ class PromptOptimizer:
                 logger.warning("qpo: query sent on without a prompt (%s after %.0f ms)", ids, latency_ms)
                 call.results[i] = self._result(queries[i], [], latency_ms, ids)
                 continue
-            result = self._result(queries[i], ids, latency_ms)
+            result = self._result(queries[i], ids, latency_ms, strategy=call.strategy)
             call.results[i] = result
             if call.greedy and self._cache is not None:
                 self._cache.put(queries[i], result)
@@ -525,5 +604,6 @@ class PromptOptimizer:
             "io_binding": self.decoder.io_binding,
             "library": self.library,
             "speculative": self.drafter is not None,
+            "strategy": m.generation.strategy,
             "created_by": m.created_by,
         }

@@ -65,6 +65,9 @@ def test_two_loops_export_and_rewrite(tmp_path: Path, tiny_base: str) -> None:
     assert metrics[1].checkpoint == str(paths.checkpoint(2)) and final_checkpoint(tmp_path) == paths.checkpoint(2)
     assert paths.buckets.is_file() and (paths.checkpoint(1) / "model.safetensors").is_file()
 
+    from qpo_middleware.training.export import read_choice_offsets
+
+    assert read_choice_offsets(paths.checkpoint(2)) is None  # no preference step: 'choose' scores by likelihood
     bundle = export_bundle(final_checkpoint(tmp_path), paths.bundle)
     optimizer = PromptOptimizer.from_bundle(bundle)
     query = "a gorgeous , witty , seductive movie ."
@@ -167,6 +170,36 @@ def test_preference_step_after_or_instead_of_the_supervised_one(tmp_path: Path, 
     assert (RunPaths(tmp_path / "instead").checkpoint(1) / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="preference"):
         LoopConfig(preference="dpo")
+    check_choice_offsets(tmp_path / "instead", train, loops)
+
+
+def check_choice_offsets(run: Path, train: TrainConfig, loops: LoopConfig) -> None:
+    """A preference step leaves each library prompt's mean log-probability under its reference (here the base
+    policy) in the checkpoint; export carries it into the library, and strategy 'choose' picks by policy - offset."""
+    import numpy as np
+
+    from qpo_middleware import PromptOptimizer
+    from qpo_middleware.training.export import export_bundle, read_choice_offsets
+    from qpo_middleware.training.loops import load_policy
+    from qpo_middleware.training.preference import candidate_logps
+
+    checkpoint = RunPaths(run).checkpoint(1)
+    recorded = read_choice_offsets(checkpoint)
+    records = OfflineDataset(run).records
+    prompts = sorted({r.prompt for r in records if r.prompt.strip()})
+    queries = sorted({r.query_id: r.query for r in records}.items())
+    assert recorded is not None and sorted(recorded.offsets) == prompts and recorded.queries == len(queries) == 8
+    reference, tokenizer, fmt = load_policy(loops.base_model, train)  # seeded like the step's reference
+    ref = candidate_logps(reference, tokenizer, fmt, [q for _, q in queries], prompts, (fmt.top_bucket,))[0]
+    assert np.allclose([recorded.offsets[p] for p in prompts], ref.mean(0).numpy(), atol=1e-4)
+
+    optimizer = PromptOptimizer.from_bundle(export_bundle(checkpoint, run / "bundle", generation={"strategy": "choose"}))
+    assert optimizer.info()["library"]["offsets"] and optimizer.info()["strategy"] == "choose"
+    policy, tokenizer, fmt = load_policy(checkpoint, train)
+    scores = candidate_logps(policy, tokenizer, fmt, [q for _, q in queries], prompts, (fmt.top_bucket,))[0].numpy()
+    offsets = np.array([recorded.offsets[p] for p in prompts])
+    expected = [prompts[int(np.argmax(row - offsets))] for row in scores]
+    assert [r.prompt for r in optimizer.optimize_batch([q for _, q in queries])] == expected
 
 
 def test_loops_need_d0(tmp_path: Path, tiny_base: str) -> None:

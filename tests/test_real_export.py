@@ -58,9 +58,11 @@ def test_smollm2_export_greedy_parity(smollm2_policy, tmp_path: Path) -> None:
 
     from qpo_middleware import PromptOptimizer
     from qpo_middleware.training.export import export_bundle
+    from qpo_middleware.training.tasks import load_prompt_pool
 
     checkpoint, model, tokenizer, policy = smollm2_policy
-    bundle = export_bundle(checkpoint, tmp_path / "bundle")
+    pool = [p["text"] for p in load_prompt_pool("sst2")]
+    bundle = export_bundle(checkpoint, tmp_path / "bundle", library=dict.fromkeys(pool, 1))
     optimizer = PromptOptimizer.from_bundle(bundle, provider="cpu")
     assert optimizer.manifest.model.num_layers == model.config.num_hidden_layers
     assert optimizer.manifest.model.num_kv_heads == model.config.num_key_value_heads
@@ -77,6 +79,16 @@ def test_smollm2_export_greedy_parity(smollm2_policy, tmp_path: Path) -> None:
         assert result.prompt == expected_text
         assert batched.prompt == result.prompt
         assert query in result.text
+
+    # Strategy 'choose' over the real sst2 pool: the ONNX scores equal training's torch scores, and the pick is
+    # their argmax, the pool prompt whole (no offsets in this library: by likelihood).
+    from qpo_middleware.training.preference import candidate_logps
+
+    expected = candidate_logps(model, tokenizer, policy, QUERIES, pool, (policy.top_bucket,))[0].numpy()
+    for query, row in zip(QUERIES, expected, strict=True):
+        scored = dict(optimizer.scores(query))
+        assert max(abs(scored[p] - float(x)) for p, x in zip(pool, row, strict=True)) < 2e-2
+        assert optimizer.optimize(query, strategy="choose").prompt == pool[int(row.argmax())]
 
 
 def test_smollm2_int8_agreement_with_fp32(smollm2_policy, tmp_path: Path) -> None:

@@ -282,6 +282,10 @@ class LoopConfig:
     preference_epochs: int = field(default=1, metadata={"help": "Epochs of the preference step."})
     preference_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the preference step (default: the loop's learning rate)."})
+    choice_offset_queries: int = field(default=200, metadata={
+        "help": "With a preference step: training queries over which each library prompt's mean log-probability under "
+                "the DPO reference is taken, the offset that strategy 'choose' subtracts (qpo export --strategy "
+                "choose); 0 = none (choose then scores by log-probability alone)."})
     mutations: int = field(default=0, metadata={
         "help": "Exploration beyond the policy's own samples: in loops >= 2, for this many collect queries, an "
                 "instruct model writes a variation of the best prompt scored on the query so far, and the variation "
@@ -304,6 +308,8 @@ class LoopConfig:
             raise ValueError(f"d0_floor_quantile must be in [0, 1); got {self.d0_floor_quantile}.")
         if self.mutations < 0:
             raise ValueError(f"mutations must be >= 0 (0 = off); got {self.mutations}.")
+        if self.choice_offset_queries < 0:
+            raise ValueError(f"choice_offset_queries must be >= 0 (0 = none); got {self.choice_offset_queries}.")
         if self.preference not in PREFERENCE_MODES:
             raise ValueError(f"preference must be one of {', '.join(PREFERENCE_MODES)}; got {self.preference!r}.")
         if self.preference_beta <= 0 or self.preference_pairs_per_query < 1 or self.preference_epochs < 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 POLICY_META_NAME = "qpo_policy.json"
 POLICY_META_FORMAT = "qpo-policy-meta"
+CHOICE_OFFSETS_NAME = "qpo_choice_offsets.json"
+CHOICE_OFFSETS_FORMAT = "qpo-choice-offsets"
 EXPORT_TASK = "text-generation-with-past"
 # "int8": weight-only int8 (MatMulNBits, blocks of 32 along the input dimension, symmetric,
 # int8 compute). Each row's activations are quantized on their own, so a row's prompt does not
@@ -157,6 +160,48 @@ def read_policy_meta(checkpoint_dir: str | os.PathLike[str]) -> PolicyMeta:
 # ---------------------------------------------------------------------------- the export
 
 
+@dataclass(frozen=True)
+class ChoiceOffsets:
+    """What training records in a checkpoint (``qpo_choice_offsets.json``) for strategy 'choose': each library
+    prompt's mean log-probability under the preference step's reference over ``queries`` training queries.
+    The one definition of that file; export copies the offsets into the bundle's ``library.json``."""
+
+    offsets: dict[str, float]
+    queries: int
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(k, str) and isinstance(v, float) and math.isfinite(v) for k, v in self.offsets.items()):
+            raise ExportError("choice offsets must map prompt texts to finite numbers.")
+        if isinstance(self.queries, bool) or not isinstance(self.queries, int) or self.queries < 1:
+            raise ExportError(f"choice offsets need queries >= 1; got {self.queries!r}.")
+
+
+def write_choice_offsets(checkpoint_dir: str | os.PathLike[str], offsets: ChoiceOffsets) -> Path:
+    """Write ``qpo_choice_offsets.json`` into a checkpoint."""
+    path = Path(checkpoint_dir) / CHOICE_OFFSETS_NAME
+    atomic_write_json(path, {"format": CHOICE_OFFSETS_FORMAT, "format_version": 1, "queries": offsets.queries,
+                             "offsets": offsets.offsets})
+    return path
+
+
+def read_choice_offsets(checkpoint_dir: str | os.PathLike[str]) -> ChoiceOffsets | None:
+    """A checkpoint's choice offsets, or None when training wrote none (no preference step)."""
+    path = Path(checkpoint_dir) / CHOICE_OFFSETS_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"Cannot read {path}: {exc}; delete it to export without offsets, or retrain.") from exc
+    if not isinstance(data, dict) or data.get("format") != CHOICE_OFFSETS_FORMAT or data.get("format_version") != 1:
+        raise ExportError(f"{path} is not a version-1 {CHOICE_OFFSETS_FORMAT!r} file; retrain the loop to rewrite it.")
+    offsets = data.get("offsets")
+    if not isinstance(offsets, dict):
+        raise ExportError(f"{path}: 'offsets' must be an object (prompt -> number).")
+    return ChoiceOffsets(offsets={k: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+                                  for k, v in offsets.items()}, queries=data.get("queries"))
+
+
 def export_bundle(
     checkpoint_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -168,6 +213,7 @@ def export_bundle(
     overwrite: bool = False,
     on_step: Callable[[str], None] | None = None,
     library: Mapping[str, int] | None = None,
+    offsets: Mapping[str, float] | None = None,
 ) -> Path:
     """Export ``checkpoint_dir`` (a Hugging Face causal LM + tokenizer) as a bundle at ``out_dir``.
 
@@ -179,7 +225,10 @@ def export_bundle(
 
     ``library`` (prompt text -> training record count) becomes the bundle's prompt library
     (``library.json``, drafts for speculative decoding); by default it is read from the run the
-    checkpoint belongs to (:func:`run_prompt_library`), and ``{}`` writes none.
+    checkpoint belongs to (:func:`run_prompt_library`), and ``{}`` writes none. ``offsets`` (prompt text ->
+    choice offset, see :mod:`qpo_middleware.choice`) go into the library beside them; by default they are
+    the checkpoint's own (:func:`read_choice_offsets`) when they cover the library. With
+    ``generation={"strategy": "choose"}`` the bundle picks a library prompt per query by default.
     Returns ``out_dir``.
     """
     checkpoint = Path(checkpoint_dir).expanduser()
@@ -207,6 +256,17 @@ def export_bundle(
     dtype = quantize if quantize else "fp16" if fp16 else "fp32"
     if library is None:
         library = run_prompt_library(checkpoint) or {}
+    if offsets is None and library and (recorded := read_choice_offsets(checkpoint)) is not None:
+        missing = [text for text in library if text.strip() and text not in recorded.offsets]
+        if missing:
+            logger.warning("%s has choice offsets for another library (%d of %d prompts missing): exporting without "
+                           "them, so strategy 'choose' scores by log-probability alone", checkpoint, len(missing),
+                           len(library))
+        else:
+            offsets = recorded.offsets
+    if gen.strategy == "choose" and not any(text.strip() for text in library):
+        raise ExportError(f"strategy 'choose' picks one of the bundle's library prompts, and {checkpoint} has none: "
+                          "export a checkpoint of a run directory (RUN/policy/loop_<t>/checkpoint), or pass library=.")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -238,7 +298,7 @@ def export_bundle(
         _check_tokenizer(staging / TOKENIZER_FILE, policy, gen, vocab_size)
         files = [*model_files, TOKENIZER_FILE]
         if library:
-            files.append(_write_library(staging, library, policy))
+            files.append(_write_library(staging, library, policy, offsets))
 
         from qpo_middleware import __version__
 
@@ -291,12 +351,17 @@ def run_prompt_library(checkpoint: str | os.PathLike[str]) -> dict[str, int] | N
     return dict(Counter(r.prompt for r in OfflineDataset(run.root).records if r.loop <= last))
 
 
-def _write_library(staging: Path, prompts: Mapping[str, int], policy: PolicyFormat) -> str:
+def _write_library(staging: Path, prompts: Mapping[str, int], policy: PolicyFormat,
+                   offsets: Mapping[str, float] | None = None) -> str:
     """Tokenize the prompts with the bundle's own tokenizer file, as the policy was trained to write them."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(staging / TOKENIZER_FILE))
-    entries = build_library(prompts, policy, lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
+    try:
+        entries = build_library(prompts, policy, lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+                                offsets)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
     write_library(staging / LIBRARY_FILE, entries)
     logger.info("Prompt library: %d distinct prompts", len(entries))
     return LIBRARY_FILE

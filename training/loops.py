@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -34,13 +35,14 @@ from qpo_middleware.stats import quantile
 from .collect import make_records, score_pairs
 from .config import LoopConfig, TrainConfig
 from .dataset import OfflineDataset, Record
-from .export import PolicyMeta, write_policy_meta
+from .export import ChoiceOffsets, PolicyMeta, write_choice_offsets, write_policy_meta
 from .induce import Inducer, make_inducer, mutate
 from .io import atomic_write_json
 from .policy import RewardBuckets, add_policy_tokens, build_examples, conditioning_values, top_bucket_coverage
 from .preference import (
     PreferenceExample,
     PreferenceObjective,
+    candidate_logps,
     preference_examples,
     preference_pairs,
     with_reference_logps,
@@ -223,13 +225,17 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             phase(loop, f"fine-tuning on {len(examples)} examples ({config.epochs} epoch(s))")
             result = train_policy(model, tokenizer, examples, config, paths.loop(loop), on_step=on_step,
                                   extra_state=state)
-        preferences = []
+        preferences, offsets = [], None
         if loops.preference != "off":
             # The reference is the policy the preference step starts from, as in DPO after SFT: this loop's
             # supervised policy ('after'), the previous loop's ('instead'). A reference taken before the
             # supervised step would count that step's own gains (largest on long prompts) as preference margin.
             preferences = _preference_data(model, tokenizer, fmt, dataset.records, loop, loops)
             metrics.preference_pairs = len(preferences)
+            if preferences and loops.choice_offset_queries:
+                phase(loop, f"choice offsets of the library prompts on {loops.choice_offset_queries} queries")
+                offsets = library_offsets(model, tokenizer, fmt, dataset.records, loop, loops.choice_offset_queries,
+                                          seed=loops.seed + loop)
         if preferences:
             preference = replace(config, epochs=loops.preference_epochs,
                                  learning_rate=loops.preference_learning_rate or config.learning_rate)
@@ -246,6 +252,8 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         write_policy_meta(checkpoint, PolicyMeta(policy=fmt, template=template, task=task_name,
                                                  base_model=loops.base_model,
                                                  training_data_sha256=dataset.content_hash()))
+        if offsets is not None:
+            write_choice_offsets(checkpoint, offsets)
         metrics.train_records = len(examples)
         metrics.first_loss, metrics.last_loss, metrics.train_seconds = result.first_loss, result.last_loss, result.seconds
         metrics.checkpoint = str(checkpoint)
@@ -300,6 +308,23 @@ def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Seq
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return with_reference_logps(model, preference_examples(pairs, tokenizer, fmt), pad_id,
                                 batch_size=loops.generation_batch_size)
+
+
+def library_offsets(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Sequence[Record], loop: int,
+                    queries: int, *, seed: int) -> ChoiceOffsets:
+    """Strategy 'choose''s offset of every prompt the loop's library holds (the distinct prompts of the records up
+    to ``loop``, as export writes them): its mean log-probability under ``model`` (the preference step's reference)
+    after the top reward token, over ``queries`` training queries drawn with ``seed``."""
+    upto = [r for r in records if r.loop <= loop]
+    prompts = sorted({r.prompt for r in upto if r.prompt.strip()})
+    texts = {r.query_id: r.query for r in upto}
+    ids = sorted(texts)
+    drawn = random.Random(seed).sample(ids, min(queries, len(ids)))
+    started = time.perf_counter()
+    scores = candidate_logps(model, tokenizer, fmt, [texts[i] for i in drawn], prompts, (fmt.top_bucket,))[0]
+    logger.info("choice offsets: %d prompts x %d queries in %.0f s", len(prompts), len(drawn),
+                time.perf_counter() - started)
+    return ChoiceOffsets(offsets=dict(zip(prompts, scores.mean(0).tolist(), strict=True)), queries=len(drawn))
 
 
 def training_data(records: Sequence[Record], loop: int, conditioning: str,

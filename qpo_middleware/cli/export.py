@@ -31,6 +31,11 @@ def command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")
     ] = False,
+    strategy: Annotated[
+        str, typer.Option(help="How the bundle serves by default: 'generate' (the policy writes a prompt) or "
+                          "'choose' (it picks the best of the run's prompts for each query; with a preference-"
+                          "trained policy, the recipe docs/benchmarks.md measured).")
+    ] = "generate",
 ) -> None:
     """Export a policy checkpoint to a bundle: model.onnx + tokenizer.json + qpo.json (with checksums)."""
     with user_errors():
@@ -52,7 +57,8 @@ def command(
                 status.update(message + "…")
 
             bundle = export_bundle(
-                checkpoint, out, quantize=quantize, fp16=fp16, overwrite=overwrite, on_step=on_step
+                checkpoint, out, quantize=quantize, fp16=fp16, overwrite=overwrite, on_step=on_step,
+                generation={"strategy": strategy},
             )
         table = Table(title=f"Bundle {bundle}", show_header=True)
         table.add_column("file")

@@ -21,13 +21,17 @@ def command(
         bool, typer.Option("--sample", help="Sample the prompt instead of greedy decoding.")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    strategy: Annotated[
+        str | None, typer.Option(help="'generate' (write a prompt) or 'choose' (pick the best library prompt); "
+                                 "default: the bundle's.")
+    ] = None,
 ) -> None:
     """Show the prompt the policy writes for QUERY and the final text sent to the target LLM."""
     with user_errors():
         from qpo_middleware.runtime import PromptOptimizer
 
         optimizer = PromptOptimizer.from_bundle(bundle)
-        result = optimizer.optimize(query, do_sample=True if sample else None)
+        result = optimizer.optimize(query, do_sample=True if sample else None, strategy=strategy)
     if json_out:
         typer.echo(json.dumps(dataclasses.asdict(result), ensure_ascii=False, indent=2))
         return

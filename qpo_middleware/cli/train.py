@@ -42,6 +42,7 @@ def command(
     preference_epochs: Annotated[int, typer.Option(help=help_of(LoopConfig, "preference_epochs"))] = 1,
     preference_learning_rate: Annotated[float | None, typer.Option(
         help=help_of(LoopConfig, "preference_learning_rate"))] = None,
+    choice_offset_queries: Annotated[int, typer.Option(help=help_of(LoopConfig, "choice_offset_queries"))] = 200,
     mutations: Annotated[int, typer.Option(help=help_of(LoopConfig, "mutations"))] = 0,
     mutation_model: Annotated[str | None, typer.Option(help=help_of(LoopConfig, "mutation_model"))] = None,
     top_k: Annotated[int, typer.Option(help=help_of(LoopConfig, "top_k"))] = 10,
@@ -64,6 +65,7 @@ def command(
                                  preference_beta=preference_beta, preference_pairs_per_query=preference_pairs_per_query,
                                  preference_epochs=preference_epochs,
                                  preference_learning_rate=preference_learning_rate, mutations=mutations,
+                                 choice_offset_queries=choice_offset_queries,
                                  mutation_model=mutation_model)
         metrics = train_with_progress(run, train_config, loop_config)
     print_loops(metrics)

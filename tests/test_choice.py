@@ -1,0 +1,144 @@
+"""Strategy 'choose': the runtime picks a library prompt by the policy's own score, as training scores it.
+
+The tiny random policy (tests/_tiny.py) is exported with a library and offsets; the runtime's scores must
+equal training's ``candidate_logps`` (torch) on the same checkpoint, and its pick the argmax of score - offset.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _tiny import QUERIES
+
+from qpo_middleware.bundle import BundleError
+from qpo_middleware.library import LIBRARY_FILE, read_library
+
+# Prompts of different lengths, one longer than the tiny policy's 12-token cap (its ids are cut, its text is not).
+LIBRARY = {
+    "Classify the sentiment of this review.": 5,
+    "Is it positive or negative?": 3,
+    "Answer with one word.": 2,
+    "You are a careful film critic who reads every review twice before deciding whether the reviewer liked it.": 1,
+    "Think.": 1,
+}
+OFFSETS: dict[str, float] = {}  # each prompt's mean score over QUERIES (as training's are over its queries)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from _tiny import export_tiny
+
+    texts = list(LIBRARY)
+    OFFSETS.update(zip(texts, torch_scores(tiny, QUERIES, texts).mean(0).tolist(), strict=True))
+    return export_tiny(tiny, tmp_path_factory.mktemp("choose") / "bundle", library=LIBRARY, offsets=OFFSETS,
+                       generation={"strategy": "choose"})
+
+
+def torch_scores(tiny, queries: list[str], prompts: list[str]) -> np.ndarray:
+    from qpo_middleware.training.preference import candidate_logps
+
+    return candidate_logps(tiny.model, tiny.tokenizer, tiny.policy, queries, prompts, (tiny.policy.top_bucket,))[0].numpy()
+
+
+def test_choose_scores_equal_training_and_pick_the_best_offset_score(tiny, optimizer) -> None:
+    texts = [e.text for e in optimizer._choices]
+    assert sorted(texts) == sorted(LIBRARY) and optimizer.info()["strategy"] == "choose"
+    expected = torch_scores(tiny, QUERIES, texts)
+    offsets = np.array([OFFSETS[t] for t in texts])
+    for q, query in enumerate(QUERIES):
+        scored = dict(optimizer.scores(query))
+        runtime = np.array([scored[t] for t in texts]) + offsets
+        np.testing.assert_allclose(runtime, expected[q], atol=2e-3)
+    results = optimizer.optimize_batch(QUERIES)
+    picks = [texts[int(np.argmax(row - offsets))] for row in expected]
+    assert [r.prompt for r in results] == picks
+    assert len(set(picks)) > 1  # the offsets and the queries both matter on this random policy
+    assert all(query in r.text for query, r in zip(QUERIES, results, strict=True))
+    assert optimizer.stats()["choices"] >= len(QUERIES)
+
+
+def test_offsets_change_the_pick_and_generate_still_writes(tiny, optimizer) -> None:
+    texts = [e.text for e in optimizer._choices]
+    plain = torch_scores(tiny, QUERIES[:1], texts)[0]
+    # Without offsets the rule is the policy's likelihood: compare with the bundle's offset-adjusted pick.
+    by_likelihood = texts[int(np.argmax(plain))]
+    by_offset = optimizer.optimize(QUERIES[0]).prompt
+    assert by_offset == texts[int(np.argmax(plain - np.array([OFFSETS[t] for t in texts])))]
+    assert by_likelihood in LIBRARY
+    written = optimizer.optimize(QUERIES[0], strategy="generate")
+    assert written.tokens > 0 and written.status == "rewritten"
+    with pytest.raises(BundleError, match="do_sample"):
+        optimizer.optimize(QUERIES[0], do_sample=True)
+    sampled = optimizer.optimize(QUERIES[0], strategy="generate", do_sample=True, seed=1)
+    assert QUERIES[0] in sampled.text
+    assert optimizer.optimize("   ").status == "skipped"
+
+
+def test_choose_respects_the_latency_budget(optimizer) -> None:
+    out = optimizer.optimize(QUERIES[2], latency_budget_ms=0.0, fail_open=True)
+    assert out.status == "timeout" and out.prompt == ""
+
+
+def test_a_library_without_offsets_chooses_by_likelihood_and_no_library_cannot_choose(tiny, tmp_path: Path) -> None:
+    from _tiny import export_tiny
+
+    from qpo_middleware import PromptOptimizer
+    from qpo_middleware.training.export import ExportError
+
+    plain = export_tiny(tiny, tmp_path / "plain", library=LIBRARY)
+    optimizer = PromptOptimizer.from_bundle(plain)
+    assert optimizer.info()["strategy"] == "generate" and not optimizer.info()["library"]["offsets"]
+    texts = [e.text for e in optimizer._choices]
+    expected = torch_scores(tiny, QUERIES, texts)
+    chosen = optimizer.optimize_batch(QUERIES, strategy="choose")
+    assert [r.prompt for r in chosen] == [texts[int(np.argmax(row))] for row in expected]
+
+    # A prompt longer than the policy's prompt length is scored on its cut ids and comes back whole.
+    long = max(LIBRARY, key=len)
+    favoured = export_tiny(tiny, tmp_path / "long", library=LIBRARY,
+                           offsets={text: -1e4 if text == long else 0.0 for text in LIBRARY})
+    result = PromptOptimizer.from_bundle(favoured).optimize(QUERIES[1], strategy="choose")
+    assert result.prompt == long and result.tokens == tiny.policy.prompt_max_tokens + 1
+
+    with pytest.raises(ExportError, match="library"):
+        export_tiny(tiny, tmp_path / "none", library={}, generation={"strategy": "choose"})
+    assert not (tmp_path / "none").exists()
+    bare = PromptOptimizer.from_bundle(export_tiny(tiny, tmp_path / "bare", library={}))
+    with pytest.raises(BundleError, match="has none; re-export it from a run directory"):
+        bare.optimize(QUERIES[0], strategy="choose")
+    # A hand-edited manifest asking for 'choose' without a library is refused at load, naming the fix.
+    manifest = json.loads((tmp_path / "bare" / "qpo.json").read_text())
+    manifest["generation"]["strategy"] = "choose"
+    (tmp_path / "bare" / "qpo.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="qpo export --strategy choose"):
+        PromptOptimizer.from_bundle(tmp_path / "bare")
+    manifest["generation"]["strategy"] = "pick"
+    (tmp_path / "bare" / "qpo.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="strategy"):
+        PromptOptimizer.from_bundle(tmp_path / "bare")
+    with pytest.raises(ExportError, match="no choice offset"):
+        export_tiny(tiny, tmp_path / "partial", library=LIBRARY, offsets={"Think.": 0.0})
+    assert not (tmp_path / "partial").exists()
+
+
+def test_library_offsets_are_validated_and_version_1_still_reads(tmp_path: Path, bundle: Path) -> None:
+    data = json.loads((bundle / LIBRARY_FILE).read_text())
+    assert data["version"] == 2 and all("offset" in p for p in data["prompts"])
+    path = tmp_path / LIBRARY_FILE
+    old = {**data, "version": 1, "prompts": [{k: v for k, v in p.items() if k != "offset"} for p in data["prompts"]]}
+    path.write_text(json.dumps(old))
+    assert all(e.offset is None for e in read_library(path, vocab_size=10**6, max_ids=13))
+    for prompts, message in (
+        ([{**data["prompts"][0], "offset": "x"}], "finite number"),
+        ([{**data["prompts"][0], "offset": float("nan")}], "finite number"),
+        ([data["prompts"][0], {k: v for k, v in data["prompts"][1].items() if k != "offset"}], "every prompt"),
+    ):
+        path.write_text(json.dumps({**data, "prompts": prompts}))
+        with pytest.raises(BundleError, match=message):
+            read_library(path, vocab_size=10**6, max_ids=13)
+    path.write_text(json.dumps({**old, "prompts": [{**old["prompts"][0], "offset": 1.0}]}))
+    with pytest.raises(BundleError, match="text, ids and count"):  # version 1 has no offsets
+        read_library(path, vocab_size=10**6, max_ids=13)
