@@ -67,12 +67,13 @@ def prompt_target_ids(policy: PolicyFormat, tokenize: Callable[[str], Sequence[i
 
 def build_library(prompts: Mapping[str, int], policy: PolicyFormat, tokenize: Callable[[str], Sequence[int]],
                   offsets: Mapping[str, float] | None = None) -> list[LibraryPrompt]:
-    """Library entries for ``prompts`` (text -> record count); blank prompts are left out (nothing to draft).
-    ``offsets`` (text -> choice offset), when given, must cover every prompt kept.
+    """Library entries for ``prompts`` (text -> record count). A blank prompt (no instruction) is an entry
+    too, ids EOS alone: strategy 'choose' may pick it, the drafter skips it (nothing to draft).
+    ``offsets`` (text -> choice offset), when given, must cover every prompt.
 
     Sorted by count, most frequent first, then by text, so the file is the same for the same data.
     """
-    kept = [text for text in prompts if text.strip()]
+    kept = list(prompts)
     if offsets is not None:
         missing = [text for text in kept if text not in offsets]
         if missing:
@@ -164,6 +165,8 @@ class Drafter:
         self._lookup: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}
         lookup_weight: dict[tuple[int, ...], int] = {}
         for entry in entries:
+            if len(entry.ids) < 2:  # a blank prompt (EOS alone): drafting it would only end rows early
+                continue
             node = self._root
             node.weight += entry.count
             for token in entry.ids:

@@ -23,6 +23,7 @@ LIBRARY = {
     "Answer with one word.": 2,
     "You are a careful film critic who reads every review twice before deciding whether the reviewer liked it.": 1,
     "Think.": 1,
+    "": 4,  # no instruction: a choice too (EOS alone)
 }
 OFFSETS: dict[str, float] = {}  # each prompt's mean score over QUERIES (as training's are over its queries)
 
@@ -102,6 +103,11 @@ def test_a_library_without_offsets_chooses_by_likelihood_and_no_library_cannot_c
                            offsets={text: -1e4 if text == long else 0.0 for text in LIBRARY})
     result = PromptOptimizer.from_bundle(favoured).optimize(QUERIES[1], strategy="choose")
     assert result.prompt == long and result.tokens == tiny.policy.prompt_max_tokens + 1
+    blank = export_tiny(tiny, tmp_path / "blank", library=LIBRARY,
+                        offsets={text: -1e4 if text == "" else 0.0 for text in LIBRARY})
+    result = PromptOptimizer.from_bundle(blank).optimize(QUERIES[0], strategy="choose")
+    assert result.prompt == "" and result.status == "rewritten" and result.tokens == 1
+    assert result.text == PromptOptimizer.from_bundle(blank).template.render("", QUERIES[0]).text
 
     with pytest.raises(ExportError, match="library"):
         export_tiny(tiny, tmp_path / "none", library={}, generation={"strategy": "choose"})

@@ -257,14 +257,14 @@ def export_bundle(
     if library is None:
         library = run_prompt_library(checkpoint) or {}
     if offsets is None and library and (recorded := read_choice_offsets(checkpoint)) is not None:
-        missing = [text for text in library if text.strip() and text not in recorded.offsets]
+        missing = [text for text in library if text not in recorded.offsets]
         if missing:
             logger.warning("%s has choice offsets for another library (%d of %d prompts missing): exporting without "
                            "them, so strategy 'choose' scores by log-probability alone", checkpoint, len(missing),
                            len(library))
         else:
             offsets = recorded.offsets
-    if gen.strategy == "choose" and not any(text.strip() for text in library):
+    if gen.strategy == "choose" and not library:
         raise ExportError(f"strategy 'choose' picks one of the bundle's library prompts, and {checkpoint} has none: "
                           "export a checkpoint of a run directory (RUN/policy/loop_<t>/checkpoint), or pass library=.")
 

@@ -316,7 +316,7 @@ def library_offsets(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Sequ
     to ``loop``, as export writes them): its mean log-probability under ``model`` (the preference step's reference)
     after the top reward token, over ``queries`` training queries drawn with ``seed``."""
     upto = [r for r in records if r.loop <= loop]
-    prompts = sorted({r.prompt for r in upto if r.prompt.strip()})
+    prompts = sorted({r.prompt for r in upto})
     texts = {r.query_id: r.query for r in upto}
     ids = sorted(texts)
     drawn = random.Random(seed).sample(ids, min(queries, len(ids)))
