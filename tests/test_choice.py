@@ -148,3 +148,22 @@ def test_library_offsets_are_validated_and_version_1_still_reads(tmp_path: Path,
     path.write_text(json.dumps({**old, "prompts": [{**old["prompts"][0], "offset": 1.0}]}))
     with pytest.raises(BundleError, match="text, ids and count"):  # version 1 has no offsets
         read_library(path, vocab_size=10**6, max_ids=13)
+
+
+def test_choose_through_the_micro_batcher_cache_and_async_calls(bundle: Path, optimizer) -> None:
+    import asyncio
+
+    from qpo_middleware import PromptOptimizer, RuntimeConfig
+
+    expected = [r.prompt for r in optimizer.optimize_batch(QUERIES)]
+    served = PromptOptimizer.from_bundle(bundle, config=RuntimeConfig(batch_window_ms=2, cache_size=8))
+    try:
+        results = asyncio.run(served.aoptimize_batch(QUERIES))
+        assert [r.prompt for r in results] == expected
+        assert served.stats()["batched_queries"] == len(QUERIES)
+        again = served.optimize(QUERIES[0])
+        assert again.status == "cached" and again.prompt == expected[0]
+        # Another strategy per call bypasses the cache and the batcher (they serve the bundle's own).
+        assert served.optimize(QUERIES[0], strategy="generate").status == "rewritten"
+    finally:
+        served.close()
