@@ -18,7 +18,8 @@ figure when nothing else ran).
 
     python benchmarks/choose_bundle.py benchmarks/results/pool-choice-cpu/sst2-seed1-n1000x5-t600
 
-Writes ``choose_bundle.json`` and ``choose_bundle.md`` next to ``per_query.json``; the bundle stays in the run
+Writes ``choose_bundle.json`` and ``choose_bundle.md`` (``choose_bundle-int8.*`` with ``--quantize int8``) next to
+``per_query.json``; the bundle stays in the run
 directory (ignored by git).
 """
 
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--recipe", default=None, help="Recipe whose policy is exported (default: the one dev chose).")
     parser.add_argument("--offset-queries", type=int, default=LoopConfig().choice_offset_queries)
     parser.add_argument("--latency-queries", type=int, default=50, help="Test queries timed per strategy.")
+    parser.add_argument("--quantize", default=None, help="Export quantized (qpo export --quantize: int8, int4, ...); "
+                        "results go to choose_bundle-<quantize>.json/.md.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     code = code_version()
@@ -90,9 +93,10 @@ def main() -> None:
         timings["offsets"] = time.perf_counter() - started
         del model
 
-    bundle_dir = run_dir / "bundle_choose"
+    dtype = args.quantize or "fp32"
+    bundle_dir = run_dir / f"bundle_choose_{dtype}"
     started = time.perf_counter()
-    export_bundle(checkpoint, bundle_dir, generation={"strategy": "choose"}, overwrite=True)
+    export_bundle(checkpoint, bundle_dir, generation={"strategy": "choose"}, quantize=args.quantize, overwrite=True)
     timings["export"] = time.perf_counter() - started
 
     # -- the run's queries (the same splits pool_choice drew) ------------------------------------------------------
@@ -161,13 +165,14 @@ def main() -> None:
 
     out = {"benchmark": "choose_bundle", "run": args.run.as_posix(), "recipe": recipe, "checkpoint": str(checkpoint),
            "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), **code,
-           "environment": environment(), "offsets": {"queries": recorded.queries, "seed": seed + 1,
+           "environment": environment(), "dtype": dtype, "offsets": {"queries": recorded.queries, "seed": seed + 1,
                                                      "prompts": len(recorded.offsets)},
            "splits": out_rows, "agreement": agreement, "prompts_sent": sent, "latency": latency, "timings": timings}
-    atomic_write_json(args.run / "choose_bundle.json", out)
+    stem = "choose_bundle" + (f"-{args.quantize}" if args.quantize else "")
+    atomic_write_json(args.run / f"{stem}.json", out)
     lines = [f"# The exported `--strategy choose` bundle: {results['task']} seed {seed}, recipe {recipe}", "",
              f"`{out['command']}` — commit `{out['commit']}`; run `{results['commit']}`; offsets from "
-             f"{recorded.queries} training queries (the reference, seed {seed + 1}); ONNX fp32 on CPU.", ""]
+             f"{recorded.queries} training queries (the reference, seed {seed + 1}); ONNX {dtype} on CPU.", ""]
     for split, part in out_rows.items():
         refs = [r for r in ("best_prompt", "best_prompt_dev", "selector", "dpo_ratio") if r in part["methods"]]
         lines += [f"## {split}: {part['queries']} queries (every pool prompt scored)", "",
@@ -184,7 +189,7 @@ def main() -> None:
               f"{latency['library_prompts']} library prompts; load average before/after "
               f"{latency['load_average_before'][0]:.1f}/{latency['load_average_after'][0]:.1f} "
               f"({os.cpu_count()} cores).", ""]
-    atomic_write_text(args.run / "choose_bundle.md", "\n".join(lines))
+    atomic_write_text(args.run / f"{stem}.md", "\n".join(lines))
     print("\n".join(lines))
 
 
