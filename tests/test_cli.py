@@ -50,6 +50,23 @@ def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> N
     assert result.exit_code == 0, result.output
     assert "a fine film" in result.output
 
+    # Strategy 'choose': the run's prompts are the candidates, per call or as the bundle's default.
+    import json
+
+    from qpo_middleware.training.dataset import OfflineDataset
+
+    known = {r.prompt for r in OfflineDataset(run).records}
+    result = runner.invoke(app, ["rewrite", "a fine film", "--bundle", str(paths.bundle), "--strategy", "choose",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt"] in known
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "choose"), "--strategy", "choose"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["rewrite", "a fine film", "--bundle", str(tmp_path / "choose"), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["prompt"] in known, result.output
+    result = runner.invoke(app, ["rewrite", "a fine film", "--bundle", str(tmp_path / "choose"), "--sample"])
+    assert result.exit_code != 0 and "strategy='generate'" in result.output
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
