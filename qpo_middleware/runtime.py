@@ -88,13 +88,14 @@ class OptimizedPrompt:
 
     ``prompt`` is the generated instruction (no special tokens nor their strings,
     no control characters besides newline/tab, stripped, at most
-    :data:`PROMPT_CHARS_PER_TOKEN` characters per ``max_new_tokens``); ``text`` is
+    :data:`PROMPT_CHARS_PER_TOKEN` characters per ``max_new_tokens``), or with strategy
+    ``'choose'`` the chosen library prompt whole (same cleaning, no length cap); ``text`` is
     the user turn with the original query verbatim inside (never altered, even
     where the policy read a sanitized copy: see :func:`policy_text`);
     ``messages`` are the chat messages to
     send; ``latency_ms`` is the wall time of the call that produced it (the
     whole batch for :meth:`PromptOptimizer.optimize_batch`); ``tokens`` counts
-    the decoded tokens, the stopping EOS included. ``status`` says what happened:
+    the decoded (or chosen) tokens, the stopping EOS included. ``status`` says what happened:
     ``"rewritten"``, ``"cached"`` (an LRU cache hit), ``"skipped"`` (an empty query: no model
     call), ``"timeout"`` or ``"overloaded"`` (fail-open: no prompt, the query goes on as is).
     """
