@@ -37,15 +37,11 @@ from typing import Any
 
 from qpo_bench.environment import code_version, environment
 from qpo_bench.offline import TRAIN, method_line, method_row, recipe_dir, reference_model
+from qpo_middleware.stats import percentiles
 from qpo_middleware.training.config import LoopConfig, TrainConfig
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.run import Run, RunPaths
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
@@ -158,8 +154,9 @@ def main() -> None:
             t = time.perf_counter()
             optimizer.optimize(query, strategy=strategy)
             per.append(1000 * (time.perf_counter() - t))
-        latency[strategy] = {"p50_ms": percentile(per, 0.5), "p95_ms": percentile(per, 0.95),
-                             "mean_ms": statistics.fmean(per), "queries": len(per)}
+        summary = percentiles(per)
+        latency[strategy] = {"p50_ms": summary["p50"], "p95_ms": summary["p95"], "mean_ms": summary["mean"],
+                             "queries": summary["n"]}
     latency["load_average_after"] = os.getloadavg()
     latency["library_prompts"] = len(optimizer._choices)
 
