@@ -176,7 +176,11 @@ def main() -> None:
 
     # -- held-out prompts: the chosen recipe and rule choose among all 16 logged prompts -------------
     held_out: dict[str, Any] = {}
-    if args.held_out_queries:
+    if args.held_out_queries and chosen.removeprefix(f"qpo_{chosen_recipe}_") == "choose":
+        # Training records offsets for the library it saw (the 6 logged training prompts) only.
+        held_out = {"skipped": "rule 'choose' needs an offset for every candidate; training recorded them for "
+                               "the 6 training prompts only"}
+    elif args.held_out_queries:
         all_logs = runs / "logs_test_all"
         if not RunPaths(all_logs).dataset.is_file():
             import_prompt_oirl(None, "gsm8k", all_logs, split="test", prompts="all")
@@ -252,7 +256,9 @@ def report(results: dict[str, Any]) -> str:
     lines += [f"- {k.removeprefix('test:')}: " + ", ".join(f"{a} {n}" for a, n in v.items())
               for k, v in results["prompts_sent"].items() if k.startswith("test:")]
     held = results.get("held_out_prompts") or {}
-    if held:
+    if "skipped" in held:
+        lines += ["", f"Held-out prompts: not scored ({held['skipped']})."]
+    elif held:
         lines += ["", f"## Held-out prompts: all {held['prompts']} logged prompts as candidates "
                       f"(first {held['queries']} test questions; `{held['recipe']}`, rule `{held['rule']}`)", "",
                   "| method | accuracy % [95% CI] | vs best prompt [95% CI] | vs selector [95% CI] |", "|---|---|---|---|"]

@@ -403,3 +403,22 @@ def test_policy_choices_give_a_base_reference_the_recipe_seed_and_rescore_new_in
     monkeypatch.undo()
     again = choose(1, "choices-1.json", prompts[:2])  # other prompts: scored again, never stale indices
     assert len(again["logps"]["top"][0]) == 2 and again["inputs"] != first["inputs"]
+
+    # Rule 'choose' (the runtime's strategy): the top row minus the offsets training recorded, and only when
+    # they cover every candidate; derived afresh from the cached scores, so new offsets are never stale.
+    from qpo_middleware.training.export import ChoiceOffsets, write_choice_offsets
+
+    def choose_rule(offsets: dict[str, float]) -> dict[str, Any]:
+        write_choice_offsets(RunPaths(run_dir).checkpoint(1), ChoiceOffsets(offsets=offsets, queries=2))
+        return offline.policy_choices(run_dir, queries, prompts, tmp_path / "choices-choose.json",
+                                      rules=("dpo_ratio", "choose"), reference=tiny_base, seed=1)
+
+    assert "choose" not in choose_rule({prompts[0]: -1.0, prompts[1]: -2.0})  # "" has no offset
+    top = choose_rule({prompts[0]: -1.0, prompts[1]: -2.0})["logps"]["top"]
+    assert top == first["logps"]["top"]
+    monkeypatch.setattr(offline, "load_policy", lambda *a, **k: pytest.fail("the cache should have served"))
+    for favoured in range(3):
+        offsets = {p: (-1e4 if j == favoured else 0.0) for j, p in enumerate(prompts)}
+        assert choose_rule(offsets)["choose"] == [favoured, favoured]
+    offsets = {p: -float(j) for j, p in enumerate(prompts)}
+    assert choose_rule(offsets)["choose"] == [max(range(3), key=lambda j, r=r: r[j] + j) for r in top]

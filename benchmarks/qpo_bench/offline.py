@@ -53,7 +53,8 @@ RECIPES: dict[str, dict[str, Any]] = {
                  "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
                            "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4}},
 }
-RULES = ("likelihood", "implicit", "dpo_ratio")  # dpo_ratio: recipes with a preference step only
+# dpo_ratio: recipes with a preference step only; choose: checkpoints whose training recorded choice offsets
+RULES = ("likelihood", "implicit", "dpo_ratio", "choose")
 
 
 def recipe_dir(runs: Path, recipe: str, suffix: str) -> Path:
@@ -103,8 +104,10 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
     """Per rule, the index of the prompt the policy of loop 1 picks for each query (cached in ``cache``):
     ``likelihood`` = most likely after the top reward token; ``implicit`` = most favoured by the top token
     over the bottom one; ``dpo_ratio`` = most favoured by the policy over ``reference`` (the model its
-    preference step started from) after the top token, DPO's implicit reward. Each is scored only when asked
-    for (``dpo_ratio`` only with a reference). ``seconds_per_query`` is the policy's own scoring time;
+    preference step started from) after the top token, DPO's implicit reward; ``choose`` = the runtime's
+    strategy 'choose', the top-token log-probability minus the offset training recorded for each prompt
+    (``qpo_choice_offsets.json``; only when it covers every candidate). Each is scored only when asked
+    for (``dpo_ratio`` only with a reference; ``choose`` is derived from ``top`` each call, never cached). ``seconds_per_query`` is the policy's own scoring time;
     ``logps`` holds the (query x prompt) log-probabilities the rules read: ``top``, ``bottom``, ``reference``.
 
     ``seed`` is the one the recipe trained with: a base-model reference gets its reward-token rows from it,
@@ -113,11 +116,11 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
 
     inputs = hashlib.sha256(json.dumps([queries, prompts, reference, seed, str(RunPaths(run_dir).checkpoint(1))],
                                        ensure_ascii=False).encode("utf-8")).hexdigest()
-    wanted = [r for r in rules if r != "dpo_ratio" or reference is not None]
+    wanted = [r for r in rules if (r != "dpo_ratio" or reference is not None) and r != "choose"]
     if cache.is_file():
         cached = json.loads(cache.read_text(encoding="utf-8"))
         if cached.get("inputs") == inputs and all(r in cached for r in wanted):
-            return cached
+            return with_choose(cached, run_dir, prompts) if "choose" in rules else cached
         logger.info("%s was made for other inputs or rules; scoring again", cache)
     # The policy format (buckets, token budgets) is the same in every recipe: TRAIN's.
     train = TrainConfig(**{**TRAIN, "seed": seed})
@@ -141,7 +144,20 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
     # The scores themselves (query x prompt), so other rules can be tried later without the models.
     choices["logps"] = {k: [[round(x, 4) for x in row] for row in v.tolist()] for k, v in logps.items()}
     atomic_write_json(cache, choices)
-    return choices
+    return with_choose(choices, run_dir, prompts) if "choose" in rules else choices
+
+
+def with_choose(choices: dict[str, Any], run_dir: Path, prompts: list[str]) -> dict[str, Any]:
+    """``choices`` plus rule ``choose`` when loop 1's checkpoint holds choice offsets for every prompt."""
+    from qpo_middleware.training.export import read_choice_offsets
+
+    recorded = read_choice_offsets(RunPaths(run_dir).checkpoint(1))
+    if recorded is None or not all(p in recorded.offsets for p in prompts):
+        logger.info("%s has no choice offsets for all %d candidates: no rule 'choose'", run_dir, len(prompts))
+        return choices
+    offsets = [recorded.offsets[p] for p in prompts]
+    return {**choices, "choose": [max(range(len(row)), key=lambda j, row=row: row[j] - offsets[j])
+                                  for row in choices["logps"]["top"]]}
 
 
 def rules_of(choices: dict[str, Any]) -> list[str]:
