@@ -1,0 +1,109 @@
+"""Mean over split seeds of finished ``pool_choice.py`` runs: the issue's protocol reports each method's
+accuracy and its gap to the best train prompt and to the selector averaged over seeds.
+
+Each seed's gap comes with a paired bootstrap interval on its own test queries; the seeds are independent
+splits, so the mean gap's interval is the normal approximation ``mean ± 1.96 · sqrt(Σ se_i²) / k`` with
+``se_i`` = (interval width) / 3.92 per seed. QPO's row is each seed's *chosen* method (recipe and rule chosen
+on that seed's dev split), so no seed's row was picked on test queries. Writes ``seed_mean.json`` and
+``seed_mean.md`` into ``--out``.
+
+    python benchmarks/seed_mean.py benchmarks/results/pool-choice-cpu/sst2-seed{0,1,2}-n1000x5-t600 \\
+        --out benchmarks/results/pool-choice-cpu/sst2-seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from qpo_bench.environment import code_version
+from qpo_middleware.training.io import atomic_write_json, atomic_write_text
+
+REFERENCES = ("best_prompt", "selector")
+ROWS = ("none", "best_prompt", "random_prompt", "selector", "qpo_chosen")
+
+
+def seed_rows(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One run's test rows, QPO's under the name ``qpo_chosen``."""
+    methods = results["test"]["methods"]
+    chosen = results["validation"]["chosen"]
+    if chosen not in methods:
+        sys.exit(f"{chosen!r} (chosen on dev) has no test row: run pool_choice.py with --test-recipes chosen.")
+    return {name: methods[chosen if name == "qpo_chosen" else name] for name in ROWS if
+            name == "qpo_chosen" or name in methods}
+
+
+def mean_gap(gaps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of per-seed paired gaps and its normal-approximation 95% interval."""
+    diff = statistics.fmean(g["diff"] for g in gaps)
+    se = math.sqrt(sum(((g["ci95"][1] - g["ci95"][0]) / 3.92) ** 2 for g in gaps)) / len(gaps)
+    low, high = diff - 1.96 * se, diff + 1.96 * se
+    return {"diff": diff, "ci95": [low, high], "significant": low > 0 or high < 0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+", help="pool_choice results folders, one per split seed.")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    loaded = []
+    for folder in args.runs:
+        path = folder / "results.json"
+        if not path.is_file():
+            sys.exit(f"{path} is missing: finish benchmarks/pool_choice.py for that seed first.")
+        loaded.append(json.loads(path.read_text(encoding="utf-8")))
+    tasks = {r["task"] for r in loaded}
+    seeds = [r["settings"]["seed"] for r in loaded]
+    if len(tasks) != 1 or len(set(seeds)) != len(seeds):
+        sys.exit(f"Give one task's runs with distinct seeds; got tasks {sorted(tasks)} and seeds {seeds}.")
+    per_seed = [seed_rows(r) for r in loaded]
+    rows: dict[str, Any] = {}
+    for name in ROWS:
+        if not all(name in s for s in per_seed):
+            continue
+        row: dict[str, Any] = {"accuracy": statistics.fmean(s[name]["accuracy"] for s in per_seed),
+                               "per_seed": [s[name]["accuracy"] for s in per_seed],
+                               "queries": sum(s[name]["n"] for s in per_seed)}
+        for ref in REFERENCES:
+            if ref != name:
+                row[f"vs_{ref}"] = mean_gap([s[name][f"vs_{ref}"] for s in per_seed])
+        rows[name] = row
+    out = {"benchmark": "seed_mean", "task": tasks.pop(), "seeds": seeds,
+           "runs": [f.as_posix() for f in args.runs], "run_commits": [r["commit"] for r in loaded],
+           "chosen": [r["validation"]["chosen"] for r in loaded],
+           "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *(a.as_posix() if isinstance(a, Path) else a
+                                                                         for a in sys.argv[1:])]),
+           **code_version(), "methods": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "seed_mean.json", out)
+    atomic_write_text(args.out / "seed_mean.md", report(out))
+    print(report(out))
+
+
+def report(out: dict[str, Any]) -> str:
+    def gap(g: dict[str, Any] | None) -> str:
+        if g is None:
+            return "—"
+        text = f"{100 * g['diff']:+.1f} [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]"
+        return text if g["significant"] else text + " (n.s.)"
+
+    lines = [f"# {out['task']}: mean over split seeds {', '.join(map(str, out['seeds']))}", "",
+             f"`{out['command']}` — commit `{out['commit']}`; runs at {', '.join(f'`{c}`' for c in out['run_commits'])}",
+             "", "QPO = each seed's method chosen on its dev split: "
+             + ", ".join(f"seed {s} `{c}`" for s, c in zip(out["seeds"], out["chosen"], strict=True)) + ".",
+             "Intervals: normal approximation over the seeds' paired bootstrap intervals.", "",
+             "| method | mean accuracy % | per seed | test queries | vs best prompt [95% CI] | vs selector [95% CI] |",
+             "|---|---:|---|---:|---|---|"]
+    for name, row in out["methods"].items():
+        lines.append(f"| {name} | {100 * row['accuracy']:.1f} | " + " / ".join(f"{100 * a:.1f}" for a in row["per_seed"])
+                     + f" | {row['queries']} | {gap(row.get('vs_best_prompt'))} | {gap(row.get('vs_selector'))} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
