@@ -38,7 +38,7 @@ from typing import Any
 from quality import DEFAULT_MODEL, reuse_d0
 
 from qpo_bench.environment import code_version, environment
-from qpo_bench.harness import label_routing
+from qpo_bench.harness import label_routing, names_labels
 from qpo_bench.offline import (
     RECIPES,
     RULES,
@@ -248,6 +248,8 @@ def main() -> None:
                "oracle": summary.oracle_accuracy},
         "best_prompt_dev": {"prompt": source[best_dev], "dev_accuracy": {source[p]: dev_accuracy[p] for p in prompts}},
         "pool": [{"source": src, "text": text} for src, text in pool],
+        # Leakage check: a pick that names exactly one label word may answer instead of prompting.
+        "pool_naming_one_label": [src for src, text in pool if len(names_labels(text, list(run.task.labels))) == 1],
         "validation": {"queries": len(dev_ex), "scores": dev_scores, "chosen": chosen, "chosen_recipe": chosen_recipe},
         "prompts_sent": {k: dict(v.most_common()) for k, v in picked.items()},
         "test": {"queries": len(test_ex), "bound_queries": len(bounded["test"]), "methods": methods, "recipes_scored": list(dict.fromkeys(test_recipes))},
@@ -268,6 +270,17 @@ def main() -> None:
         "policy_logps": {k.split(":", 1)[1]: v for k, v in policy_logps.items() if k.startswith(f"{split}:")},
     } for split, table in (("dev", dev), ("test", test))}}, ensure_ascii=False, separators=(",", ":")) + "\n")
     print((out / "report.md").read_text(encoding="utf-8"))
+
+
+def leakage_line(results: dict[str, Any]) -> str:
+    """The leakage check: QPO picks among pool prompts, so only a pool prompt naming one label can leak."""
+    leaky = results.get("pool_naming_one_label")
+    if leaky is None:
+        return "Leakage check: not recorded by this run."
+    if not leaky:
+        return "Leakage check: no pool prompt names exactly one label word, so no pick writes the answer into the prompt."
+    return (f"Leakage check: {len(leaky)} pool prompt(s) name exactly one label word ("
+            + ", ".join(f"`{p}`" for p in leaky) + "); the counts above show how often each method sent them.")
 
 
 def report(results: dict[str, Any]) -> str:
@@ -300,6 +313,7 @@ def report(results: dict[str, Any]) -> str:
         "Prompts sent on test (count per pool prompt):", "",
         *[f"- {k.removeprefix('test:')}: " + ", ".join(f"{a} {n}" for a, n in v.items())
           for k, v in results["prompts_sent"].items() if k.startswith("test:")],
+        "", leakage_line(results),
         "", "Policy scoring cost per test query (every pool prompt, the passes its rule needs, CPU): " + ", ".join(
             f"{k} {v:.2f} s" for k, v in results["policy_seconds_per_query"]["test"].items()), "",
     ]
