@@ -76,8 +76,7 @@ def main() -> None:
     out = {"benchmark": "seed_mean", "task": tasks.pop(), "seeds": seeds,
            "runs": [f.as_posix() for f in args.runs], "run_commits": [r["commit"] for r in loaded],
            "chosen": [r["validation"]["chosen"] for r in loaded],
-           "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *(a.as_posix() if isinstance(a, Path) else a
-                                                                         for a in sys.argv[1:])]),
+           "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
            **code_version(), "methods": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "seed_mean.json", out)

@@ -21,8 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from qpo_middleware.choice import choose
 from qpo_middleware.stats import bootstrap_ci, paired_bootstrap_ci
 from qpo_middleware.training.config import LoopConfig, TrainConfig
+from qpo_middleware.training.export import read_choice_offsets
 from qpo_middleware.training.io import atomic_write_json
 from qpo_middleware.training.loops import completed_loops, load_policy, run_loops
 from qpo_middleware.training.run import RunPaths
@@ -107,8 +111,9 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
     preference step started from) after the top token, DPO's implicit reward; ``choose`` = the runtime's
     strategy 'choose', the top-token log-probability minus the offset training recorded for each prompt
     (``qpo_choice_offsets.json``; only when it covers every candidate). Each is scored only when asked
-    for (``dpo_ratio`` only with a reference; ``choose`` is derived from ``top`` each call, never cached). ``seconds_per_query`` is the policy's own scoring time;
-    ``logps`` holds the (query x prompt) log-probabilities the rules read: ``top``, ``bottom``, ``reference``.
+    for (``dpo_ratio`` only with a reference; ``choose`` is derived from ``top`` on every call, never
+    cached). ``seconds_per_query`` is the policy's own scoring time; ``logps`` holds the (query x prompt)
+    log-probabilities the rules read: ``top``, ``bottom``, ``reference``.
 
     ``seed`` is the one the recipe trained with: a base-model reference gets its reward-token rows from it,
     as in training. The cache serves only the same queries, prompts, reference and seed, with every rule asked."""
@@ -149,15 +154,12 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
 
 def with_choose(choices: dict[str, Any], run_dir: Path, prompts: list[str]) -> dict[str, Any]:
     """``choices`` plus rule ``choose`` when loop 1's checkpoint holds choice offsets for every prompt."""
-    from qpo_middleware.training.export import read_choice_offsets
-
     recorded = read_choice_offsets(RunPaths(run_dir).checkpoint(1))
     if recorded is None or not all(p in recorded.offsets for p in prompts):
         logger.info("%s has no choice offsets for all %d candidates: no rule 'choose'", run_dir, len(prompts))
         return choices
-    offsets = [recorded.offsets[p] for p in prompts]
-    return {**choices, "choose": [max(range(len(row)), key=lambda j, row=row: row[j] - offsets[j])
-                                  for row in choices["logps"]["top"]]}
+    offsets = np.array([recorded.offsets[p] for p in prompts])
+    return {**choices, "choose": [choose(np.array(row), offsets) for row in choices["logps"]["top"]]}
 
 
 def rules_of(choices: dict[str, Any]) -> list[str]:
