@@ -422,3 +422,37 @@ def test_policy_choices_give_a_base_reference_the_recipe_seed_and_rescore_new_in
         assert choose_rule(offsets)["choose"] == [favoured, favoured]
     offsets = {p: -float(j) for j, p in enumerate(prompts)}
     assert choose_rule(offsets)["choose"] == [max(range(3), key=lambda j, r=r: r[j] + j) for r in top]
+
+
+def test_choice_rules_chooses_on_dev_and_bounds_with_the_hindsight_prompt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """choice_rules.py on a hand-built pool_choice folder: the rule is chosen on dev alone, test is scored on
+    the full grid, and the best single prompt on those test queries is reported as a bound."""
+    spec = importlib.util.spec_from_file_location("qpo_choice_rules", REPO / "benchmarks" / "choice_rules.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    prompts = ["none", "pool:a", "pool:b"]
+    # dev: the policy's top row prefers pool:a, which is always wrong; its reference prefers it even more, so
+    # ratio_prior (top minus the reference's mean) moves to pool:b, always right on dev.
+    dev = {"ids": ["d0", "d1"], "grid": {"d0": "001", "d1": "001"}, "hits": {"qpo_r_dpo_ratio": "11"},
+           "policy_logps": {"r": {"top": [[-5.0, -1.0, -2.0], [-5.0, -1.0, -2.0]],
+                                  "reference": [[-5.0, -0.1, -3.0], [-5.0, -0.1, -3.0]]}}}
+    # test: 4 queries, the first 3 with the full grid; "none" is the best single prompt there (3 of 3).
+    test = {"ids": ["t0", "t1", "t2", "t3"], "grid": {"t0": "101", "t1": "110", "t2": "100"},
+            "hits": {k: "1001" for k in ("best_prompt", "best_prompt_dev", "selector", "qpo_r_dpo_ratio")},
+            "policy_logps": {"r": {"top": [[-5.0, -1.0, -2.0]] * 4, "reference": [[-5.0, -0.1, -3.0]] * 4}}}
+    (tmp_path / "per_query.json").write_text(json.dumps({"prompts": prompts, "splits": {"dev": dev, "test": test}}))
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"task": "sst2", "commit": "abc1234", "validation": {"chosen_recipe": "r"}}))
+    monkeypatch.setattr(sys, "argv", ["choice_rules.py", str(tmp_path)])
+    module.main()
+    out = json.loads((tmp_path / "choice_rules.json").read_text())
+    assert out["validation"]["chosen"] == "ratio_prior"
+    assert out["validation"]["scores"]["likelihood"] == 0.0 and out["validation"]["scores"]["ratio_prior"] == 1.0
+    methods = out["test"]["methods"]
+    assert out["test"]["queries"] == 3
+    assert methods["ratio_prior (chosen on dev, no reference model)"]["accuracy"] == pytest.approx(1 / 3)  # pool:b
+    assert methods["best_prompt_hindsight (none; bound)"]["accuracy"] == 1.0
+    assert methods["best_prompt"]["n"] == 3  # the recorded hits, cut to the scored grid
+    assert "best_prompt_hindsight" in (tmp_path / "choice_rules.md").read_text()
