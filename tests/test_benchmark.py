@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -456,3 +457,37 @@ def test_choice_rules_chooses_on_dev_and_bounds_with_the_hindsight_prompt(
     assert methods["best_prompt_hindsight (none; bound)"]["accuracy"] == 1.0
     assert methods["best_prompt"]["n"] == 3  # the recorded hits, cut to the scored grid
     assert "best_prompt_hindsight" in (tmp_path / "choice_rules.md").read_text()
+
+
+def test_seed_mean_averages_each_seeds_dev_chosen_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """seed_mean.py: QPO's row is each seed's dev-chosen method; the mean gap's interval is the normal
+    approximation over the seeds' paired intervals (hand-worked below)."""
+    spec = importlib.util.spec_from_file_location("qpo_seed_mean", REPO / "benchmarks" / "seed_mean.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def gap(diff: float, width: float) -> dict[str, Any]:
+        return {"diff": diff, "ci95": [diff - width / 2, diff + width / 2], "significant": True}
+
+    folders = []
+    for seed, (chosen, acc, d) in enumerate([("qpo_a", 0.80, 0.10), ("qpo_b", 0.70, 0.02)]):
+        methods = {"best_prompt": {"accuracy": acc - d, "n": 300, "vs_selector": gap(0.0, 0.0392)},
+                   "selector": {"accuracy": acc - d, "n": 300, "vs_best_prompt": gap(0.0, 0.0392)},
+                   chosen: {"accuracy": acc, "n": 300, "vs_best_prompt": gap(d, 0.0392), "vs_selector": gap(d, 0.0392)},
+                   "qpo_a" if chosen == "qpo_b" else "qpo_b": {"accuracy": 0.0, "n": 300}}  # not chosen: ignored
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"task": "sst2", "commit": "abc", "settings": {"seed": seed},
+                                                         "validation": {"chosen": chosen}, "test": {"methods": methods}}))
+        folders.append(str(folder))
+    monkeypatch.setattr(sys, "argv", ["seed_mean.py", *folders, "--out", str(tmp_path / "mean")])
+    module.main()
+    qpo = json.loads((tmp_path / "mean" / "seed_mean.json").read_text())["methods"]["qpo_chosen"]
+    assert qpo["accuracy"] == pytest.approx(0.75) and qpo["queries"] == 600
+    # each seed's se = 0.0392 / 3.92 = 0.01; mean se = sqrt(2) * 0.01 / 2; mean gap 0.06
+    half = 1.96 * math.sqrt(2) * 0.01 / 2
+    assert qpo["vs_best_prompt"]["ci95"] == pytest.approx([0.06 - half, 0.06 + half])
+    monkeypatch.setattr(sys, "argv", ["seed_mean.py", folders[0], folders[0], "--out", str(tmp_path / "m2")])
+    with pytest.raises(SystemExit, match="distinct seeds"):
+        module.main()
