@@ -15,6 +15,7 @@ from qpo_middleware.training.policy import add_policy_tokens, collate
 from qpo_middleware.training.preference import (
     PreferenceObjective,
     dpo_loss,
+    label_accuracy,
     preference_examples,
     preference_pairs,
     sequence_logps,
@@ -79,6 +80,32 @@ def test_preference_pairs_are_right_vs_wrong_on_the_same_query() -> None:
     assert len(preference_pairs(records, 100)) == 2 * 2 + 1
     with pytest.raises(ValueError, match="pairs_per_query"):
         preference_pairs(records, 0)
+
+
+def test_label_smoothed_pairs_rank_prompts_by_their_accuracy_on_the_querys_label() -> None:
+    def rec(query_id: str, label: str, prompt: str, correct: bool) -> Record:
+        return Record(**{**_record(query_id, prompt, correct).to_dict(), "label": label})
+
+    verdicts = {"q1": ("pos", True, True), "q2": ("pos", True, False), "q5": ("pos", True, False),
+                "q3": ("neg", False, True), "q4": ("neg", False, True)}
+    records = [rec(q, label, prompt, ok) for q, (label, a, b) in verdicts.items()
+               for prompt, ok in (("A", a), ("B", b))]
+    # A: 3 of 5 right overall, all 3 on pos; B: 3 of 5, 2 of them on neg. Shrunk by 4 pseudo-records of 0.6:
+    accuracy = label_accuracy(records + [records[0]])  # a record repeated counts once
+    assert accuracy[("pos", "A")] == pytest.approx((3 + 2.4) / 7) and accuracy[("pos", "B")] == pytest.approx(3.4 / 7)
+    assert accuracy[("neg", "A")] == pytest.approx(2.4 / 6) and accuracy[("neg", "B")] == pytest.approx(4.4 / 6)
+
+    plain = preference_pairs(records, 5)
+    assert {p.chosen.query_id for p in plain} == {"q2", "q5", "q3", "q4"}  # q1: both right, no pair
+    smoothed = preference_pairs(records, 5, label_smoothing=0.5)
+    by_query = {p.chosen.query_id: (p.chosen.prompt, p.rejected.prompt) for p in smoothed}
+    # q1: both right, but A suits pos better (0.5 + 0.5 * 0.771 vs 0.5 + 0.5 * 0.486: a gap of 0.14 >= 0.1).
+    assert len(smoothed) == 5 and by_query == {"q1": ("A", "B"), "q2": ("A", "B"), "q5": ("A", "B"),
+                                               "q3": ("B", "A"), "q4": ("B", "A")}
+    # Two right prompts equally suited to the label make no pair.
+    assert preference_pairs([rec("q9", "pos", "A", True), rec("q9", "pos", "C", True)], 5, label_smoothing=1.0) == []
+    with pytest.raises(ValueError, match="label_smoothing"):
+        preference_pairs(records, 1, label_smoothing=1.5)
 
 
 def test_dpo_steps_raise_the_chosen_prompts_margin_on_a_tiny_policy(tmp_path: Path) -> None:

@@ -39,6 +39,23 @@ def test_query_rank_top_bucket_holds_a_correct_prompt_for_nearly_every_query(sst
     assert absolute < ranked, (ranked, absolute)
 
 
+def test_label_smoothed_pairs_on_real_sst2_carry_evidence_that_holds_on_other_queries(sst2_d0: list) -> None:
+    from qpo_middleware.training.preference import label_accuracy, preference_pairs
+
+    plain, smoothed = preference_pairs(sst2_d0, 2), preference_pairs(sst2_d0, 2, label_smoothing=0.5)
+    # Queries whose prompts were all right (or all wrong) give pairs too: by how well each prompt suits the label.
+    assert len({p.chosen.query_id for p in smoothed}) > len({p.chosen.query_id for p in plain})
+    # SmolLM2's prompts lean towards one label, and the lean estimated on half the sentences holds on the other
+    # half: per label, the prompt best on the even sentences beats the mean prompt on the odd ones.
+    ids = sorted({r.query_id for r in sst2_d0})
+    halves = [[r for r in sst2_d0 if ids.index(r.query_id) % 2 == k] for k in (0, 1)]
+    fit, held = label_accuracy(halves[0]), label_accuracy(halves[1])
+    for label in {r.label for r in sst2_d0}:
+        best = max((prompt for lab, prompt in fit if lab == label), key=lambda prompt: fit[(label, prompt)])
+        others = [acc for (lab, _), acc in held.items() if lab == label]
+        assert held[(label, best)] > sum(others) / len(others), (label, best, held)
+
+
 def test_dpo_on_real_sst2_pairs_prefers_the_right_prompt_for_each_query(sst2_d0: list, tmp_path: Path) -> None:
     import torch
 

@@ -279,6 +279,10 @@ class LoopConfig:
     preference_beta: float = field(default=0.1, metadata={"help": "DPO beta (strength of the pull to the reference)."})
     preference_pairs_per_query: int = field(default=4, metadata={
         "help": "Right-vs-wrong prompt pairs drawn per query (from every record up to the loop)."})
+    preference_label_smoothing: float = field(default=0.0, metadata={
+        "help": "Weight w in [0, 1] of label-level evidence in the preference pairs: a prompt's score on a query is "
+                "(1 - w) * right + w * its accuracy on the scored queries with the same gold label, and pairs need a "
+                "gap of 0.1 (0 = right-vs-wrong pairs only; for classification tasks)."})
     preference_epochs: int = field(default=1, metadata={"help": "Epochs of the preference step."})
     preference_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the preference step (default: the loop's learning rate)."})
@@ -314,6 +318,8 @@ class LoopConfig:
             raise ValueError(f"preference must be one of {', '.join(PREFERENCE_MODES)}; got {self.preference!r}.")
         if self.preference_beta <= 0 or self.preference_pairs_per_query < 1 or self.preference_epochs < 1:
             raise ValueError("preference_beta must be > 0, preference_pairs_per_query and preference_epochs >= 1.")
+        if not 0.0 <= self.preference_label_smoothing <= 1.0:
+            raise ValueError(f"preference_label_smoothing must be in [0, 1]; got {self.preference_label_smoothing}.")
         if self.preference_learning_rate is not None and not 0 < self.preference_learning_rate < 1:
             raise ValueError(f"preference_learning_rate must be in (0, 1); got {self.preference_learning_rate}.")
         if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:

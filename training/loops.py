@@ -301,7 +301,7 @@ def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Seq
                      loops: LoopConfig) -> list[PreferenceExample]:
     """This loop's preference pairs (every record up to the loop) with the reference log-probs of ``model``."""
     pairs = preference_pairs([r for r in records if r.loop <= loop], loops.preference_pairs_per_query,
-                             seed=loops.seed + loop)
+                             seed=loops.seed + loop, label_smoothing=loops.preference_label_smoothing)
     if not pairs:
         logger.warning("loop %d: no query has both a right and a wrong prompt: no preference pairs", loop)
         return []

@@ -60,31 +60,65 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """On ``chosen.query``, ``chosen`` was right and ``rejected`` wrong."""
+    """On ``chosen.query``, ``chosen`` scored above ``rejected`` (without label smoothing: right over wrong)."""
 
     chosen: Record
     rejected: Record
 
 
-def preference_pairs(records: Sequence[Record], pairs_per_query: int, seed: int = 0) -> list[PreferencePair]:
-    """(right, wrong) prompt pairs on the same query, at most ``pairs_per_query`` per query (seeded draw).
+LABEL_PRIOR = 4.0  # pseudo-records of a prompt's overall accuracy in its per-label accuracy
+MIN_GAP = 0.1  # a smoothed pair needs its chosen prompt this much above the rejected one
 
-    A query gives pairs only if some prompt was right and some wrong on it; pairs are drawn without
-    replacement from all (right, wrong) combinations, and a prompt scored twice on a query (in two
-    loops) counts once.
+
+def label_accuracy(records: Sequence[Record]) -> dict[tuple[str | None, str], float]:
+    """Each prompt's accuracy on the queries of each gold label, ``(label, prompt) -> accuracy``, shrunk towards
+    the prompt's accuracy over all labels by :data:`LABEL_PRIOR` pseudo-records. A prompt scored twice on a
+    query counts once."""
+    first: dict[tuple[str, str], Record] = {}
+    for record in records:
+        first.setdefault((record.query_id, record.prompt), record)
+    hits: dict[tuple[str | None, str], list[int]] = {}
+    overall: dict[str, list[int]] = {}
+    for record in first.values():
+        for table, key in ((hits, (record.label, record.prompt)), (overall, record.prompt)):
+            tally = table.setdefault(key, [0, 0])  # type: ignore[arg-type]
+            tally[0] += int(record.correct)
+            tally[1] += 1
+    return {(label, prompt): (right + LABEL_PRIOR * overall[prompt][0] / overall[prompt][1]) / (n + LABEL_PRIOR)
+            for (label, prompt), (right, n) in hits.items()}
+
+
+def preference_pairs(records: Sequence[Record], pairs_per_query: int, seed: int = 0,
+                     label_smoothing: float = 0.0) -> list[PreferencePair]:
+    """(better, worse) prompt pairs on the same query, at most ``pairs_per_query`` per query (seeded draw).
+
+    A prompt's score on a query is ``(1 - w) * right + w * label accuracy`` with ``w = label_smoothing``:
+    the label accuracy (:func:`label_accuracy`) is how often the prompt is right on the scored queries that
+    share this query's gold label, which denoises a small target's per-query verdicts (a prompt that leans
+    towards the query's label is right on most such queries, not only on this one). A pair needs the chosen
+    score at least :data:`MIN_GAP` above the rejected one. With ``w = 0`` (the default) that is every
+    (right, wrong) combination, so only queries with a right and a wrong prompt give pairs; with ``w > 0``
+    two right (or two wrong) prompts pair too, by how well they suit the label. Pairs are drawn without
+    replacement, and a prompt scored twice on a query (in two loops) counts once.
     """
     if pairs_per_query < 1:
         raise ValueError(f"pairs_per_query must be >= 1; got {pairs_per_query}.")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1]; got {label_smoothing}.")
     by_query: dict[str, dict[str, Record]] = {}
     for record in records:
         by_query.setdefault(record.query_id, {}).setdefault(record.prompt, record)
+    by_label = label_accuracy(records) if label_smoothing > 0 else {}
+
+    def score(record: Record) -> float:
+        label_part = by_label[(record.label, record.prompt)] if label_smoothing > 0 else 0.0
+        return (1.0 - label_smoothing) * float(record.correct) + label_smoothing * label_part
+
     rng = random.Random(seed)
     out: list[PreferencePair] = []
     for query_id in sorted(by_query):
-        scored = list(by_query[query_id].values())
-        right = [r for r in scored if r.correct]
-        wrong = [r for r in scored if not r.correct]
-        combos = [(c, w) for c in right for w in wrong]
+        scored = [(r, score(r)) for r in by_query[query_id].values()]
+        combos = [(c, w) for c, sc in scored for w, sw in scored if sc - sw >= MIN_GAP]
         for chosen, rejected in rng.sample(combos, min(pairs_per_query, len(combos))):
             out.append(PreferencePair(chosen, rejected))
     return out

@@ -39,6 +39,8 @@ def command(
     preference_beta: Annotated[float, typer.Option(help=help_of(LoopConfig, "preference_beta"))] = 0.1,
     preference_pairs_per_query: Annotated[int, typer.Option(
         help=help_of(LoopConfig, "preference_pairs_per_query"))] = 4,
+    preference_label_smoothing: Annotated[float, typer.Option(
+        help=help_of(LoopConfig, "preference_label_smoothing"))] = 0.0,
     preference_epochs: Annotated[int, typer.Option(help=help_of(LoopConfig, "preference_epochs"))] = 1,
     preference_learning_rate: Annotated[float | None, typer.Option(
         help=help_of(LoopConfig, "preference_learning_rate"))] = None,
@@ -63,7 +65,7 @@ def command(
                                  reward_floor_quantile=reward_floor_quantile, d0_floor_quantile=d0_floor_quantile,
                                  top_k=top_k, top_p=top_p, temperature=temperature, seed=seed, preference=preference,
                                  preference_beta=preference_beta, preference_pairs_per_query=preference_pairs_per_query,
-                                 preference_epochs=preference_epochs,
+                                 preference_epochs=preference_epochs, preference_label_smoothing=preference_label_smoothing,
                                  preference_learning_rate=preference_learning_rate, mutations=mutations,
                                  choice_offset_queries=choice_offset_queries,
                                  mutation_model=mutation_model)
