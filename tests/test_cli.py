@@ -75,6 +75,7 @@ def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> N
         (["collect", "--task", "sst2_sample", "--queries", "0"], "queries must be positive"),
         (["collect", "--task", "sst2_sample", "--prompts", "nope.json"], "--prompts"),
         (["train", "--run", "{tmp}"], "qpo collect"),
+        (["train", "--run", "{tmp}", "--preference-label-smoothing", "1.5"], "preference_label_smoothing must be in [0, 1]"),
         (["export", "{tmp}", "--out", "{tmp}/b"], "qpo_policy.json"),
         (["eval", "--run", "{tmp}"], "qpo collect"),
     ],
