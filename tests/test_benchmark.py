@@ -491,3 +491,57 @@ def test_seed_mean_averages_each_seeds_dev_chosen_row(tmp_path: Path, monkeypatc
     monkeypatch.setattr(sys, "argv", ["seed_mean.py", folders[0], folders[0], "--out", str(tmp_path / "m2")])
     with pytest.raises(SystemExit, match="distinct seeds"):
         module.main()
+
+
+def test_label_router_routes_by_predicted_label_on_real_sst2(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_data: Path) -> None:
+    """label_router.py on a hand-built pool_choice folder over real sst2 splits: ``pool:a`` is right exactly on
+    positive queries and ``pool:b`` on negative ones, so the routes are a→positive, b→negative, gold routes are
+    always right, a route through a label known with probability q is right with probability q, and the router
+    is right exactly where its classifier is."""
+    from qpo_middleware.training.tasks import get_task
+
+    spec = importlib.util.spec_from_file_location("qpo_label_router", REPO / "benchmarks" / "label_router.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    task = get_task("sst2")
+    settings = {"task": "sst2", "seed": 3, "train_queries": 60, "dev_queries": 8, "test_queries": 5}
+    splits = task.splits(real_data, seed=3, n_train=60, n_collect=8, n_test=5)
+
+    def part(examples: list[Any], scored: int) -> dict[str, Any]:
+        golds = [task.gold_text(e) for e in examples]
+        grid = {e.id: "01" + "0" if g == "positive" else "001" for e, g in zip(examples[:scored], golds, strict=False)}
+        return {"ids": [e.id for e in examples], "gold": golds, "grid": grid,
+                "hits": {"best_prompt": "0" * len(examples), "selector": "1" * len(examples)}}
+
+    dev, test = part(list(splits.collect), 8), part(list(splits.test), 4)
+    assert {"positive", "negative"} <= set(dev["gold"])  # seed 3 puts both labels on dev
+    (tmp_path / "per_query.json").write_text(json.dumps({"prompts": ["none", "pool:a", "pool:b"],
+                                                         "splits": {"dev": dev, "test": test}}))
+    (tmp_path / "results.json").write_text(json.dumps({"command": "pool_choice", "commit": "abc", "settings": settings}))
+    monkeypatch.setattr(sys, "argv", ["label_router.py", str(tmp_path)])
+    module.main()
+    out = json.loads((tmp_path / "label_router.json").read_text())
+    assert out["routes"] == {**{g: "pool:a" for g in dev["gold"] if g == "positive"},
+                             **{g: "pool:b" for g in dev["gold"] if g == "negative"}}
+    assert out["test_queries"] == 4 and out["test"]["best_prompt"]["n"] == 4  # the scored grid only
+    assert out["test"]["gold_routes"]["accuracy"] == 1.0 and out["dev"]["gold_routes"] == 1.0
+    assert out["noisy_routes"]["0.7"]["test"] == pytest.approx(0.7)
+    assert out["test"]["label_router"]["accuracy"] == pytest.approx(out["classifier"]["test_accuracy"])
+    assert "gold label → route (a bound)" in (tmp_path / "label_router.md").read_text()
+
+
+def test_label_router_classifier_learns_separable_labels() -> None:
+    spec = importlib.util.spec_from_file_location("qpo_label_router2", REPO / "benchmarks" / "label_router.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    texts = [f"{word} {i}" for i in range(30) for word in ("sunny bright", "rainy grey", "snowy cold")]
+    x = text_features(texts, 256)
+    y = [i % 3 for i in range(len(texts))]
+    import numpy as np
+
+    weights = module.fit_softmax(x, np.array(y), 3, l2=1e-4)
+    assert list(module.predict(weights, x)) == y
+    assert list(module.predict(weights, text_features(["rainy grey 99", "snowy cold 7"], 256))) == [1, 2]

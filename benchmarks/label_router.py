@@ -1,0 +1,191 @@
+"""How well must a router know the label? Label routing measured on a finished ``pool_choice.py`` run.
+
+On a weak target most of the pool oracle is routing by label: each gold label has a pool prompt that is right
+on that label's queries more often than the best single prompt. A QPO policy can only route that way if it
+knows the label better than the target does. This reads a run's ``per_query.json`` (the full pool grid on
+every dev query and the first ``--bound-queries`` test queries) and the task's data, and measures:
+
+* ``routes``: per gold label, the pool prompt right most often on that label's **dev** queries (the
+  collect split, a validation split);
+* ``classifier``: a softmax regression on the selector's hashed query features
+  (:func:`qpo_middleware.training.selector.text_features`), fit on the run's train queries and their gold
+  labels (no target call, no policy), L2 chosen by dev accuracy;
+* ``label_router``: each test query sent to the route of the label the classifier predicts — a method
+  (it reads train and dev labels only);
+* ``gold_routes``: the same routes with the gold label — a bound, not a method;
+* ``noisy_routes@q``: the expected accuracy of the routes when the label is right with probability ``q`` and
+  otherwise one of the other labels at random: the accuracy a policy that knows the label ``q`` of the time
+  could reach by routing.
+
+Test rows are on the fully scored test queries only, with paired intervals against the best train prompt and
+the selector sent to the same queries. Writes ``label_router.json`` and ``label_router.md`` next to
+``per_query.json``.
+
+    python benchmarks/label_router.py benchmarks/results/pool-choice-cpu/ag_news-seed0-n1000x5-t600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qpo_bench.environment import code_version
+from qpo_bench.harness import label_routing
+from qpo_bench.offline import method_line, method_row
+from qpo_middleware.training.io import atomic_write_json, atomic_write_text
+from qpo_middleware.training.selector import text_features
+from qpo_middleware.training.targets import Score
+from qpo_middleware.training.tasks import get_task
+
+FEATURE_DIM = 4096
+L2_GRID = (1e-4, 1e-3, 1e-2)
+NOISE_LEVELS = (0.7, 0.8, 0.9, 0.95, 1.0)
+REFERENCES = ("best_prompt", "selector")
+
+
+def fit_softmax(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float, steps: int = 300,
+                learning_rate: float = 0.05) -> np.ndarray:
+    """Multinomial logistic regression (weights with a bias column) by full-batch Adam; deterministic."""
+    x1 = np.hstack([x, np.ones((len(x), 1))])
+    weights = np.zeros((x1.shape[1], n_classes))
+    onehot = np.eye(n_classes)[y]
+    m, v = np.zeros_like(weights), np.zeros_like(weights)
+    for step in range(1, steps + 1):
+        logits = x1 @ weights
+        prob = np.exp(logits - logits.max(1, keepdims=True))
+        prob /= prob.sum(1, keepdims=True)
+        grad = x1.T @ (prob - onehot) / len(x1) + l2 * weights
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad * grad
+        weights -= learning_rate * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
+    return weights
+
+
+def predict(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return (np.hstack([x, np.ones((len(x), 1))]) @ weights).argmax(1)
+
+
+def routes_from(grid: list[str], golds: list[str], labels: list[str]) -> dict[str, int]:
+    """Per label, the grid column (``"1"`` = right) right most often on that label's rows; every label needs rows."""
+    if missing := [label for label in labels if label not in golds]:
+        sys.exit(f"No dev query has the label(s) {missing}: routes need each label on dev; use more --dev-queries.")
+    matrix = [[Score(correct=hit == "1") for hit in row] for row in grid]
+    return label_routing(matrix, golds, list(range(len(grid[0]))))
+
+
+def noisy_accuracy(grid: list[str], golds: list[str], routes: dict[str, int], labels: list[str], q: float) -> float:
+    """Expected accuracy of ``routes`` when the label is right with probability ``q``, else uniform over the rest."""
+    others = len(labels) - 1
+    total = 0.0
+    for row, gold in zip(grid, golds, strict=True):
+        right = row[routes[gold]] == "1"
+        wrong = sum(row[routes[label]] == "1" for label in labels if label != gold)
+        total += q * right + (1 - q) * wrong / others
+    return total / len(grid)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("result_dir", type=Path, help="A pool_choice.py result directory (with per_query.json).")
+    args = parser.parse_args()
+    code = code_version()
+    try:
+        results = json.loads((args.result_dir / "results.json").read_text(encoding="utf-8"))
+        per_query = json.loads((args.result_dir / "per_query.json").read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        sys.exit(f"{exc.filename}: not found; pass a pool_choice.py result directory.")
+    settings = results["settings"]
+    task = get_task(settings["task"])
+    if not task.labels:
+        sys.exit(f"Task {settings['task']!r} has no label words: label routing needs a classification task.")
+    labels = list(task.labels)
+    splits = task.splits(seed=settings["seed"], n_train=settings["train_queries"],
+                         n_collect=settings["dev_queries"], n_test=settings["test_queries"])
+    dev, test = per_query["splits"]["dev"], per_query["splits"]["test"]
+    if [e.id for e in splits.collect] != dev["ids"] or [e.id for e in splits.test] != test["ids"]:
+        sys.exit(f"The {settings['task']} splits drawn from $QPO_DATA differ from the run's; "
+                 "use the data the run was made with.")
+    prompts = per_query["prompts"]
+
+    # -- the classifier: train queries and their gold labels, L2 chosen on dev ---------------------------------
+    train = list(splits.train)
+    x_train = text_features([e.query for e in train], FEATURE_DIM)
+    y_train = np.array([labels.index(task.gold_text(e)) for e in train])
+    by_id = {e.id: e for e in [*splits.collect, *splits.test]}
+    dev_gold = list(dev["gold"])
+    bound_ids = [qid for qid in test["ids"] if qid in test["grid"]]
+    test_gold = [g for qid, g in zip(test["ids"], test["gold"], strict=True) if qid in test["grid"]]
+    x_dev = text_features([by_id[q].query for q in dev["ids"]], FEATURE_DIM)
+    x_test = text_features([by_id[q].query for q in bound_ids], FEATURE_DIM)
+    dev_scores = {}
+    for l2 in L2_GRID:
+        predicted = predict(fit_softmax(x_train, y_train, len(labels), l2), x_dev)
+        dev_scores[l2] = statistics.fmean(labels[p] == g for p, g in zip(predicted, dev_gold, strict=True))
+    l2 = max(L2_GRID, key=lambda value: (dev_scores[value], -L2_GRID.index(value)))
+    weights = fit_softmax(x_train, y_train, len(labels), l2)
+    predicted_dev = [labels[p] for p in predict(weights, x_dev)]
+    predicted_test = [labels[p] for p in predict(weights, x_test)]
+
+    # -- routes chosen on dev, sent on the fully scored test queries --------------------------------------------
+    dev_grid = [dev["grid"][q] for q in dev["ids"]]
+    test_grid = [test["grid"][q] for q in bound_ids]
+    routes = routes_from(dev_grid, dev_gold, labels)
+    position = {qid: i for i, qid in enumerate(test["ids"])}
+    hits = {name: [test["hits"][name][position[q]] == "1" for q in bound_ids] for name in REFERENCES}
+    hits["label_router"] = [row[routes[p]] == "1" for row, p in zip(test_grid, predicted_test, strict=True)]
+    hits["gold_routes"] = [row[routes[g]] == "1" for row, g in zip(test_grid, test_gold, strict=True)]
+    rows = {name: method_row(h, {r: hits[r] for r in REFERENCES if r != name}) for name, h in hits.items()}
+    noisy = {str(q): {"dev": noisy_accuracy(dev_grid, dev_gold, routes, labels, q),
+                      "test": noisy_accuracy(test_grid, test_gold, routes, labels, q)} for q in NOISE_LEVELS}
+    out = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        **code,
+        "run": {"command": results["command"], "commit": results["commit"]},
+        "task": settings["task"], "seed": settings["seed"], "train_queries": len(train),
+        "dev_queries": len(dev_gold), "test_queries": len(bound_ids),
+        "classifier": {"features": f"text_features(dim={FEATURE_DIM})", "l2_by_dev_accuracy": dev_scores, "l2": l2,
+                       "dev_accuracy": statistics.fmean(p == g for p, g in zip(predicted_dev, dev_gold, strict=True)),
+                       "test_accuracy": statistics.fmean(p == g for p, g in zip(predicted_test, test_gold, strict=True))},
+        "routes": {label: prompts[j] for label, j in routes.items()},
+        "dev": {"label_router": statistics.fmean(row[routes[p]] == "1" for row, p in zip(dev_grid, predicted_dev, strict=True)),
+                "gold_routes": noisy["1.0"]["dev"],
+                "best_prompt_dev": max(statistics.fmean(row[j] == "1" for row in dev_grid) for j in range(len(prompts)))},
+        "noisy_routes": noisy,
+        "test": rows,
+    }
+    atomic_write_json(args.result_dir / "label_router.json", out)
+    atomic_write_text(args.result_dir / "label_router.md", report(out))
+    print(report(out))
+
+
+def report(out: dict[str, Any]) -> str:
+    c = out["classifier"]
+    lines = [
+        f"# Label routing on {out['task']} (seed {out['seed']}): how well must a router know the label?", "",
+        f"`{out['command']}` — commit `{out['commit']}`; from the run `{out['run']['command']}` (commit `{out['run']['commit']}`)", "",
+        f"Routes (per gold label, the pool prompt right most often on its {out['dev_queries']} dev queries): "
+        + ", ".join(f"{label} → `{prompt}`" for label, prompt in out["routes"].items()) + ".", "",
+        f"Classifier: softmax regression on hashed query features, fit on the {out['train_queries']} train queries' "
+        f"gold labels (L2 {c['l2']:g}, chosen on dev): {100 * c['dev_accuracy']:.1f}% on dev, "
+        f"{100 * c['test_accuracy']:.1f}% on the {out['test_queries']} test queries.", "",
+        f"Dev: best single prompt {100 * out['dev']['best_prompt_dev']:.1f}, label router "
+        f"{100 * out['dev']['label_router']:.1f}, gold routes {100 * out['dev']['gold_routes']:.1f} (in-sample).", "",
+        f"## Test (the {out['test_queries']} fully scored test queries)", "",
+        "| method | accuracy % [95% CI] | vs best prompt [95% CI] | vs selector [95% CI] |", "|---|---|---|---|",
+    ]
+    names = {"label_router": "label router (classifier → route; a method)", "gold_routes": "gold label → route (a bound)"}
+    lines += [method_line(names.get(name, name), row, REFERENCES) for name, row in out["test"].items()]
+    lines += ["", "## Routes when the label is known with probability q (expected accuracy)", "",
+              "| q | dev | test |", "|---:|---:|---:|"]
+    lines += [f"| {q} | {100 * v['dev']:.1f} | {100 * v['test']:.1f} |" for q, v in out["noisy_routes"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
