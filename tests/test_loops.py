@@ -142,6 +142,26 @@ def test_query_rank_conditioning_trains_on_the_better_half_of_each_query_and_sta
         TrainConfig(conditioning="rank")
 
 
+def test_label_rank_conditioning_runs_two_loops_and_stays_fixed(
+        tmp_path: Path, tiny_base: str) -> None:
+    from qpo_middleware.training.policy import RewardBuckets
+
+    small_run(tmp_path, tiny_base)
+    train, loops = configs(tiny_base)
+    by_label = TrainConfig(**{**train.__dict__, "conditioning": "label_rank"})
+    metrics = run_loops(tmp_path, by_label, loops)
+    assert [m.loop for m in metrics] == [1, 2]
+    records = OfflineDataset(tmp_path).records
+    assert metrics[1].train_records == len(records) and all(r.label for r in records)
+    assert RewardBuckets.from_dict(json.loads(RunPaths(tmp_path).buckets.read_text())) == RewardBuckets.even(
+        4, "label_rank")
+    assert {r.loop for r in records} == {0, 2}  # loop 2's policy prompts were ranked and trained on too
+    # The run's buckets are fixed: resuming with another conditioning is refused with the fix named.
+    with pytest.raises(ValueError, match="keep --conditioning label_rank"):
+        run_loops(tmp_path, TrainConfig(**{**train.__dict__, "conditioning": "query_rank"}),
+                  LoopConfig(**{**loops.__dict__, "loops": 3}))
+
+
 def test_preference_step_after_or_instead_of_the_supervised_one(tmp_path: Path, tiny_base: str) -> None:
     import math
     from dataclasses import replace

@@ -205,6 +205,26 @@ def test_query_rank_puts_each_querys_best_correct_prompt_on_top_and_wrong_ones_b
         RewardBuckets(edges=[], conditioning="rank")
 
 
+def test_label_rank_puts_the_prompt_that_suits_the_querys_label_on_top_whatever_its_own_verdict():
+    from dataclasses import replace
+
+    verdicts = {"q1": ("pos", True, True), "q2": ("pos", True, False), "q5": ("pos", True, False),
+                "q3": ("neg", False, True), "q4": ("neg", False, True), "q6": ("neg", True, False)}
+    records = [replace(_scored(q, prompt, ok, 10.0 * ok), label=label)
+               for q, (label, a, b) in verdicts.items() for prompt, ok in (("A", a), ("B", b))]
+    # A: right on 4 of 6 (all 3 pos, 1 of 3 neg); B: 3 of 6 (1 pos, 2 neg). Shrunk by 4 pseudo-records:
+    # neg A = (1 + 4 * 4/6) / 7 = 0.524, neg B = (2 + 4 * 3/6) / 7 = 0.571, so B suits neg, A suits pos.
+    values = conditioning_values(records, "label_rank")
+    # q6 is negative: B is on top though it was wrong there and A right; q1 (both right) puts A on top.
+    assert values == pytest.approx([1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 0.5, 1.0, 0.5, 1.0, 0.5, 1.0])
+    ranks = RewardBuckets.for_records(records, 10, "label_rank")
+    assert ranks == RewardBuckets.even(10, "label_rank")
+    assert top_bucket_coverage(records, ranks) == pytest.approx(5 / 6)  # q6's right prompt is not on top
+    unlabelled = [replace(r, label=None) for r in records]
+    with pytest.raises(ValueError, match="--conditioning query_rank"):
+        conditioning_values(unlabelled, "label_rank")
+
+
 def test_build_examples_uses_the_conditioning_values(policy):
     _, tokenizer, fmt = policy
     records = [_scored("q1", "Be brief.", True, 1.0), _scored("q1", "Say it.", False, 30.0)]

@@ -56,6 +56,27 @@ def test_label_smoothed_pairs_on_real_sst2_carry_evidence_that_holds_on_other_qu
         assert held[(label, best)] > sum(others) / len(others), (label, best, held)
 
 
+def test_label_rank_top_bucket_routes_real_sst2_by_label_and_the_routes_hold_on_other_queries(sst2_d0: list) -> None:
+    from collections import Counter
+
+    from qpo_middleware.training.policy import conditioning_values
+
+    ids = sorted({r.query_id for r in sst2_d0})
+    fit, held = ([r for r in sst2_d0 if ids.index(r.query_id) % 2 == k] for k in (0, 1))
+    values = conditioning_values(fit, "label_rank")
+    on_top = {label: Counter(r.prompt for r, v in zip(fit, values, strict=True) if v == 1.0 and r.label == label)
+              for label in {r.label for r in fit}}
+    routes = {label: counts.most_common(1)[0][0] for label, counts in on_top.items()}
+    # SmolLM2's prompts lean the answer: the prompt that suits negative sentences is not the one for positive ones.
+    assert len(set(routes.values())) == 2, on_top
+    # On the other half, sending each sentence to its label's route beats the best single prompt there.
+    verdict = {(r.query_id, r.prompt): r.correct for r in held}
+    queries = {r.query_id: r.label for r in held}
+    routed = sum(verdict[(q, routes[label])] for q, label in queries.items())
+    best_single = max(sum(verdict[(q, prompt)] for q in queries) for prompt in {r.prompt for r in held})
+    assert routed > best_single, (routes, routed, best_single, len(queries))
+
+
 def test_dpo_on_real_sst2_pairs_prefers_the_right_prompt_for_each_query(sst2_d0: list, tmp_path: Path) -> None:
     import torch
 

@@ -14,7 +14,7 @@ from .models import DEFAULT_MODEL, QWEN_MODEL
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PREFERENCE_MODES = ("off", "after", "instead")
-CONDITIONING_KINDS = ("absolute", "query_rank")  # what a reward token encodes: training.policy.conditioning_values
+CONDITIONING_KINDS = ("absolute", "query_rank", "label_rank")  # what a reward token encodes: training.policy.conditioning_values
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -182,7 +182,9 @@ class TrainConfig:
     conditioning: str = field(default="absolute", metadata={
         "help": "What the reward token encodes: 'absolute' (the paper: the pair's reward, bucketed by D0's "
                 "quantiles) or 'query_rank' (the prompt's rank among the prompts scored on the same query, "
-                "correct ones above wrong ones: the top bucket asks for the best prompt for this query)."})
+                "correct ones above wrong ones: the top bucket asks for the best prompt for this query) or "
+                "'label_rank' (classification: the same rank, by the prompt's accuracy on the queries of this "
+                "query's gold label: the top bucket asks for the prompt that suits the query's label)."})
     query_max_tokens: int = field(
         default=40, metadata={"help": "Query tokens the policy sees (the rest is cut)."}
     )

@@ -168,6 +168,27 @@ def add_policy_tokens(
     )
 
 
+LABEL_PRIOR = 4.0  # pseudo-records of a prompt's overall accuracy in its per-label accuracy
+
+
+def label_accuracy(records: Sequence[Record]) -> dict[tuple[str | None, str], float]:
+    """Each prompt's accuracy on the queries of each gold label, ``(label, prompt) -> accuracy``, shrunk towards
+    the prompt's accuracy over all labels by :data:`LABEL_PRIOR` pseudo-records. A prompt scored twice on a
+    query counts once."""
+    first: dict[tuple[str, str], Record] = {}
+    for record in records:
+        first.setdefault((record.query_id, record.prompt), record)
+    hits: dict[tuple[str | None, str], list[int]] = {}
+    overall: dict[str, list[int]] = {}
+    for record in first.values():
+        for table, key in ((hits, (record.label, record.prompt)), (overall, record.prompt)):
+            tally = table.setdefault(key, [0, 0])  # type: ignore[arg-type]
+            tally[0] += int(record.correct)
+            tally[1] += 1
+    return {(label, prompt): (right + LABEL_PRIOR * overall[prompt][0] / overall[prompt][1]) / (n + LABEL_PRIOR)
+            for (label, prompt), (right, n) in hits.items()}
+
+
 def conditioning_values(records: Sequence[Record], kind: str = "absolute") -> list[float]:
     """What each record's reward token encodes, for :class:`RewardBuckets` to cut into buckets.
 
@@ -180,11 +201,20 @@ def conditioning_values(records: Sequence[Record], kind: str = "absolute") -> li
       every query with a correct pair has one in the top bucket, and a wrong prompt never reaches it.
       Position ``i`` (0 = lowest) of ``m`` correct records is ``0.5 + 0.5 * (i + 1) / m``; of ``m``
       wrong ones, ``0.5 * i / m``.
+    * ``label_rank``: the record's standing among the prompts scored on its own query by **label
+      accuracy** (:func:`label_accuracy`: how often the prompt is right on all the records whose query
+      shares this one's gold label), not by this query's own verdict. Position ``i`` of the query's ``m``
+      prompts is ``(i + 1) / m``, so the top bucket holds, per query, the scored prompt that suits its
+      label best. On a small target whose prompts mostly lean the answer one way, this denoises the
+      per-query verdicts; a policy conditioned on the top bucket learns to route each query to the
+      prompt of the label it reads. Classification only: every record needs its gold ``label``.
     """
     if kind not in CONDITIONING_KINDS:
         raise ValueError(f"conditioning must be one of {', '.join(CONDITIONING_KINDS)}; got {kind!r}.")
     if kind == "absolute":
         return [float(r.reward) for r in records]
+    if kind == "label_rank":
+        return _label_ranks(records)
     groups: dict[tuple[str, bool], list[int]] = {}
     for index, record in enumerate(records):
         groups.setdefault((record.query_id, record.correct), []).append(index)
@@ -197,6 +227,25 @@ def conditioning_values(records: Sequence[Record], kind: str = "absolute") -> li
     return values
 
 
+
+def _label_ranks(records: Sequence[Record]) -> list[float]:
+    if missing := sum(r.label is None for r in records):
+        raise ValueError(f"conditioning 'label_rank' ranks prompts by their accuracy per gold label, but {missing} "
+                         f"of {len(records)} records have no label (a generation task, or logs without one); "
+                         "use --conditioning query_rank.")
+    by_label = label_accuracy(records)
+    groups: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        groups.setdefault(record.query_id, []).append(index)
+    values = [0.0] * len(records)
+    for indices in groups.values():
+        # Ties (equal label accuracy) fall back to the reward, then to the prompt text: deterministic.
+        indices.sort(key=lambda i: (by_label[(records[i].label, records[i].prompt)], records[i].reward,
+                                    records[i].prompt))
+        for position, index in enumerate(indices):
+            values[index] = (position + 1) / len(indices)
+    return values
+
 @dataclass
 class RewardBuckets:
     """Conditioning value -> bucket index by edges; bucket 0 = the lowest values, the top bucket = the best.
@@ -205,7 +254,7 @@ class RewardBuckets:
     equal to an edge goes to the bucket above it, so the largest value seen
     always lands in the top bucket. ``conditioning`` names what the values are
     (:func:`conditioning_values`): the paper's reward, placed by D0's quantiles
-    (:meth:`from_rewards`), or a query rank in [0, 1], cut evenly (:meth:`even`).
+    (:meth:`from_rewards`), or a query or label rank in [0, 1], cut evenly (:meth:`even`).
     """
 
     edges: list[float]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from qpo_middleware.policy_format import PolicyFormat
 
 from .dataset import Record
-from .policy import IGNORE_INDEX, Example, collate, prompt_example
+from .policy import IGNORE_INDEX, Example, collate, label_accuracy, prompt_example
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -66,26 +66,7 @@ class PreferencePair:
     rejected: Record
 
 
-LABEL_PRIOR = 4.0  # pseudo-records of a prompt's overall accuracy in its per-label accuracy
 MIN_GAP = 0.1  # a smoothed pair needs its chosen prompt this much above the rejected one
-
-
-def label_accuracy(records: Sequence[Record]) -> dict[tuple[str | None, str], float]:
-    """Each prompt's accuracy on the queries of each gold label, ``(label, prompt) -> accuracy``, shrunk towards
-    the prompt's accuracy over all labels by :data:`LABEL_PRIOR` pseudo-records. A prompt scored twice on a
-    query counts once."""
-    first: dict[tuple[str, str], Record] = {}
-    for record in records:
-        first.setdefault((record.query_id, record.prompt), record)
-    hits: dict[tuple[str | None, str], list[int]] = {}
-    overall: dict[str, list[int]] = {}
-    for record in first.values():
-        for table, key in ((hits, (record.label, record.prompt)), (overall, record.prompt)):
-            tally = table.setdefault(key, [0, 0])  # type: ignore[arg-type]
-            tally[0] += int(record.correct)
-            tally[1] += 1
-    return {(label, prompt): (right + LABEL_PRIOR * overall[prompt][0] / overall[prompt][1]) / (n + LABEL_PRIOR)
-            for (label, prompt), (right, n) in hits.items()}
 
 
 def preference_pairs(records: Sequence[Record], pairs_per_query: int, seed: int = 0,

@@ -52,6 +52,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # conditioning then reaches the lower layers, which read the query.
     "query_rank_all": {"train": {"conditioning": "query_rank", "trainable": "all", "learning_rate": 5e-5},
                        "loops": {"d0_floor_quantile": 0.0}},
+    # Query-relative token by label accuracy: the top bucket is, per query, the scored prompt that is right most
+    # often on D0's queries of the same gold label; the policy learns to route by the label it reads (a linear
+    # probe of SmolLM2's hidden states knows ag_news labels ~83% of the time; the target answers 63-69% right).
+    "label_rank": {"train": {"conditioning": "label_rank"}, "loops": {"d0_floor_quantile": 0.0}},
     # DPO alone from the base model (no supervised step): the preference signal without imitation.
     "dpo_only": {"train": {"conditioning": "query_rank"},
                  "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
