@@ -7,9 +7,12 @@ every dev query and the first ``--bound-queries`` test queries) and the task's d
 
 * ``routes``: per gold label, the pool prompt right most often on that label's **dev** queries (the
   collect split, a validation split);
-* ``classifier``: a softmax regression on the selector's hashed query features
-  (:func:`qpo_middleware.training.selector.text_features`), fit on the run's train queries and their gold
-  labels (no target call, no policy), L2 chosen by dev accuracy;
+* ``classifier``: a softmax regression fit on the run's train queries and their gold labels (no target call),
+  on the selector's hashed query features (:func:`qpo_middleware.training.selector.text_features`;
+  ``--features hashed``, the default) or on the policy base's own hidden states (``--features policy``: the
+  mask-averaged hidden state of one layer of the untrained policy base, standardised on train; a linear probe
+  of what the policy could know about the label before any QPO training). L2 (and the layer) chosen by dev
+  accuracy;
 * ``label_router``: each test query sent to the route of the label the classifier predicts — a method
   (it reads train and dev labels only);
 * ``gold_routes``: the same routes with the gold label — a bound, not a method;
@@ -19,9 +22,10 @@ every dev query and the first ``--bound-queries`` test queries) and the task's d
 
 Test rows are on the fully scored test queries only, with paired intervals against the best train prompt and
 the selector sent to the same queries. Writes ``label_router.json`` and ``label_router.md`` next to
-``per_query.json``.
+``per_query.json`` (``label_router_policy.*`` with ``--features policy``).
 
     python benchmarks/label_router.py benchmarks/results/pool-choice-cpu/ag_news-seed0-n1000x5-t600
+    python benchmarks/label_router.py benchmarks/results/pool-choice-cpu/ag_news-seed0-n1000x5-t600 --features policy
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from qpo_middleware.training.tasks import get_task
 
 FEATURE_DIM = 4096
 L2_GRID = (1e-4, 1e-3, 1e-2)
+POLICY_L2_GRID = (1e-2, 1e-1, 1.0)  # standardised hidden states: a stronger prior than the sparse hashed features
+POLICY_LAYER_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1.0)  # of the base's depth; the layer is chosen on dev
 NOISE_LEVELS = (0.7, 0.8, 0.9, 0.95, 1.0)
 REFERENCES = ("best_prompt", "selector")
 
@@ -71,6 +77,41 @@ def predict(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (np.hstack([x, np.ones((len(x), 1))]) @ weights).argmax(1)
 
 
+def hidden_features(texts: list[str], model: Any, tokenizer: Any, layers: tuple[int, ...], max_tokens: int = 64,
+                    batch_size: int = 16) -> dict[int, np.ndarray]:
+    """Per layer, each text's hidden state averaged over its tokens (padding masked out): ``layer -> (n, d)``."""
+    import torch
+
+    out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                          max_length=max_tokens)
+        with torch.no_grad():
+            states = model(**batch, output_hidden_states=True).hidden_states
+        mask = batch["attention_mask"].unsqueeze(-1).to(states[0].dtype)
+        for layer in layers:
+            out[layer].append(((states[layer] * mask).sum(1) / mask.sum(1)).float().numpy())
+    return {layer: np.concatenate(chunks) for layer, chunks in out.items()}
+
+
+def feature_sets(kind: str, train: list[str], dev: list[str], test: list[str]) -> dict[str, tuple[np.ndarray, ...]]:
+    """Candidate (train, dev, test) feature matrices by name; the classifier picks one (and its L2) on dev."""
+    if kind == "hashed":
+        return {"hashed": tuple(text_features(texts, FEATURE_DIM) for texts in (train, dev, test))}
+    from qpo_middleware.training.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer()
+    model.eval()
+    depth = model.config.num_hidden_layers
+    layers = tuple(sorted({max(1, round(f * depth)) for f in POLICY_LAYER_FRACTIONS}))
+    states = [hidden_features(texts, model, tokenizer, layers) for texts in (train, dev, test)]
+    sets = {}
+    for layer in layers:
+        mean, std = states[0][layer].mean(0), states[0][layer].std(0) + 1e-6
+        sets[f"layer {layer}"] = tuple((split[layer] - mean) / std for split in states)
+    return sets
+
+
 def routes_from(grid: list[str], golds: list[str], labels: list[str]) -> dict[str, int]:
     """Per label, the grid column (``"1"`` = right) right most often on that label's rows; every label needs rows."""
     if missing := [label for label in labels if label not in golds]:
@@ -93,6 +134,9 @@ def noisy_accuracy(grid: list[str], golds: list[str], routes: dict[str, int], la
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("result_dir", type=Path, help="A pool_choice.py result directory (with per_query.json).")
+    parser.add_argument("--features", choices=("hashed", "policy"), default="hashed",
+                        help="The classifier's query features: hashed text features, or the untrained policy "
+                             "base's hidden states (a linear probe; loads the base model).")
     args = parser.parse_args()
     code = code_version()
     try:
@@ -115,20 +159,27 @@ def main() -> None:
 
     # -- the classifier: train queries and their gold labels, L2 chosen on dev ---------------------------------
     train = list(splits.train)
-    x_train = text_features([e.query for e in train], FEATURE_DIM)
     y_train = np.array([labels.index(task.gold_text(e)) for e in train])
     by_id = {e.id: e for e in [*splits.collect, *splits.test]}
     dev_gold = list(dev["gold"])
     bound_ids = [qid for qid in test["ids"] if qid in test["grid"]]
     test_gold = [g for qid, g in zip(test["ids"], test["gold"], strict=True) if qid in test["grid"]]
-    x_dev = text_features([by_id[q].query for q in dev["ids"]], FEATURE_DIM)
-    x_test = text_features([by_id[q].query for q in bound_ids], FEATURE_DIM)
-    dev_scores = {}
-    for l2 in L2_GRID:
-        predicted = predict(fit_softmax(x_train, y_train, len(labels), l2), x_dev)
-        dev_scores[l2] = statistics.fmean(labels[p] == g for p, g in zip(predicted, dev_gold, strict=True))
-    l2 = max(L2_GRID, key=lambda value: (dev_scores[value], -L2_GRID.index(value)))
-    weights = fit_softmax(x_train, y_train, len(labels), l2)
+    sets = feature_sets(args.features, [e.query for e in train], [by_id[q].query for q in dev["ids"]],
+                        [by_id[q].query for q in bound_ids])
+    grid = L2_GRID if args.features == "hashed" else POLICY_L2_GRID
+    dev_scores: dict[str, float] = {}
+    fitted = {}
+    for name, (x_train, x_dev, _) in sets.items():
+        for l2 in grid:
+            fitted[(name, l2)] = fit_softmax(x_train, y_train, len(labels), l2)
+            predicted = predict(fitted[(name, l2)], x_dev)
+            dev_scores[f"{name}, l2 {l2:g}"] = statistics.fmean(
+                labels[p] == g for p, g in zip(predicted, dev_gold, strict=True))
+    candidates = list(fitted)  # ties: the first (fewer layers, weaker L2) wins
+    chosen = max(candidates, key=lambda c: (dev_scores[f"{c[0]}, l2 {c[1]:g}"], -candidates.index(c)))
+    features, l2 = chosen
+    weights = fitted[chosen]
+    _, x_dev, x_test = sets[features]
     predicted_dev = [labels[p] for p in predict(weights, x_dev)]
     predicted_test = [labels[p] for p in predict(weights, x_test)]
 
@@ -149,7 +200,10 @@ def main() -> None:
         "run": {"command": results["command"], "commit": results["commit"]},
         "task": settings["task"], "seed": settings["seed"], "train_queries": len(train),
         "dev_queries": len(dev_gold), "test_queries": len(bound_ids),
-        "classifier": {"features": f"text_features(dim={FEATURE_DIM})", "l2_by_dev_accuracy": dev_scores, "l2": l2,
+        "classifier": {"kind": args.features,
+                       "features": f"text_features(dim={FEATURE_DIM})" if args.features == "hashed" else
+                       f"policy base hidden states, {features}",
+                       "dev_accuracy_by_setting": dev_scores, "l2": l2,
                        "dev_accuracy": statistics.fmean(p == g for p, g in zip(predicted_dev, dev_gold, strict=True)),
                        "test_accuracy": statistics.fmean(p == g for p, g in zip(predicted_test, test_gold, strict=True))},
         "routes": {label: prompts[j] for label, j in routes.items()},
@@ -159,8 +213,9 @@ def main() -> None:
         "noisy_routes": noisy,
         "test": rows,
     }
-    atomic_write_json(args.result_dir / "label_router.json", out)
-    atomic_write_text(args.result_dir / "label_router.md", report(out))
+    stem = "label_router" if args.features == "hashed" else "label_router_policy"
+    atomic_write_json(args.result_dir / f"{stem}.json", out)
+    atomic_write_text(args.result_dir / f"{stem}.md", report(out))
     print(report(out))
 
 
@@ -171,7 +226,8 @@ def report(out: dict[str, Any]) -> str:
         f"`{out['command']}` — commit `{out['commit']}`; from the run `{out['run']['command']}` (commit `{out['run']['commit']}`)", "",
         f"Routes (per gold label, the pool prompt right most often on its {out['dev_queries']} dev queries): "
         + ", ".join(f"{label} → `{prompt}`" for label, prompt in out["routes"].items()) + ".", "",
-        f"Classifier: softmax regression on hashed query features, fit on the {out['train_queries']} train queries' "
+        f"Classifier: softmax regression on {'hashed query features' if c['kind'] == 'hashed' else c['features']}, "
+        f"fit on the {out['train_queries']} train queries' "
         f"gold labels (L2 {c['l2']:g}, chosen on dev): {100 * c['dev_accuracy']:.1f}% on dev, "
         f"{100 * c['test_accuracy']:.1f}% on the {out['test_queries']} test queries.", "",
         f"Dev: best single prompt {100 * out['dev']['best_prompt_dev']:.1f}, label router "

@@ -530,6 +530,35 @@ def test_label_router_routes_by_predicted_label_on_real_sst2(
     assert out["noisy_routes"]["0.7"]["test"] == pytest.approx(0.7)
     assert out["test"]["label_router"]["accuracy"] == pytest.approx(out["classifier"]["test_accuracy"])
     assert "gold label → route (a bound)" in (tmp_path / "label_router.md").read_text()
+    # The same with a linear probe of the real SmolLM2 policy base's hidden states: its own files, a layer and
+    # an L2 chosen on dev, and the router still right exactly where its classifier is.
+    monkeypatch.setattr(sys, "argv", ["label_router.py", str(tmp_path), "--features", "policy"])
+    module.main()
+    probe = json.loads((tmp_path / "label_router_policy.json").read_text())
+    assert probe["classifier"]["kind"] == "policy" and probe["classifier"]["features"].startswith("policy base")
+    assert len(probe["classifier"]["dev_accuracy_by_setting"]) == 4 * 3  # layers x L2 values, all on dev
+    assert probe["test"]["label_router"]["accuracy"] == pytest.approx(probe["classifier"]["test_accuracy"])
+    assert probe["routes"] == out["routes"] and (tmp_path / "label_router_policy.md").exists()
+
+
+def test_hidden_features_of_a_text_do_not_depend_on_its_batch() -> None:
+    import numpy
+    from _tiny_policy import load_tokenizer, tiny_model
+
+    spec = importlib.util.spec_from_file_location("qpo_label_router3", REPO / "benchmarks" / "label_router.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokenizer = load_tokenizer()
+    model = tiny_model(len(tokenizer)).eval()
+    texts = ["a short one", "a much longer sentence that needs no padding at all in its batch"]
+    for side in ("left", "right"):
+        tokenizer.padding_side = side
+        together = module.hidden_features(texts, model, tokenizer, (1, 2))
+        alone = module.hidden_features(texts[:1], model, tokenizer, (1, 2))
+        for layer in (1, 2):
+            assert together[layer].shape == (2, model.config.hidden_size)
+            numpy.testing.assert_allclose(together[layer][0], alone[layer][0], rtol=1e-4, atol=1e-5)
 
 
 def test_label_router_classifier_learns_separable_labels() -> None:
