@@ -167,16 +167,14 @@ def main() -> None:
     sets = feature_sets(args.features, [e.query for e in train], [by_id[q].query for q in dev["ids"]],
                         [by_id[q].query for q in bound_ids])
     grid = L2_GRID if args.features == "hashed" else POLICY_L2_GRID
-    dev_scores: dict[str, float] = {}
-    fitted = {}
+    fitted, scores = {}, {}
     for name, (x_train, x_dev, _) in sets.items():
         for l2 in grid:
             fitted[(name, l2)] = fit_softmax(x_train, y_train, len(labels), l2)
             predicted = predict(fitted[(name, l2)], x_dev)
-            dev_scores[f"{name}, l2 {l2:g}"] = statistics.fmean(
-                labels[p] == g for p, g in zip(predicted, dev_gold, strict=True))
-    candidates = list(fitted)  # ties: the first (fewer layers, weaker L2) wins
-    chosen = max(candidates, key=lambda c: (dev_scores[f"{c[0]}, l2 {c[1]:g}"], -candidates.index(c)))
+            scores[(name, l2)] = statistics.fmean(labels[p] == g for p, g in zip(predicted, dev_gold, strict=True))
+    chosen = max(scores, key=scores.__getitem__)  # ties: the first (fewer layers, weaker L2) wins
+    dev_scores = {f"{name}, l2 {l2:g}": score for (name, l2), score in scores.items()}
     features, l2 = chosen
     weights = fitted[chosen]
     _, x_dev, x_test = sets[features]

@@ -227,7 +227,6 @@ def conditioning_values(records: Sequence[Record], kind: str = "absolute") -> li
     return values
 
 
-
 def _label_ranks(records: Sequence[Record]) -> list[float]:
     if missing := sum(r.label is None for r in records):
         raise ValueError(f"conditioning 'label_rank' ranks prompts by their accuracy per gold label, but {missing} "
