@@ -574,3 +574,17 @@ def test_label_router_classifier_learns_separable_labels() -> None:
     weights = module.fit_softmax(x, np.array(y), 3, l2=1e-4)
     assert list(module.predict(weights, x)) == y
     assert list(module.predict(weights, text_features(["rainy grey 99", "snowy cold 7"], 256))) == [1, 2]
+
+
+def test_every_offline_recipe_is_a_valid_training_and_loop_config() -> None:
+    """A typo in a recipe (a field name, a value out of range) fails here, not an hour into a benchmark run."""
+    from qpo_bench.offline import RECIPES, TRAIN
+    from qpo_middleware.training.config import LoopConfig, TrainConfig
+
+    for name, spec in RECIPES.items():
+        TrainConfig(**{**TRAIN, **spec["train"]})
+        LoopConfig(loops=1, **spec["loops"])
+        assert spec.get("from", {}).get("recipe", next(iter(RECIPES))) in RECIPES, name
+    assert RECIPES["dpo_by_label"]["loops"]["preference_label_smoothing"] == 1.0
+    with pytest.raises((TypeError, ValueError)):
+        LoopConfig(loops=1, **{**RECIPES["dpo_by_label"]["loops"], "preference_label_smoothing": 1.5})
