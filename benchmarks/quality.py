@@ -33,6 +33,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from qpo_middleware.training.config import PAPER_LOOPS, PAPER_TRAIN
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m-instruct"
 console = Console(stderr=True)
@@ -93,8 +95,8 @@ def cpu_profile() -> Profile:
         name="cpu", queries=160, prompts="13", prompts_per_query=5, collect_queries=32, test_queries=100,
         dev_queries=100, target_batch_size=16,
         train={"epochs": 4, "learning_rate": 2e-4, "batch_size": 8, "trainable": "top:4", "prompt_max_tokens": 32,
-               "query_max_tokens": 40},
-        loops={"loops": 3, "samples_per_query": 2, "later_epochs": 1, "d0_floor_quantile": 0.5},
+               "query_max_tokens": 40, **PAPER_TRAIN},
+        loops={"loops": 3, "samples_per_query": 2, "later_epochs": 1, **PAPER_LOOPS},
         bench={"oracle": True, "best_of_n": 4, "quantize": "int8"},
     )
 
@@ -111,9 +113,9 @@ def gpu_profile() -> Profile:
         name="gpu", queries=500, prompts="all", prompts_per_query=0, collect_queries=200, test_queries=500,
         dev_queries=200, target_batch_size=64,
         train={"epochs": 3, "learning_rate": 1e-4, "batch_size": 32, "trainable": "all", "prompt_max_tokens": 40,
-               "query_max_tokens": 40},
+               "query_max_tokens": 40, **PAPER_TRAIN},
         loops={"loops": 4, "samples_per_query": 4, "later_epochs": 1, "generation_batch_size": 64,
-               "d0_floor_quantile": 0.5},
+               **PAPER_LOOPS},
         bench={"oracle": True, "best_of_n": 8, "quantize": None, "policy_backend": "torch", "policy_batch_size": 256},
     )
 

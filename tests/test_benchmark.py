@@ -57,9 +57,9 @@ def tiny_profile(quality: ModuleType) -> Any:
         name="tiny", queries=8, prompts="4", prompts_per_query=3, collect_queries=6, test_queries=6, dev_queries=4,
         target_batch_size=8,
         train={"epochs": 2, "batch_size": 8, "learning_rate": 5e-3, "num_buckets": 4, "prompt_max_tokens": 8,
-               "query_max_tokens": 16, "warmup_ratio": 0.0},
+               "query_max_tokens": 16, "warmup_ratio": 0.0, "conditioning": "absolute"},
         loops={"loops": 2, "samples_per_query": 2, "reward_floor_quantile": 0.0, "top_k": 50,
-               "d0_floor_quantile": 0.25},
+               "d0_floor_quantile": 0.25, "preference": "off"},
         bench={"oracle": True, "best_of_n": 2, "quantize": None, "examples_per_label": 2,
                "bootstrap_samples": 200},
     )

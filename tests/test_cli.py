@@ -32,9 +32,12 @@ def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> N
                                 "--prompts", "3", "--collect-queries", "4", "--test-queries", "5", "--out", str(run)])
     assert "from cache: 24" in again.output and "new records: 0" in again.output
 
+    # The paper's recipe: the tiny random target is right on every prompt of a query or on none, so the default
+    # recipe's right-vs-wrong pairs do not exist here (tests/test_real_pipeline.py runs it on SmolLM2).
     result = runner.invoke(app, ["train", "--run", str(run), "--loops", "2", "--base-model", tiny_model,
                                  "--epochs", "1", "--num-buckets", "4", "--prompt-max-tokens", "6",
-                                 "--trainable", "all", "--device", "cpu"])
+                                 "--trainable", "all", "--device", "cpu", "--conditioning", "absolute",
+                                 "--preference", "off", "--d0-floor-quantile", "0.5"])
     assert result.exit_code == 0, result.output
     assert "QPO loops" in result.output
 

@@ -64,7 +64,9 @@ D0_ARGS = ["collect", "--task", "sst2_sample", "--queries", "12", "--prompts", "
 TRAIN_EPOCHS = 2
 TRAIN_ARGS = ["train", "--loops", "2", "--epochs", str(TRAIN_EPOCHS), "--later-epochs", "1", "--num-buckets", "4",
               "--prompt-max-tokens", "6", "--query-max-tokens", "16", "--trainable", "all", "--device", "cpu",
-              "--samples-per-query", "2", "--reward-floor-quantile", "0.0", "--top-k", "50"]
+              "--samples-per-query", "2", "--reward-floor-quantile", "0.0", "--top-k", "50",
+              # the paper's recipe: its loops sample, score and append (the phases killed below)
+              "--conditioning", "absolute", "--preference", "off", "--d0-floor-quantile", "0.5"]
 
 FLOAT_FIELDS = ("reward", "prompt_mean_accuracy", "gold_nll", "label_nll")
 

@@ -332,9 +332,10 @@ def test_loops_score_variations_of_each_querys_best_prompt(tmp_path: Path, tiny_
 
     collect(CollectConfig(task="sst2_sample", target=tiny_target_model, queries=6, collect_queries=4,
                           test_queries=2, prompts="3", chunk_size=8, batch_size=8), tmp_path)
-    train = TrainConfig(epochs=1, batch_size=8, num_buckets=4, prompt_max_tokens=8, query_max_tokens=16)
+    train = TrainConfig(epochs=1, batch_size=8, num_buckets=4, prompt_max_tokens=8, query_max_tokens=16,
+                        conditioning="absolute")
     loops = LoopConfig(loops=2, base_model=tiny_target_model, samples_per_query=1, reward_floor_quantile=0.0,
-                       d0_floor_quantile=0.0, mutations=3, mutation_model="test_induce:make_variations_chat")
+                       d0_floor_quantile=0.0, preference="off", mutations=3, mutation_model="test_induce:make_variations_chat")
     metrics = run_loops(tmp_path, train, loops)
     assert metrics[1].mutation_pairs == 3 and metrics[1].mutation_accuracy is not None
     mutated = [r for r in OfflineDataset(tmp_path).records if r.prompt_source.startswith("mutation:")]

@@ -29,9 +29,11 @@ def small_run(path: Path, model: str) -> None:
 
 def configs(model: str) -> tuple[TrainConfig, LoopConfig]:
     train = TrainConfig(epochs=2, batch_size=8, learning_rate=5e-3, num_buckets=4, prompt_max_tokens=8,
-                        query_max_tokens=16, warmup_ratio=0.0)
+                        query_max_tokens=16, warmup_ratio=0.0, conditioning="absolute")
+    # The loops' own mechanics (sampling, scoring, merging, resuming) with the paper's supervised step: a policy
+    # trained by DPO alone ranks prompts, it does not write them (tests/test_quality_levers.py covers that recipe).
     loops = LoopConfig(loops=2, base_model=model, samples_per_query=2, reward_floor_quantile=0.0, top_k=50,
-                       d0_floor_quantile=0.0)
+                       d0_floor_quantile=0.0, preference="off")
     return train, loops
 
 

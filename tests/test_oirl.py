@@ -193,7 +193,7 @@ def test_train_loop_1_on_imported_logs(tmp_path: Path, tmp_path_factory: pytest.
                         conditioning="query_rank", device="cpu")
     with pytest.raises(ValueError, match="--loops 1"):
         run_loops(tmp_path, train, LoopConfig(loops=2, base_model=base))
-    metrics = run_loops(tmp_path, train, LoopConfig(loops=1, base_model=base, d0_floor_quantile=0.0))
+    metrics = run_loops(tmp_path, train, LoopConfig(loops=1, base_model=base, d0_floor_quantile=0.0, preference="off"))
     assert [m.loop for m in metrics] == [1] and metrics[0].target_calls == 0
     assert metrics[0].train_records == 6 * 6 == summary.records_written
     assert metrics[0].greedy_accuracy_collect is None  # no target, no collect split

@@ -1,39 +1,51 @@
-"""Real-model smoke of the whole path: SmolLM2 scores real SST-2 pairs, a few policy training steps,
-Optimum export, and the torch-free runtime writes the same greedy prompts as torch (also through the
-benchmark's two policy backends)."""
+"""Real-model smoke of the whole path, for both recipes: SmolLM2 scores real SST-2 pairs, a few policy training
+steps, Optimum export, and the torch-free runtime serves what torch computes. The paper's recipe (supervised, the
+policy writes prompts): the runtime writes the same greedy prompts as torch, also through the benchmark's two
+policy backends. The default recipe (DPO, the policy ranks D0's prompts): the exported bundle chooses by default,
+and picks the prompt torch's scores minus the recorded offsets rank first."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.real
 
 
-def test_smollm2_collect_train_export_rewrite(tmp_path: Path, real_data: Path, smollm2_target) -> None:  # noqa: ANN001
-    from qpo_middleware import PromptOptimizer
-    from qpo_middleware.bundle import GenerationConfig
+def collected(path: Path, data: Path, shared: Any) -> Any:
+    """D0 of 6 real SST-2 queries x 4 prompts (3 of the pool + none), scored by the shared SmolLM2; the target."""
     from qpo_middleware.training.collect import collect
-    from qpo_middleware.training.config import CollectConfig, LoopConfig, TrainConfig
-    from qpo_middleware.training.dataset import OfflineDataset
-    from qpo_middleware.training.export import export_bundle
+    from qpo_middleware.training.config import CollectConfig
     from qpo_middleware.training.hf_target import HFTarget
-    from qpo_middleware.training.loops import final_checkpoint, load_policy, run_loops
     from qpo_middleware.training.run import RunPaths
-    from qpo_middleware.training.sampling import generate_prompts
     from qpo_middleware.training.targets import ScoreCache
 
     config = CollectConfig(task="sst2", queries=6, collect_queries=3, test_queries=3, prompts="3", chunk_size=8,
-                           data_dir=str(real_data))
-    target = HFTarget(cache=ScoreCache(RunPaths(tmp_path).scores))
-    target._lm, target._tok = smollm2_target._lm, smollm2_target._tok  # share the loaded weights
-    summary = collect(config, tmp_path, target=target)
+                           data_dir=str(data))
+    target = HFTarget(cache=ScoreCache(RunPaths(path).scores))
+    target._lm, target._tok = shared._lm, shared._tok  # share the loaded weights
+    summary = collect(config, path, target=target)
     assert summary.dataset_records == 6 * 4
+    return target
 
+
+def test_smollm2_collect_train_export_rewrite(tmp_path: Path, real_data: Path, smollm2_target) -> None:  # noqa: ANN001
+    from qpo_middleware import PromptOptimizer
+    from qpo_middleware.bundle import GenerationConfig
+    from qpo_middleware.training.config import PAPER_LOOPS, PAPER_TRAIN, LoopConfig, TrainConfig
+    from qpo_middleware.training.dataset import OfflineDataset
+    from qpo_middleware.training.export import export_bundle
+    from qpo_middleware.training.loops import final_checkpoint, load_policy, run_loops
+    from qpo_middleware.training.run import RunPaths
+    from qpo_middleware.training.sampling import generate_prompts
+
+    target = collected(tmp_path, real_data, smollm2_target)
     train = TrainConfig(epochs=1, max_steps=2, batch_size=4, trainable="top:2", prompt_max_tokens=12,
-                        learning_rate=1e-4)
-    metrics = run_loops(tmp_path, train, LoopConfig(loops=1, eval_greedy=False), target=target)
+                        learning_rate=1e-4, **PAPER_TRAIN)
+    metrics = run_loops(tmp_path, train, LoopConfig(loops=1, eval_greedy=False, **PAPER_LOOPS), target=target)
     rewards = sorted(r.reward for r in OfflineDataset(tmp_path).records)
     assert metrics[0].train_records == sum(r >= rewards[round(0.5 * 23)] for r in rewards) < 24  # D0's better half
     assert metrics[0].last_loss > 0
@@ -59,3 +71,38 @@ def test_smollm2_collect_train_export_rewrite(tmp_path: Path, real_data: Path, s
     with_torch = benchmark(tmp_path, BenchmarkConfig(**common, policy_backend="torch"), target=target)
     assert with_torch.per_query["prompts"]["qpo_loop1"] == through_runtime.per_query["prompts"]["qpo_loop1"]
     assert with_torch.method("qpo_loop1").accuracy == through_runtime.method("qpo_loop1").accuracy
+
+
+def test_smollm2_default_recipe_trains_by_dpo_and_the_bundle_chooses(tmp_path: Path, real_data: Path,
+                                                                     smollm2_target) -> None:  # noqa: ANN001
+    from qpo_middleware import PromptOptimizer
+    from qpo_middleware.training.config import LoopConfig, TrainConfig
+    from qpo_middleware.training.export import export_bundle, read_choice_offsets, run_prompt_library
+    from qpo_middleware.training.loops import final_checkpoint, load_policy, run_loops
+    from qpo_middleware.training.preference import candidate_logps
+
+    target = collected(tmp_path, real_data, smollm2_target)
+    train = TrainConfig(epochs=1, max_steps=2, batch_size=4, trainable="top:2", prompt_max_tokens=12)
+    loops = LoopConfig(eval_greedy=False, choice_offset_queries=3)
+    assert (train.conditioning, loops.preference, loops.loops) == ("query_rank", "instead", 1)
+    metrics = run_loops(tmp_path, train, loops, target=target)
+    assert metrics[0].preference_pairs > 0 and metrics[0].train_records == 0  # DPO instead of imitation
+    assert metrics[0].preference_first_loss is not None
+    assert abs(metrics[0].preference_first_loss - np.log(2)) < 1e-3  # the reference is the starting policy
+
+    checkpoint = final_checkpoint(tmp_path)
+    library = run_prompt_library(checkpoint)
+    offsets = read_choice_offsets(checkpoint)
+    assert offsets is not None and sorted(offsets.offsets) == sorted(library) and len(library) == 4
+    bundle = export_bundle(checkpoint, tmp_path / "bundle")  # no strategy asked: the recipe's, 'choose'
+    optimizer = PromptOptimizer.from_bundle(bundle, provider="cpu")
+    assert optimizer.info()["strategy"] == "choose"
+
+    queries = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés"]
+    model, tokenizer, fmt = load_policy(checkpoint, train)
+    texts = sorted(library)
+    expected = candidate_logps(model, tokenizer, fmt, queries, texts, (fmt.top_bucket,))[0].numpy()
+    shift = np.array([offsets.offsets[t] for t in texts])
+    for query, row, result in zip(queries, expected, optimizer.optimize_batch(queries), strict=True):
+        assert result.prompt == texts[int(np.argmax(row - shift))]
+        assert query in result.text

@@ -15,6 +15,11 @@ from .models import DEFAULT_MODEL, QWEN_MODEL
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PREFERENCE_MODES = ("off", "after", "instead")
 CONDITIONING_KINDS = ("absolute", "query_rank", "label_rank")  # what a reward token encodes: training.policy.conditioning_values
+# The paper's recipe (arXiv 2408.10504), where the defaults differ from it: the absolute reward token, loop 1 on D0's
+# better half, supervised training only. The defaults are the recipe docs/benchmarks.md measured best (DPO from the
+# base model on right-vs-wrong pairs, on all of D0).
+PAPER_TRAIN: dict[str, object] = {"conditioning": "absolute"}
+PAPER_LOOPS: dict[str, object] = {"d0_floor_quantile": 0.5, "preference": "off"}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -179,10 +184,10 @@ class TrainConfig:
     )
     device: str = field(default="auto", metadata={"help": "'auto' (a GPU when present), 'cpu' or 'cuda'."})
     num_buckets: int = field(default=10, metadata={"help": "Reward buckets, one reward token each."})
-    conditioning: str = field(default="absolute", metadata={
-        "help": "What the reward token encodes: 'absolute' (the paper: the pair's reward, bucketed by D0's "
-                "quantiles) or 'query_rank' (the prompt's rank among the prompts scored on the same query, "
-                "correct ones above wrong ones: the top bucket asks for the best prompt for this query) or "
+    conditioning: str = field(default="query_rank", metadata={
+        "help": "What the reward token encodes: 'query_rank' (the default: the prompt's rank among the prompts "
+                "scored on the same query, correct ones above wrong ones: the top bucket asks for the best prompt "
+                "for this query) or 'absolute' (the paper: the pair's reward, bucketed by D0's quantiles) or "
                 "'label_rank' (classification: the same rank, by the prompt's accuracy on the queries of this "
                 "query's gold label: the top bucket asks for the prompt that suits the query's label)."})
     query_max_tokens: int = field(
@@ -254,7 +259,10 @@ class TrainConfig:
 class LoopConfig:
     """Settings of the multi-loop procedure; the ``help`` texts are the CLI's option help."""
 
-    loops: int = field(default=2, metadata={"help": "Number of loops T (loop 1 trains on D0 only)."})
+    loops: int = field(default=1, metadata={
+        "help": "Number of loops T (loop 1 trains on D0 only; each later one samples new prompts from the policy, "
+                "scores them and trains again). Later loops need a policy that writes prompts: with --preference "
+                "instead (the default) the policy only ranks D0's prompts, so use --preference after or off."})
     base_model: str = field(default=DEFAULT_MODEL, metadata={"help": "Policy base model: name, path or hub id."})
     samples_per_query: int = field(default=2, metadata={"help": "Prompts sampled per collect query in loops >= 2."})
     collect_queries: int | None = field(default=None, metadata={"help": "Collect queries used per loop (default: all)."})
@@ -264,9 +272,10 @@ class LoopConfig:
     reward_floor_quantile: float = field(
         default=0.5, metadata={"help": "Keep new pairs whose reward is at least this quantile of D0's rewards."})
     d0_floor_quantile: float = field(
-        default=0.5,
-        metadata={"help": "Train on the D0 records whose reward is at least this quantile of D0's rewards (the "
-                          "paper's D0 keeps only pairs that did well, 'expert' data); 0 = all of D0."})
+        default=0.0,
+        metadata={"help": "Train on the D0 records whose reward is at least this quantile of D0's rewards; 0 = all "
+                          "of D0 (the default: the preference step needs the wrong prompts too); the paper keeps "
+                          "only pairs that did well ('expert' data, 0.5)."})
     prompt_accuracy_prior: float = field(
         default=4.0,
         metadata={"help": "Pseudo-queries of D0's mean accuracy mixed into a new prompt's accuracy estimate "
@@ -274,10 +283,11 @@ class LoopConfig:
     later_epochs: int = field(default=1, metadata={"help": "Epochs of the fine-tune in loops >= 2."})
     later_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate in loops >= 2 (default: the train learning rate)."})
-    preference: str = field(default="off", metadata={
+    preference: str = field(default="instead", metadata={
         "help": "Within-query preference training (DPO on right-vs-wrong prompt pairs of the same query, against the "
-                "policy the step starts from as reference): 'off', 'after' the supervised step of each loop (reference: "
-                "that supervised policy), or 'instead' of it (reference: the previous loop's policy)."})
+                "policy the step starts from as reference): 'instead' of the supervised step (the default; reference: "
+                "the previous loop's policy), 'after' the supervised step of each loop (reference: that supervised "
+                "policy), or 'off' (the paper: supervised only)."})
     preference_beta: float = field(default=0.1, metadata={"help": "DPO beta (strength of the pull to the reference)."})
     preference_pairs_per_query: int = field(default=4, metadata={
         "help": "Right-vs-wrong prompt pairs drawn per query (from every record up to the loop)."})
@@ -285,7 +295,7 @@ class LoopConfig:
         "help": "Weight w in [0, 1] of label-level evidence in the preference pairs: a prompt's score on a query is "
                 "(1 - w) * right + w * its accuracy on the scored queries with the same gold label, and pairs need a "
                 "gap of 0.1 (0 = right-vs-wrong pairs only; for classification tasks)."})
-    preference_epochs: int = field(default=1, metadata={"help": "Epochs of the preference step."})
+    preference_epochs: int = field(default=2, metadata={"help": "Epochs of the preference step."})
     preference_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the preference step (default: the loop's learning rate)."})
     choice_offset_queries: int = field(default=200, metadata={

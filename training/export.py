@@ -228,7 +228,9 @@ def export_bundle(
     checkpoint belongs to (:func:`run_prompt_library`), and ``{}`` writes none. ``offsets`` (prompt text ->
     choice offset, see :mod:`qpo_middleware.choice`) go into the library beside them; by default they are
     the checkpoint's own (:func:`read_choice_offsets`) when they cover the library. With
-    ``generation={"strategy": "choose"}`` the bundle picks a library prompt per query by default.
+    ``generation={"strategy": "choose"}`` the bundle picks a library prompt per query by default; without a
+    strategy in ``generation`` it does so when there are offsets (a preference-trained policy, the default
+    recipe, ranks the library's prompts: its own greedy text is not a prompt) and writes one otherwise.
     Returns ``out_dir``.
     """
     checkpoint = Path(checkpoint_dir).expanduser()
@@ -251,7 +253,8 @@ def export_bundle(
     policy = meta.policy
     if isinstance(generation, GenerationConfig):
         generation = generation.to_dict()
-    gen = GenerationConfig.from_dict({**GenerationConfig.for_policy(policy).to_dict(), **dict(generation or {})})
+    asked = dict(generation or {})
+    gen = GenerationConfig.from_dict({**GenerationConfig.for_policy(policy).to_dict(), **asked})
     _check_out_dir(out, overwrite)
     dtype = quantize if quantize else "fp16" if fp16 else "fp32"
     if library is None:
@@ -264,6 +267,10 @@ def export_bundle(
                            len(library))
         else:
             offsets = recorded.offsets
+    if "strategy" not in asked and offsets is not None and not gen.do_sample:
+        gen = dataclasses.replace(gen, strategy="choose")
+        step(f"{checkpoint} carries choice offsets (a preference-trained policy): the bundle chooses one of its "
+             f"{len(library)} library prompts per query by default")
     if gen.strategy == "choose" and not library:
         raise ExportError(f"strategy 'choose' picks one of the bundle's library prompts, and {checkpoint} has none: "
                           "export a checkpoint of a run directory (RUN/policy/loop_<t>/checkpoint), or pass library=.")

@@ -25,7 +25,7 @@ import numpy as np
 
 from qpo_middleware.choice import choose
 from qpo_middleware.stats import bootstrap_ci, paired_bootstrap_ci
-from qpo_middleware.training.config import LoopConfig, TrainConfig
+from qpo_middleware.training.config import PAPER_LOOPS, PAPER_TRAIN, LoopConfig, TrainConfig
 from qpo_middleware.training.export import read_choice_offsets
 from qpo_middleware.training.io import atomic_write_json
 from qpo_middleware.training.loops import completed_loops, load_policy, run_loops
@@ -39,9 +39,9 @@ TRAIN: dict[str, Any] = {"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "t
                          "prompt_max_tokens": 32, "query_max_tokens": 40, "device": "cpu"}
 RECIPES: dict[str, dict[str, Any]] = {
     # The paper: absolute reward token, loop 1 on D0's better half ("expert" D0).
-    "paper": {"train": {"conditioning": "absolute"}, "loops": {"d0_floor_quantile": 0.5}},
+    "paper": {"train": dict(PAPER_TRAIN), "loops": dict(PAPER_LOOPS)},
     # Query-relative token: the top bucket is this query's right prompt; every D0 record trains.
-    "query_rank": {"train": {"conditioning": "query_rank"}, "loops": {"d0_floor_quantile": 0.0}},
+    "query_rank": {"train": {"conditioning": "query_rank"}, "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
     # The same, then DPO on (query, right prompt, wrong prompt) against the supervised policy: loop 1 with
     # --preference after. Run as query_rank's policy + a DPO step (--preference instead from that checkpoint,
     # reference = that policy), which is the same thing without training the supervised step twice.
@@ -51,11 +51,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # query_rank with every weight trained, and the reward/separator token embeddings with it: the
     # conditioning then reaches the lower layers, which read the query.
     "query_rank_all": {"train": {"conditioning": "query_rank", "trainable": "all", "learning_rate": 5e-5},
-                       "loops": {"d0_floor_quantile": 0.0}},
+                       "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
     # Query-relative token by label accuracy: the top bucket is, per query, the scored prompt that is right most
     # often on D0's queries of the same gold label; the policy learns to route by the label it reads (a linear
     # probe of SmolLM2's hidden states knows ag_news labels ~83% of the time; the target answers 63-69% right).
-    "label_rank": {"train": {"conditioning": "label_rank"}, "loops": {"d0_floor_quantile": 0.0}},
+    "label_rank": {"train": {"conditioning": "label_rank"}, "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
     # DPO alone from the base model (no supervised step): the preference signal without imitation.
     "dpo_only": {"train": {"conditioning": "query_rank"},
                  "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,

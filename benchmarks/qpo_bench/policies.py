@@ -66,7 +66,8 @@ def loop_bundle(run_dir: Path, loop: int, quantize: str | None, *,
     if done and done[-1].loop == loop and matches(paths.bundle):
         return paths.bundle, True, 0.0
     started = time.perf_counter()
-    export_bundle(checkpoint, out, quantize=quantize, overwrite=True, on_step=step)
+    # The benchmark measures the prompts the policy writes (greedy, and sampled for best-of-n), whatever the recipe.
+    export_bundle(checkpoint, out, quantize=quantize, overwrite=True, on_step=step, generation={"strategy": "generate"})
     atomic_write_json(source, fingerprint)
     return out, False, time.perf_counter() - started
 

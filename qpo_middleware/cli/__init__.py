@@ -44,7 +44,7 @@ COMMANDS: dict[str, CommandSpec] = {
                         "with 95% bootstrap intervals."),
     "rewrite": CommandSpec("rewrite", "Show the prompt the policy writes for QUERY and the final text sent to the "
                            "target LLM."),
-    "quickstart": CommandSpec("quickstart", "Run collect -> train (2 loops) -> export -> eval on the embedded "
+    "quickstart": CommandSpec("quickstart", "Run collect -> train -> export -> eval on the embedded "
                               "SmolLM2 and print the comparison."),
     "bench": CommandSpec("bench", "Latency (p50/p95/p99), per-token time, throughput per batch size, "
                          "concurrency, load time and RSS."),

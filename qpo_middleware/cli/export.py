@@ -32,10 +32,11 @@ def command(
         bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")
     ] = False,
     strategy: Annotated[
-        str, typer.Option(help="How the bundle serves by default: 'generate' (the policy writes a prompt) or "
-                          "'choose' (it picks the best of the run's prompts for each query; with a preference-"
-                          "trained policy, the recipe docs/benchmarks.md measured).")
-    ] = "generate",
+        str, typer.Option(help="How the bundle serves by default: 'generate' (the policy writes a prompt), "
+                          "'choose' (it picks the best of the run's prompts for each query: the recipe "
+                          "docs/benchmarks.md measured), or 'auto': choose for a preference-trained policy (the "
+                          "default recipe; its checkpoint carries choice offsets), generate otherwise.")
+    ] = "auto",
 ) -> None:
     """Export a policy checkpoint to a bundle: model.onnx + tokenizer.json + qpo.json (with checksums)."""
     with user_errors():
@@ -58,7 +59,7 @@ def command(
 
             bundle = export_bundle(
                 checkpoint, out, quantize=quantize, fp16=fp16, overwrite=overwrite, on_step=on_step,
-                generation={"strategy": strategy},
+                generation={} if strategy == "auto" else {"strategy": strategy},
             )
         table = Table(title=f"Bundle {bundle}", show_header=True)
         table.add_column("file")

@@ -1,6 +1,6 @@
 """``qpo quickstart``: the whole QPO path on the embedded default, end to end, in minutes on a laptop CPU.
 
-collect (SST-2 sample shipped in the package) -> train 2 loops -> export -> evaluate
+collect (SST-2 sample shipped in the package) -> train (the default recipe) -> export -> evaluate
 on held-out queries -> a table: no instruction vs the best pool prompt vs QPO, plus
 rewrite latency. ``--budget`` scales every size; a GPU is used when present.
 """
@@ -24,7 +24,7 @@ def command(
     quantize: Annotated[str | None, typer.Option(help="Bundle quantization: int8 (CPU default) or none.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, sampling and training.")] = 0,
 ) -> None:
-    """Run collect -> train (2 loops) -> export -> eval on the embedded SmolLM2 and print the comparison."""
+    """Run collect -> train -> export -> eval on the embedded SmolLM2 and print the comparison."""
     with user_errors():
         if budget <= 0:
             raise ValueError("--budget must be > 0 (1.0 is the default size).")
@@ -55,7 +55,11 @@ def command(
         train_config = TrainConfig(epochs=max(2, int(round(4 * budget))), learning_rate=2e-4, batch_size=8,
                                    trainable="all" if gpu else "top:4", prompt_max_tokens=32, query_max_tokens=40,
                                    seed=seed)
-        loop_config = LoopConfig(loops=2, base_model=model, samples_per_query=2, later_epochs=1, seed=seed)
+        # The default recipe (training.config): DPO from the base model on D0's right-vs-wrong prompt pairs; the
+        # bundle then chooses one of D0's prompts per query (strategy 'choose'), each offset by its mean
+        # log-probability under the base model over a few train queries.
+        loop_config = LoopConfig(base_model=model, preference_learning_rate=1e-4, choice_offset_queries=n(64),
+                                 seed=seed)
 
         console.rule("[bold]1/4 collect: score the prompt pool on the target (D0)")
         with progress_bar() as bar:
@@ -63,7 +67,7 @@ def command(
             summary = collect(collect_config, out, progress=lambda d, t: bar.update(job, completed=d, total=t))
         print_summary(summary)
 
-        console.rule("[bold]2/4 train: 2 loops of offline RL")
+        console.rule("[bold]2/4 train: the policy learns which prompt suits which query")
         print_loops(train_with_progress(out, train_config, loop_config))
 
         console.rule("[bold]3/4 export: ONNX bundle for the torch-free runtime")

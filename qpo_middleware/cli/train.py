@@ -17,7 +17,7 @@ def command(
     run: Annotated[Path, typer.Option(
         help="Run directory made by `qpo collect`, or by `qpo import-oirl` (then --loops 1: there is no target "
              "to score new prompts on). Resumes where it stopped.")],
-    loops: Annotated[int, typer.Option(help=help_of(LoopConfig, "loops"))] = 2,
+    loops: Annotated[int, typer.Option(help=help_of(LoopConfig, "loops"))] = LoopConfig.loops,
     base_model: Annotated[str, typer.Option(help=help_of(LoopConfig, "base_model"))] = "smollm2-135m-instruct",
     epochs: Annotated[int, typer.Option(help=help_of(TrainConfig, "epochs"))] = 3,
     later_epochs: Annotated[int, typer.Option(help=help_of(LoopConfig, "later_epochs"))] = 1,
@@ -28,20 +28,20 @@ def command(
     train_policy_tokens: Annotated[bool, typer.Option(help=help_of(TrainConfig, "train_policy_tokens"))] = False,
     max_steps: Annotated[int | None, typer.Option(help=help_of(TrainConfig, "max_steps"))] = None,
     num_buckets: Annotated[int, typer.Option(help=help_of(TrainConfig, "num_buckets"))] = 10,
-    conditioning: Annotated[str, typer.Option(help=help_of(TrainConfig, "conditioning"))] = "absolute",
+    conditioning: Annotated[str, typer.Option(help=help_of(TrainConfig, "conditioning"))] = TrainConfig.conditioning,
     query_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "query_max_tokens"))] = 40,
     prompt_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "prompt_max_tokens"))] = 40,
     samples_per_query: Annotated[int, typer.Option(help=help_of(LoopConfig, "samples_per_query"))] = 2,
     collect_queries: Annotated[int | None, typer.Option(help=help_of(LoopConfig, "collect_queries"))] = None,
     reward_floor_quantile: Annotated[float, typer.Option(help=help_of(LoopConfig, "reward_floor_quantile"))] = 0.5,
-    d0_floor_quantile: Annotated[float, typer.Option(help=help_of(LoopConfig, "d0_floor_quantile"))] = 0.5,
-    preference: Annotated[str, typer.Option(help=help_of(LoopConfig, "preference"))] = "off",
+    d0_floor_quantile: Annotated[float, typer.Option(help=help_of(LoopConfig, "d0_floor_quantile"))] = LoopConfig.d0_floor_quantile,
+    preference: Annotated[str, typer.Option(help=help_of(LoopConfig, "preference"))] = LoopConfig.preference,
     preference_beta: Annotated[float, typer.Option(help=help_of(LoopConfig, "preference_beta"))] = 0.1,
     preference_pairs_per_query: Annotated[int, typer.Option(
         help=help_of(LoopConfig, "preference_pairs_per_query"))] = 4,
     preference_label_smoothing: Annotated[float, typer.Option(
         help=help_of(LoopConfig, "preference_label_smoothing"))] = 0.0,
-    preference_epochs: Annotated[int, typer.Option(help=help_of(LoopConfig, "preference_epochs"))] = 1,
+    preference_epochs: Annotated[int, typer.Option(help=help_of(LoopConfig, "preference_epochs"))] = LoopConfig.preference_epochs,
     preference_learning_rate: Annotated[float | None, typer.Option(
         help=help_of(LoopConfig, "preference_learning_rate"))] = None,
     choice_offset_queries: Annotated[int, typer.Option(help=help_of(LoopConfig, "choice_offset_queries"))] = 200,
