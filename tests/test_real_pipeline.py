@@ -83,10 +83,13 @@ def test_smollm2_default_recipe_trains_by_dpo_and_the_bundle_chooses(tmp_path: P
 
     target = collected(tmp_path, real_data, smollm2_target)
     train = TrainConfig(epochs=1, max_steps=2, batch_size=4, trainable="top:2", prompt_max_tokens=12)
-    loops = LoopConfig(eval_greedy=False, choice_offset_queries=3)
+    loops = LoopConfig(choice_offset_queries=3)
     assert (train.conditioning, loops.preference, loops.loops) == ("query_rank", "instead", 1)
     metrics = run_loops(tmp_path, train, loops, target=target)
     assert metrics[0].preference_pairs > 0 and metrics[0].train_records == 0  # DPO instead of imitation
+    # The loop scores on the collect split the prompts its bundle will serve: the library prompts 'choose' picks.
+    assert metrics[0].policy_strategy == "choose" and metrics[0].greedy_accuracy_collect is not None
+    assert metrics[0].target_calls == 3  # one per collect query, each a D0 prompt on a query D0 never scored
     assert metrics[0].preference_first_loss is not None
     assert abs(metrics[0].preference_first_loss - np.log(2)) < 1e-3  # the reference is the starting policy
 

@@ -28,7 +28,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from qpo_middleware.bundle import GenerationConfig
+from qpo_middleware.choice import choose
 from qpo_middleware.policy_format import PolicyFormat
 from qpo_middleware.stats import quantile
 
@@ -69,6 +72,8 @@ class LoopMetrics:
     mean_reward_kept: float | None = None
     mean_reward_d0: float = 0.0
     reward_floor: float | None = None
+    # The target's accuracy with the prompt the loop's exported bundle serves by default (policy_strategy): the
+    # greedy prompt the policy writes, or, with choice offsets, the library prompt strategy 'choose' picks.
     greedy_accuracy_collect: float | None = None  # leaky from loop 2 on: the loops sample and keep prompts there
     greedy_accuracy_dev: float | None = None  # the dev split (never trained or sampled on): chooses the loop
     target_calls: int = 0
@@ -82,6 +87,7 @@ class LoopMetrics:
     mutation_accuracy: float | None = None
     preference_first_loss: float | None = None
     preference_last_loss: float | None = None
+    policy_strategy: str = "generate"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,13 +264,14 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         metrics.first_loss, metrics.last_loss, metrics.train_seconds = result.first_loss, result.last_loss, result.seconds
         metrics.checkpoint = str(checkpoint)
 
-        # --- Evaluate: greedy policy prompts on the collect split and on the dev split --------------
+        # --- Evaluate: the policy's prompts (as its bundle serves them) on the collect and dev splits ----
+        metrics.policy_strategy = "generate" if offsets is None else "choose"
         if loops.eval_greedy and run is not None and target is not None:
             for split, examples in (("collect", collect_split), ("dev", run.splits.dev)):
                 if not examples:
                     continue
-                phase(loop, f"scoring greedy policy prompts on the {split} split")
-                accuracy, calls = greedy_accuracy(model, tokenizer, fmt, run, target, examples, loops)
+                phase(loop, f"scoring the policy's prompts ({metrics.policy_strategy}) on the {split} split")
+                accuracy, calls = greedy_accuracy(model, tokenizer, fmt, run, target, examples, loops, offsets)
                 setattr(metrics, f"greedy_accuracy_{split}", accuracy)
                 metrics.target_calls += calls
 
@@ -276,11 +283,21 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
 
 
 def greedy_accuracy(model: Any, tokenizer: Any, fmt: PolicyFormat, run: Run, target: Target,
-                    examples: Sequence[Example], loops: LoopConfig) -> tuple[float, int]:
-    """The target's accuracy with the policy's greedy prompt per query, and the target calls it took."""
-    greedy = generate_prompts(model, tokenizer, fmt, [e.query for e in examples], GenerationConfig.for_policy(fmt),
-                              batch_size=loops.generation_batch_size)
-    pairs = [Pair(e, g[0], "policy", run.demos(e)) for e, g in zip(examples, greedy, strict=True)]
+                    examples: Sequence[Example], loops: LoopConfig,
+                    offsets: ChoiceOffsets | None = None) -> tuple[float, int]:
+    """The target's accuracy with the policy's prompt per query, and the target calls it took: its greedy prompt,
+    or with ``offsets`` the library prompt strategy 'choose' picks (log-probability after the top token minus the
+    prompt's offset), as the exported bundle serves them."""
+    queries = [e.query for e in examples]
+    if offsets is None:
+        prompts = [g[0] for g in generate_prompts(model, tokenizer, fmt, queries, GenerationConfig.for_policy(fmt),
+                                                  batch_size=loops.generation_batch_size)]
+    else:
+        texts = list(offsets.offsets)
+        scores = candidate_logps(model, tokenizer, fmt, queries, texts, (fmt.top_bucket,))[0].numpy()
+        shift = np.array([offsets.offsets[t] for t in texts])
+        prompts = [texts[choose(row, shift)] for row in scores]
+    pairs = [Pair(e, prompt, "policy", run.demos(e)) for e, prompt in zip(examples, prompts, strict=True)]
     scores = score_pairs(target, run.task, pairs, run.config.chunk_size)
     valid = [s for s in scores if not s.failed]
     return sum(s.correct for s in valid) / max(1, len(valid)), sum(not s.cached for s in scores)
@@ -293,7 +310,7 @@ def chosen_loop(done: Sequence[LoopMetrics]) -> tuple[LoopMetrics, str]:
         raise ValueError("No loop is done yet.")
     if all(m.greedy_accuracy_dev is not None for m in done):
         best = max(done, key=lambda m: (m.greedy_accuracy_dev, -m.loop))
-        return best, f"best greedy accuracy on the dev split ({best.greedy_accuracy_dev:.1%})"
+        return best, f"best policy accuracy on the dev split ({best.greedy_accuracy_dev:.1%})"
     return done[-1], "the last loop (no dev split)"
 
 

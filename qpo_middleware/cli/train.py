@@ -100,15 +100,18 @@ def train_with_progress(run: Path, train_config: TrainConfig, loop_config: LoopC
 
 def print_loops(metrics: list) -> None:
     table = Table(title="QPO loops")
-    for name in ("loop", "train examples", "loss first→last", "new pairs kept/sampled", "new prompts kept/sampled",
-                 "mean reward new vs D0", "greedy acc (collect)", "greedy acc (dev)", "target calls", "time"):
+    for name in ("loop", "trained on", "loss first→last", "new pairs kept/sampled", "new prompts kept/sampled",
+                 "mean reward new vs D0", "policy acc (collect)", "policy acc (dev)", "target calls", "time"):
         table.add_column(name, justify="right")
     for m in metrics:
+        trained = " + ".join([f"{m.train_records} ex"] * bool(m.train_records)
+                             + [f"{m.preference_pairs} DPO pairs"] * bool(m.preference_pairs)) or "0 ex"
         new = f"{m.kept_pairs}/{m.sampled_pairs}" if m.loop > 1 else "-"
         prompts = f"{m.new_distinct_prompts_kept}/{m.new_distinct_prompts}" if m.loop > 1 else "-"
         reward = (f"{m.mean_reward_sampled:.2f} vs {m.mean_reward_d0:.2f}"
                   if m.mean_reward_sampled is not None else f"- vs {m.mean_reward_d0:.2f}")
-        accuracy = [f"{a:.1%}" if a is not None else "-" for a in (m.greedy_accuracy_collect, m.greedy_accuracy_dev)]
-        table.add_row(str(m.loop), str(m.train_records), f"{m.first_loss:.3f}→{m.last_loss:.3f}", new, prompts, reward,
+        accuracy = [f"{a:.1%} ({m.policy_strategy})" if a is not None else "-"
+                    for a in (m.greedy_accuracy_collect, m.greedy_accuracy_dev)]
+        table.add_row(str(m.loop), trained, f"{m.first_loss:.3f}→{m.last_loss:.3f}", new, prompts, reward,
                       *accuracy, str(m.target_calls), f"{m.seconds:.0f}s")
     console.print(table)
