@@ -269,3 +269,14 @@ def test_dev_split_scores_every_loop_and_chooses_the_kept_one(tmp_path: Path, ti
     assert chosen_loop([loop(1, None), loop(2, None)])[0].loop == 2
     with pytest.raises(ValueError, match="No loop"):
         chosen_loop([])
+
+
+def test_later_loops_after_dpo_alone_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """The default recipe trains by DPO alone: later loops would sample from a policy that does not write prompts."""
+    with caplog.at_level("WARNING", logger="qpo_middleware.training.config"):
+        LoopConfig()  # the default: one loop
+        LoopConfig(loops=2, preference="after")
+        LoopConfig(loops=2, mutations=4)  # new prompts come from the mutation model
+        assert not caplog.records
+        LoopConfig(loops=2)
+    assert len(caplog.records) == 1 and "--preference after" in caplog.records[0].getMessage()

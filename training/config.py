@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .models import DEFAULT_MODEL, QWEN_MODEL
+
+logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PREFERENCE_MODES = ("off", "after", "instead")
@@ -336,6 +339,11 @@ class LoopConfig:
             raise ValueError(f"preference_learning_rate must be in (0, 1); got {self.preference_learning_rate}.")
         if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:
             raise ValueError("top_p must be in (0, 1] and temperature > 0.")
+        if self.loops > 1 and self.preference == "instead" and not self.mutations:
+            logger.warning("loops=%d with preference='instead': loops 2+ sample new prompts from a policy trained by "
+                           "DPO alone, which ranks D0's prompts but does not write prompts (its samples are mostly "
+                           "other text, and the kept ones join the library 'choose' picks from). Use "
+                           "--preference after (or off), or --mutations N for new prompts.", self.loops)
 
 
 def help_of(config: type, name: str) -> str:
