@@ -51,3 +51,27 @@ def test_smollm2_policy_trains_top_layers(tmp_path):
         reloaded.model.layers[-1].mlp.down_proj.weight, model.model.layers[-1].mlp.down_proj.weight
     )
     assert reloaded.get_input_embeddings().weight.shape[0] == len(tokenizer)
+
+
+def test_smollm2_frozen_layer_cache_gives_the_full_forwards_losses():
+    from qpo_middleware.training.forward import frozen_layer_cache, supervised_logits
+    from qpo_middleware.training.policy import collate, qpo_loss
+    from qpo_middleware.training.preference import sequence_logps
+
+    config = TrainConfig(trainable="top:4", num_buckets=10, device="cpu")
+    model, tokenizer = load_model_and_tokenizer()
+    fmt = add_policy_tokens(model, tokenizer, config.num_buckets, config.query_max_tokens, config.prompt_max_tokens)
+    records = make_records(6)
+    buckets = RewardBuckets.from_rewards([r.reward for r in records], config.num_buckets)
+    batch = collate(build_examples(records, tokenizer, fmt, buckets), tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        cache = frozen_layer_cache(model, config)
+        assert cache is not None and cache.split == model.config.num_hidden_layers - 4
+        for _ in range(2):  # computed, then read back
+            logits, kept = supervised_logits(model, batch, cache)
+            torch.testing.assert_close(qpo_loss(logits, kept["labels"]), qpo_loss(full, batch["labels"]),
+                                       atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(sequence_logps(logits, kept["labels"]), sequence_logps(full, batch["labels"]),
+                                       atol=1e-3, rtol=1e-5)
+    assert cache.hits == cache.misses == len(records)

@@ -203,6 +203,14 @@ class TrainConfig:
     save_checkpoints: bool = field(
         default=True, metadata={"help": "Write output_dir/checkpoint at the end of every epoch."}
     )
+    frozen_layer_cache_gib: float = field(
+        default=4.0,
+        metadata={
+            "help": "With top:N, memory (GiB) for the hidden states entering the lowest trained layer, kept per "
+            "sequence so later epochs (and the preference step's reference pass) skip the frozen layers; "
+            "0 turns it off. Llama- and Qwen2-style policies."
+        },
+    )
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -227,6 +235,9 @@ class TrainConfig:
             raise TrainConfigError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio!r}.")
         if not (isinstance(self.weight_decay, int | float) and self.weight_decay >= 0):
             raise TrainConfigError(f"weight_decay must be >= 0; got {self.weight_decay!r}.")
+        if not (isinstance(self.frozen_layer_cache_gib, int | float) and self.frozen_layer_cache_gib >= 0):
+            raise TrainConfigError(
+                f"frozen_layer_cache_gib must be >= 0 (0 = off); got {self.frozen_layer_cache_gib!r}.")
         if not (isinstance(self.max_grad_norm, int | float) and self.max_grad_norm >= 0):
             raise TrainConfigError(
                 f"max_grad_norm must be >= 0 (0 = no clipping); got {self.max_grad_norm!r}."

@@ -39,6 +39,7 @@ from .collect import make_records, score_pairs
 from .config import LoopConfig, TrainConfig
 from .dataset import OfflineDataset, Record
 from .export import ChoiceOffsets, PolicyMeta, write_choice_offsets, write_policy_meta
+from .forward import FrozenLayerCache, frozen_layer_cache
 from .induce import Inducer, make_inducer, mutate
 from .io import atomic_write_json
 from .policy import RewardBuckets, add_policy_tokens, build_examples, conditioning_values, top_bucket_coverage
@@ -236,7 +237,9 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             # The reference is the policy the preference step starts from, as in DPO after SFT: this loop's
             # supervised policy ('after'), the previous loop's ('instead'). A reference taken before the
             # supervised step would count that step's own gains (largest on long prompts) as preference margin.
-            preferences = _preference_data(model, tokenizer, fmt, dataset.records, loop, loops)
+            # The frozen layers' output, kept from the reference pass for the preference fine-tune (same weights).
+            cache = frozen_layer_cache(model, config)
+            preferences = _preference_data(model, tokenizer, fmt, dataset.records, loop, loops, cache)
             metrics.preference_pairs = len(preferences)
             if preferences and loops.choice_offset_queries:
                 phase(loop, f"choice offsets of the library prompts on {loops.choice_offset_queries} queries")
@@ -247,7 +250,9 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
                                  learning_rate=loops.preference_learning_rate or config.learning_rate)
             phase(loop, f"preference training on {len(preferences)} pairs ({preference.epochs} epoch(s))")
             preferred = train_policy(model, tokenizer, preferences, preference, paths.loop(loop), on_step=on_step,
-                                     objective=PreferenceObjective(beta=loops.preference_beta), extra_state=state)
+                                     objective=PreferenceObjective(beta=loops.preference_beta), extra_state=state,
+                                     cache=cache)
+            cache = None  # its memory back before sampling
             metrics.preference_first_loss, metrics.preference_last_loss = preferred.first_loss, preferred.last_loss
             if loops.preference == "instead":
                 result = preferred
@@ -315,7 +320,7 @@ def chosen_loop(done: Sequence[LoopMetrics]) -> tuple[LoopMetrics, str]:
 
 
 def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Sequence[Record], loop: int,
-                     loops: LoopConfig) -> list[PreferenceExample]:
+                     loops: LoopConfig, cache: FrozenLayerCache | None = None) -> list[PreferenceExample]:
     """This loop's preference pairs (every record up to the loop) with the reference log-probs of ``model``."""
     pairs = preference_pairs([r for r in records if r.loop <= loop], loops.preference_pairs_per_query,
                              seed=loops.seed + loop, label_smoothing=loops.preference_label_smoothing)
@@ -324,7 +329,7 @@ def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Seq
         return []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return with_reference_logps(model, preference_examples(pairs, tokenizer, fmt), pad_id,
-                                batch_size=loops.generation_batch_size)
+                                batch_size=loops.generation_batch_size, cache=cache)
 
 
 def library_offsets(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Sequence[Record], loop: int,

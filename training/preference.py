@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from qpo_middleware.policy_format import PolicyFormat
 
 from .dataset import Record
+from .forward import FrozenLayerCache, supervised_logits
 from .policy import IGNORE_INDEX, Example, collate, label_accuracy, prompt_example
 
 
@@ -128,8 +129,12 @@ def preference_examples(pairs: Sequence[PreferencePair], tokenizer: Any, fmt: Po
 
 
 @torch.no_grad()
-def examples_logps(model: Any, examples: Sequence[Example], pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Each example's supervised-token log-probability under ``model``, in eval mode, on the CPU: (N,)."""
+def examples_logps(model: Any, examples: Sequence[Example], pad_id: int, batch_size: int = 32,
+                   cache: FrozenLayerCache | None = None) -> torch.Tensor:
+    """Each example's supervised-token log-probability under ``model``, in eval mode, on the CPU: (N,).
+
+    ``cache`` (built on ``model``) keeps the frozen layers' output for the fine-tune that follows.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -139,9 +144,8 @@ def examples_logps(model: Any, examples: Sequence[Example], pad_id: int, batch_s
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            batch = collate([examples[i] for i in rows], pad_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows], pad_id).items()}
+            logits, batch = supervised_logits(model, batch, cache)
             out[rows] = sequence_logps(logits, batch["labels"]).float().cpu()
     finally:
         model.train(was_training)
@@ -149,11 +153,11 @@ def examples_logps(model: Any, examples: Sequence[Example], pad_id: int, batch_s
 
 
 def with_reference_logps(model: Any, examples: Sequence[PreferenceExample], pad_id: int,
-                         batch_size: int = 16) -> list[PreferenceExample]:
+                         batch_size: int = 16, cache: FrozenLayerCache | None = None) -> list[PreferenceExample]:
     """``examples`` with ``ref_chosen`` / ``ref_rejected`` from ``model`` (the frozen reference)."""
     n = len(examples)
     logps = examples_logps(model, [e.chosen for e in examples] + [e.rejected for e in examples], pad_id,
-                           batch_size=2 * batch_size)
+                           batch_size=2 * batch_size, cache=cache)
     return [replace(e, ref_chosen=float(c), ref_rejected=float(r))
             for e, c, r in zip(examples, logps[:n], logps[n:], strict=True)]
 

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from .config import TrainConfig, TrainConfigError
+from .forward import FrozenLayerCache, frozen_layer_cache, supervised_logits
 from .io import atomic_write_json, fsync_dir
 from .policy import Example, PolicyDataError, SupervisedObjective, collate, qpo_loss
 
@@ -204,10 +205,8 @@ def evaluate_loss(model: Any, examples: Sequence[Example], pad_id: int, batch_si
     total, count = 0.0, 0
     try:
         for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size], pad_id)
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
+            batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+            logits, batch = supervised_logits(model, batch)
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += float(qpo_loss(logits, batch["labels"])) * n
             count += n
@@ -230,6 +229,7 @@ def train_policy(
     objective: Objective | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     extra_state: dict[str, Any] | None = None,
+    cache: FrozenLayerCache | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``examples``; checkpoint to ``output_dir/checkpoint`` every epoch.
 
@@ -240,6 +240,10 @@ def train_policy(
     optimizer step (the CLI drives its progress bar with it). ``extra_state``
     (for example the policy format and reward buckets) is stored in the
     checkpoint's ``trainer_state.json`` so the checkpoint describes itself.
+
+    With ``trainable="top:N"`` the frozen layers run once per sequence (:mod:`~.forward`): ``cache`` is one
+    already filled on these same weights (the preference step's reference pass), else a new one is made where
+    it is exact. One process only; under DDP every step runs the full forward.
     """
     from accelerate import Accelerator
 
@@ -290,6 +294,8 @@ def train_policy(
         )
         model.train()
         ddp_model = accelerator.prepare_model(model)  # DDP wrapper when launched on several processes
+        # The cache's shells call the layers directly, past the DDP wrapper's gradient sync: one process only.
+        cache = (cache or frozen_layer_cache(model, config)) if world == 1 else None
 
         micro_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / world)
         steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum_steps)
@@ -339,9 +345,8 @@ def train_policy(
                     if not sync:
                         stack.enter_context(accelerator.no_sync(ddp_model))
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                        logits = ddp_model(
-                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                        ).logits  # (B, T, V)
+                        # (B, K + 1, V): the positions that predict a supervised token; labels re-aligned
+                        logits, batch = supervised_logits(ddp_model, batch, cache)
                     loss = objective.loss(logits, batch)
                     accelerator.backward(loss / in_window)
                 window.append(loss.detach())
@@ -392,6 +397,9 @@ def train_policy(
                     logger.info("Saved checkpoint to %s", output_dir / CHECKPOINT_DIR)
                 accelerator.wait_for_everyone()
                 checkpoint = output_dir / CHECKPOINT_DIR
+        if cache is not None:
+            log("Frozen-layer cache: %d sequence(s) computed, %d reused, %.0f MiB kept", cache.misses, cache.hits,
+                cache.bytes / 2**20)
     finally:
         # Leave the model as the caller gave it: same requires_grad flags, no hook, eval mode.
         if row_hook is not None:
