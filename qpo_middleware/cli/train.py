@@ -26,6 +26,8 @@ def command(
     grad_accum_steps: Annotated[int, typer.Option(help=help_of(TrainConfig, "grad_accum_steps"))] = 1,
     trainable: Annotated[str, typer.Option(help=help_of(TrainConfig, "trainable") + " 'auto': all on GPU, top:6 on CPU.")] = "auto",
     train_policy_tokens: Annotated[bool, typer.Option(help=help_of(TrainConfig, "train_policy_tokens"))] = False,
+    frozen_layer_cache_gib: Annotated[float, typer.Option(
+        help=help_of(TrainConfig, "frozen_layer_cache_gib"))] = TrainConfig.frozen_layer_cache_gib,
     max_steps: Annotated[int | None, typer.Option(help=help_of(TrainConfig, "max_steps"))] = None,
     num_buckets: Annotated[int, typer.Option(help=help_of(TrainConfig, "num_buckets"))] = 10,
     conditioning: Annotated[str, typer.Option(help=help_of(TrainConfig, "conditioning"))] = TrainConfig.conditioning,
@@ -59,7 +61,8 @@ def command(
                                    grad_accum_steps=grad_accum_steps, trainable=resolve_trainable(trainable, device),
                                    max_steps=max_steps, num_buckets=num_buckets, query_max_tokens=query_max_tokens,
                                    prompt_max_tokens=prompt_max_tokens, device=device, seed=seed,
-                                   train_policy_tokens=train_policy_tokens, conditioning=conditioning)
+                                   train_policy_tokens=train_policy_tokens, conditioning=conditioning,
+                                   frozen_layer_cache_gib=frozen_layer_cache_gib)
         loop_config = LoopConfig(loops=loops, base_model=base_model, later_epochs=later_epochs,
                                  samples_per_query=samples_per_query, collect_queries=collect_queries,
                                  reward_floor_quantile=reward_floor_quantile, d0_floor_quantile=d0_floor_quantile,
