@@ -19,6 +19,7 @@ follow, and :func:`supervised_logits` applies both:
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 from typing import Any
@@ -48,8 +49,10 @@ def _supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return keep, torch.cat([lead, labels[:, keep + 1]], dim=1)  # (K,), (B, K + 1)
 
 
-def _takes_logits_to_keep(model: Any) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    """Whether the class's forward takes ``logits_to_keep`` (read once per class, not per batch)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def supervised_logits(model: Any, batch: dict[str, torch.Tensor],
@@ -65,7 +68,7 @@ def supervised_logits(model: Any, batch: dict[str, torch.Tensor],
     keep = keep.to(batch["input_ids"].device)
     if cache is not None:
         logits = cache.logits(batch["input_ids"], batch["attention_mask"], keep)
-    elif _takes_logits_to_keep(getattr(model, "module", model)):  # (a DDP wrapper holds the model as .module)
+    elif _takes_logits_to_keep(type(getattr(model, "module", model))):  # (a DDP wrapper holds the model as .module)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        logits_to_keep=keep).logits  # (B, K, V)
     else:
