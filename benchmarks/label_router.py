@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from qpo_bench.environment import code_version
+from qpo_bench.features import policy_feature_sets
 from qpo_bench.harness import label_routing
 from qpo_bench.offline import method_line, method_row
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
@@ -50,7 +51,6 @@ from qpo_middleware.training.tasks import get_task
 FEATURE_DIM = 4096
 L2_GRID = (1e-4, 1e-3, 1e-2)
 POLICY_L2_GRID = (1e-2, 1e-1, 1.0)  # standardised hidden states: a stronger prior than the sparse hashed features
-POLICY_LAYER_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1.0)  # of the base's depth; the layer is chosen on dev
 NOISE_LEVELS = (0.7, 0.8, 0.9, 0.95, 1.0)
 REFERENCES = ("best_prompt", "selector")
 
@@ -77,39 +77,11 @@ def predict(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (np.hstack([x, np.ones((len(x), 1))]) @ weights).argmax(1)
 
 
-def hidden_features(texts: list[str], model: Any, tokenizer: Any, layers: tuple[int, ...], max_tokens: int = 64,
-                    batch_size: int = 16) -> dict[int, np.ndarray]:
-    """Per layer, each text's hidden state averaged over its tokens (padding masked out): ``layer -> (n, d)``."""
-    import torch
-
-    out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                          max_length=max_tokens)
-        with torch.no_grad():
-            states = model(**batch, output_hidden_states=True).hidden_states
-        mask = batch["attention_mask"].unsqueeze(-1).to(states[0].dtype)
-        for layer in layers:
-            out[layer].append(((states[layer] * mask).sum(1) / mask.sum(1)).float().numpy())
-    return {layer: np.concatenate(chunks) for layer, chunks in out.items()}
-
-
 def feature_sets(kind: str, train: list[str], dev: list[str], test: list[str]) -> dict[str, tuple[np.ndarray, ...]]:
     """Candidate (train, dev, test) feature matrices by name; the classifier picks one (and its L2) on dev."""
     if kind == "hashed":
         return {"hashed": tuple(text_features(texts, FEATURE_DIM) for texts in (train, dev, test))}
-    from qpo_middleware.training.models import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer()
-    model.eval()
-    depth = model.config.num_hidden_layers
-    layers = tuple(sorted({max(1, round(f * depth)) for f in POLICY_LAYER_FRACTIONS}))
-    states = [hidden_features(texts, model, tokenizer, layers) for texts in (train, dev, test)]
-    sets = {}
-    for layer in layers:
-        mean, std = states[0][layer].mean(0), states[0][layer].std(0) + 1e-6
-        sets[f"layer {layer}"] = tuple((split[layer] - mean) / std for split in states)
-    return sets
+    return policy_feature_sets(train, dev, test)
 
 
 def routes_from(grid: list[str], golds: list[str], labels: list[str]) -> dict[str, int]:

@@ -22,13 +22,18 @@ from qpo_middleware.training.selector import Selector, SelectorConfig, text_feat
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_quality() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("qpo_quality_benchmark", REPO / "benchmarks" / "quality.py")
+def load_script(name: str) -> ModuleType:
+    """A benchmark script (``benchmarks/<name>.py``) as a module, to call its functions and ``main``."""
+    spec = importlib.util.spec_from_file_location(f"qpo_bench_script_{name}", REPO / "benchmarks" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
     return module
+
+
+def load_quality() -> ModuleType:
+    return load_script("quality")
 
 
 @pytest.fixture(scope="module")
@@ -545,17 +550,15 @@ def test_hidden_features_of_a_text_do_not_depend_on_its_batch() -> None:
     import numpy
     from _tiny_policy import load_tokenizer, tiny_model
 
-    spec = importlib.util.spec_from_file_location("qpo_label_router3", REPO / "benchmarks" / "label_router.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from qpo_bench.features import hidden_features
+
     tokenizer = load_tokenizer()
     model = tiny_model(len(tokenizer)).eval()
     texts = ["a short one", "a much longer sentence that needs no padding at all in its batch"]
     for side in ("left", "right"):
         tokenizer.padding_side = side
-        together = module.hidden_features(texts, model, tokenizer, (1, 2))
-        alone = module.hidden_features(texts[:1], model, tokenizer, (1, 2))
+        together = hidden_features(texts, model, tokenizer, (1, 2))
+        alone = hidden_features(texts[:1], model, tokenizer, (1, 2))
         for layer in (1, 2):
             assert together[layer].shape == (2, model.config.hidden_size)
             numpy.testing.assert_allclose(together[layer][0], alone[layer][0], rtol=1e-4, atol=1e-5)
@@ -589,3 +592,72 @@ def test_every_offline_recipe_is_a_valid_training_and_loop_config() -> None:
     assert RECIPES["dpo_by_label"]["loops"]["preference_label_smoothing"] == 1.0
     with pytest.raises((TypeError, ValueError)):
         LoopConfig(loops=1, **{**RECIPES["dpo_by_label"]["loops"], "preference_label_smoothing": 1.5})
+
+
+def test_choice_head_routes_separable_queries() -> None:
+    """The head is the selector's model on other features: where one feature says which prompt is right, it
+    sends every query the right prompt, on the fit queries and on new ones."""
+    import numpy as np
+
+    module = load_script("choice_head")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 6))
+    x[:, 0] = np.sign(x[:, 0]) * (1 + np.abs(x[:, 0]))  # a margin around the boundary
+    right = (x[:, 0] > 0).astype(int)  # prompt 1 is right where feature 0 is positive, prompt 0 elsewhere
+    hits = np.stack([1 - right, right], axis=1).astype(float)
+    counts = np.ones_like(hits)
+    config = SelectorConfig(cv_folds=0, l2_prompt=1e-3)
+    new = rng.normal(size=(20, 6))
+    new[:, 0] = np.where(np.arange(20) % 2 == 0, 2.0, -2.0)
+    _, (fit_picks, new_picks) = module.head_picks(x, hits, counts, config, [5, 7], x, new)
+    assert fit_picks == [7 if r else 5 for r in right]  # grid columns, not D0's prompt order
+    assert new_picks == [7 if i % 2 == 0 else 5 for i in range(20)]
+
+
+def test_choice_head_on_real_sst2_and_the_real_policy_base(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_data: Path) -> None:
+    """choice_head.py on a hand-built pool_choice folder over real sst2 splits, a real D0 file and the real
+    SmolLM2 base's features: D0 says ``pool:b`` is right on every query and the others never, so whatever
+    layer and L2 dev chooses, the head sends ``pool:b`` everywhere (the D0 prompt texts map to the right grid
+    columns even when the pool lists them in another order) and is right on every fully scored test query."""
+    from qpo_middleware.training.tasks import get_task
+
+    module = load_script("choice_head")
+    task = get_task("sst2")
+    settings = {"task": "sst2", "seed": 3, "train_queries": 40, "dev_queries": 6, "test_queries": 5}
+    splits = task.splits(real_data, seed=3, n_train=40, n_collect=6, n_test=5)
+    texts = {"none": "", "pool:a": "Is this review positive?", "pool:b": "Answer with one word."}
+    d0_dir = tmp_path / "runs" / "sst2-seed3" / "d0"
+    d0_dir.mkdir(parents=True)
+    OfflineDataset(d0_dir).append(
+        Record(task="sst2", query_id=e.id, query=e.query, prompt=texts[src], prompt_source=src, loop=0,
+               target="t", correct=src == "pool:b", reward=float(src == "pool:b"), prompt_mean_accuracy=0.0)
+        for e in splits.train for src in ("pool:a", "none", "pool:b"))
+
+    def part(examples: list[Any], scored: int, grid_row: str) -> dict[str, Any]:
+        n = len(examples)
+        return {"ids": [e.id for e in examples], "gold": [task.gold_text(e) for e in examples],
+                "grid": {e.id: grid_row for e in examples[:scored]},
+                "hits": {"best_prompt": "0" * n, "selector": "1" * n, "qpo_r_choose": "10" * (n // 2) + "1" * (n % 2)}}
+
+    result_dir = tmp_path / "sst2-seed3"
+    result_dir.mkdir()
+    (result_dir / "per_query.json").write_text(json.dumps({"prompts": ["none", "pool:a", "pool:b"], "splits": {
+        "dev": part(list(splits.collect), 6, "001"), "test": part(list(splits.test), 4, "001")}}))
+    (result_dir / "results.json").write_text(json.dumps({
+        "command": "pool_choice", "commit": "abc", "target": "t", "settings": settings,
+        "pool": [{"source": s, "text": t} for s, t in reversed(texts.items())],
+        "validation": {"chosen": "qpo_r_choose", "scores": {"best_prompt": 0.0, "selector": 1.0, "qpo_r_choose": 0.5}}}))
+    monkeypatch.setattr(sys, "argv", ["choice_head.py", str(result_dir)])
+    module.main()
+    out = json.loads((result_dir / "choice_head.json").read_text())
+    assert out["d0_queries"] == 40 and out["d0_records"] == 120 and out["test_queries"] == 4
+    policy = {k: v for k, v in out["dev_accuracy_by_setting"].items() if k.startswith("policy")}
+    assert len(policy) == 4 * 3 and out["chosen"] in policy and policy[out["chosen"]] == max(policy.values())
+    assert out["dev"]["choice_head"] == 1.0 and out["prompts_sent"] == {"pool:b": 4}
+    assert out["test"]["choice_head"]["accuracy"] == 1.0 and out["test"]["choice_head"]["n"] == 4
+    assert out["test"]["qpo"]["accuracy"] == 0.5  # the run's own row, cut to the scored grid
+    assert "success head on the policy base" in (result_dir / "choice_head.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["choice_head.py", str(result_dir), "--d0", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="--d0"):
+        module.main()

@@ -163,6 +163,52 @@ def _cross_validate(x: np.ndarray, hits: np.ndarray, counts: np.ndarray, config:
     return best
 
 
+def outcome_table(records: Iterable[Record]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Scored records as ``(query texts, prompts, hits, counts)``: ``hits[q, p]`` of ``counts[q, p]`` verdicts right.
+
+    Queries are keyed by id (else text) in first-seen order, prompts by exact text in first-seen order.
+    """
+    rows = list(records)
+    if not rows:
+        raise ValueError("Selector.fit needs at least one record (the run's D0: `qpo collect` first).")
+    queries: dict[str, int] = {}
+    query_texts: list[str] = []
+    prompts: dict[str, int] = {}
+    for record in rows:
+        key = record.query_id or record.query
+        if key not in queries:
+            queries[key] = len(query_texts)
+            query_texts.append(record.query)
+        prompts.setdefault(record.prompt, len(prompts))
+    hits = np.zeros((len(query_texts), len(prompts)))
+    counts = np.zeros((len(query_texts), len(prompts)))
+    for record in rows:
+        q, p = queries[record.query_id or record.query], prompts[record.prompt]
+        counts[q, p] += 1.0
+        hits[q, p] += float(record.correct)
+    return query_texts, list(prompts), hits, counts
+
+
+def fit_outcome_model(x: np.ndarray, hits: np.ndarray, counts: np.ndarray,
+                      config: SelectorConfig) -> tuple[dict[str, np.ndarray], float, float]:
+    """The selector's ``logit(q, p) = b_p + x(q) . (w + V_p)`` fit on any query features ``x`` (Q, D).
+
+    ``l2_prompt`` comes from the config's grid by cross-validation when the config asks for it and there are
+    enough queries, else ``config.l2_prompt``. Returns ``(params, l2_prompt, final train loss)``; score new
+    queries with :func:`outcome_logits`.
+    """
+    l2_prompt = config.l2_prompt
+    if config.cv_folds >= 2 and len(config.l2_prompt_grid) > 1 and x.shape[0] >= 2 * config.cv_folds:
+        l2_prompt = _cross_validate(x, hits, counts, config)
+    params, loss = _fit_arrays(x, hits, counts, config, l2_prompt)
+    return params, l2_prompt, loss
+
+
+def outcome_logits(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """(queries, prompts) logits of a :func:`fit_outcome_model` fit; its argmax per row is the prompt it picks."""
+    return _logits(params, x)
+
+
 # ---------------------------------------------------------------------------- the model
 
 
@@ -191,41 +237,19 @@ class Selector:
     def fit(cls, records: Iterable[Record], config: SelectorConfig | None = None) -> Selector:
         """Fit on scored (query, prompt, correct) records, usually D0 (loop 0) of a run."""
         config = config or SelectorConfig()
-        rows = list(records)
-        if not rows:
-            raise ValueError("Selector.fit needs at least one record (the run's D0: `qpo collect` first).")
-        queries: dict[str, int] = {}
-        query_texts: list[str] = []
-        prompts: dict[str, int] = {}
-        for record in rows:
-            key = record.query_id or record.query
-            if key not in queries:
-                queries[key] = len(query_texts)
-                query_texts.append(record.query)
-            prompts.setdefault(record.prompt, len(prompts))
-        n_q, n_p = len(query_texts), len(prompts)
-        hits = np.zeros((n_q, n_p))
-        counts = np.zeros((n_q, n_p))
-        for record in rows:
-            q, p = queries[record.query_id or record.query], prompts[record.prompt]
-            counts[q, p] += 1.0
-            hits[q, p] += float(record.correct)
+        query_texts, ordered, hits, counts = outcome_table(records)
         x = text_features(query_texts, config.dim, config.char_ngrams, config.word_bigrams)  # (Q, D)
         # Weights of features no train query has get no gradient and stay 0: fit on the active columns only.
         active = np.flatnonzero(np.abs(x).sum(axis=0) > 0)
-        x = np.ascontiguousarray(x[:, active])
-        l2_prompt = config.l2_prompt
-        if config.cv_folds >= 2 and len(config.l2_prompt_grid) > 1 and n_q >= 2 * config.cv_folds:
-            l2_prompt = _cross_validate(x, hits, counts, config)
-        params, loss = _fit_arrays(x, hits, counts, config, l2_prompt)
+        params, l2_prompt, loss = fit_outcome_model(np.ascontiguousarray(x[:, active]), hits, counts, config)
+        n_p = len(ordered)
         shared = np.zeros(config.dim)
         shared[active] = params["shared"]
         per_prompt = np.zeros((n_p, config.dim))
         per_prompt[:, active] = params["per_prompt"]
         n = counts.sum()
         logger.info("selector: %d queries x %d prompts (%d observations), l2_prompt %g, final train loss %.4f",
-                    n_q, n_p, int(n), l2_prompt, loss)
-        ordered = sorted(prompts, key=prompts.__getitem__)
+                    len(query_texts), n_p, int(n), l2_prompt, loss)
         config = replace(config, l2_prompt=l2_prompt)
         return cls(ordered, params["bias"], shared, per_prompt, config,
                    train_accuracy=list(hits.sum(0) / np.maximum(counts.sum(0), 1.0)), final_loss=loss)

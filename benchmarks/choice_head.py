@@ -1,0 +1,178 @@
+"""A per-prompt success head on the policy base's own features, measured on a finished ``pool_choice.py`` run.
+
+The Prompt-OIRL-style selector predicts ``P(correct | query, prompt)`` from hashed words and character n-grams.
+On the runs so far the gain over the best prompt is routing by label, and a linear probe of the untrained
+policy base reads the label far better than hashed features do (``benchmarks/label_router.py --features
+policy``). This fits the selector's own model, ``logit(q, p) = b_p + x(q) . (w + V_p)``
+(:func:`qpo_middleware.training.selector.fit_outcome_model`), on the run's D0 with ``x`` the policy base's
+mask-averaged hidden state at one layer (:mod:`qpo_bench.features`), and sends each query the pool prompt with
+the highest predicted success. Unlike the label router it reads no gold label, only D0's verdicts, so it serves
+any task with a reward.
+
+The layer and the per-prompt L2 are chosen on dev (every pool prompt scored on each dev query); test is then
+scored once, with the chosen setting, on the fully scored test queries (``--bound-queries``; 0 scores every
+test query), with paired intervals against the best train prompt, the selector and the run's QPO row (the
+recipe and rule dev chose). The hashed-feature fit is reported beside it as a check: with cross-validated L2 it
+is the run's selector. Writes ``choice_head.json`` and ``choice_head.md`` next to ``per_query.json``. Needs
+the run's D0 (``<out>/runs/<name>/d0``, kept by ``pool_choice.py``; ``--d0`` to point elsewhere).
+
+    python benchmarks/choice_head.py benchmarks/results/pool-choice-grid/ag_news-seed0-n1000x5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qpo_bench.environment import code_version
+from qpo_bench.features import policy_feature_sets
+from qpo_bench.offline import method_line, method_row
+from qpo_middleware.training.dataset import OfflineDataset
+from qpo_middleware.training.io import atomic_write_json, atomic_write_text
+from qpo_middleware.training.run import RunPaths
+from qpo_middleware.training.selector import (
+    SelectorConfig,
+    fit_outcome_model,
+    outcome_logits,
+    outcome_table,
+    text_features,
+)
+from qpo_middleware.training.tasks import get_task
+
+# Standardised dense hidden states need a stronger prior than the sparse hashed features' (1e-4 .. 1e-2).
+POLICY_L2_GRID = (1e-3, 1e-2, 1e-1)
+
+
+def head_picks(x_fit: np.ndarray, hits: np.ndarray, counts: np.ndarray, config: SelectorConfig,
+               columns: list[int], *xs: np.ndarray) -> tuple[float, list[list[int]]]:
+    """Fit on D0 and return (the L2 used, per split of ``xs`` the grid column each query is sent)."""
+    params, l2, _ = fit_outcome_model(x_fit, hits, counts, config)
+    return l2, [[columns[int(i)] for i in outcome_logits(params, x).argmax(1)] for x in xs]
+
+
+def accuracy(grid: list[str], picks: list[int]) -> float:
+    return statistics.fmean(row[j] == "1" for row, j in zip(grid, picks, strict=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("result_dir", type=Path, help="A pool_choice.py result directory (with per_query.json).")
+    parser.add_argument("--d0", type=Path, default=None,
+                        help="The run's D0 directory (default: <out>/runs/<name>/d0 beside the result directory).")
+    args = parser.parse_args()
+    code = code_version()
+    try:
+        results = json.loads((args.result_dir / "results.json").read_text(encoding="utf-8"))
+        per_query = json.loads((args.result_dir / "per_query.json").read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        sys.exit(f"{exc.filename}: not found; pass a pool_choice.py result directory.")
+    d0_dir = args.d0 or args.result_dir.parent / "runs" / re.sub(r"-t\d+$", "", args.result_dir.name) / "d0"
+    if not RunPaths(d0_dir).dataset.is_file():
+        sys.exit(f"{d0_dir}: no D0 run there; pass the run's D0 directory with --d0 (pool_choice.py keeps it under "
+                 "<out>/runs/<name>/d0, or rerun pool_choice.py to rebuild it from its caches).")
+    settings = results["settings"]
+    task = get_task(settings["task"])
+    splits = task.splits(seed=settings["seed"], n_train=settings["train_queries"],
+                         n_collect=settings["dev_queries"], n_test=settings["test_queries"])
+    dev, test = per_query["splits"]["dev"], per_query["splits"]["test"]
+    if [e.id for e in splits.collect] != dev["ids"] or [e.id for e in splits.test] != test["ids"]:
+        sys.exit(f"The {settings['task']} splits drawn from $QPO_DATA differ from the run's; "
+                 "use the data the run was made with.")
+    sources = per_query["prompts"]  # grid columns
+    column_of = {entry["text"]: sources.index(entry["source"]) for entry in results["pool"]}
+
+    # -- D0: the verdicts the head learns from (no gold label read) ---------------------------------------------
+    texts, d0_prompts, hits, counts = outcome_table(OfflineDataset(d0_dir).loop(0))
+    if missing := [p for p in d0_prompts if p not in column_of]:
+        sys.exit(f"D0 holds prompts that are not in the run's pool ({missing[:2]}...): wrong --d0 for this run.")
+    columns = [column_of[p] for p in d0_prompts]
+    by_id = {e.id: e for e in [*splits.collect, *splits.test]}
+    bound_ids = [qid for qid in test["ids"] if qid in test["grid"]]
+    dev_texts, test_texts = [by_id[q].query for q in dev["ids"]], [by_id[q].query for q in bound_ids]
+    dev_grid, test_grid = [dev["grid"][q] for q in dev["ids"]], [test["grid"][q] for q in bound_ids]
+
+    # -- candidates: the selector's own features (a check) and each policy layer x L2; chosen on dev ------------
+    selector_config = SelectorConfig()
+    hashed = [text_features(t, selector_config.dim) for t in (texts, dev_texts, test_texts)]
+    candidates: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, SelectorConfig]] = {
+        "hashed (the selector)": (*hashed, selector_config)}
+    for name, (x_fit, x_dev, x_test) in policy_feature_sets(texts, dev_texts, test_texts).items():
+        for l2 in POLICY_L2_GRID:
+            candidates[f"policy {name}, l2 {l2:g}"] = (x_fit, x_dev, x_test, replace(selector_config, l2_prompt=l2,
+                                                                                       cv_folds=0))
+    dev_scores: dict[str, float] = {}
+    test_picks: dict[str, list[int]] = {}
+    for name, (x_fit, x_dev, x_test, config) in candidates.items():
+        l2, (dev_pick, test_pick) = head_picks(x_fit, hits, counts, config, columns, x_dev, x_test)
+        dev_scores[name] = accuracy(dev_grid, dev_pick)
+        test_picks[name] = test_pick
+        print(f"{name} (l2 {l2:g}): dev {100 * dev_scores[name]:.1f}", file=sys.stderr)
+    heads = [name for name in candidates if name.startswith("policy")]
+    chosen = max(heads, key=dev_scores.__getitem__)  # ties: the first (shallower layer, weaker L2)
+
+    # -- test, once, with the chosen setting -------------------------------------------------------------------
+    qpo = results["validation"]["chosen"]
+    position = {qid: i for i, qid in enumerate(test["ids"])}
+    references = {"best_prompt": "best_prompt", "selector": "selector", "qpo": qpo}
+    hits_test = {name: [test["hits"][key][position[q]] == "1" for q in bound_ids] for name, key in references.items()}
+    hits_test["choice_head"] = [row[j] == "1" for row, j in zip(test_grid, test_picks[chosen], strict=True)]
+    hits_test["hashed_check"] = [row[j] == "1" for row, j in zip(test_grid, test_picks["hashed (the selector)"],
+                                                                   strict=True)]
+    rows = {name: method_row(h, {r: hits_test[r] for r in references if r != name}) for name, h in hits_test.items()}
+    sent = {sources[j]: test_picks[chosen].count(j) for j in sorted(set(test_picks[chosen]),
+                                                                     key=test_picks[chosen].count, reverse=True)}
+    out = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        **code,
+        "run": {"command": results["command"], "commit": results["commit"], "target": results["target"]},
+        "task": settings["task"], "seed": settings["seed"], "d0_queries": len(texts),
+        "d0_records": int(counts.sum()), "dev_queries": len(dev_grid), "test_queries": len(bound_ids),
+        "dev_accuracy_by_setting": dev_scores, "chosen": chosen, "qpo_row": qpo,
+        "dev": {"choice_head": dev_scores[chosen],
+                "best_prompt_dev": max(accuracy(dev_grid, [j] * len(dev_grid)) for j in range(len(sources))),
+                **{name: results["validation"]["scores"][key] for name, key in references.items()}},
+        "prompts_sent": sent,
+        "test": rows,
+    }
+    atomic_write_json(args.result_dir / "choice_head.json", out)
+    atomic_write_text(args.result_dir / "choice_head.md", report(out))
+    print(report(out))
+
+
+def report(out: dict[str, Any]) -> str:
+    dev = out["dev"]
+    lines = [
+        f"# A success head on the policy base's features: {out['task']} (seed {out['seed']}, target "
+        f"{out['run']['target']})", "",
+        f"`{out['command']}` — commit `{out['commit']}`; from the run `{out['run']['command']}` "
+        f"(commit `{out['run']['commit']}`)", "",
+        f"Fit on D0 ({out['d0_queries']} queries, {out['d0_records']} verdicts); setting chosen on "
+        f"{out['dev_queries']} dev queries: **{out['chosen']}**.", "",
+        "| setting | dev accuracy % |", "|---|---:|",
+        *[f"| {name} | {100 * score:.1f} |" for name, score in out["dev_accuracy_by_setting"].items()], "",
+        f"Dev: head {100 * dev['choice_head']:.1f}, best dev prompt {100 * dev['best_prompt_dev']:.1f}, best train "
+        f"prompt {100 * dev['best_prompt']:.1f}, selector {100 * dev['selector']:.1f}, QPO (`{out['qpo_row']}`) "
+        f"{100 * dev['qpo']:.1f}.", "",
+        f"## Test (the {out['test_queries']} fully scored test queries; scored once)", "",
+        "| method | accuracy % [95% CI] | vs best prompt [95% CI] | vs selector [95% CI] | vs QPO [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    names = {"choice_head": "**success head on the policy base (chosen on dev)**",
+             "hashed_check": "hashed features, CV L2 (the selector refit: a check)", "qpo": f"QPO `{out['qpo_row']}`"}
+    lines += [method_line(names.get(name, name), row, ("best_prompt", "selector", "qpo"))
+              for name, row in out["test"].items()]
+    lines += ["", "Prompts the head sends on test: "
+              + ", ".join(f"`{src}` {n}" for src, n in out["prompts_sent"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
