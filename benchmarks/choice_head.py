@@ -26,6 +26,7 @@ import json
 import re
 import statistics
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ from qpo_middleware.training.selector import (
 )
 from qpo_middleware.training.tasks import get_task
 
+# The head's features, by kind (qpo_bench.features): hidden states, and the attention values the runtime's KV
+# cache already holds. Each kind gets its own setting chosen on dev and its own test row.
+KINDS = {"hidden": "layer", "values": "values"}
+HEAD_NAMES = {"head_hidden": "success head on hidden states", "head_values": "success head on attention values"}
 # Standardised dense hidden states need a stronger prior than the sparse hashed features' (1e-4 .. 1e-2).
 POLICY_L2_GRID = (1e-3, 1e-2, 1e-1)
 
@@ -67,6 +72,9 @@ def main() -> None:
     parser.add_argument("result_dir", type=Path, help="A pool_choice.py result directory (with per_query.json).")
     parser.add_argument("--d0", type=Path, default=None,
                         help="The run's D0 directory (default: <out>/runs/<name>/d0 beside the result directory).")
+    parser.add_argument("--base", default=None,
+                        help="The local base model whose hidden states are the features (default: the default "
+                             "policy base). Another base writes choice_head_<base>.*.")
     args = parser.parse_args()
     code = code_version()
     try:
@@ -104,10 +112,12 @@ def main() -> None:
     hashed = [text_features(t, selector_config.dim) for t in (texts, dev_texts, test_texts)]
     candidates: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, SelectorConfig]] = {
         "hashed (the selector)": (*hashed, selector_config)}
-    for name, (x_fit, x_dev, x_test) in policy_feature_sets(texts, dev_texts, test_texts).items():
-        for l2 in POLICY_L2_GRID:
-            candidates[f"policy {name}, l2 {l2:g}"] = (x_fit, x_dev, x_test, replace(selector_config, l2_prompt=l2,
-                                                                                       cv_folds=0))
+    for kind in KINDS:
+        sets = policy_feature_sets(texts, dev_texts, test_texts, base=args.base, kind=kind)
+        for name, (x_fit, x_dev, x_test) in sets.items():
+            for l2 in POLICY_L2_GRID:
+                candidates[f"policy {name}, l2 {l2:g}"] = (x_fit, x_dev, x_test,
+                                                           replace(selector_config, l2_prompt=l2, cv_folds=0))
     dev_scores: dict[str, float] = {}
     test_picks: dict[str, list[int]] = {}
     for name, (x_fit, x_dev, x_test, config) in candidates.items():
@@ -115,62 +125,65 @@ def main() -> None:
         dev_scores[name] = accuracy(dev_grid, dev_pick)
         test_picks[name] = test_pick
         print(f"{name} (l2 {l2:g}): dev {100 * dev_scores[name]:.1f}", file=sys.stderr)
-    heads = [name for name in candidates if name.startswith("policy")]
-    chosen = max(heads, key=dev_scores.__getitem__)  # ties: the first (shallower layer, weaker L2)
+    chosen = {f"head_{kind}": max((n for n in candidates if n.startswith(f"policy {KINDS[kind]} ")),
+                                  key=dev_scores.__getitem__)  # ties: the first (shallower layer, weaker L2)
+              for kind in KINDS}
 
     # -- test, once, with the chosen setting -------------------------------------------------------------------
     qpo = results["validation"]["chosen"]
     position = {qid: i for i, qid in enumerate(test["ids"])}
     references = {"best_prompt": "best_prompt", "selector": "selector", "qpo": qpo}
     hits_test = {name: [test["hits"][key][position[q]] == "1" for q in bound_ids] for name, key in references.items()}
-    hits_test["choice_head"] = [row[j] == "1" for row, j in zip(test_grid, test_picks[chosen], strict=True)]
+    for head, name in chosen.items():
+        hits_test[head] = [row[j] == "1" for row, j in zip(test_grid, test_picks[name], strict=True)]
     hits_test["hashed_check"] = [row[j] == "1" for row, j in zip(test_grid, test_picks["hashed (the selector)"],
                                                                    strict=True)]
     rows = {name: method_row(h, {r: hits_test[r] for r in references if r != name}) for name, h in hits_test.items()}
-    sent = {sources[j]: test_picks[chosen].count(j) for j in sorted(set(test_picks[chosen]),
-                                                                     key=test_picks[chosen].count, reverse=True)}
+    sent = {head: {sources[j]: n for j, n in Counter(test_picks[name]).most_common()} for head, name in chosen.items()}
     out = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         **code,
         "run": {"command": results["command"], "commit": results["commit"], "target": results["target"]},
-        "task": settings["task"], "seed": settings["seed"], "d0_queries": len(texts),
+        "task": settings["task"], "seed": settings["seed"], "base": args.base or "the default policy base",
+        "d0_queries": len(texts),
         "d0_records": int(counts.sum()), "dev_queries": len(dev_grid), "test_queries": len(bound_ids),
         "dev_accuracy_by_setting": dev_scores, "chosen": chosen, "qpo_row": qpo,
-        "dev": {"choice_head": dev_scores[chosen],
+        "dev": {**{head: dev_scores[name] for head, name in chosen.items()},
                 "best_prompt_dev": max(accuracy(dev_grid, [j] * len(dev_grid)) for j in range(len(sources))),
                 **{name: results["validation"]["scores"][key] for name, key in references.items()}},
         "prompts_sent": sent,
         "test": rows,
     }
-    atomic_write_json(args.result_dir / "choice_head.json", out)
-    atomic_write_text(args.result_dir / "choice_head.md", report(out))
+    stem = "choice_head" + (f"_{args.base}" if args.base else "")
+    atomic_write_json(args.result_dir / f"{stem}.json", out)
+    atomic_write_text(args.result_dir / f"{stem}.md", report(out))
     print(report(out))
 
 
 def report(out: dict[str, Any]) -> str:
     dev = out["dev"]
     lines = [
-        f"# A success head on the policy base's features: {out['task']} (seed {out['seed']}, target "
+        f"# A success head on {out['base']}'s features: {out['task']} (seed {out['seed']}, target "
         f"{out['run']['target']})", "",
         f"`{out['command']}` — commit `{out['commit']}`; from the run `{out['run']['command']}` "
         f"(commit `{out['run']['commit']}`)", "",
-        f"Fit on D0 ({out['d0_queries']} queries, {out['d0_records']} verdicts); setting chosen on "
-        f"{out['dev_queries']} dev queries: **{out['chosen']}**.", "",
+        f"Fit on D0 ({out['d0_queries']} queries, {out['d0_records']} verdicts); each kind's setting chosen on "
+        f"{out['dev_queries']} dev queries: " + ", ".join(f"**{name}**" for name in out["chosen"].values()) + ".", "",
         "| setting | dev accuracy % |", "|---|---:|",
         *[f"| {name} | {100 * score:.1f} |" for name, score in out["dev_accuracy_by_setting"].items()], "",
-        f"Dev: head {100 * dev['choice_head']:.1f}, best dev prompt {100 * dev['best_prompt_dev']:.1f}, best train "
-        f"prompt {100 * dev['best_prompt']:.1f}, selector {100 * dev['selector']:.1f}, QPO (`{out['qpo_row']}`) "
-        f"{100 * dev['qpo']:.1f}.", "",
+        "Dev: " + ", ".join(f"{HEAD_NAMES[head]} {100 * dev[head]:.1f}" for head in out["chosen"])
+        + f", best dev prompt {100 * dev['best_prompt_dev']:.1f}, best train prompt {100 * dev['best_prompt']:.1f}, "
+        f"selector {100 * dev['selector']:.1f}, QPO (`{out['qpo_row']}`) {100 * dev['qpo']:.1f}.", "",
         f"## Test (the {out['test_queries']} fully scored test queries; scored once)", "",
         "| method | accuracy % [95% CI] | vs best prompt [95% CI] | vs selector [95% CI] | vs QPO [95% CI] |",
         "|---|---|---|---|---|",
     ]
-    names = {"choice_head": "**success head on the policy base (chosen on dev)**",
+    names = {**{head: f"**{name} (chosen on dev)**" for head, name in HEAD_NAMES.items()},
              "hashed_check": "hashed features, CV L2 (the selector refit: a check)", "qpo": f"QPO `{out['qpo_row']}`"}
     lines += [method_line(names.get(name, name), row, ("best_prompt", "selector", "qpo"))
               for name, row in out["test"].items()]
-    lines += ["", "Prompts the head sends on test: "
-              + ", ".join(f"`{src}` {n}" for src, n in out["prompts_sent"].items()) + "."]
+    lines += [""] + [f"Prompts the {HEAD_NAMES[head]} sends on test: "
+                     + ", ".join(f"`{src}` {n}" for src, n in sent.items()) + "." for head, sent in out["prompts_sent"].items()]
     return "\n".join(lines) + "\n"
 
 

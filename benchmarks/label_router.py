@@ -77,11 +77,12 @@ def predict(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (np.hstack([x, np.ones((len(x), 1))]) @ weights).argmax(1)
 
 
-def feature_sets(kind: str, train: list[str], dev: list[str], test: list[str]) -> dict[str, tuple[np.ndarray, ...]]:
+def feature_sets(kind: str, train: list[str], dev: list[str], test: list[str],
+                 base: str | None = None) -> dict[str, tuple[np.ndarray, ...]]:
     """Candidate (train, dev, test) feature matrices by name; the classifier picks one (and its L2) on dev."""
     if kind == "hashed":
         return {"hashed": tuple(text_features(texts, FEATURE_DIM) for texts in (train, dev, test))}
-    return policy_feature_sets(train, dev, test)
+    return policy_feature_sets(train, dev, test, base=base)
 
 
 def routes_from(grid: list[str], golds: list[str], labels: list[str]) -> dict[str, int]:
@@ -109,6 +110,9 @@ def main() -> None:
     parser.add_argument("--features", choices=("hashed", "policy"), default="hashed",
                         help="The classifier's query features: hashed text features, or the untrained policy "
                              "base's hidden states (a linear probe; loads the base model).")
+    parser.add_argument("--base", default=None,
+                        help="With --features policy: the local base model read (default: the default policy base; "
+                             "e.g. qwen2.5-coder-0.5b-instruct to ask whether a bigger base would read the label).")
     args = parser.parse_args()
     code = code_version()
     try:
@@ -137,7 +141,7 @@ def main() -> None:
     bound_ids = [qid for qid in test["ids"] if qid in test["grid"]]
     test_gold = [g for qid, g in zip(test["ids"], test["gold"], strict=True) if qid in test["grid"]]
     sets = feature_sets(args.features, [e.query for e in train], [by_id[q].query for q in dev["ids"]],
-                        [by_id[q].query for q in bound_ids])
+                        [by_id[q].query for q in bound_ids], base=args.base)
     grid = L2_GRID if args.features == "hashed" else POLICY_L2_GRID
     fitted, scores = {}, {}
     for name, (x_train, x_dev, _) in sets.items():
@@ -172,7 +176,7 @@ def main() -> None:
         "dev_queries": len(dev_gold), "test_queries": len(bound_ids),
         "classifier": {"kind": args.features,
                        "features": f"text_features(dim={FEATURE_DIM})" if args.features == "hashed" else
-                       f"policy base hidden states, {features}",
+                       f"policy base hidden states, {features}" + (f" of {args.base}" if args.base else ""),
                        "dev_accuracy_by_setting": dev_scores, "l2": l2,
                        "dev_accuracy": statistics.fmean(p == g for p, g in zip(predicted_dev, dev_gold, strict=True)),
                        "test_accuracy": statistics.fmean(p == g for p, g in zip(predicted_test, test_gold, strict=True))},
@@ -183,7 +187,7 @@ def main() -> None:
         "noisy_routes": noisy,
         "test": rows,
     }
-    stem = "label_router" if args.features == "hashed" else "label_router_policy"
+    stem = "label_router" if args.features == "hashed" else "label_router_policy" + (f"_{args.base}" if args.base else "")
     atomic_write_json(args.result_dir / f"{stem}.json", out)
     atomic_write_text(args.result_dir / f"{stem}.md", report(out))
     print(report(out))

@@ -546,22 +546,34 @@ def test_label_router_routes_by_predicted_label_on_real_sst2(
     assert probe["routes"] == out["routes"] and (tmp_path / "label_router_policy.md").exists()
 
 
-def test_hidden_features_of_a_text_do_not_depend_on_its_batch() -> None:
+@pytest.mark.parametrize("kind", ["hidden", "values"])
+def test_hidden_features_of_a_text_do_not_depend_on_its_batch(kind: str) -> None:
     import numpy
+    import torch
     from _tiny_policy import load_tokenizer, tiny_model
 
     from qpo_bench.features import hidden_features
 
     tokenizer = load_tokenizer()
     model = tiny_model(len(tokenizer)).eval()
+    config = model.config
+    width = config.hidden_size if kind == "hidden" else config.num_key_value_heads * (
+        config.hidden_size // config.num_attention_heads)
     texts = ["a short one", "a much longer sentence that needs no padding at all in its batch"]
     for side in ("left", "right"):
         tokenizer.padding_side = side
-        together = hidden_features(texts, model, tokenizer, (1, 2))
-        alone = hidden_features(texts[:1], model, tokenizer, (1, 2))
+        together = hidden_features(texts, model, tokenizer, (1, 2), kind=kind)
+        alone = hidden_features(texts[:1], model, tokenizer, (1, 2), kind=kind)
         for layer in (1, 2):
-            assert together[layer].shape == (2, model.config.hidden_size)
+            assert together[layer].shape == (2, width)
             numpy.testing.assert_allclose(together[layer][0], alone[layer][0], rtol=1e-4, atol=1e-5)
+    if kind == "values":  # layer 2's values are its v_proj of the normalised hidden state leaving layer 1
+        ids = tokenizer(texts[:1], return_tensors="pt")
+        with torch.no_grad():
+            entering = model(**ids, output_hidden_states=True).hidden_states[1]
+            block = model.model.layers[1]
+            expected = block.self_attn.v_proj(block.input_layernorm(entering)).mean(1)[0].numpy()
+        numpy.testing.assert_allclose(alone[2][0], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_label_router_classifier_learns_separable_labels() -> None:
@@ -652,12 +664,14 @@ def test_choice_head_on_real_sst2_and_the_real_policy_base(
     module.main()
     out = json.loads((result_dir / "choice_head.json").read_text())
     assert out["d0_queries"] == 40 and out["d0_records"] == 120 and out["test_queries"] == 4
-    policy = {k: v for k, v in out["dev_accuracy_by_setting"].items() if k.startswith("policy")}
-    assert len(policy) == 4 * 3 and out["chosen"] in policy and policy[out["chosen"]] == max(policy.values())
-    assert out["dev"]["choice_head"] == 1.0 and out["prompts_sent"] == {"pool:b": 4}
-    assert out["test"]["choice_head"]["accuracy"] == 1.0 and out["test"]["choice_head"]["n"] == 4
+    for head, prefix in (("head_hidden", "policy layer "), ("head_values", "policy values ")):
+        settings_of = {k: v for k, v in out["dev_accuracy_by_setting"].items() if k.startswith(prefix)}
+        assert len(settings_of) == 4 * 3  # layers x L2 values, all on dev
+        assert out["chosen"][head] in settings_of and settings_of[out["chosen"][head]] == max(settings_of.values())
+        assert out["dev"][head] == 1.0 and out["prompts_sent"][head] == {"pool:b": 4}
+        assert out["test"][head]["accuracy"] == 1.0 and out["test"][head]["n"] == 4
     assert out["test"]["qpo"]["accuracy"] == 0.5  # the run's own row, cut to the scored grid
-    assert "success head on the policy base" in (result_dir / "choice_head.md").read_text()
+    assert "success head on attention values" in (result_dir / "choice_head.md").read_text()
     monkeypatch.setattr(sys, "argv", ["choice_head.py", str(result_dir), "--d0", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="--d0"):
         module.main()

@@ -16,34 +16,50 @@ POLICY_LAYER_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1.0)  # of the base's depth; call
 
 
 def hidden_features(texts: list[str], model: Any, tokenizer: Any, layers: tuple[int, ...], max_tokens: int = 64,
-                    batch_size: int = 16) -> dict[int, np.ndarray]:
-    """Per layer, each text's hidden state averaged over its tokens (padding masked out): ``layer -> (n, d)``."""
+                    batch_size: int = 16, kind: str = "hidden") -> dict[int, np.ndarray]:
+    """Per layer, each text's vectors averaged over its tokens (padding masked out): ``layer -> (n, d)``.
+
+    ``kind="hidden"``: the hidden state after decoder layer ``layer`` (``hidden_states[layer]``).
+    ``kind="values"``: the attention *value* vectors decoder layer ``layer`` (1-based) computes, all KV heads
+    concatenated (``n_kv_heads * head_dim``): a fixed linear map of the normalised hidden state entering that
+    layer, without position encoding. They sit in the KV cache the runtime already fills for the query, so a head
+    on them needs no other model output.
+    """
     import torch
 
+    if kind not in ("hidden", "values"):
+        raise ValueError(f"kind must be 'hidden' or 'values', not {kind!r}.")
     out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
                           max_length=max_tokens)
         with torch.no_grad():
-            states = model(**batch, output_hidden_states=True).hidden_states
-        mask = batch["attention_mask"].unsqueeze(-1).to(states[0].dtype)
+            result = model(**batch, output_hidden_states=kind == "hidden", use_cache=kind == "values")
+        mask = batch["attention_mask"].to(torch.float32)
         for layer in layers:
-            out[layer].append(((states[layer] * mask).sum(1) / mask.sum(1)).float().numpy())
+            if kind == "hidden":
+                vectors = result.hidden_states[layer]  # (B, T, d)
+            else:
+                values = result.past_key_values.to_legacy_cache()[layer - 1][1]  # (B, kv heads, T, head dim)
+                vectors = values.transpose(1, 2).reshape(values.shape[0], values.shape[2], -1)
+            weights = mask.unsqueeze(-1).to(vectors.dtype)
+            out[layer].append(((vectors * weights).sum(1) / weights.sum(1)).float().numpy())
     return {layer: np.concatenate(chunks) for layer, chunks in out.items()}
 
 
-def policy_feature_sets(*splits: list[str], fractions: tuple[float, ...] = POLICY_LAYER_FRACTIONS,
-                        ) -> dict[str, tuple[np.ndarray, ...]]:
-    """``"layer L" -> (features of each split)`` from the default policy base; standardised on the first split."""
-    from qpo_middleware.training.models import load_model_and_tokenizer
+def policy_feature_sets(*splits: list[str], base: str | None = None, kind: str = "hidden",
+                        fractions: tuple[float, ...] = POLICY_LAYER_FRACTIONS) -> dict[str, tuple[np.ndarray, ...]]:
+    """``"layer L" -> (features of each split)`` from a local base model (default: the default policy base),
+    standardised on the first split; ``kind`` as in :func:`hidden_features` (named ``"values L"`` then)."""
+    from qpo_middleware.training.models import DEFAULT_MODEL, load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer()
+    model, tokenizer = load_model_and_tokenizer(base or DEFAULT_MODEL)
     model.eval()
     depth = model.config.num_hidden_layers
     layers = tuple(sorted({max(1, round(f * depth)) for f in fractions}))
-    states = [hidden_features(texts, model, tokenizer, layers) for texts in splits]
+    states = [hidden_features(texts, model, tokenizer, layers, kind=kind) for texts in splits]
     sets = {}
     for layer in layers:
         mean, std = states[0][layer].mean(0), states[0][layer].std(0) + 1e-6
-        sets[f"layer {layer}"] = tuple((split[layer] - mean) / std for split in states)
+        sets[f"{'layer' if kind == 'hidden' else 'values'} {layer}"] = tuple((split[layer] - mean) / std for split in states)
     return sets
