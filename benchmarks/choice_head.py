@@ -130,9 +130,9 @@ def main() -> None:
               for kind in KINDS}
 
     # -- test, once, with the chosen setting -------------------------------------------------------------------
-    qpo = results["validation"]["chosen"]
+    qpo = results["validation"]["chosen"]  # None when the run trained no recipe
     position = {qid: i for i, qid in enumerate(test["ids"])}
-    references = {"best_prompt": "best_prompt", "selector": "selector", "qpo": qpo}
+    references = {"best_prompt": "best_prompt", "selector": "selector", **({"qpo": qpo} if qpo else {})}
     hits_test = {name: [test["hits"][key][position[q]] == "1" for q in bound_ids] for name, key in references.items()}
     for head, name in chosen.items():
         hits_test[head] = [row[j] == "1" for row, j in zip(test_grid, test_picks[name], strict=True)]
@@ -173,7 +173,9 @@ def report(out: dict[str, Any]) -> str:
         *[f"| {name} | {100 * score:.1f} |" for name, score in out["dev_accuracy_by_setting"].items()], "",
         "Dev: " + ", ".join(f"{HEAD_NAMES[head]} {100 * dev[head]:.1f}" for head in out["chosen"])
         + f", best dev prompt {100 * dev['best_prompt_dev']:.1f}, best train prompt {100 * dev['best_prompt']:.1f}, "
-        f"selector {100 * dev['selector']:.1f}, QPO (`{out['qpo_row']}`) {100 * dev['qpo']:.1f}.", "",
+        f"selector {100 * dev['selector']:.1f}"
+        + (f", QPO (`{out['qpo_row']}`) {100 * dev['qpo']:.1f}." if out["qpo_row"] else " (the run trained no QPO recipe)."),
+        "",
         f"## Test (the {out['test_queries']} fully scored test queries; scored once)", "",
         "| method | accuracy % [95% CI] | vs best prompt [95% CI] | vs selector [95% CI] | vs QPO [95% CI] |",
         "|---|---|---|---|---|",

@@ -76,7 +76,9 @@ def main() -> None:
     parser.add_argument("--bound-queries", type=int, default=0,
                         help="Score every pool prompt on only the first N test queries (the oracle and label-routing "
                              "bounds use those); the rest are scored only on the prompts the methods send. 0 = all.")
-    parser.add_argument("--recipes", default="paper,query_rank,query_rank_dpo", help=f"Comma list of {', '.join(RECIPES)}.")
+    parser.add_argument("--recipes", default="paper,query_rank,query_rank_dpo",
+                        help=f"Comma list of {', '.join(RECIPES)}; '' trains none (D0, the grids and the baselines "
+                             "only: a testbed for choice rules fit offline, e.g. benchmarks/choice_head.py).")
     parser.add_argument("--test-recipes", default="paper,chosen",
                         help="Recipes scored on test ('chosen' = the best on dev); each once.")
     parser.add_argument("--seed", type=int, default=0)
@@ -222,11 +224,12 @@ def main() -> None:
     dev = hits("dev", sent) | bounds("dev")
     dev_scores = {k: statistics.fmean(v) for k, v in dev.items()}
     qpo_dev = {k: v for k, v in dev_scores.items() if k.startswith("qpo_")}
-    chosen = max(qpo_dev, key=qpo_dev.__getitem__)
-    chosen_recipe = next(r for r in recipes if chosen.removeprefix(f"qpo_{r}_") in RULES)
+    chosen = max(qpo_dev, key=qpo_dev.__getitem__) if qpo_dev else None  # no recipe: baselines and grids only
+    chosen_recipe = next((r for r in recipes if chosen and chosen.removeprefix(f"qpo_{r}_") in RULES), None)
 
     sent = baselines("test")
-    test_recipes = [chosen_recipe if r == "chosen" else r for r in args.test_recipes.split(",") if r]
+    test_recipes = [chosen_recipe if r == "chosen" else r for r in args.test_recipes.split(",")
+                    if r and (r != "chosen" or chosen_recipe)]
     for recipe in dict.fromkeys(r for r in test_recipes if r in recipes):  # each with its best rule on dev
         rule = max((k for k in qpo_dev if k.removeprefix(f"qpo_{recipe}_") in RULES), key=qpo_dev.__getitem__)
         qpo, seconds["test"][recipe] = qpo_picks(recipe, "test", (rule.removeprefix(f"qpo_{recipe}_"),))
@@ -302,7 +305,7 @@ def report(results: dict[str, Any]) -> str:
         "## Validation (chooses the recipe and how the policy picks)", "",
         "| method | dev accuracy |", "|---|---:|",
         *[f"| {k} | {100 * v:.1f} |" for k, v in sorted(val["scores"].items(), key=lambda kv: -kv[1])],
-        "", f"Chosen: `{val['chosen']}`.", "",
+        "", f"Chosen: `{val['chosen']}`." if val["chosen"] else "No recipe trained: baselines and grids only.", "",
         "## Test (each recipe scored once)", "",
         "| method | accuracy % [95% CI] | " + " | ".join(f"vs {r.replace('_', ' ')} [95% CI]" for r in references) + " |",
         "|---|---|" + "---|" * len(references),

@@ -672,6 +672,18 @@ def test_choice_head_on_real_sst2_and_the_real_policy_base(
         assert out["test"][head]["accuracy"] == 1.0 and out["test"][head]["n"] == 4
     assert out["test"]["qpo"]["accuracy"] == 0.5  # the run's own row, cut to the scored grid
     assert "success head on attention values" in (result_dir / "choice_head.md").read_text()
+    # A run that trained no recipe (pool_choice.py --recipes ''): the head is compared with the baselines alone.
+    # The features here are a stand-in (plumbing only; the real base was read above).
+    results = json.loads((result_dir / "results.json").read_text())
+    results["validation"]["chosen"] = None
+    (result_dir / "results.json").write_text(json.dumps(results))
+    monkeypatch.setattr(module, "policy_feature_sets", lambda *splits, kind, **_: {
+        f"{module.KINDS[kind]} 1": tuple(text_features(texts, 64) for texts in splits)})
+    monkeypatch.setattr(sys, "argv", ["choice_head.py", str(result_dir)])
+    module.main()
+    out = json.loads((result_dir / "choice_head.json").read_text())
+    assert "qpo" not in out["test"] and out["qpo_row"] is None and out["test"]["head_values"]["accuracy"] == 1.0
+    assert "trained no QPO recipe" in (result_dir / "choice_head.md").read_text()
     monkeypatch.setattr(sys, "argv", ["choice_head.py", str(result_dir), "--d0", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="--d0"):
         module.main()
