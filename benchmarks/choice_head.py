@@ -13,8 +13,9 @@ The layer and the per-prompt L2 are chosen on dev (every pool prompt scored on e
 scored once, with the chosen setting, on the fully scored test queries (``--bound-queries``; 0 scores every
 test query), with paired intervals against the best train prompt, the selector and the run's QPO row (the
 recipe and rule dev chose). The hashed-feature fit is reported beside it as a check: with cross-validated L2 it
-is the run's selector. Writes ``choice_head.json`` and ``choice_head.md`` next to ``per_query.json``. Needs
-the run's D0 (``<out>/runs/<name>/d0``, kept by ``pool_choice.py``; ``--d0`` to point elsewhere).
+is the run's selector. Writes ``choice_head.json`` and ``choice_head.md`` next to ``per_query.json``. D0's
+verdicts come from ``per_query.json`` (``pool_choice.py`` keeps them there); a run recorded before that needs its D0
+directory (``<out>/runs/<name>/d0``, or ``--d0``).
 
     python benchmarks/choice_head.py benchmarks/results/pool-choice-grid/ag_news-seed0-n1000x5
 """
@@ -35,17 +36,11 @@ import numpy as np
 
 from qpo_bench.environment import code_version
 from qpo_bench.features import policy_feature_sets
-from qpo_bench.offline import method_line, method_row
+from qpo_bench.offline import d0_table, d0_verdicts, method_line, method_row
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.run import RunPaths
-from qpo_middleware.training.selector import (
-    SelectorConfig,
-    fit_outcome_model,
-    outcome_logits,
-    outcome_table,
-    text_features,
-)
+from qpo_middleware.training.selector import SelectorConfig, fit_outcome_model, outcome_logits, text_features
 from qpo_middleware.training.tasks import get_task
 
 # The head's features, by kind (qpo_bench.features): hidden states, and the attention values the runtime's KV
@@ -82,10 +77,6 @@ def main() -> None:
         per_query = json.loads((args.result_dir / "per_query.json").read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         sys.exit(f"{exc.filename}: not found; pass a pool_choice.py result directory.")
-    d0_dir = args.d0 or args.result_dir.parent / "runs" / re.sub(r"-t\d+$", "", args.result_dir.name) / "d0"
-    if not RunPaths(d0_dir).dataset.is_file():
-        sys.exit(f"{d0_dir}: no D0 run there; pass the run's D0 directory with --d0 (pool_choice.py keeps it under "
-                 "<out>/runs/<name>/d0, or rerun pool_choice.py to rebuild it from its caches).")
     settings = results["settings"]
     task = get_task(settings["task"])
     splits = task.splits(seed=settings["seed"], n_train=settings["train_queries"],
@@ -98,10 +89,23 @@ def main() -> None:
     column_of = {entry["text"]: sources.index(entry["source"]) for entry in results["pool"]}
 
     # -- D0: the verdicts the head learns from (no gold label read) ---------------------------------------------
-    texts, d0_prompts, hits, counts = outcome_table(OfflineDataset(d0_dir).loop(0))
-    if missing := [p for p in d0_prompts if p not in column_of]:
-        sys.exit(f"D0 holds prompts that are not in the run's pool ({missing[:2]}...): wrong --d0 for this run.")
-    columns = [column_of[p] for p in d0_prompts]
+    d0 = per_query.get("d0")
+    if d0 is None or args.d0 is not None:  # a run recorded before per_query.json kept D0: read its directory
+        d0_dir = args.d0 or args.result_dir.parent / "runs" / re.sub(r"-t\d+$", "", args.result_dir.name) / "d0"
+        if not RunPaths(d0_dir).dataset.is_file():
+            sys.exit(f"{d0_dir}: no D0 run there, and per_query.json does not hold D0's verdicts; pass the run's D0 "
+                     "directory with --d0 (pool_choice.py keeps it under <out>/runs/<name>/d0), or rerun "
+                     "pool_choice.py, whose per_query.json now keeps them.")
+        records = OfflineDataset(d0_dir).loop(0)
+        if missing := sorted({r.prompt for r in records} - set(column_of))[:2]:
+            sys.exit(f"D0 holds prompts that are not in the run's pool ({missing}...): wrong --d0 for this run.")
+        d0 = d0_verdicts(records, column_of)
+    ids, columns, hits, counts = d0_table(d0)
+    train_by_id = {e.id: e for e in splits.train}
+    if unknown := [qid for qid in ids if qid not in train_by_id][:3]:
+        sys.exit(f"D0 queries {unknown} are not in the {settings['task']} train split drawn from $QPO_DATA: "
+                 "use the data the run was made with.")
+    texts = [train_by_id[qid].query for qid in ids]
     by_id = {e.id: e for e in [*splits.collect, *splits.test]}
     bound_ids = [qid for qid in test["ids"] if qid in test["grid"]]
     dev_texts, test_texts = [by_id[q].query for q in dev["ids"]], [by_id[q].query for q in bound_ids]

@@ -43,6 +43,7 @@ from qpo_bench.offline import (
     RECIPES,
     RULES,
     TRAIN,
+    d0_verdicts,
     method_line,
     method_row,
     policy_choices,
@@ -266,7 +267,9 @@ def main() -> None:
         return "".join("1" if v else "0" for v in values)
 
     # Per query, for paired comparisons across runs and rules tried later without the models or the target.
-    atomic_write_text(out / "per_query.json", json.dumps({"prompts": [source[p] for p in prompts], "splits": {split: {
+    atomic_write_text(out / "per_query.json", json.dumps({
+        "prompts": [source[p] for p in prompts], "d0": d0_verdicts(d0, {p: j for j, p in enumerate(prompts)}),
+        "splits": {split: {
         "ids": [e.id for e in examples[split]], "gold": [run.task.gold_text(e) for e in examples[split]],
         "hits": {m: bits(h) for m, h in table.items()},
         "grid": {e.id: bits([outcomes[split][e.id][p] for p in prompts]) for e in bounded[split]},

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import random
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -674,9 +675,17 @@ def test_choice_head_on_real_sst2_and_the_real_policy_base(
     assert "success head on attention values" in (result_dir / "choice_head.md").read_text()
     # A run that trained no recipe (pool_choice.py --recipes ''): the head is compared with the baselines alone.
     # The features here are a stand-in (plumbing only; the real base was read above).
+    # Its D0 read from per_query.json (pool_choice.py keeps the verdicts there), the run's caches gone.
     results = json.loads((result_dir / "results.json").read_text())
     results["validation"]["chosen"] = None
     (result_dir / "results.json").write_text(json.dumps(results))
+    per_query = json.loads((result_dir / "per_query.json").read_text())
+    from qpo_bench.offline import d0_verdicts
+
+    per_query["d0"] = d0_verdicts(OfflineDataset(d0_dir).loop(0), {"": 0, texts["pool:a"]: 1, texts["pool:b"]: 2})
+    assert per_query["d0"]["columns"] == [1, 0, 2] and per_query["d0"]["hits"][0] == "001"
+    (result_dir / "per_query.json").write_text(json.dumps(per_query))
+    shutil.rmtree(tmp_path / "runs")
     monkeypatch.setattr(module, "policy_feature_sets", lambda *splits, kind, **_: {
         f"{module.KINDS[kind]} 1": tuple(text_features(texts, 64) for texts in splits)})
     monkeypatch.setattr(sys, "argv", ["choice_head.py", str(result_dir)])

@@ -17,7 +17,7 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 from qpo_middleware.choice import choose
 from qpo_middleware.stats import bootstrap_ci, paired_bootstrap_ci
 from qpo_middleware.training.config import PAPER_LOOPS, PAPER_TRAIN, LoopConfig, TrainConfig
+from qpo_middleware.training.dataset import Record
 from qpo_middleware.training.export import read_choice_offsets
 from qpo_middleware.training.io import atomic_write_json
 from qpo_middleware.training.loops import completed_loops, load_policy, run_loops
@@ -183,6 +184,32 @@ def with_choose(choices: dict[str, Any], run_dir: Path, prompts: list[str]) -> d
 def rules_of(choices: dict[str, Any]) -> list[str]:
     """The rules a :func:`policy_choices` result holds."""
     return [rule for rule in RULES if rule in choices]
+
+
+def d0_verdicts(records: Iterable[Record], column_of: Mapping[str, int]) -> dict[str, Any]:
+    """D0's verdicts in ``per_query.json``'s compact form, so choice rules fit on D0 can be tried after the run's
+    caches are gone: ``columns`` (the grid column of each D0 prompt, in first-seen order), ``ids`` (the D0
+    queries, first-seen order), and per query ``scored`` (indices into ``columns``) and ``hits`` (``"1"`` = right).
+    The query texts come from the task's train split. Read back with :func:`d0_table`."""
+    prompts: dict[str, int] = {}
+    rows: dict[str, list[tuple[int, bool]]] = {}
+    for record in records:
+        rows.setdefault(record.query_id, []).append((prompts.setdefault(record.prompt, len(prompts)), record.correct))
+    return {"columns": [column_of[p] for p in prompts], "ids": list(rows),
+            "scored": [[j for j, _ in row] for row in rows.values()],
+            "hits": ["".join("1" if right else "0" for _, right in row) for row in rows.values()]}
+
+
+def d0_table(d0: Mapping[str, Any]) -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
+    """``(query ids, grid columns, hits, counts)`` from :func:`d0_verdicts`' form: the matrices
+    :func:`qpo_middleware.training.selector.outcome_table` makes from the records, in the same order."""
+    hits = np.zeros((len(d0["ids"]), len(d0["columns"])))
+    counts = np.zeros_like(hits)
+    for q, (scored, bits) in enumerate(zip(d0["scored"], d0["hits"], strict=True)):
+        for j, bit in zip(scored, bits, strict=True):
+            counts[q, j] += 1.0
+            hits[q, j] += float(bit == "1")
+    return list(d0["ids"]), list(d0["columns"]), hits, counts
 
 
 def method_row(hits: list[bool], reference: dict[str, list[bool]]) -> dict[str, Any]:
