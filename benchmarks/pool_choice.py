@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--train-queries", type=int, default=400)
     parser.add_argument("--prompts-per-query", type=int, default=5, help="Pool prompts scored per D0 query (0 = all).")
     parser.add_argument("--prompts", default="13", help="The pool (CollectConfig.prompts); the empty prompt comes on top.")
+    parser.add_argument("--induce", type=int, default=0,
+                        help="Also induce this many instructions into the pool (CollectConfig.induce, the embedded Qwen "
+                             "writes them); a different pool needs its own --out.")
     parser.add_argument("--dev-queries", type=int, default=150)
     parser.add_argument("--test-queries", type=int, default=300,
                         help="Held-out test queries. Not part of D0: a larger number extends the same test split "
@@ -114,7 +117,7 @@ def main() -> None:
     # D0 keeps the test size it was made with; the test split is drawn below at the size asked for.
     d0_test = Run.open(d0_dir).config.test_queries if RunPaths(d0_dir).run_file.is_file() else args.test_queries
     config = CollectConfig(task=args.task, target=args.target, queries=args.train_queries,
-                           collect_queries=args.dev_queries, test_queries=d0_test, prompts=args.prompts,
+                           collect_queries=args.dev_queries, test_queries=d0_test, prompts=args.prompts, induce=args.induce,
                            prompts_per_query=args.prompts_per_query, seed=args.seed, batch_size=16)
     run = Run.open(d0_dir, config)
     splits = run.task.splits(config.data_dir, **(config.split_args() | {"n_test": args.test_queries}))
