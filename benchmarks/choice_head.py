@@ -23,7 +23,6 @@ directory (``<out>/runs/<name>/d0``, or ``--d0``).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -36,12 +35,11 @@ import numpy as np
 
 from qpo_bench.environment import code_version
 from qpo_bench.features import policy_feature_sets
-from qpo_bench.offline import d0_table, d0_verdicts, method_line, method_row
+from qpo_bench.offline import d0_table, d0_verdicts, method_line, method_row, open_pool_choice_run
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.run import RunPaths
 from qpo_middleware.training.selector import SelectorConfig, fit_outcome_model, outcome_logits, text_features
-from qpo_middleware.training.tasks import get_task
 
 # The head's features, by kind (qpo_bench.features): hidden states, and the attention values the runtime's KV
 # cache already holds. Each kind gets its own setting chosen on dev and its own test row.
@@ -72,19 +70,9 @@ def main() -> None:
                              "policy base). Another base writes choice_head_<base>.*.")
     args = parser.parse_args()
     code = code_version()
-    try:
-        results = json.loads((args.result_dir / "results.json").read_text(encoding="utf-8"))
-        per_query = json.loads((args.result_dir / "per_query.json").read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        sys.exit(f"{exc.filename}: not found; pass a pool_choice.py result directory.")
+    results, per_query, task, splits = open_pool_choice_run(args.result_dir)
     settings = results["settings"]
-    task = get_task(settings["task"])
-    splits = task.splits(seed=settings["seed"], n_train=settings["train_queries"],
-                         n_collect=settings["dev_queries"], n_test=settings["test_queries"])
     dev, test = per_query["splits"]["dev"], per_query["splits"]["test"]
-    if [e.id for e in splits.collect] != dev["ids"] or [e.id for e in splits.test] != test["ids"]:
-        sys.exit(f"The {settings['task']} splits drawn from $QPO_DATA differ from the run's; "
-                 "use the data the run was made with.")
     sources = per_query["prompts"]  # grid columns
     column_of = {entry["text"]: sources.index(entry["source"]) for entry in results["pool"]}
 

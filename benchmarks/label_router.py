@@ -31,7 +31,6 @@ the selector sent to the same queries. Writes ``label_router.json`` and ``label_
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -42,11 +41,10 @@ import numpy as np
 from qpo_bench.environment import code_version
 from qpo_bench.features import policy_feature_sets
 from qpo_bench.harness import label_routing
-from qpo_bench.offline import method_line, method_row
+from qpo_bench.offline import method_line, method_row, open_pool_choice_run
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.selector import text_features
 from qpo_middleware.training.targets import Score
-from qpo_middleware.training.tasks import get_task
 
 FEATURE_DIM = 4096
 L2_GRID = (1e-4, 1e-3, 1e-2)
@@ -115,22 +113,12 @@ def main() -> None:
                              "e.g. qwen2.5-coder-0.5b-instruct to ask whether a bigger base would read the label).")
     args = parser.parse_args()
     code = code_version()
-    try:
-        results = json.loads((args.result_dir / "results.json").read_text(encoding="utf-8"))
-        per_query = json.loads((args.result_dir / "per_query.json").read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        sys.exit(f"{exc.filename}: not found; pass a pool_choice.py result directory.")
+    results, per_query, task, splits = open_pool_choice_run(args.result_dir)
     settings = results["settings"]
-    task = get_task(settings["task"])
     if not task.labels:
         sys.exit(f"Task {settings['task']!r} has no label words: label routing needs a classification task.")
     labels = list(task.labels)
-    splits = task.splits(seed=settings["seed"], n_train=settings["train_queries"],
-                         n_collect=settings["dev_queries"], n_test=settings["test_queries"])
     dev, test = per_query["splits"]["dev"], per_query["splits"]["test"]
-    if [e.id for e in splits.collect] != dev["ids"] or [e.id for e in splits.test] != test["ids"]:
-        sys.exit(f"The {settings['task']} splits drawn from $QPO_DATA differ from the run's; "
-                 "use the data the run was made with.")
     prompts = per_query["prompts"]
 
     # -- the classifier: train queries and their gold labels, L2 chosen on dev ---------------------------------

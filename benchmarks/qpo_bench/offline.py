@@ -186,6 +186,29 @@ def rules_of(choices: dict[str, Any]) -> list[str]:
     return [rule for rule in RULES if rule in choices]
 
 
+def open_pool_choice_run(result_dir: Path) -> tuple[dict[str, Any], dict[str, Any], Any, Any]:
+    """A finished ``pool_choice.py`` result directory: ``(results, per_query, task, splits)``, the splits drawn again
+    from ``$QPO_DATA`` and checked against the run's dev and test ids. Exits with the fix when it cannot."""
+    import sys
+
+    from qpo_middleware.training.tasks import get_task
+
+    try:
+        results = json.loads((result_dir / "results.json").read_text(encoding="utf-8"))
+        per_query = json.loads((result_dir / "per_query.json").read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        sys.exit(f"{exc.filename}: not found; pass a pool_choice.py result directory.")
+    settings = results["settings"]
+    task = get_task(settings["task"])
+    splits = task.splits(seed=settings["seed"], n_train=settings["train_queries"],
+                         n_collect=settings["dev_queries"], n_test=settings["test_queries"])
+    dev, test = per_query["splits"]["dev"], per_query["splits"]["test"]
+    if [e.id for e in splits.collect] != dev["ids"] or [e.id for e in splits.test] != test["ids"]:
+        sys.exit(f"The {settings['task']} splits drawn from $QPO_DATA differ from the run's; "
+                 "use the data the run was made with.")
+    return results, per_query, task, splits
+
+
 def d0_verdicts(records: Iterable[Record], column_of: Mapping[str, int]) -> dict[str, Any]:
     """D0's verdicts in ``per_query.json``'s compact form, so choice rules fit on D0 can be tried after the run's
     caches are gone: ``columns`` (the grid column of each D0 prompt, in first-seen order), ``ids`` (the D0
