@@ -104,12 +104,11 @@ def main() -> None:
     hashed = [text_features(t, selector_config.dim) for t in (texts, dev_texts, test_texts)]
     candidates: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, SelectorConfig]] = {
         "hashed (the selector)": (*hashed, selector_config)}
-    for kind in KINDS:
-        sets = policy_feature_sets(texts, dev_texts, test_texts, base=args.base, kind=kind)
-        for name, (x_fit, x_dev, x_test) in sets.items():
-            for l2 in POLICY_L2_GRID:
-                candidates[f"policy {name}, l2 {l2:g}"] = (x_fit, x_dev, x_test,
-                                                           replace(selector_config, l2_prompt=l2, cv_folds=0))
+    sets = policy_feature_sets(texts, dev_texts, test_texts, base=args.base, kinds=tuple(KINDS))
+    for name, (x_fit, x_dev, x_test) in sets.items():
+        for l2 in POLICY_L2_GRID:
+            candidates[f"policy {name}, l2 {l2:g}"] = (x_fit, x_dev, x_test,
+                                                       replace(selector_config, l2_prompt=l2, cv_folds=0))
     dev_scores: dict[str, float] = {}
     test_picks: dict[str, list[int]] = {}
     for name, (x_fit, x_dev, x_test, config) in candidates.items():

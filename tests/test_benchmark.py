@@ -686,8 +686,8 @@ def test_choice_head_on_real_sst2_and_the_real_policy_base(
     assert per_query["d0"]["columns"] == [1, 0, 2] and per_query["d0"]["hits"][0] == "001"
     (result_dir / "per_query.json").write_text(json.dumps(per_query))
     shutil.rmtree(tmp_path / "runs")
-    monkeypatch.setattr(module, "policy_feature_sets", lambda *splits, kind, **_: {
-        f"{module.KINDS[kind]} 1": tuple(text_features(texts, 64) for texts in splits)})
+    monkeypatch.setattr(module, "policy_feature_sets", lambda *splits, kinds, **_: {
+        f"{module.KINDS[kind]} 1": tuple(text_features(texts, 64) for texts in splits) for kind in kinds})
     monkeypatch.setattr(sys, "argv", ["choice_head.py", str(result_dir)])
     module.main()
     out = json.loads((result_dir / "choice_head.json").read_text())

@@ -47,19 +47,22 @@ def hidden_features(texts: list[str], model: Any, tokenizer: Any, layers: tuple[
     return {layer: np.concatenate(chunks) for layer, chunks in out.items()}
 
 
-def policy_feature_sets(*splits: list[str], base: str | None = None, kind: str = "hidden",
+def policy_feature_sets(*splits: list[str], base: str | None = None, kinds: tuple[str, ...] = ("hidden",),
                         fractions: tuple[float, ...] = POLICY_LAYER_FRACTIONS) -> dict[str, tuple[np.ndarray, ...]]:
-    """``"layer L" -> (features of each split)`` from a local base model (default: the default policy base),
-    standardised on the first split; ``kind`` as in :func:`hidden_features` (named ``"values L"`` then)."""
+    """``"layer L"`` / ``"values L"`` -> (features of each split), for each of ``kinds`` (as in
+    :func:`hidden_features`), from a local base model loaded once (default: the default policy base),
+    standardised on the first split."""
     from qpo_middleware.training.models import DEFAULT_MODEL, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(base or DEFAULT_MODEL)
     model.eval()
     depth = model.config.num_hidden_layers
     layers = tuple(sorted({max(1, round(f * depth)) for f in fractions}))
-    states = [hidden_features(texts, model, tokenizer, layers, kind=kind) for texts in splits]
     sets = {}
-    for layer in layers:
-        mean, std = states[0][layer].mean(0), states[0][layer].std(0) + 1e-6
-        sets[f"{'layer' if kind == 'hidden' else 'values'} {layer}"] = tuple((split[layer] - mean) / std for split in states)
+    for kind in kinds:
+        states = [hidden_features(texts, model, tokenizer, layers, kind=kind) for texts in splits]
+        for layer in layers:
+            mean, std = states[0][layer].mean(0), states[0][layer].std(0) + 1e-6
+            sets[f"{'layer' if kind == 'hidden' else 'values'} {layer}"] = tuple(
+                (split[layer] - mean) / std for split in states)
     return sets

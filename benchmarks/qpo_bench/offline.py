@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -189,8 +190,6 @@ def rules_of(choices: dict[str, Any]) -> list[str]:
 def open_pool_choice_run(result_dir: Path) -> tuple[dict[str, Any], dict[str, Any], Any, Any]:
     """A finished ``pool_choice.py`` result directory: ``(results, per_query, task, splits)``, the splits drawn again
     from ``$QPO_DATA`` and checked against the run's dev and test ids. Exits with the fix when it cannot."""
-    import sys
-
     from qpo_middleware.training.tasks import get_task
 
     try:
