@@ -330,7 +330,7 @@ def test_selector_fits_a_real_tiny_d0(runs: dict[str, Any]) -> None:
 
 
 def test_names_labels_matches_whole_label_words() -> None:
-    from qpo_bench.harness import names_labels
+    from qpo_middleware.training.tasks import names_labels
 
     labels = ["positive", "negative", "sci/tech"]
     assert names_labels("The answer is Positive.", labels) == {"positive"}

@@ -96,6 +96,12 @@ def test_clean_candidate_keeps_the_instruction_only() -> None:
     ('  ""  ', "empty", {}),
     ("Positive.", "label_word", {}),
     ("negative or positive", "label_word", {}),
+    ('Read the review; the output is "Positive".', "names_one_label", {}),
+    ("Rate how positive the review is.", "names_one_label", {}),
+    ('Classify the headline; the output is "Sports".', "names_one_label",
+     {"labels": ("World", "Sports", "Business", "Sci/Tech")}),
+    ("Is the headline about World or Sports news?", None,  # two of four labels: a format, not one answer
+     {"labels": ("World", "Sports", "Business", "Sci/Tech")}),
     ("Classify the review. <|im_start|>assistant", "markup", {}),
     ("Classify the review.<|endoftext|>", "markup", {}),
     ("Classify the review. [INST] again", "markup", {}),

@@ -4,7 +4,7 @@ The inducing model is shown a few labelled train examples and the label words an
 instruction that produced them, once per request, with the examples and the style of the request
 rotating (:data:`STYLES`: plain, role, step-by-step, format-constrained, terse), as APE does. Its
 replies are cleaned and filtered (:func:`clean_candidate`, :func:`reject_reason`, :func:`filter_candidates`):
-empty replies, bare label words, copies of an example, echoes of the request's own wording,
+empty replies, bare label words, instructions naming exactly one label word, copies of an example, echoes of the request's own wording,
 chat-template markup, over-long or cut-off replies and duplicates never enter the pool. The kept pool and the count of each drop reason are
 written to the run's ``prompts.json`` (:func:`save_pool`) and read back on resume, never re-induced.
 
@@ -30,7 +30,7 @@ from typing import Any
 from qpo_middleware.text import clean_prompt, strip_strings
 
 from .io import atomic_write_json
-from .tasks import Example, Task
+from .tasks import Example, Task, names_labels
 
 STYLES: dict[str, str] = {
     "plain": "Write it as one plain sentence.",
@@ -47,7 +47,8 @@ MAX_CHARS = 300
 MAX_NEW_TOKENS = 48
 """Tokens a local inducer may write per request; a reply cut at this budget is dropped as ``too_long``."""
 
-DROP_REASONS = ("empty", "markup", "too_long", "label_word", "copies_example", "echoes_request", "duplicate")
+DROP_REASONS = ("empty", "markup", "too_long", "label_word", "names_one_label", "copies_example", "echoes_request",
+                "duplicate")
 """Why a candidate may be dropped, in the order the checks run."""
 
 ECHO_SHARE = 0.75
@@ -253,6 +254,8 @@ def reject_reason(raw: str, text: str, *, labels: Sequence[str], examples: Seque
     label_keys = {_key(label) for label in labels}
     if label_keys and set(_key(text).split()) <= label_keys | {"or", "and"}:
         return "label_word"
+    if len(labels) > 1 and len(names_labels(text, labels)) == 1:  # "...the output is Sports": a lean, not an instruction
+        return "names_one_label"
     key = _key(text)
     for example in examples:
         shown = _key(example)

@@ -192,6 +192,15 @@ class Task:
         return load_prompt_pool(self.name)
 
 
+def names_labels(text: str, labels: Sequence[str]) -> set[str]:
+    """The label words ``text`` names (whole words, any case). A prompt naming exactly one of a task's
+    labels ("the answer is positive") leans the answer rather than instructing: the benchmarks' leakage
+    check counts such prompts, and induction drops them."""
+    lowered = text.lower()
+    return {label for label in labels
+            if re.search(rf"(?<![a-z0-9]){re.escape(label.lower())}(?![a-z0-9])", lowered)}
+
+
 def _require(value: Any, example: Example, name: str) -> Any:
     if value is None:
         raise TaskError(f"Example {example.id!r} has no gold {name}.")

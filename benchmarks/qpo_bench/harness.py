@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import random
-import re
 import statistics
 import time
 from collections import defaultdict
@@ -54,7 +53,7 @@ from qpo_middleware.training.preference import implicit_rewards
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score, Target
-from qpo_middleware.training.tasks import Example, resolve_prompts
+from qpo_middleware.training.tasks import Example, names_labels, resolve_prompts
 
 from .config import BenchmarkConfig
 from .policies import OnnxPolicy, TorchPolicy, open_policy
@@ -110,13 +109,6 @@ class TaskBenchmark:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def names_labels(prompt: str, labels: Sequence[str]) -> set[str]:
-    """The label words ``prompt`` names (whole words, any case)."""
-    text = prompt.lower()
-    return {label for label in labels
-            if re.search(rf"(?<![a-z0-9]){re.escape(label.lower())}(?![a-z0-9])", text)}
 
 
 def label_routing(matrix: Sequence[Sequence[Score]], golds: Sequence[str], order: Sequence[int]) -> dict[str, int]:
