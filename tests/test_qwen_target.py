@@ -4,6 +4,7 @@ checkpoint and tokenizer against Qwen2.5's conventions, and scoring through `HFT
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,20 @@ def test_qwen_resolves_to_a_cached_plain_checkpoint_with_qwen_conventions() -> N
     assert config.model_type == "qwen2" and config.num_hidden_layers == 24
     assert "quantization_config" not in config.to_dict()
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # transformers 4.57.3+ calls any >100k-vocab local tokenizer a Mistral one with "an incorrect regex pattern";
+    # load_tokenizer (the one every qpo loader uses) says it is not, and tokenizes exactly as before.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
+    tokenizer_log.addHandler(handler)
+    try:
+        tokenizer = models.load_tokenizer(path)
+    finally:
+        tokenizer_log.removeHandler(handler)
+    assert not [r for r in records if "regex" in r.getMessage()], [r.getMessage() for r in records]
+    text = "Hello world! It's 2026, café 123456 — tokens\n\nok"
+    assert tokenizer(text).input_ids == AutoTokenizer.from_pretrained(path)(text).input_ids
     assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_end|>", 151645)
     assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<|endoftext|>", 151643)
     assert tokenizer("The capital of France is").input_ids == [785, 6722, 315, 9625, 374]  # no BOS added

@@ -554,9 +554,9 @@ def _write_tokenizer(checkpoint: Path, target: Path) -> None:
     if source.is_file():
         shutil.copyfile(source, target)
         return
-    from transformers import AutoTokenizer
+    from .models import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, use_fast=True)
+    tokenizer = load_tokenizer(checkpoint, use_fast=True)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ExportError(

@@ -241,13 +241,32 @@ def _plain_config_dict(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+_MISTRAL_TYPES = frozenset({"mistral", "mistral3", "voxtral", "ministral", "pixtral"})
+
+
+def load_tokenizer(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(path)`` without transformers 4.57's false alarm.
+
+    transformers 4.57.3+ warns "incorrect regex pattern ... will lead to incorrect tokenization" for
+    every local tokenizer with a vocabulary over 100k whose config was saved by 4.57.3+, whatever
+    the model family (Qwen2 included). The check is meant for Mistral's tokenizers, so for any other
+    family this says ``fix_mistral_regex=False``: the tokenization is the same, and no warning.
+    """
+    from transformers import AutoTokenizer
+
+    config = Path(path) / "config.json"
+    if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") not in _MISTRAL_TYPES:
+        kwargs.setdefault("fix_mistral_regex", False)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
 def load_model_and_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: Any = None) -> tuple[Any, Any]:
     """Load (causal LM, tokenizer) from a resolved local checkpoint; the tokenizer gets a pad token."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
