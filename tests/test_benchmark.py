@@ -9,6 +9,7 @@ import json
 import math
 import random
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -696,3 +697,75 @@ def test_choice_head_on_real_sst2_and_the_real_policy_base(
     monkeypatch.setattr(sys, "argv", ["choice_head.py", str(result_dir), "--d0", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="--d0"):
         module.main()
+
+
+@pytest.mark.real
+def test_pool_ceiling_scores_new_prompts_on_the_real_target_and_leaves_leaky_prompts_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_data: Path) -> None:
+    """pool_ceiling.py on a hand-built pool_choice folder over real sst2 splits: ``pool:a`` is right exactly on
+    positive queries, ``pool:b`` never and the leaky ``pool:c`` ("...positive.") always. Leaving ``pool:c`` out, the
+    pool's oracle and gold routes are the share of positive queries. A prompts file adds a sensible prompt (scored
+    by the real SmolLM2 target), a duplicate and a leaky one (both dropped); the ceilings with it are recomputed
+    here from its stored verdicts. ``--mutate`` sends the best dev prompts to the inducer (a scripted one: the
+    real inducer is tested in test_induce.py) and keeps what mutation's filters keep."""
+    from qpo_middleware.training.induce import Reply
+    from qpo_middleware.training.tasks import get_task
+
+    module = load_script("pool_ceiling")
+    task = get_task("sst2")
+    settings = {"task": "sst2", "seed": 6, "train_queries": 40, "dev_queries": 6, "test_queries": 5,
+                "target": "smollm2-135m-instruct", "induce": 0}
+    splits = task.splits(real_data, seed=6, n_train=40, n_collect=6, n_test=5)
+    texts = {"none": "", "pool:a": "Read the review.", "pool:b": "Reply in French.", "pool:c": "The answer is positive."}
+
+    def part(examples: list[Any], scored: int) -> dict[str, Any]:
+        golds = [task.gold_text(e) for e in examples]
+        grid = {e.id: "0" + ("1" if g == "positive" else "0") + "01" for e, g in zip(examples[:scored], golds,
+                                                                                    strict=False)}
+        return {"ids": [e.id for e in examples], "gold": golds, "grid": grid, "hits": {}}
+
+    result_dir = tmp_path / "sst2-seed6"
+    result_dir.mkdir()
+    (result_dir / "per_query.json").write_text(json.dumps({"prompts": list(texts), "splits": {
+        "dev": part(list(splits.collect), 6), "test": part(list(splits.test), 4)}}))
+    (result_dir / "results.json").write_text(json.dumps({
+        "task": "sst2", "target": "hf:smollm2-135m-instruct", "commit": "abc", "settings": settings,
+        "pool": [{"source": s, "text": t} for s, t in texts.items()], "d0": {"best_prompt": "pool:a"}}))
+    new = "Is this movie review positive or negative? Answer with one word."
+    (tmp_path / "new.txt").write_text(f"{new}\n\nRead the review.\nSay positive.\n")
+    monkeypatch.setattr(sys, "argv", ["pool_ceiling.py", str(result_dir), "--prompts-file", str(tmp_path / "new.txt")])
+    module.main()
+    out = json.loads((result_dir / "ceiling_new.json").read_text())
+    assert [(c["text"], c["dropped"]) for c in out["candidates"]] == [
+        (new, None), ("Read the review.", "duplicate"), ("Say positive.", "names_one_label")]
+    assert out["leaky_pool_prompts"] == ["pool:c"] and out["queries"] == {"dev": 6, "test": 4}
+    positive = [task.gold_text(e) == "positive" for e in splits.test[:4]]
+    pool = out["ceilings"]["pool"]
+    assert 0 < sum(positive) < 4  # seed 6 puts both labels on dev and on the scored test queries
+    assert pool["prompts"] == 3 and pool["oracle"]["accuracy"] == pool["gold_routes"]["accuracy"] == sum(positive) / 4
+    hits = [b == "1" for b in out["candidates"][0]["test_hits"]]
+    assert len(out["candidates"][0]["dev_hits"]) == 6 and out["candidates"][0]["test_accuracy"] == sum(hits) / 4
+    right = (out["candidates"][0]["dev_hits"] + out["candidates"][0]["test_hits"]).count("1")
+    assert right >= 5, out["candidates"][0]  # SmolLM2 reads sentiment with a sensible prompt (about 70% on sst2)
+    both = out["ceilings"]["pool_and_new"]
+    assert both["prompts"] == 4 and both["oracle"]["accuracy"] == statistics.fmean(
+        p or h for p, h in zip(positive, hits, strict=True))
+    assert both["oracle"]["vs_best_prompt"]["diff"] == both["oracle"]["accuracy"] - sum(positive) / 4
+    assert out["passes"] is (both["gold_routes"]["vs_best_prompt"]["diff"] > 0.07 and
+                             both["oracle"]["vs_best_prompt"]["diff"] > 0.07)
+    assert "Leaky pool prompts left out: pool:c" in (result_dir / "ceiling_new.md").read_text()
+
+    asked: list[str] = []
+
+    def scripted(batch: list[list[dict[str, str]]], seed: int) -> list[Reply]:
+        asked.extend(m[-1]["content"] for m in batch)
+        return [Reply(r) for r in ("Read the review closely.", "Say positive.", "Read the review closely.")]
+
+    monkeypatch.setattr(module, "make_inducer", lambda spec: scripted)
+    monkeypatch.setattr(sys, "argv", ["pool_ceiling.py", str(result_dir), "--mutate", "3", "--from-top", "2"])
+    module.main()
+    out = json.loads((result_dir / "ceiling_mutate.json").read_text())
+    # The two best dev prompts (neither the leaky pool:c nor the empty prompt is varied), then the first again.
+    assert [c["of"] for c in out["candidates"]] == ["pool:a", "pool:b", "pool:a"]
+    assert [c["dropped"] for c in out["candidates"]] == [None, "names_one_label", "duplicate"]
+    assert len(asked) == 3 and out["ceilings"]["pool_and_new"]["prompts"] == 4
