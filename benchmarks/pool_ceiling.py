@@ -6,7 +6,8 @@ applied to test) and the pool oracle. On SmolLM2 ag_news the gold-label routes g
 prompt, short of the +7 bar, so the bar needs new prompts. This scores a source of new prompts on the testbed's
 dev queries and fully scored test queries and reports the three ceilings with and without them, so a source
 is judged in minutes of target time instead of a training run. A source passes when the gold-route and oracle
-ceilings gain more than +7 over the best train prompt.
+ceilings with it gain more than +7 over the best train prompt and the pool's own do not (on too few test queries
+the pool alone may clear the bar: then there is no verdict).
 
 Sources:
 
@@ -87,7 +88,8 @@ def main() -> None:
     scored_test = [qid for qid in split_rows["test"]["ids"] if qid in split_rows["test"]["grid"]]
     if args.test_queries:
         scored_test = scored_test[: args.test_queries]
-    test_ex = [e for e in splits.test if e.id in set(scored_test)]
+    wanted = set(scored_test)
+    test_ex = [e for e in splits.test if e.id in wanted]
     if [e.id for e in dev_ex] != [qid for qid in split_rows["dev"]["ids"] if qid in split_rows["dev"]["grid"]]:
         sys.exit("Not every dev query of this run has the full grid; rerun pool_choice.py to finish it.")
 
@@ -116,6 +118,8 @@ def main() -> None:
             candidates.append({"source": f"file:{i}", "of": None, "text": line, "raw": line, "dropped": reason})
     kept = [c for c in candidates if c["dropped"] is None]
     timings["write"] = time.perf_counter() - t
+    logging.info("Scoring %d new prompt(s) (of %d candidates) on %d dev and %d test queries",
+                 len(kept), len(candidates), len(dev_ex), len(test_ex))
 
     # -- score them on every dev and fully scored test query (cached) ------------------------------------------------
     name = args.name or ("mutate" if args.mutate else args.prompts_file.stem)
@@ -157,8 +161,12 @@ def main() -> None:
                             **method_row(found["gold_routes"]["hits"], reference)},
             "oracle": method_row(found["oracle"]["hits"], reference),
         }
-    new = table["pool_and_new"]
-    passes = all(new[k]["vs_best_prompt"]["diff"] > BAR for k in ("gold_routes", "oracle"))
+    def clears(row: dict[str, Any]) -> bool:
+        return all(row[k]["vs_best_prompt"]["diff"] > BAR for k in ("gold_routes", "oracle"))
+
+    # On too few queries the pool alone may clear the bar (ag_news seed 0: +10 on the first 100 test queries,
+    # +6.7 on all 300); then these queries cannot tell whether the new prompts do: no verdict.
+    passes = None if clears(table["pool"]) else clears(table["pool_and_new"])
     out = {
         "benchmark": "pool_ceiling", "testbed": args.result_dir.as_posix(), "task": results["task"],
         "target": results["target"], "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -194,8 +202,11 @@ def report(out: dict[str, Any]) -> str:
     for c in out["candidates"]:
         if c["dropped"]:
             dropped[c["dropped"]] = dropped.get(c["dropped"], 0) + 1
-    lines += ["", f"**{'Passes' if out['passes'] else 'Does not pass'}**: the gold-route and oracle ceilings with the "
-              f"new prompts must gain more than +{100 * BAR:.0f} points over the best train prompt.", "",
+    verdict = {True: "Passes", False: "Does not pass",
+               None: "No verdict: the pool alone already clears the bar on these queries (score more test queries)"}
+    lines += ["", f"**{verdict[out['passes']]}**. A source passes when the gold-route and oracle ceilings with the "
+              f"new prompts gain more than +{100 * BAR:.0f} points over the best train prompt, and the pool's own do not.",
+              "",
               f"Candidates: {len(out['candidates'])}, kept {len(kept)}"
               + (f", dropped {', '.join(f'{k} {v}' for k, v in dropped.items())}" if dropped else "") + ".",
               f"Leaky pool prompts left out: {', '.join(out['leaky_pool_prompts']) or 'none'}.", "",
