@@ -18,7 +18,8 @@ Sources:
 Prompts that name exactly one label word lean the answer instead of instructing; mutation's filter drops them,
 and the ceilings leave out any that remain (file prompts and pool prompts alike), listing them. Verdicts are
 cached under ``<out>/runs/`` (git-ignored), so a re-run pays only for new pairs. Writes
-``ceiling_<name>.json`` and ``ceiling_<name>.md`` next to ``per_query.json``.
+``ceiling_<name>.json`` and ``ceiling_<name>.md`` next to ``per_query.json``, and ``ceiling_<name>_pool.json``: the
+pool with the kept new prompts, a ``--prompts`` file for ``pool_choice.py``.
 
     python benchmarks/pool_ceiling.py benchmarks/results/pool-choice-grid/ag_news-seed0-n1000x5 --mutate 16
 """
@@ -177,6 +178,10 @@ def main() -> None:
         "candidates": candidates, "ceilings": table, "passes": passes, "timings": timings,
     }
     atomic_write_json(args.result_dir / f"ceiling_{name}.json", out)
+    # The grown pool as a --prompts file for pool_choice.py (the empty prompt comes on top there by itself).
+    atomic_write_json(args.result_dir / f"ceiling_{name}_pool.json", {"prompts": [
+        *({"id": s.split(":", 1)[-1], "text": texts[s]} for s in sources if texts[s]),
+        *({"id": c["source"].replace(":", "-"), "text": c["text"]} for c in kept)]})
     atomic_write_text(args.result_dir / f"ceiling_{name}.md", report(out))
     print(report(out))
 

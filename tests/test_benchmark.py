@@ -709,7 +709,7 @@ def test_pool_ceiling_scores_new_prompts_on_the_real_target_and_leaves_leaky_pro
     here from its stored verdicts. ``--mutate`` sends the best dev prompts to the inducer (a scripted one: the
     real inducer is tested in test_induce.py) and keeps what mutation's filters keep."""
     from qpo_middleware.training.induce import Reply
-    from qpo_middleware.training.tasks import get_task
+    from qpo_middleware.training.tasks import get_task, resolve_prompts
 
     module = load_script("pool_ceiling")
     task = get_task("sst2")
@@ -754,6 +754,8 @@ def test_pool_ceiling_scores_new_prompts_on_the_real_target_and_leaves_leaky_pro
     assert out["passes"] is (both["gold_routes"]["vs_best_prompt"]["diff"] > 0.07 and
                              both["oracle"]["vs_best_prompt"]["diff"] > 0.07)
     assert "Leaky pool prompts left out: pool:c" in (result_dir / "ceiling_new.md").read_text()
+    grown = resolve_prompts(task, str(result_dir / "ceiling_new_pool.json"), include_empty=True)
+    assert grown == [("none", ""), *((f"file:{s.split(':')[1]}", t) for s, t in texts.items() if t), ("file:file-0", new)]
 
     asked: list[str] = []
 
