@@ -15,8 +15,9 @@ Sources:
   (:func:`qpo_middleware.training.induce.mutate`, the loops' ``--mutations`` step; default the embedded Qwen);
 - ``--prompts-file``: one prompt per line, written anywhere.
 
-Prompts that name exactly one label word lean the answer instead of instructing; mutation's filter drops them,
-and the ceilings leave out any that remain (file prompts and pool prompts alike), listing them. Verdicts are
+New prompts, mutated or from the file, pass induction's filters (:func:`~qpo_middleware.training.induce.filter_candidates`),
+which drop among others those naming exactly one label word: they lean the answer instead of instructing. The
+ceilings also leave out any pool prompt that does, listing them. Verdicts are
 cached under ``<out>/runs/`` (git-ignored), so a re-run pays only for new pairs. Writes
 ``ceiling_<name>.json`` and ``ceiling_<name>.md`` next to ``per_query.json``, and ``ceiling_<name>_pool.json``: the
 pool with the kept new prompts, a ``--prompts`` file for ``pool_choice.py``.
@@ -38,10 +39,10 @@ from qpo_bench.harness import label_routing
 from qpo_bench.offline import method_line, method_row, open_pool_choice_run
 from qpo_middleware.training.collect import score_pairs
 from qpo_middleware.training.config import CollectConfig
-from qpo_middleware.training.induce import make_inducer, mutate
+from qpo_middleware.training.induce import Candidate, filter_candidates, make_inducer, mutate
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.targets import Pair, Score, make_target
-from qpo_middleware.training.tasks import names_labels
+from qpo_middleware.training.tasks import names_one_label
 
 BAR = 0.07  # the SmolLM2 bar: at least 7 points over the best train prompt
 
@@ -97,7 +98,7 @@ def main() -> None:
     # -- the new prompts -------------------------------------------------------------------------------------------
     dev_grid = [[b == "1" for b in split_rows["dev"]["grid"][e.id]] for e in dev_ex]
     labels = list(task.labels)
-    leaks = {p for p in pool if len(names_labels(p, labels)) == 1}
+    leaks = {p for p in pool if names_one_label(p, labels)}
     order = sorted((j for j, p in enumerate(pool) if p and p not in leaks),
                    key=lambda j: (-sum(row[j] for row in dev_grid), j))
     candidates: list[dict[str, Any]] = []
@@ -111,12 +112,9 @@ def main() -> None:
                                "raw": c.raw, "dropped": c.reason})
     if args.prompts_file is not None:
         lines = [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines()]
-        known = set(pool)
-        for i, line in enumerate(p for p in lines if p):
-            reason = ("duplicate" if line in known else "names_one_label" if len(names_labels(line, labels)) == 1
-                      else None)
-            known.add(line)
-            candidates.append({"source": f"file:{i}", "of": None, "text": line, "raw": line, "dropped": reason})
+        written = [Candidate(f"file:{i}", "", line, line, []) for i, line in enumerate(p for p in lines if p)]
+        for c in filter_candidates(written, labels=labels, examples={}, existing=pool):  # induction's filters
+            candidates.append({"source": c.source, "of": None, "text": c.text, "raw": c.raw, "dropped": c.reason})
     kept = [c for c in candidates if c["dropped"] is None]
     timings["write"] = time.perf_counter() - t
     logging.info("Scoring %d new prompt(s) (of %d candidates) on %d dev and %d test queries",

@@ -38,7 +38,7 @@ from typing import Any
 from quality import DEFAULT_MODEL, reuse_d0
 
 from qpo_bench.environment import code_version, environment
-from qpo_bench.harness import label_routing, names_labels
+from qpo_bench.harness import label_routing
 from qpo_bench.offline import (
     RECIPES,
     RULES,
@@ -59,6 +59,7 @@ from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score
+from qpo_middleware.training.tasks import names_one_label
 
 REFERENCES = ("best_prompt", "best_prompt_dev", "selector")
 
@@ -256,7 +257,7 @@ def main() -> None:
         "best_prompt_dev": {"prompt": source[best_dev], "dev_accuracy": {source[p]: dev_accuracy[p] for p in prompts}},
         "pool": [{"source": src, "text": text} for src, text in pool],
         # Leakage check: a pick that names exactly one label word may answer instead of prompting.
-        "pool_naming_one_label": [src for src, text in pool if len(names_labels(text, list(run.task.labels))) == 1],
+        "pool_naming_one_label": [src for src, text in pool if names_one_label(text, run.task.labels)],
         "validation": {"queries": len(dev_ex), "scores": dev_scores, "chosen": chosen, "chosen_recipe": chosen_recipe},
         "prompts_sent": {k: dict(v.most_common()) for k, v in picked.items()},
         "test": {"queries": len(test_ex), "bound_queries": len(bounded["test"]), "methods": methods, "recipes_scored": list(dict.fromkeys(test_recipes))},

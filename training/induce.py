@@ -30,7 +30,7 @@ from typing import Any
 from qpo_middleware.text import clean_prompt, strip_strings
 
 from .io import atomic_write_json
-from .tasks import Example, Task, names_labels
+from .tasks import Example, Task, names_one_label
 
 STYLES: dict[str, str] = {
     "plain": "Write it as one plain sentence.",
@@ -254,7 +254,7 @@ def reject_reason(raw: str, text: str, *, labels: Sequence[str], examples: Seque
     label_keys = {_key(label) for label in labels}
     if label_keys and set(_key(text).split()) <= label_keys | {"or", "and"}:
         return "label_word"
-    if len(labels) > 1 and len(names_labels(text, labels)) == 1:  # "...the output is Sports": a lean, not an instruction
+    if names_one_label(text, labels):  # "...the output is Sports": a lean, not an instruction
         return "names_one_label"
     key = _key(text)
     for example in examples:

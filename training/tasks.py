@@ -201,6 +201,11 @@ def names_labels(text: str, labels: Sequence[str]) -> set[str]:
             if re.search(rf"(?<![a-z0-9]){re.escape(label.lower())}(?![a-z0-9])", lowered)}
 
 
+def names_one_label(text: str, labels: Sequence[str]) -> bool:
+    """Whether ``text`` names exactly one of ``labels`` (see :func:`names_labels`): the leakage check's test."""
+    return len(names_labels(text, labels)) == 1
+
+
 def _require(value: Any, example: Example, name: str) -> Any:
     if value is None:
         raise TaskError(f"Example {example.id!r} has no gold {name}.")

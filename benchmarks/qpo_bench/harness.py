@@ -53,7 +53,7 @@ from qpo_middleware.training.preference import implicit_rewards
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score, Target
-from qpo_middleware.training.tasks import Example, names_labels, resolve_prompts
+from qpo_middleware.training.tasks import Example, names_one_label, resolve_prompts
 
 from .config import BenchmarkConfig
 from .policies import OnnxPolicy, TorchPolicy, open_policy
@@ -324,7 +324,7 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
     # -- leakage check: a prompt that names one label may win by answering, not by prompting ---------
     if labels and "best_pool" in per_query_hits:
         for method in methods:
-            leaks = [len(names_labels(p, labels)) == 1 for p in per_query_prompts[method.method]]
+            leaks = [names_one_label(p, labels) for p in per_query_prompts[method.method]]
             kept = [b if leak else h for h, b, leak in zip(per_query_hits[method.method], per_query_hits["best_pool"],
                                                            leaks, strict=True)]
             valid = [k for k in kept if k is not None]
