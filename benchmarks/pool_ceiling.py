@@ -76,6 +76,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.mutate and args.prompts_file is None:
         sys.exit("Nothing to score: pass --mutate N or --prompts-file FILE.")
+    if args.prompts_file is not None and not args.prompts_file.is_file():
+        sys.exit(f"--prompts-file {args.prompts_file}: not found; pass a text file with one prompt per line.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     code = code_version()
     results, per_query, task, splits = open_pool_choice_run(args.result_dir)
