@@ -108,6 +108,10 @@ def main() -> None:
     parser.add_argument("--features", choices=("hashed", "policy"), default="hashed",
                         help="The classifier's query features: hashed text features, or the untrained policy "
                              "base's hidden states (a linear probe; loads the base model).")
+    parser.add_argument("--extra-train", type=int, default=0,
+                        help="Fit the classifier on this many more labelled train-pool queries, beyond the run's D0 "
+                             "queries and disjoint from every split (their labels only: no target call). Asks "
+                             "whether more labelled queries, which cost nothing to label-route, read the label better.")
     parser.add_argument("--base", default=None,
                         help="With --features policy: the local base model read (default: the default policy base; "
                              "e.g. qwen2.5-coder-0.5b-instruct to ask whether a bigger base would read the label).")
@@ -123,6 +127,17 @@ def main() -> None:
 
     # -- the classifier: train queries and their gold labels, L2 chosen on dev ---------------------------------
     train = list(splits.train)
+    if args.extra_train:
+        if args.extra_train < 0:
+            sys.exit("--extra-train must be 0 or more.")
+        from qpo_middleware.training.tasks import TaskError
+
+        try:
+            train += task.splits(seed=settings["seed"], n_train=settings["train_queries"],
+                                 n_collect=settings["dev_queries"], n_test=settings["test_queries"],
+                                 n_dev=args.extra_train).dev
+        except TaskError as exc:
+            sys.exit(f"--extra-train {args.extra_train}: {exc}")
     y_train = np.array([labels.index(task.gold_text(e)) for e in train])
     by_id = {e.id: e for e in [*splits.collect, *splits.test]}
     dev_gold = list(dev["gold"])
@@ -175,7 +190,8 @@ def main() -> None:
         "noisy_routes": noisy,
         "test": rows,
     }
-    stem = "label_router" if args.features == "hashed" else "label_router_policy" + (f"_{args.base}" if args.base else "")
+    stem = ("label_router" if args.features == "hashed" else "label_router_policy" + (f"_{args.base}" if args.base else "")) \
+        + (f"_extra{args.extra_train}" if args.extra_train else "")
     atomic_write_json(args.result_dir / f"{stem}.json", out)
     atomic_write_text(args.result_dir / f"{stem}.md", report(out))
     print(report(out))
