@@ -537,6 +537,14 @@ def test_label_router_routes_by_predicted_label_on_real_sst2(
     assert out["noisy_routes"]["0.7"]["test"] == pytest.approx(0.7)
     assert out["test"]["label_router"]["accuracy"] == pytest.approx(out["classifier"]["test_accuracy"])
     assert "gold label → route (a bound)" in (tmp_path / "label_router.md").read_text()
+    # --extra-train: more labelled train-pool queries for the classifier, disjoint from the run's splits.
+    monkeypatch.setattr(sys, "argv", ["label_router.py", str(tmp_path), "--extra-train", "40"])
+    module.main()
+    extra = json.loads((tmp_path / "label_router_extra40.json").read_text())
+    assert extra["train_queries"] == 100 and extra["routes"] == out["routes"]
+    monkeypatch.setattr(sys, "argv", ["label_router.py", str(tmp_path), "--extra-train", "10000000"])
+    with pytest.raises(SystemExit, match="--extra-train 10000000: .*only"):
+        module.main()
     # The same with a linear probe of the real SmolLM2 policy base's hidden states: its own files, a layer and
     # an L2 chosen on dev, and the router still right exactly where its classifier is.
     monkeypatch.setattr(sys, "argv", ["label_router.py", str(tmp_path), "--features", "policy"])

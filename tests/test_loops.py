@@ -164,6 +164,23 @@ def test_label_rank_conditioning_runs_two_loops_and_stays_fixed(
                   LoopConfig(**{**loops.__dict__, "loops": 3}))
 
 
+def test_label_route_conditioning_trains_two_imputed_examples_per_query(tmp_path: Path, tiny_base: str) -> None:
+    from qpo_middleware.training.policy import RewardBuckets
+
+    small_run(tmp_path, tiny_base)
+    train, loops = configs(tiny_base)
+    routed = TrainConfig(**{**train.__dict__, "conditioning": "label_route"})
+    metrics = run_loops(tmp_path, routed, LoopConfig(**{**loops.__dict__, "loops": 1}))
+    records = OfflineDataset(tmp_path).records
+    labels = {r.label for r in records}
+    assert len(labels) > 1 and all(r.label for r in records)
+    # Per query: its label's best prompt (top token) and worst (bottom token); the dataset itself is unchanged.
+    assert metrics[0].train_records == 2 * len({r.query_id for r in records})
+    assert not any(r.prompt_source.startswith("label_route") for r in records)
+    assert RewardBuckets.from_dict(json.loads(RunPaths(tmp_path).buckets.read_text())) == RewardBuckets.even(
+        4, "label_route")
+
+
 def test_preference_step_after_or_instead_of_the_supervised_one(tmp_path: Path, tiny_base: str) -> None:
     import math
     from dataclasses import replace

@@ -225,6 +225,36 @@ def test_label_rank_puts_the_prompt_that_suits_the_querys_label_on_top_whatever_
         conditioning_values(unlabelled, "label_rank")
 
 
+def test_label_route_trains_each_query_on_its_labels_best_prompt_in_the_whole_pool():
+    from dataclasses import replace
+
+    from qpo_middleware.training.policy import label_route_data
+
+    # Each query scored on two of three prompts. By label: C is right on every pos query it was scored on (q2, q3),
+    # A on pos only half the time; on neg B is right on q4 and q5, C never, A on q6 only.
+    scored = {"q1": ("pos", {"A": True, "B": False}), "q2": ("pos", {"A": False, "C": True}),
+              "q3": ("pos", {"B": False, "C": True}), "q4": ("neg", {"A": False, "B": True}),
+              "q5": ("neg", {"B": True, "C": False}), "q6": ("neg", {"A": True, "C": False})}
+    records = [replace(_scored(q, prompt, ok, 10.0 * ok), label=label)
+               for q, (label, verdicts) in scored.items() for prompt, ok in verdicts.items()]
+    values = conditioning_values(records, "label_route")
+    standing = {(r.label, r.prompt): v for r, v in zip(records, values, strict=True)}
+    assert standing == {("pos", "C"): 1.0, ("pos", "A"): 0.5, ("pos", "B"): 0.0,
+                        ("neg", "B"): 1.0, ("neg", "A"): 0.5, ("neg", "C"): 0.0}
+    out, values = label_route_data(records)
+    # q1 never saw C: it still trains on C under the top token (imputed from q2 and q3), and on B under the bottom.
+    assert [(r.query_id, r.prompt, v) for r, v in zip(out, values, strict=True)] == [
+        ("q1", "C", 1.0), ("q1", "B", 0.0), ("q2", "C", 1.0), ("q2", "B", 0.0), ("q3", "C", 1.0), ("q3", "B", 0.0),
+        ("q4", "B", 1.0), ("q4", "C", 0.0), ("q5", "B", 1.0), ("q5", "C", 0.0), ("q6", "B", 1.0), ("q6", "C", 0.0)]
+    assert {r.prompt_source for r in out} == {"label_route:best", "label_route:worst"}
+    assert all(r.extra["imputed"] and r.query == f"query {r.query_id}" for r in out)
+    buckets = RewardBuckets.for_records(records, 10, "label_route")
+    assert buckets == RewardBuckets.even(10, "label_route")
+    assert [buckets.bucket(v) for v in values[:2]] == [buckets.top, 0]
+    with pytest.raises(ValueError, match="--conditioning query_rank"):
+        label_route_data([replace(r, label=None) for r in records])
+
+
 def test_build_examples_uses_the_conditioning_values(policy):
     _, tokenizer, fmt = policy
     records = [_scored("q1", "Be brief.", True, 1.0), _scored("q1", "Say it.", False, 30.0)]

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PREFERENCE_MODES = ("off", "after", "instead")
-CONDITIONING_KINDS = ("absolute", "query_rank", "label_rank")  # what a reward token encodes: training.policy.conditioning_values
+CONDITIONING_KINDS = ("absolute", "query_rank", "label_rank", "label_route")  # what a reward token encodes: training.policy.conditioning_values
 # The paper's recipe (arXiv 2408.10504), where the defaults differ from it: the absolute reward token, loop 1 on D0's
 # better half, supervised training only. The defaults are the recipe docs/benchmarks.md measured best (DPO from the
 # base model on right-vs-wrong pairs, on all of D0).
@@ -192,7 +192,9 @@ class TrainConfig:
                 "scored on the same query, correct ones above wrong ones: the top bucket asks for the best prompt "
                 "for this query) or 'absolute' (the paper: the pair's reward, bucketed by D0's quantiles) or "
                 "'label_rank' (classification: the same rank, by the prompt's accuracy on the queries of this "
-                "query's gold label: the top bucket asks for the prompt that suits the query's label)."})
+                "query's gold label: the top bucket asks for the prompt that suits the query's label) or 'label_route' "
+                "(classification: each query trains on its label's best prompt among the whole pool under the top "
+                "token and its label's worst under the bottom one, whether or not D0 scored them on it)."})
     query_max_tokens: int = field(
         default=40, metadata={"help": "Query tokens the policy sees (the rest is cut)."}
     )

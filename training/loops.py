@@ -42,7 +42,14 @@ from .export import ChoiceOffsets, PolicyMeta, write_choice_offsets, write_polic
 from .forward import FrozenLayerCache, frozen_layer_cache
 from .induce import Inducer, make_inducer, mutate
 from .io import atomic_write_json
-from .policy import RewardBuckets, add_policy_tokens, build_examples, conditioning_values, top_bucket_coverage
+from .policy import (
+    RewardBuckets,
+    add_policy_tokens,
+    build_examples,
+    conditioning_values,
+    label_route_data,
+    top_bucket_coverage,
+)
 from .preference import (
     PreferenceExample,
     PreferenceObjective,
@@ -355,6 +362,8 @@ def training_data(records: Sequence[Record], loop: int, conditioning: str,
     loop's kept records up to ``loop``. Query ranks are taken among all of a query's records up to
     ``loop`` (before D0's floor), so a prompt's standing counts every prompt scored on its query."""
     pool = [r for r in records if r.loop <= loop]
+    if conditioning == "label_route":  # two imputed examples per query; D0's floor does not apply
+        return label_route_data(pool)
     values = conditioning_values(pool, conditioning)
     kept = [(r, v) for r, v in zip(pool, values, strict=True) if r.loop > 0 or v >= d0_floor]
     return [r for r, _ in kept], [v for _, v in kept]

@@ -15,7 +15,7 @@ import bisect
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -179,13 +179,12 @@ def label_accuracy(records: Sequence[Record]) -> dict[tuple[str | None, str], fl
     for record in records:
         first.setdefault((record.query_id, record.prompt), record)
     hits: dict[tuple[str | None, str], list[int]] = {}
-    overall: dict[str, list[int]] = {}
     for record in first.values():
-        for table, key in ((hits, (record.label, record.prompt)), (overall, record.prompt)):
-            tally = table.setdefault(key, [0, 0])  # type: ignore[arg-type]
-            tally[0] += int(record.correct)
-            tally[1] += 1
-    return {(label, prompt): (right + LABEL_PRIOR * overall[prompt][0] / overall[prompt][1]) / (n + LABEL_PRIOR)
+        tally = hits.setdefault((record.label, record.prompt), [0, 0])
+        tally[0] += int(record.correct)
+        tally[1] += 1
+    overall = mean_prompt_accuracy(records)
+    return {(label, prompt): (right + LABEL_PRIOR * overall[prompt]) / (n + LABEL_PRIOR)
             for (label, prompt), (right, n) in hits.items()}
 
 
@@ -208,6 +207,12 @@ def conditioning_values(records: Sequence[Record], kind: str = "absolute") -> li
       label best. On a small target whose prompts mostly lean the answer one way, this denoises the
       per-query verdicts; a policy conditioned on the top bucket learns to route each query to the
       prompt of the label it reads. Classification only: every record needs its gold ``label``.
+    * ``label_route``: the prompt's standing by label accuracy among **every** prompt scored on queries of the
+      record's gold label (:func:`pool_label_standing`), not only those scored on its own query: 1.0 for the
+      label's best prompt (its *route*), 0.0 for its worst. Training on it (:func:`label_route_data`) shows each
+      query its label's route under the top token whether or not D0 scored the route on it, so the top token
+      asks for one prompt per label, which ``label_rank`` spreads over the 5 prompts scored per query.
+      Classification only.
     """
     if kind not in CONDITIONING_KINDS:
         raise ValueError(f"conditioning must be one of {', '.join(CONDITIONING_KINDS)}; got {kind!r}.")
@@ -215,6 +220,9 @@ def conditioning_values(records: Sequence[Record], kind: str = "absolute") -> li
         return [float(r.reward) for r in records]
     if kind == "label_rank":
         return _label_ranks(records)
+    if kind == "label_route":
+        standing = pool_label_standing(records)
+        return [standing[(r.label, r.prompt)] for r in records]
     groups: dict[tuple[str, bool], list[int]] = {}
     for index, record in enumerate(records):
         groups.setdefault((record.query_id, record.correct), []).append(index)
@@ -227,11 +235,68 @@ def conditioning_values(records: Sequence[Record], kind: str = "absolute") -> li
     return values
 
 
-def _label_ranks(records: Sequence[Record]) -> list[float]:
+def _require_labels(records: Sequence[Record], kind: str) -> None:
     if missing := sum(r.label is None for r in records):
-        raise ValueError(f"conditioning 'label_rank' ranks prompts by their accuracy per gold label, but {missing} "
+        raise ValueError(f"conditioning {kind!r} ranks prompts by their accuracy per gold label, but {missing} "
                          f"of {len(records)} records have no label (a generation task, or logs without one); "
                          "use --conditioning query_rank.")
+
+
+def pool_label_standing(records: Sequence[Record]) -> dict[tuple[str | None, str], float]:
+    """``(label, prompt) -> standing`` in [0, 1]: the prompt's place among every prompt scored on queries of that
+    gold label, ordered by :func:`label_accuracy` (ties by overall accuracy, then text): 1.0 = the label's best
+    prompt, 0.0 = its worst (1.0 when the label has one prompt)."""
+    _require_labels(records, "label_route")
+    by_label = label_accuracy(records)
+    overall = mean_prompt_accuracy(records)
+    prompts: dict[str | None, list[str]] = {}
+    for label, prompt in by_label:
+        prompts.setdefault(label, []).append(prompt)
+    standing: dict[tuple[str | None, str], float] = {}
+    for label, texts in prompts.items():
+        texts.sort(key=lambda prompt: (by_label[(label, prompt)], overall[prompt], prompt))
+        for position, prompt in enumerate(texts):
+            standing[(label, prompt)] = position / (len(texts) - 1) if len(texts) > 1 else 1.0
+    return standing
+
+
+def mean_prompt_accuracy(records: Sequence[Record]) -> dict[str, float]:
+    """Each prompt's accuracy over all its records (a prompt scored twice on a query counts once)."""
+    first: dict[tuple[str, str], bool] = {}
+    for record in records:
+        first.setdefault((record.query_id, record.prompt), record.correct)
+    tally: dict[str, list[int]] = {}
+    for (_, prompt), correct in first.items():
+        counts = tally.setdefault(prompt, [0, 0])
+        counts[0] += int(correct)
+        counts[1] += 1
+    return {prompt: right / n for prompt, (right, n) in tally.items()}
+
+
+def label_route_data(records: Sequence[Record]) -> tuple[list[Record], list[float]]:
+    """What ``label_route`` conditioning trains on: per query (first-seen order), its gold label's best prompt by
+    :func:`pool_label_standing` under value 1.0 and the label's worst under 0.0, as copies of the query's first
+    record with the prompt replaced (``prompt_source`` ``label_route:best`` / ``label_route:worst``). Their
+    verdicts are not observed on the query: the standing is imputed from D0's verdicts on the other queries of the
+    label. Two examples per query, whatever the number of prompts scored on it."""
+    standing = pool_label_standing(records)
+    ends = {(label, value): prompt for (label, prompt), value in standing.items() if value in (0.0, 1.0)}
+    first: dict[str, Record] = {}
+    for record in records:
+        first.setdefault(record.query_id, record)
+    out: list[Record] = []
+    values: list[float] = []
+    for record in first.values():
+        for value, name in ((1.0, "best"), (0.0, "worst")):
+            if (prompt := ends.get((record.label, value))) is not None:  # a label with one prompt has no worst
+                out.append(replace(record, prompt=prompt, prompt_source=f"label_route:{name}",
+                                   extra={**record.extra, "imputed": True}))
+                values.append(value)
+    return out, values
+
+
+def _label_ranks(records: Sequence[Record]) -> list[float]:
+    _require_labels(records, "label_rank")
     by_label = label_accuracy(records)
     groups: dict[str, list[int]] = {}
     for index, record in enumerate(records):

@@ -76,6 +76,15 @@ RECIPES: dict[str, dict[str, Any]] = {
                      "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
                                "preference_pairs_per_query": 2, "preference_learning_rate": 1e-4,
                                "preference_label_smoothing": 1.0}},
+    # Routes distilled into the policy: each query trains on its gold label's best prompt among the whole pool
+    # (by D0's verdicts on the label's other queries) under the top token, and the label's worst under the bottom
+    # one. label_rank's top token spread over the 5 prompts scored per query; this one names one prompt per label.
+    # Every weight trained (the label is read below the top layers: the policy-base probe is best at layer 10-20).
+    "label_route": {"train": {"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5},
+                    "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
+    # The same on the top 4 layers only (the other recipes' setting): is the label read there?
+    "label_route_top4": {"train": {"conditioning": "label_route"},
+                         "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
 }
 # dpo_ratio: recipes with a preference step only; choose: checkpoints whose training recorded choice offsets
 RULES = ("likelihood", "implicit", "dpo_ratio", "choose")
