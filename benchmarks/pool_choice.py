@@ -50,6 +50,7 @@ from qpo_bench.offline import (
     recipe_dir,
     reference_model,
     rules_of,
+    steering_check,
     train_recipes,
 )
 from qpo_middleware.training.collect import collect, score_pairs
@@ -59,7 +60,7 @@ from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score
-from qpo_middleware.training.tasks import names_one_label
+from qpo_middleware.training.tasks import names_one_label, steered_label
 
 REFERENCES = ("best_prompt", "best_prompt_dev", "selector")
 
@@ -139,6 +140,7 @@ def main() -> None:
     # Every pool prompt on these queries: the oracle and label-routing bounds read them.
     bounded = {"dev": dev_ex, "test": test_ex[: args.bound_queries or None]}
     outcomes: dict[str, dict[str, dict[str, bool]]] = {"dev": {}, "test": {}}
+    answers: dict[str, dict[str, dict[str, str | None]]] = {"dev": {}, "test": {}}  # the target's, for steering
 
     def score(split: str, wanted: dict[str, list[str]]) -> None:
         """Score on the target (cached) each (query id -> prompts) pair not yet in ``outcomes[split]``."""
@@ -147,6 +149,7 @@ def main() -> None:
                  for pair in run.pairs([by_id[qid]], [(source[p], p) for p in dict.fromkeys(asked) if p not in table.get(qid, {})])]
         for pair, verdict in zip(pairs, score_pairs(target, run.task, pairs, config.chunk_size), strict=True):
             table.setdefault(pair.example.id, {})[pair.prompt] = bool(verdict.correct)  # failed = wrong
+            answers[split].setdefault(pair.example.id, {})[pair.prompt] = verdict.prediction
 
     t = time.perf_counter()
     for split, exs in bounded.items():
@@ -160,6 +163,10 @@ def main() -> None:
     dev_accuracy = {p: statistics.fmean(outcomes["dev"][e.id][p] for e in dev_ex) for p in prompts}
     best_dev = max(prompts, key=lambda p: (dev_accuracy[p], accuracy[p], -prompts.index(p)))
     selector = Selector.fit(d0)
+    # The behavioural leakage check: pool prompts whose answers on dev are mostly one label, whatever the query.
+    dev_golds = [run.task.gold_text(e) for e in dev_ex]
+    steering = {p: steered_label([answers["dev"][e.id][p] for e in dev_ex], dev_golds) for p in prompts} \
+        if run.task.labels else {}
     picked: dict[str, Counter[str]] = {}
 
     def baselines(split: str) -> dict[str, list[str]]:
@@ -240,6 +247,7 @@ def main() -> None:
         qpo, seconds["test"][recipe] = qpo_picks(recipe, "test", (rule.removeprefix(f"qpo_{recipe}_"),))
         sent |= qpo
     test = hits("test", sent) | bounds("test")
+    steered = steering_check(sent, test, steering, "best_prompt_dev", test["best_prompt"]) if steering else {}
     reference = {k: test[k] for k in REFERENCES}
     # A bound on the first --bound-queries is compared on those queries (the split's prefix).
     methods = {k: method_row(v, {r: h[: len(v)] for r, h in reference.items() if r != k}) for k, v in test.items()}
@@ -258,9 +266,12 @@ def main() -> None:
         "pool": [{"source": src, "text": text} for src, text in pool],
         # Leakage check: a pick that names exactly one label word may answer instead of prompting.
         "pool_naming_one_label": [src for src, text in pool if names_one_label(text, run.task.labels)],
+        # ... and one whose answers on dev are mostly one label steers the target there (tasks.steered_label).
+        "pool_steering": {source[p]: label for p, label in steering.items() if label},
         "validation": {"queries": len(dev_ex), "scores": dev_scores, "chosen": chosen, "chosen_recipe": chosen_recipe},
         "prompts_sent": {k: dict(v.most_common()) for k, v in picked.items()},
-        "test": {"queries": len(test_ex), "bound_queries": len(bounded["test"]), "methods": methods, "recipes_scored": list(dict.fromkeys(test_recipes))},
+        "test": {"queries": len(test_ex), "bound_queries": len(bounded["test"]), "methods": methods, "recipes_scored": list(dict.fromkeys(test_recipes)),
+                 "steering": steered},
         "policy_seconds_per_query": seconds,
         "timings": {**timings, "total_seconds": time.perf_counter() - started},
     }
@@ -293,6 +304,28 @@ def leakage_line(results: dict[str, Any]) -> str:
             + ", ".join(f"`{p}`" for p in leaky) + "); the counts above show how often each method sent them.")
 
 
+def steering_lines(results: dict[str, Any]) -> list[str]:
+    """The behavioural leakage check: how often each method sent a prompt that steers the target to one label."""
+    if "pool_steering" not in results:
+        return ["Steering check: not recorded by this run."]
+    pool = results["pool_steering"]
+    lines = ["Steering check (a pool prompt whose answers on dev are mostly one label: it answers for the query, "
+             "as a named label would): " + (", ".join(f"`{p}` → {label}" for p, label in pool.items()) if pool else
+                                            "no pool prompt steers the target") + "."]
+    rows = results["test"].get("steering", {})
+    if pool and rows:
+        lines += ["", "| method | queries sent a steering prompt | accuracy | with those sent `best_prompt_dev` "
+                      "| vs best prompt, without steering [95% CI] |", "|---|---:|---:|---:|---|"]
+        for name, row in rows.items():
+            gap = row["vs_reference_without_steering"]
+            lines.append(f"| {name} | {100 * row['steered_share']:.1f}% | "
+                         f"{100 * results['test']['methods'][name]['accuracy']:.1f} | "
+                         f"{100 * row['accuracy_without_steering']:.1f} | {100 * gap['diff']:+.1f} "
+                         f"[{100 * gap['ci95'][0]:+.1f}, {100 * gap['ci95'][1]:+.1f}]"
+                         f"{'' if gap['significant'] else ' (n.s.)'} |")
+    return lines
+
+
 def report(results: dict[str, Any]) -> str:
     s, d0, val, test = results["settings"], results["d0"], results["validation"], results["test"]
     bound = test.get("bound_queries", test["queries"])
@@ -323,7 +356,7 @@ def report(results: dict[str, Any]) -> str:
         "Prompts sent on test (count per pool prompt):", "",
         *[f"- {k.removeprefix('test:')}: " + ", ".join(f"{a} {n}" for a, n in v.items())
           for k, v in results["prompts_sent"].items() if k.startswith("test:")],
-        "", leakage_line(results),
+        "", leakage_line(results), "", *steering_lines(results),
         "", "Policy scoring cost per test query (every pool prompt, the passes its rule needs, CPU): " + ", ".join(
             f"{k} {v:.2f} s" for k, v in results["policy_seconds_per_query"]["test"].items()), "",
     ]

@@ -500,6 +500,19 @@ def test_seed_mean_averages_each_seeds_dev_chosen_row(tmp_path: Path, monkeypatc
         module.main()
 
 
+def test_steering_check_replaces_steering_picks_by_the_fallbacks_verdicts() -> None:
+    from qpo_bench.offline import steering_check
+
+    sent = {"router": ["s", "n", "s", "n"], "plain": ["n", "n", "n", "n"]}
+    hits = {"router": [True, True, True, False], "plain": [False, True, False, False],
+            "best_prompt_dev": [False, False, True, True]}
+    out = steering_check(sent, hits, {"s": "World", "n": None}, "best_prompt_dev", [False, True, False, True])
+    assert out["router"]["steered_share"] == 0.5
+    assert out["router"]["accuracy_without_steering"] == 0.5  # queries 1 and 3 take best_prompt_dev's verdicts
+    assert out["router"]["vs_reference_without_steering"]["diff"] == 0.0
+    assert out["plain"] == {**out["plain"], "steered_share": 0.0, "accuracy_without_steering": 0.25}
+
+
 def test_label_router_routes_by_predicted_label_on_real_sst2(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_data: Path) -> None:
     """label_router.py on a hand-built pool_choice folder over real sst2 splits: ``pool:a`` is right exactly on

@@ -290,3 +290,37 @@ def test_real_collect_with_prompts_per_query(tmp_path: Path, smollm2_target: HFT
     by_id = {e.id: e for e in task.splits(real_data, seed=0, n_train=12, n_collect=4, n_test=4).train}
     direct = smollm2_target.score(task, [Pair(by_id[r.query_id], r.prompt) for r in records[:6]])
     assert [s.correct for s in direct] == [r.correct for r in records[:6]]
+
+
+def test_steered_label_needs_an_answer_share_halfway_from_the_golds_to_always() -> None:
+    from qpo_middleware.training.tasks import steered_label
+
+    golds = ["a", "b", "c", "d"] * 2  # 4 balanced labels: a prompt steers at 62.5% of one answer
+    assert steered_label(["a"] * 5 + ["b", "c", "d"], golds) == "a"  # 5 of 8 = 62.5%
+    assert steered_label(["a"] * 4 + ["b", "c", "d", "d"], golds) is None  # 50%: leans, does not steer
+    assert steered_label(["a", None, "a", "a", "a", "a", "b", "c"], golds) == "a"  # an unparsed answer counts as other
+    assert steered_label(["x"] * 8, ["x"] * 8) == "x"  # a one-label split: always answering it is 100% >= 100%
+    assert steered_label([], []) is None and steered_label([None], ["a"]) is None
+    with pytest.raises(ValueError, match="2 answers for 1"):
+        steered_label(["a", "b"], ["a"])
+
+
+@pytest.mark.real
+def test_a_prompt_listing_one_label_first_steers_smollm2_and_the_best_prompt_does_not(
+        real_data: Path, smollm2_target: HFTarget) -> None:
+    """The behavioural leakage check on the real target: SmolLM2 answers the label a list names first, so this
+    prompt makes it answer Technology whatever the article, though it names all four labels."""
+    from qpo_middleware.training.targets import Pair
+    from qpo_middleware.training.tasks import get_task, names_one_label, steered_label
+
+    task = get_task("ag_news")
+    examples = task.splits(real_data, seed=0, n_train=0, n_collect=40, n_test=0).collect
+    golds = [task.gold_text(e) for e in examples]
+    assert len(set(golds)) == 4
+    first = "What is the topic of this news article? Answer with one word: Technology, Business, Sports, or World."
+    best = next(p["text"] for p in task.prompt_pool() if p["id"] == "terse-section")  # the best train prompt
+    answers = {p: [s.prediction for s in smollm2_target.score(task, [Pair(e, p) for e in examples])]
+               for p in (first, best)}
+    assert not names_one_label(first, task.labels)  # the wording check cannot see it
+    assert steered_label(answers[first], golds) == "Technology", answers[first]
+    assert steered_label(answers[best], golds) is None, answers[best]

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -204,6 +205,24 @@ def names_labels(text: str, labels: Sequence[str]) -> set[str]:
 def names_one_label(text: str, labels: Sequence[str]) -> bool:
     """Whether ``text`` names exactly one of ``labels`` (see :func:`names_labels`): the leakage check's test."""
     return len(names_labels(text, labels)) == 1
+
+
+def steered_label(answers: Sequence[str | None], golds: Sequence[str]) -> str | None:
+    """The label a prompt steers the target to, judged by its answers on queries whose gold labels are known: the
+    label it answers at least halfway between that label's share of the golds and always (4 balanced labels:
+    62.5% of the queries; 2 balanced: 75%), or None. The behavioural leakage check: a prompt that makes the target
+    answer one label whatever the query does what naming the label does, though it may name none or all of them
+    (e.g. SmolLM2 answers the first label a list names)."""
+    if len(answers) != len(golds):
+        raise ValueError(f"steered_label got {len(answers)} answers for {len(golds)} gold labels.")
+    if not golds:
+        return None
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    label, n = counts.most_common(1)[0]
+    gold_share = sum(g == label for g in golds) / len(golds)
+    return label if n / len(answers) >= (gold_share + 1) / 2 else None
 
 
 def _require(value: Any, example: Example, name: str) -> Any:

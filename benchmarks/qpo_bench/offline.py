@@ -265,3 +265,24 @@ def method_line(name: str, row: dict[str, Any], references: Sequence[str] = ("be
             cells.append(f"{100 * gap['diff']:+.1f} [{100 * gap['ci95'][0]:+.1f}, {100 * gap['ci95'][1]:+.1f}]{mark}")
     low, high = row["ci95"]
     return f"| {name} | {100 * row['accuracy']:.1f} [{100 * low:.1f}–{100 * high:.1f}] | " + " | ".join(cells) + " |"
+
+
+def steering_check(sent: Mapping[str, Sequence[str]], hits: Mapping[str, Sequence[bool]],
+                   steering: Mapping[str, str | None], fallback: str,
+                   reference: Sequence[bool]) -> dict[str, dict[str, Any]]:
+    """The behavioural leakage check of each method that sends prompts: ``steered_share``, the share of its
+    queries sent a prompt that steers the target to one label (``steering``: prompt -> label or None, from
+    :func:`qpo_middleware.training.tasks.steered_label` on dev), and ``accuracy_without_steering``, its accuracy
+    when those queries get the verdict of ``fallback`` instead (a method's row, e.g. ``best_prompt_dev``), with
+    the paired gap to ``reference`` (e.g. the best train prompt's verdicts). A gain that vanishes there came
+    from routing each query to a prompt that answers its predicted label, not from a better instruction."""
+    out: dict[str, dict[str, Any]] = {}
+    for method, picks in sent.items():
+        flags = [steering.get(p) is not None for p in picks]
+        kept = [hits[fallback][i] if flag else hit for i, (hit, flag) in enumerate(zip(hits[method], flags, strict=True))]
+        diff, low, high, _ = paired_bootstrap_ci(kept, list(reference[: len(kept)]))
+        out[method] = {"steered_share": statistics.fmean(flags) if flags else 0.0,
+                       "accuracy_without_steering": statistics.fmean(kept) if kept else None,
+                       "vs_reference_without_steering": {"diff": diff, "ci95": [low, high],
+                                                         "significant": low > 0 or high < 0}}
+    return out
