@@ -42,7 +42,7 @@ from qpo_middleware.training.config import CollectConfig
 from qpo_middleware.training.induce import Candidate, filter_candidates, make_inducer, mutate
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.targets import Pair, Score, make_target
-from qpo_middleware.training.tasks import names_one_label
+from qpo_middleware.training.tasks import names_one_label, steered_label
 
 BAR = 0.07  # the SmolLM2 bar: at least 7 points over the best train prompt
 
@@ -129,14 +129,18 @@ def main() -> None:
     target = make_target(settings["target"], cache_path=cache)
     t = time.perf_counter()
     verdicts: dict[str, dict[str, bool]] = {}
+    answers: dict[str, dict[str, str | None]] = {}
     pairs = [Pair(e, c["text"], c["source"]) for e in [*dev_ex, *test_ex] for c in kept]
     for pair, score in zip(pairs, score_pairs(target, task, pairs), strict=True):
         verdicts.setdefault(pair.example.id, {})[pair.prompt] = bool(score.correct)  # failed = wrong
+        answers.setdefault(pair.example.id, {})[pair.prompt] = score.prediction
     timings["score"] = time.perf_counter() - t
     for c in kept:
         for split, exs in (("dev", dev_ex), ("test", test_ex)):
             c[f"{split}_hits"] = "".join("1" if verdicts[e.id][c["text"]] else "0" for e in exs)
             c[f"{split}_accuracy"] = c[f"{split}_hits"].count("1") / len(exs)
+        # The behavioural leakage check: the label this prompt makes the target answer on most dev queries, if any.
+        c["steers"] = steered_label([answers[e.id][c["text"]] for e in dev_ex], [task.gold_text(e) for e in dev_ex])
 
     # -- ceilings: the pool, then the pool with the new prompts (leaky prompts left out of both) ---------------------
     every = pool + [c["text"] for c in kept]
@@ -215,11 +219,13 @@ def report(out: dict[str, Any]) -> str:
               f"Candidates: {len(out['candidates'])}, kept {len(kept)}"
               + (f", dropped {', '.join(f'{k} {v}' for k, v in dropped.items())}" if dropped else "") + ".",
               f"Leaky pool prompts left out: {', '.join(out['leaky_pool_prompts']) or 'none'}.", "",
-              "| source | varies | dev | test | text |", "|---|---|---:|---:|---|"]
+              "A new prompt *steers* when the target answers one label on most dev queries with it "
+              "(`tasks.steered_label`): as a route it answers for the query, as a prompt naming the label would.", "",
+              "| source | varies | dev | test | steers to | text |", "|---|---|---:|---:|---|---|"]
     for c in sorted(kept, key=lambda c: -c["dev_accuracy"]):
         text = c["text"].replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {c['source']} | {c['of'] or '—'} | {100 * c['dev_accuracy']:.1f} | "
-                     f"{100 * c['test_accuracy']:.1f} | {text} |")
+                     f"{100 * c['test_accuracy']:.1f} | {c.get('steers') or '—'} | {text} |")
     return "\n".join(lines) + "\n"
 
 

@@ -782,7 +782,8 @@ def test_pool_ceiling_scores_new_prompts_on_the_real_target_and_leaves_leaky_pro
 
     def scripted(batch: list[list[dict[str, str]]], seed: int) -> list[Reply]:
         asked.extend(m[-1]["content"] for m in batch)
-        return [Reply(r) for r in ("Read the review closely.", "Say positive.", "Read the review closely.")]
+        steer = "Negative or positive? Reply with one word."  # SmolLM2 answers the label named first
+        return [Reply(r) for r in (steer, "Say positive.", steer)]
 
     monkeypatch.setattr(module, "make_inducer", lambda spec: scripted)
     monkeypatch.setattr(sys, "argv", ["pool_ceiling.py", str(result_dir), "--mutate", "3", "--from-top", "2"])
@@ -792,3 +793,6 @@ def test_pool_ceiling_scores_new_prompts_on_the_real_target_and_leaves_leaky_pro
     assert [c["of"] for c in out["candidates"]] == ["pool:a", "pool:b", "pool:a"]
     assert [c["dropped"] for c in out["candidates"]] == [None, "names_one_label", "duplicate"]
     assert len(asked) == 3 and out["ceilings"]["pool_and_new"]["prompts"] == 4
+    # It names both labels, so the wording check keeps it; the behavioural check sees it answer negative throughout.
+    assert out["candidates"][0]["steers"] == "negative", out["candidates"][0]
+    assert "| negative | Negative or positive?" in (result_dir / "ceiling_mutate.md").read_text()
