@@ -135,12 +135,13 @@ def main() -> None:
         verdicts.setdefault(pair.example.id, {})[pair.prompt] = bool(score.correct)  # failed = wrong
         answers.setdefault(pair.example.id, {})[pair.prompt] = score.prediction
     timings["score"] = time.perf_counter() - t
+    dev_golds, test_golds = [task.gold_text(e) for e in dev_ex], [task.gold_text(e) for e in test_ex]
     for c in kept:
         for split, exs in (("dev", dev_ex), ("test", test_ex)):
             c[f"{split}_hits"] = "".join("1" if verdicts[e.id][c["text"]] else "0" for e in exs)
             c[f"{split}_accuracy"] = c[f"{split}_hits"].count("1") / len(exs)
         # The behavioural leakage check: the label this prompt makes the target answer on most dev queries, if any.
-        c["steers"] = steered_label([answers[e.id][c["text"]] for e in dev_ex], [task.gold_text(e) for e in dev_ex])
+        c["steers"] = steered_label([answers[e.id][c["text"]] for e in dev_ex], dev_golds)
 
     # -- ceilings: the pool, then the pool with the new prompts (leaky prompts left out of both) ---------------------
     every = pool + [c["text"] for c in kept]
@@ -150,7 +151,6 @@ def main() -> None:
         return [[b == "1" for b in rows[e.id]] + [verdicts[e.id][c["text"]] for c in kept] for e in split_examples]
 
     dev_rows, test_rows = grid(dev_ex, "dev"), grid(test_ex, "test")
-    dev_golds, test_golds = [task.gold_text(e) for e in dev_ex], [task.gold_text(e) for e in test_ex]
     best_train = results["d0"]["best_prompt"]
     reference = {"best_prompt": [row[sources.index(best_train)] for row in test_rows]}
     honest = [j for j, p in enumerate(every) if p not in leaks]
