@@ -113,3 +113,20 @@ def test_dpo_on_real_sst2_pairs_prefers_the_right_prompt_for_each_query(sst2_d0:
     # Pair by pair, the right prompt gained on the wrong one (seen: 75% of 51 pairs; the same pool prompt is right
     # on some sentences and wrong on others, so a top-2-layer fine-tune cannot win every pair).
     assert (margins > 0).float().mean() > 0.65, margins
+
+
+def test_label_route_imputes_each_querys_label_route_on_real_sst2_and_the_routes_hold_on_other_queries(
+        sst2_d0: list) -> None:
+    from qpo_middleware.training.policy import label_route_data
+
+    ids = sorted({r.query_id for r in sst2_d0})
+    fit, held = ([r for r in sst2_d0 if ids.index(r.query_id) % 2 == k] for k in (0, 1))
+    examples, values = label_route_data(fit)
+    routes = {r.label: r.prompt for r, v in zip(examples, values, strict=True) if v == 1.0}
+    assert len(examples) == 2 * len({r.query_id for r in fit}) and len(set(routes.values())) == 2, routes
+    # (This D0 scores every prompt on every query; test_policy.py covers routes imputed where D0 did not.)
+    verdict = {(r.query_id, r.prompt): r.correct for r in held}
+    queries = {r.query_id: r.label for r in held}
+    routed = sum(verdict[(q, routes[label])] for q, label in queries.items())
+    best_single = max(sum(verdict[(q, prompt)] for q in queries) for prompt in {r.prompt for r in held})
+    assert routed > best_single, (routes, routed, best_single, len(queries))
