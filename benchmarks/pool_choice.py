@@ -75,6 +75,9 @@ def main() -> None:
     parser.add_argument("--induce", type=int, default=0,
                         help="Also induce this many instructions into the pool (CollectConfig.induce, the embedded Qwen "
                              "writes them); a different pool needs its own --out.")
+    parser.add_argument("--mutate", type=int, default=0,
+                        help="Grow the pool with this many variations of D0's best prompts (CollectConfig.mutate, the "
+                             "embedded Qwen writes them, scored on D0's queries too); a different pool needs its own --out.")
     parser.add_argument("--dev-queries", type=int, default=150)
     parser.add_argument("--test-queries", type=int, default=300,
                         help="Held-out test queries. Not part of D0: a larger number extends the same test split "
@@ -119,7 +122,7 @@ def main() -> None:
     # D0 keeps the test size it was made with; the test split is drawn below at the size asked for.
     d0_test = Run.open(d0_dir).config.test_queries if RunPaths(d0_dir).run_file.is_file() else args.test_queries
     config = CollectConfig(task=args.task, target=args.target, queries=args.train_queries,
-                           collect_queries=args.dev_queries, test_queries=d0_test, prompts=args.prompts, induce=args.induce,
+                           collect_queries=args.dev_queries, test_queries=d0_test, prompts=args.prompts, induce=args.induce, mutate=args.mutate,
                            prompts_per_query=args.prompts_per_query, seed=args.seed, batch_size=16)
     run = Run.open(d0_dir, config)
     splits = run.task.splits(config.data_dir, **(config.split_args() | {"n_test": args.test_queries}))

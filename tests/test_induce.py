@@ -15,13 +15,14 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from typer.testing import CliRunner
 
-from qpo_middleware.training.collect import collect
+from qpo_middleware.training.collect import CollectSummary, collect
 from qpo_middleware.training.config import CollectConfig
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.induce import (
     STYLES,
     Candidate,
     ChatInducer,
+    InducedPool,
     Reply,
     clean_candidate,
     filter_candidates,
@@ -32,7 +33,7 @@ from qpo_middleware.training.induce import (
     requests,
 )
 from qpo_middleware.training.run import Run, RunPaths
-from qpo_middleware.training.tasks import get_task
+from qpo_middleware.training.tasks import get_task, names_one_label
 
 LABELS = ("negative", "positive")
 EXAMPLE = "A quiet, moving story with a great lead performance."
@@ -369,3 +370,92 @@ def test_a_local_model_writes_new_variations_of_real_prompts() -> None:
     kept = [c.text for c in candidates if c.reason is None]
     assert len(kept) >= 2, candidates
     assert all(t not in originals and "<|" not in t and len(t.split()) >= 2 for t in kept)
+
+
+# -- pool growth by mutation (collect --mutate) -----------------------------------------------------------------
+
+
+def written(grown: InducedPool) -> list[Candidate]:
+    """The candidates of a mutated pool in the order they were asked for (``mutation:<style>:<i>``)."""
+    return sorted([*grown.kept, *grown.dropped], key=lambda c: int(c.source.rsplit(":", 1)[1]))
+
+
+def best_sources(run: Run, summary: CollectSummary) -> list[str]:
+    """The given pool's non-empty prompts by D0 accuracy, best first (ties to the earlier)."""
+    accuracy = {s.prompt: s.accuracy for s in summary.prompts}
+    base = run.base_prompts()
+    return [base[i][0] for i in sorted((i for i, (_, text) in enumerate(base) if text),
+                                       key=lambda i: (-accuracy[base[i][1]], i))]
+
+
+def test_collect_mutate_grows_the_pool_with_variations_of_the_best_d0_prompts(tmp_path: Path,
+                                                                              tiny_target_model: str) -> None:
+    variations = ["Rate the feeling of this review.", "Say whether the writer enjoyed it.", "Rate the feeling of this review."]
+    inducer = ScriptedInducer(variations)
+    asked = config(target=tiny_target_model, prompts="4", queries=10, prompts_per_query=2, mutate=3, mutate_from=2)
+    summary = collect(asked, tmp_path, inducer=inducer)
+    run = Run.open(tmp_path)
+    base = run.base_prompts()
+    grown = run.mutated()
+    assert grown is not None and grown.asked == 3 and grown.from_top == 2
+    # The two best D0 prompts (the empty one never; ties to the earlier), varied in turn: best, second, best.
+    assert [c.of for c in written(grown)] == [best_sources(run, summary)[i] for i in (0, 1, 0)]
+    assert [c.text for c in grown.kept] == variations[:2] and [c.reason for c in grown.dropped] == ["duplicate"]
+    assert dict(base)[grown.kept[0].of] in inducer.requests[0][-1]["content"]
+    # The kept variations join the pool and D0: round(2 * 2 / 5) = 1 of them per train query.
+    assert run.prompts() == base + grown.prompts
+    mutated = [r for r in OfflineDataset(tmp_path).loop(0) if r.prompt_source.startswith("mutation:")]
+    assert len(mutated) == 10 and len({r.query_id for r in mutated}) == 10
+    assert summary.mutation is not None and (summary.mutation.asked, summary.mutation.kept) == (3, 2)
+    assert {s.prompt_id for s in summary.prompts} >= {c.source for c in grown.kept}
+    records = len(OfflineDataset(tmp_path))
+
+    # A resumed collect reads the variations back: no new request, no new record.
+    again = collect(asked, tmp_path, inducer=Refuses())
+    assert again.records_written == 0 and len(OfflineDataset(tmp_path)) == records and again.mutation == summary.mutation
+    # Other mutation settings are another run.
+    with pytest.raises(ValueError, match="mutate_from: run has 2, asked 3"):
+        collect(config(target=tiny_target_model, prompts="4", queries=10, prompts_per_query=2, mutate=3,
+                       mutate_from=3), tmp_path, inducer=Refuses())
+    with pytest.raises(ValueError, match="mutate must be positive or 0"):
+        config(mutate=-1)
+
+
+def test_collect_mutate_from_the_cli(tmp_path: Path, tiny_target_model: str) -> None:
+    from qpo_middleware.cli import app
+
+    result = CliRunner().invoke(app, [
+        "collect", "--task", "sst2_sample", "--target", tiny_target_model, "--queries", "4", "--collect-queries", "2",
+        "--test-queries", "2", "--prompts", "3", "--mutate", "2", "--mutate-from", "1",
+        "--inducer", "test_induce:make_variations_chat", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "variations (" in result.output and "asked 2, kept 2" in result.output
+    assert len(Run.open(tmp_path).prompts()) == 3 + 1 + 2  # 3 given, the empty one, 2 variations
+
+
+@pytest.mark.real
+def test_collect_mutate_on_real_sst2_with_the_local_models(tmp_path: Path, real_data: Path, smollm2_target) -> None:  # noqa: ANN001
+    """The embedded Qwen writes variations of the two best of 3 real pool prompts on 10 real SST-2 sentences, and
+    the embedded SmolLM2 scores them there."""
+    from qpo_middleware.training.induce import LocalInducer
+    from qpo_middleware.training.models import ModelNotFoundError
+
+    try:
+        inducer = LocalInducer(INDUCER)
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    summary = collect(CollectConfig(task="sst2", queries=10, collect_queries=2, test_queries=2, prompts="3",
+                                    mutate=2, mutate_from=2, inducer=INDUCER), tmp_path, target=smollm2_target,
+                      inducer=inducer)
+    run = Run.open(tmp_path)
+    grown = run.mutated()
+    assert grown is not None
+    print(json.dumps([(c.of, c.reason, c.text) for c in [*grown.kept, *grown.dropped]], indent=1))
+    accuracy = {s.prompt_id: s.accuracy for s in summary.prompts}
+    assert [c.of for c in written(grown)] == best_sources(run, summary)[:2]
+    assert grown.kept, grown.dropped  # the real inducer writes at least one usable variation
+    originals = {text for _, text in run.base_prompts()}
+    for c in grown.kept:
+        assert c.text not in originals and "<|" not in c.text and not names_one_label(c.text, ["negative", "positive"])
+        assert c.source in accuracy and next(s.n for s in summary.prompts if s.prompt_id == c.source) == 10
+    assert run.prompts()[-len(grown.kept):] == grown.prompts

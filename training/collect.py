@@ -39,7 +39,7 @@ class PromptStats:
 
 @dataclass
 class InductionStats:
-    """How the induced part of the pool was made: candidates asked, kept, and why the rest were dropped."""
+    """How the induced (or mutated) part of the pool was made: candidates asked, kept, and why the rest were dropped."""
 
     inducer: str
     asked: int
@@ -62,6 +62,7 @@ class CollectSummary:
     records_written: int
     dataset_records: int
     induction: InductionStats | None = None
+    mutation: InductionStats | None = None  # --mutate: the variations of D0's best prompts
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,31 +121,44 @@ def collect(config: CollectConfig, out: str | os.PathLike[str], *, target: Targe
 
     With ``config.induce``, the induced candidates are made first (by ``inducer``, default the
     configured model; ``induce_progress(1)`` per candidate) and kept in ``prompts.json``, or read
-    back from it on resume. ``progress(done, total)`` is called as pairs finish (the CLI draws a bar).
+    back from it on resume. With ``config.mutate``, once the pool is scored the same inducer writes
+    variations of D0's best prompts (``mutations.json``, :meth:`.Run.grow`), and the kept ones are
+    scored on D0's queries too; the total of ``progress(done, total)`` grows then. ``progress`` is
+    called as pairs finish (the CLI draws a bar).
     """
     run = Run.open(out, config)
-    prompts = run.prompts(inducer, induce_progress)
+    prompts = run.base_prompts(inducer, induce_progress)
     induced = run.induced()  # read back from prompts.json
     pairs = run.d0_pairs(prompts)
     target = target or run.make_target()
     logger.info("Scoring %d pairs (%d queries x %d of %d prompts) on %s", len(pairs), len(run.splits.train),
                 len(pairs) // max(1, len(run.splits.train)), len(prompts), target.id)
 
-    done = 0
+    done, total = 0, len(pairs)
 
     def advance(n: int) -> None:
         nonlocal done
         done += n
         if progress:
-            progress(done, len(pairs))
+            progress(done, total)
 
     scores = score_pairs(target, run.task, pairs, config.chunk_size, advance)
+    grown = None
+    if config.mutate:  # variations of the best prompts on D0, scored on D0's queries like the rest of the pool
+        grown = run.grow(prompts, mean_accuracy_by_prompt(pairs, scores), inducer)
+        extra = run.mutation_pairs(len(prompts), grown.prompts)
+        total += len(extra)
+        logger.info("Scoring %d pairs of %d kept variations (of %d written)", len(extra), len(grown.kept), grown.asked)
+        scores += score_pairs(target, run.task, extra, config.chunk_size, advance)
+        pairs, prompts = [*pairs, *extra], [*prompts, *grown.prompts]
 
     dataset = run.dataset()
     written = dataset.append(make_records(run.task, target.id, pairs, scores, loop=0, rewards=config.rewards))
     summary = summarize(run.task, target.id, pairs, scores, prompts, written, len(dataset))
     if induced is not None:
         summary.induction = InductionStats(induced.inducer, induced.asked, len(induced.kept), induced.drop_counts())
+    if grown is not None:
+        summary.mutation = InductionStats(grown.inducer, grown.asked, len(grown.kept), grown.drop_counts())
     atomic_write_json(run.paths.collect_summary, summary.to_dict())
     return summary
 

@@ -92,6 +92,11 @@ class CollectConfig:
         "help": "Model that writes the induced instructions: a local model name/path, or a LangChain chat model as "
                 "module:factory."})
     induce_shots: int = field(default=4, metadata={"help": "Labelled train examples shown per induction request."})
+    mutate: int = field(default=0, metadata={
+        "help": "Grow the pool by mutation: after D0 is scored, the inducer writes this many variations of the pool's "
+                "best prompts on D0 (the --mutate-from most accurate, in turn; none that names exactly one label "
+                "word), filtered like induced ones; the kept ones are scored on D0's queries too (0 = none)."})
+    mutate_from: int = field(default=4, metadata={"help": "How many of D0's best prompts --mutate varies."})
     include_empty: bool = field(default=True, metadata={"help": "Score the empty prompt (no instruction) too."})
     prompts_per_query: int = field(default=0, metadata={
         "help": "Score only this many pool prompts per train query, drawn per query (seeded); 0 = every prompt. "
@@ -121,8 +126,9 @@ class CollectConfig:
         if not self.inducer:
             raise ValueError("inducer must name a local model or a LangChain chat model as module:factory.")
         may_be_zero = ("collect_queries", "test_queries", "dev_queries", "target_retries", "prompts_per_query",
-                       "induce")
-        for name in ("queries", "batch_size", "chunk_size", "target_concurrency", "induce_shots", *may_be_zero):
+                       "induce", "mutate")
+        for name in ("queries", "batch_size", "chunk_size", "target_concurrency", "induce_shots", "mutate_from",
+                     *may_be_zero):
             if getattr(self, name) < (0 if name in may_be_zero else 1):
                 allowed = " or 0" if name in may_be_zero else ""
                 raise ValueError(f"{name} must be positive{allowed}; got {getattr(self, name)}.")

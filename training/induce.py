@@ -97,11 +97,13 @@ class Candidate:
     raw: str
     example_ids: list[str]
     reason: str | None = None
+    of: str | None = None  # a mutation: the prompt_source of the prompt it varies
 
 
 @dataclass
 class InducedPool:
-    """The induced candidates of a run (``prompts.json``): the settings, the kept pool, the drop counts."""
+    """The induced candidates of a run (``prompts.json``), or its mutated ones (``mutations.json``, ``from_top`` > 0):
+    the settings, the kept pool, the drop counts."""
 
     inducer: str
     asked: int
@@ -110,6 +112,7 @@ class InducedPool:
     kept: list[Candidate]
     dropped: list[Candidate] = field(default_factory=list)
     v: int = 1
+    from_top: int = 0  # a mutated pool (``mutations.json``): how many of D0's best prompts were varied; 0 = induced
 
     @property
     def prompts(self) -> list[tuple[str, str]]:
@@ -127,7 +130,7 @@ class InducedPool:
     def from_dict(cls, data: dict[str, Any]) -> InducedPool:
         return cls(inducer=data["inducer"], asked=data["asked"], shots=data["shots"], seed=data["seed"],
                    kept=[Candidate(**c) for c in data["kept"]], dropped=[Candidate(**c) for c in data["dropped"]],
-                   v=data.get("v", 1))
+                   v=data.get("v", 1), from_top=data.get("from_top", 0))
 
 
 # -- meta-prompts ------------------------------------------------------------------------------

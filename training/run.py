@@ -8,6 +8,7 @@ A run directory holds everything a QPO run makes::
     collect.json                  the D0 summary (accuracy per prompt, oracle, calls, tokens)
     imported.json                 instead of run.json: a D0 imported from logs (`qpo import-oirl`), no target
     prompts.json                  the induced candidate instructions (kept, dropped and why), with --induce
+    mutations.json                the variations of D0's best prompts (kept, dropped and why), with --mutate
     policy/buckets.json           the reward buckets, fixed from D0 at loop 1
     policy/loop_<t>/checkpoint/   the policy after loop t (model, tokenizer, qpo_policy.json)
     policy/loop_<t>/metrics.json  loop t's metrics; a loop with this file is done
@@ -35,7 +36,7 @@ from qpo_middleware.template import Demo, Template
 from .config import CollectConfig
 from .io import atomic_write_json
 from .targets import Pair, ScoreCache, Target, make_target
-from .tasks import Example, Splits, Task, TaskError, get_task, resolve_prompts
+from .tasks import Example, Splits, Task, TaskError, get_task, names_one_label, resolve_prompts
 
 if TYPE_CHECKING:
     from .dataset import OfflineDataset
@@ -83,6 +84,11 @@ class RunPaths:
     def induced_prompts(self) -> Path:
         """``prompts.json``: the induced prompt pool (:class:`~.induce.InducedPool`), reused on resume."""
         return self.root / "prompts.json"
+
+    @property
+    def mutated_prompts(self) -> Path:
+        """``mutations.json``: the pool's variations written by ``collect --mutate`` (:class:`~.induce.InducedPool`)."""
+        return self.root / "mutations.json"
 
     # -- train ----------------------------------------------------------------------------
     @property
@@ -224,7 +230,14 @@ class Run:
                            timeout_seconds=self.config.target_timeout)
 
     def prompts(self, inducer: Inducer | None = None, progress: Callable[[int], None] | None = None) -> list[tuple[str, str]]:
-        """The run's prompt pool as (source, text): the given prompts, then the induced ones (:meth:`induced`)."""
+        """The run's prompt pool as (source, text): :meth:`base_prompts`, then the mutated ones once written
+        (:meth:`mutated`)."""
+        grown = self.mutated()
+        return self.base_prompts(inducer, progress) + (grown.prompts if grown else [])
+
+    def base_prompts(self, inducer: Inducer | None = None,
+                     progress: Callable[[int], None] | None = None) -> list[tuple[str, str]]:
+        """The pool before mutation: the given prompts, then the induced ones (:meth:`induced`)."""
         given = resolve_prompts(self.task, self.config.prompts, self.config.include_empty)
         pool = self.induced(inducer, progress, existing=[text for _, text in given])
         prompts = given + (pool.prompts if pool else [])
@@ -262,6 +275,44 @@ class Run:
         save_pool(path, pool)
         return pool
 
+    def mutated(self) -> InducedPool | None:
+        """The variations ``collect --mutate`` wrote (``mutations.json``); None before then, or without ``--mutate``."""
+        from .induce import load_pool
+
+        path = self.paths.mutated_prompts
+        return load_pool(path) if self.config.mutate and path.is_file() else None
+
+    def grow(self, base: Sequence[tuple[str, str]], accuracy: dict[str, float], inducer: Inducer | None = None) -> InducedPool:
+        """Write ``mutate`` variations of the ``mutate_from`` prompts of ``base`` most accurate on D0 (``accuracy``:
+        text -> D0 accuracy; none that names exactly one label word, nor the empty prompt), in turn, and keep them in
+        ``mutations.json``. A resumed run reads them back and never mutates again."""
+        from .induce import InducedPool, make_inducer, mutate, save_pool
+
+        config = self.config
+        if (grown := self.mutated()) is not None:
+            if (grown.asked, grown.inducer, grown.from_top, grown.seed) != (config.mutate, config.inducer,
+                                                                            config.mutate_from, config.seed):
+                raise ValueError(f"{self.paths.mutated_prompts} was written with other settings than "
+                                 f"{self.paths.run_file} holds; delete {self.paths.mutated_prompts.name} to mutate again.")
+            logger.info("Reusing %d mutated prompts from %s", len(grown.kept), self.paths.mutated_prompts)
+            return grown
+        order = sorted((i for i, (_, text) in enumerate(base) if text and not names_one_label(text, self.task.labels)),
+                       key=lambda i: (-accuracy.get(base[i][1], 0.0), i))
+        if not order:
+            raise TaskError("--mutate needs a pool prompt to vary: every scored prompt is empty or names one label word.")
+        originals = [base[order[i % min(config.mutate_from, len(order))]] for i in range(config.mutate)]
+        logger.info("Writing %d variations of the %d best D0 prompts with %s", config.mutate,
+                    min(config.mutate_from, len(order)), config.inducer)
+        candidates = mutate(self.task, [text for _, text in originals], inducer or make_inducer(config.inducer),
+                            seed=config.seed, existing=[text for _, text in base])
+        for candidate, (source, _) in zip(candidates, originals, strict=True):
+            candidate.of = source
+        grown = InducedPool(inducer=config.inducer, asked=config.mutate, shots=0, seed=config.seed,
+                            kept=[c for c in candidates if c.reason is None],
+                            dropped=[c for c in candidates if c.reason is not None], from_top=config.mutate_from)
+        save_pool(self.paths.mutated_prompts, grown)
+        return grown
+
     def pairs(self, examples: Sequence[Example], prompts: Sequence[tuple[str, str]]) -> list[Pair]:
         """Pairs (example x prompt) with the example's fixed demonstrations; ``prompts`` are (source, text)."""
         return [Pair(e, text, source, self.demos(e)) for e in examples for source, text in prompts]
@@ -282,6 +333,22 @@ class Run:
             out.extend(self.pairs([example], [prompts[i] for i in chosen]))
         return out
 
+    def mutation_pairs(self, base_size: int, grown: Sequence[tuple[str, str]]) -> list[Pair]:
+        """D0's pairs of the mutated prompts ``grown``: every train query with each, or, with ``prompts_per_query``
+        k, with ``round(k * len(grown) / base_size)`` of them (at least one), so that a variation is scored on about
+        as many queries as a base prompt. Drawn per query from (seed, query id), like :meth:`d0_pairs`."""
+        k = self.config.prompts_per_query
+        if not grown:
+            return []
+        if not k or k >= base_size:
+            return self.pairs(self.splits.train, grown)
+        m = min(len(grown), max(1, round(k * len(grown) / base_size)))
+        out: list[Pair] = []
+        for example in self.splits.train:
+            rng = random.Random(f"{self.config.seed}:mutate:{example.id}")
+            out.extend(self.pairs([example], [grown[i] for i in sorted(rng.sample(range(len(grown)), m))]))
+        return out
+
     def demos(self, example: Example) -> tuple[Demo, ...]:
         """The example's few-shot demonstrations (fixed per query and seed; empty when zero-shot)."""
         return self.task.demos_for(example, self.splits.train, self.config.shots, self.config.seed)
@@ -289,9 +356,11 @@ class Run:
 
 def _check_same_run(stored: CollectConfig, asked: CollectConfig, directory: Path) -> None:
     keys = ("task", "target", "queries", "collect_queries", "test_queries", "dev_queries", "shots", "seed", "prompts",
-            "include_empty", "prompts_per_query", "rewards", "induce")
+            "include_empty", "prompts_per_query", "rewards", "induce", "mutate")
     if stored.induce or asked.induce:  # which model induced, and from how many examples, matters only then
         keys += ("inducer", "induce_shots")
+    if stored.mutate or asked.mutate:
+        keys += ("mutate_from",) + (() if "inducer" in keys else ("inducer",))
     diffs = [f"{k}: run has {getattr(stored, k)!r}, asked {getattr(asked, k)!r}" for k in keys
              if getattr(stored, k) != getattr(asked, k)]
     if diffs:

@@ -25,6 +25,8 @@ def command(
     induce: Annotated[int, typer.Option(help=help_of(CollectConfig, "induce"))] = 0,
     inducer: Annotated[str, typer.Option(help=help_of(CollectConfig, "inducer"))] = CollectConfig.inducer,
     induce_shots: Annotated[int, typer.Option(help=help_of(CollectConfig, "induce_shots"))] = 4,
+    mutate: Annotated[int, typer.Option(help=help_of(CollectConfig, "mutate"))] = 0,
+    mutate_from: Annotated[int, typer.Option(help=help_of(CollectConfig, "mutate_from"))] = 4,
     prompts_per_query: Annotated[int, typer.Option(help="Score only this many pool prompts per train query, drawn per query (seeded); 0 = every prompt. More queries for the same target calls.")] = 0,
     out: Annotated[Path, typer.Option(help="Run directory (created; re-run the same command to resume).")] = Path("runs/sst2"),
     collect_queries: Annotated[int, typer.Option(help="Held-out queries for the training loops.")] = 100,
@@ -50,7 +52,7 @@ def command(
                                collect_queries=collect_queries, test_queries=test_queries, dev_queries=dev_queries,
                                shots=shots, seed=seed, data_dir=data_dir, batch_size=batch_size, include_empty=not no_empty,
                                prompts_per_query=prompts_per_query, induce=induce, inducer=inducer,
-                               induce_shots=induce_shots,
+                               induce_shots=induce_shots, mutate=mutate, mutate_from=mutate_from,
                                rewards=RewardConfig(nll=reward_nll), target_concurrency=target_concurrency,
                                target_retries=target_retries, target_timeout=target_timeout)
         with progress_bar() as bar:
@@ -76,11 +78,11 @@ def print_summary(summary: CollectSummary) -> None:
         f"best single prompt: [bold]{summary.best_prompt.accuracy:.1%}[/] ({summary.best_prompt.prompt_id})   "
         f"spread: {min(accuracies):.1%} - {max(accuracies):.1%}   per-query oracle: [bold]{summary.oracle_accuracy:.1%}[/]"
     )
-    if summary.induction is not None:
-        induced = summary.induction
-        why = ", ".join(f"{reason} {count}" for reason, count in induced.dropped.items()) or "none"
-        console.print(f"induced prompts ({escape(induced.inducer)}): asked {induced.asked}, kept [bold]{induced.kept}[/], "
-                      f"dropped {induced.asked - induced.kept} ({why})")
+    for kind, made in (("induced prompts", summary.induction), ("variations", summary.mutation)):
+        if made is not None:
+            why = ", ".join(f"{reason} {count}" for reason, count in made.dropped.items()) or "none"
+            console.print(f"{kind} ({escape(made.inducer)}): asked {made.asked}, kept [bold]{made.kept}[/], "
+                          f"dropped {made.asked - made.kept} ({why})")
     console.print(
         f"target calls: {summary.target_calls}   from cache: {summary.cached_pairs}   failed: {summary.failed_pairs}   "
         f"tokens scored: {summary.tokens_scored:,}   new records: {summary.records_written}"
