@@ -11,7 +11,8 @@ favoured by the top token over the bottom one (``implicit``) — decoding constr
 The recipe and rule are chosen on dev; test is scored once per listed recipe, with its best rule on dev. Rows: ``none`` (no
 instruction), ``best_prompt`` (best D0 accuracy), ``best_prompt_dev`` (best on dev, where QPO's recipe
 and rule are chosen), ``random_prompt``, ``selector`` (Prompt-OIRL-style, fit on D0), ``oracle`` (any pool prompt right: a bound) and ``label_routing`` (per gold label, the prompt right
-most often on that label's queries of the same split: how much of the oracle is routing by label).
+most often on that label's queries of the same split: how much of the oracle is routing by label), and, when some pool
+prompts steer the target to one label on dev, ``label_routing_no_steering`` (the same among the others).
 
     python benchmarks/pool_choice.py --task sst2 --seed 0 --recipes paper,query_rank,query_rank_dpo
 
@@ -192,10 +193,15 @@ def main() -> None:
         golds = [run.task.gold_text(e) for e in exs]
         grid = [[Score(correct=table[e.id][p]) for p in prompts] for e in exs]
         routing = label_routing(grid, golds, list(range(len(prompts))))
-        return {
+        out = {
             "oracle": [any(table[e.id].values()) for e in exs],
             "label_routing": [table[e.id][prompts[routing[g]]] for e, g in zip(exs, golds, strict=True)],
         }
+        # The same routes among the prompts that do not steer the target: the room left once steering is ruled out.
+        if (honest := [j for j, p in enumerate(prompts) if not steering.get(p)]) and len(honest) < len(prompts):
+            routing = label_routing(grid, golds, honest)
+            out["label_routing_no_steering"] = [table[e.id][prompts[routing[g]]] for e, g in zip(exs, golds, strict=True)]
+        return out
 
     def hits(split: str, sent: dict[str, list[str]]) -> dict[str, list[bool]]:
         """Each method's verdicts on ``split``, scoring the prompts it sent that are not scored yet."""
@@ -354,6 +360,8 @@ def report(results: dict[str, Any]) -> str:
         "|---|---|" + "---|" * len(references),
         *[method_line(k, row, references) for k, row in test["methods"].items()],
         "", "`oracle` and `label_routing` are bounds that read the gold label, not methods"
+        + ("; `label_routing_no_steering` routes among the pool prompts that do not steer the target"
+           if "label_routing_no_steering" in test["methods"] else "")
         + (f" (on the first {test['bound_queries']} test queries, where every pool prompt was scored)."
            if bound < test["queries"] else "."), "",
         "Prompts sent on test (count per pool prompt):", "",
