@@ -180,6 +180,13 @@ def test_label_route_conditioning_trains_two_imputed_examples_per_query(tmp_path
     assert RewardBuckets.from_dict(json.loads(RunPaths(tmp_path).buckets.read_text())) == RewardBuckets.even(
         4, "label_route")
 
+    # The tiny random target answers one label whatever the prompt: every prompt steers it, so routes without
+    # steering prompts leave none, and the run says how to get some.
+    plain = TrainConfig(**{**routed.__dict__, "route_without_steering": True})
+    small_run(tmp_path / "plain", tiny_base)
+    with pytest.raises(ValueError, match="steers the target to one label"):
+        run_loops(tmp_path / "plain", plain, LoopConfig(**{**loops.__dict__, "loops": 1}))
+
 
 def test_preference_step_after_or_instead_of_the_supervised_one(tmp_path: Path, tiny_base: str) -> None:
     import math

@@ -228,7 +228,8 @@ def test_label_rank_puts_the_prompt_that_suits_the_querys_label_on_top_whatever_
 def test_label_route_trains_each_query_on_its_labels_best_prompt_in_the_whole_pool():
     from dataclasses import replace
 
-    from qpo_middleware.training.policy import label_route_data
+    from qpo_middleware.training.config import TrainConfig, TrainConfigError
+    from qpo_middleware.training.policy import label_route_data, steering_prompts
 
     # Each query scored on two of three prompts. By label: C is right on every pos query it was scored on (q2, q3),
     # A on pos only half the time; on neg B is right on q4 and q5, C never, A on q6 only.
@@ -253,6 +254,20 @@ def test_label_route_trains_each_query_on_its_labels_best_prompt_in_the_whole_po
     assert [buckets.bucket(v) for v in values[:2]] == [buckets.top, 0]
     with pytest.raises(ValueError, match="--conditioning query_rank"):
         label_route_data([replace(r, label=None) for r in records])
+
+    # The target's answers behind those verdicts (two labels: a wrong answer is the other one). C answers pos on all
+    # its 4 queries (2 of them pos) and B neg on all 4 (2 neg): both steer; A answers each label twice.
+    answered = [replace(r, prediction=r.label if r.correct else {"pos": "neg", "neg": "pos"}[r.label]) for r in records]
+    assert steering_prompts(answered) == {"B": "neg", "C": "pos"}
+    out, values = label_route_data(answered, without_steering=True)
+    # Only A is left to route: every query trains on it under the top token (a label with one prompt has no worst).
+    assert [(r.query_id, r.prompt, v) for r, v in zip(out, values, strict=True)] == [
+        (q, "A", 1.0) for q in ("q1", "q2", "q3", "q4", "q5", "q6")]
+    with pytest.raises(ValueError, match="grow the pool"):
+        label_route_data([r for r in answered if r.prompt != "A"], without_steering=True)
+    with pytest.raises(TrainConfigError, match="only applies to --conditioning label_route"):
+        TrainConfig(route_without_steering=True)
+    assert TrainConfig(conditioning="label_route", route_without_steering=True).route_without_steering
 
 
 def test_build_examples_uses_the_conditioning_values(policy):

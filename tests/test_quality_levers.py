@@ -117,7 +117,7 @@ def test_dpo_on_real_sst2_pairs_prefers_the_right_prompt_for_each_query(sst2_d0:
 
 def test_label_route_imputes_each_querys_label_route_on_real_sst2_and_the_routes_hold_on_other_queries(
         sst2_d0: list) -> None:
-    from qpo_middleware.training.policy import label_route_data
+    from qpo_middleware.training.policy import label_route_data, steering_prompts
 
     ids = sorted({r.query_id for r in sst2_d0})
     fit, held = ([r for r in sst2_d0 if ids.index(r.query_id) % 2 == k] for k in (0, 1))
@@ -130,3 +130,11 @@ def test_label_route_imputes_each_querys_label_route_on_real_sst2_and_the_routes
     routed = sum(verdict[(q, routes[label])] for q, label in queries.items())
     best_single = max(sum(verdict[(q, prompt)] for q in queries) for prompt in {r.prompt for r in held})
     assert routed > best_single, (routes, routed, best_single, len(queries))
+
+    # Most of these prompts make SmolLM2 answer one label whatever the sentence; without them the routes are
+    # among the others, and every query keeps its examples.
+    steering = steering_prompts(fit)
+    plain, _ = label_route_data(fit, without_steering=True)
+    plain_routes = {r.label: r.prompt for r in plain if r.prompt_source == "label_route:best"}
+    assert steering and len(plain) == len(examples) and not set(plain_routes.values()) & set(steering), steering
+    assert set(routes.values()) & set(steering), (routes, steering)  # the plain routes differ from the leaning ones

@@ -201,6 +201,10 @@ class TrainConfig:
                 "query's gold label: the top bucket asks for the prompt that suits the query's label) or 'label_route' "
                 "(classification: each query trains on its label's best prompt among the whole pool under the top "
                 "token and its label's worst under the bottom one, whether or not D0 scored them on it)."})
+    route_without_steering: bool = field(default=False, metadata={
+        "help": "With --conditioning label_route: leave out of the routes every prompt that steers the target to "
+                "one label on D0 (it answers that label on most of its D0 queries, whatever their gold: the "
+                "behavioural leakage check), so each route suits its label without leaning the answer."})
     query_max_tokens: int = field(
         default=40, metadata={"help": "Query tokens the policy sees (the rest is cut)."}
     )
@@ -262,6 +266,9 @@ class TrainConfig:
         if self.conditioning not in CONDITIONING_KINDS:
             raise TrainConfigError(
                 f"conditioning must be one of {', '.join(CONDITIONING_KINDS)}; got {self.conditioning!r}.")
+        if self.route_without_steering and self.conditioning != "label_route":
+            raise TrainConfigError("route_without_steering only applies to --conditioning label_route; got "
+                                   f"conditioning {self.conditioning!r}.")
         _ = self.top_layers  # parses and validates `trainable`
 
     @property

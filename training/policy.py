@@ -273,13 +273,43 @@ def mean_prompt_accuracy(records: Sequence[Record]) -> dict[str, float]:
     return {prompt: right / n for prompt, (right, n) in tally.items()}
 
 
-def label_route_data(records: Sequence[Record]) -> tuple[list[Record], list[float]]:
+def steering_prompts(records: Sequence[Record]) -> dict[str, str]:
+    """``prompt -> label`` for each prompt of ``records`` that steers the target to one label: the target's
+    answers with it (``prediction``) are that label on most of its queries whatever their gold
+    (:func:`~.tasks.steered_label`; a prompt scored twice on a query counts once)."""
+    from .tasks import steered_label
+
+    first: dict[tuple[str, str], Record] = {}
+    for record in records:
+        first.setdefault((record.query_id, record.prompt), record)
+    answered: dict[str, tuple[list[str | None], list[str]]] = {}
+    for record in first.values():
+        answers, golds = answered.setdefault(record.prompt, ([], []))
+        answers.append(record.prediction)
+        golds.append(str(record.label))
+    steering = {prompt: steered_label(answers, golds) for prompt, (answers, golds) in answered.items()}
+    return {prompt: label for prompt, label in steering.items() if label is not None}
+
+
+def label_route_data(records: Sequence[Record], *, without_steering: bool = False) -> tuple[list[Record], list[float]]:
     """What ``label_route`` conditioning trains on: per query (first-seen order), its gold label's best prompt by
     :func:`pool_label_standing` under value 1.0 and the label's worst under 0.0, as copies of the query's first
     record with the prompt replaced (``prompt_source`` ``label_route:best`` / ``label_route:worst``). Their
     verdicts are not observed on the query: the standing is imputed from D0's verdicts on the other queries of the
-    label. Two examples per query, whatever the number of prompts scored on it."""
-    standing = pool_label_standing(records)
+    label. Two examples per query, whatever the number of prompts scored on it. ``without_steering`` ranks only
+    the prompts that do not steer the target (:func:`steering_prompts`); every query still gets its examples."""
+    ranked = records
+    if without_steering:
+        _require_labels(records, "label_route")
+        steering = steering_prompts(records)
+        ranked = [r for r in records if r.prompt not in steering]
+        if not ranked:
+            raise ValueError(f"Every one of the {len(steering)} prompts in D0 steers the target to one label, so "
+                             "route_without_steering leaves no route; grow the pool (qpo collect --mutate N or "
+                             "--induce N) or train without it.")
+        logger.info("label_route: %d of %d prompts steer the target on D0 and are left out of the routes",
+                    len(steering), len({r.prompt for r in records}))
+    standing = pool_label_standing(ranked)
     ends = {(label, value): prompt for (label, prompt), value in standing.items() if value in (0.0, 1.0)}
     first: dict[str, Record] = {}
     for record in records:

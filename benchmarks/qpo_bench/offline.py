@@ -82,6 +82,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Every weight trained (the label is read below the top layers: the policy-base probe is best at layer 10-20).
     "label_route": {"train": {"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5},
                     "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
+    # label_route with the routes chosen among the prompts that do not steer the target on D0 (on ag_news seed 0,
+    # 12 of 19 pool prompts steer, and half of label_route's gain came from them): a routing gain that is not leaning.
+    "label_route_plain": {"train": {"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
+                                    "route_without_steering": True},
+                          "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
     # The same on the top 4 layers only (the other recipes' setting): is the label read there?
     "label_route_top4": {"train": {"conditioning": "label_route"},
                          "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
