@@ -17,7 +17,8 @@ Sources:
 
 New prompts, mutated or from the file, pass induction's filters (:func:`~qpo_middleware.training.induce.filter_candidates`),
 which drop among others those naming exactly one label word: they lean the answer instead of instructing. The
-ceilings also leave out any pool prompt that does, listing them. Verdicts are
+ceilings also leave out any pool prompt that does, listing them. When a pool prompt (by the testbed's dev answers)
+or a new one steers the target to one label, a third set of ceilings leaves the steering prompts out too. Verdicts are
 cached under ``<out>/runs/`` (git-ignored), so a re-run pays only for new pairs. Writes
 ``ceiling_<name>.json`` and ``ceiling_<name>.md`` next to ``per_query.json``, and ``ceiling_<name>_pool.json``: the
 pool with the kept new prompts, a ``--prompts`` file for ``pool_choice.py``.
@@ -155,6 +156,12 @@ def main() -> None:
     reference = {"best_prompt": [row[sources.index(best_train)] for row in test_rows]}
     honest = [j for j, p in enumerate(every) if p not in leaks]
     sets = {"pool": [j for j in honest if j < len(pool)], "pool_and_new": honest}
+    # Steering prompts (pool ones as pool_choice found on dev, new ones here) answer for the query as a route:
+    # the ceiling without them is the room a route can win by prompting alone.
+    steering = set(results.get("pool_steering", {}))
+    steers = [j for j in honest if (sources[j] in steering if j < len(pool) else kept[j - len(pool)]["steers"])]
+    if steers:
+        sets["pool_and_new_no_steering"] = [j for j in honest if j not in steers]
     table: dict[str, Any] = {}
     for label, columns in sets.items():
         found = ceilings(dev_rows, test_rows, dev_golds, test_golds, columns)

@@ -775,6 +775,7 @@ def test_pool_ceiling_scores_new_prompts_on_the_real_target_and_leaves_leaky_pro
     assert out["passes"] is (both["gold_routes"]["vs_best_prompt"]["diff"] > 0.07 and
                              both["oracle"]["vs_best_prompt"]["diff"] > 0.07)
     assert "Leaky pool prompts left out: pool:c" in (result_dir / "ceiling_new.md").read_text()
+    assert ("pool_and_new_no_steering" in out["ceilings"]) is (out["candidates"][0]["steers"] is not None)
     grown = resolve_prompts(task, str(result_dir / "ceiling_new_pool.json"), include_empty=True)
     assert grown == [("none", ""), *((f"file:{s.split(':')[1]}", t) for s, t in texts.items() if t), ("file:file-0", new)]
 
@@ -795,4 +796,6 @@ def test_pool_ceiling_scores_new_prompts_on_the_real_target_and_leaves_leaky_pro
     assert len(asked) == 3 and out["ceilings"]["pool_and_new"]["prompts"] == 4
     # It names both labels, so the wording check keeps it; the behavioural check sees it answer negative throughout.
     assert out["candidates"][0]["steers"] == "negative", out["candidates"][0]
+    # The ceilings without steering prompts: the pool's none, a and b (c leaks), not the new one.
+    assert out["ceilings"]["pool_and_new_no_steering"]["prompts"] == 3
     assert "| negative | Negative or positive?" in (result_dir / "ceiling_mutate.md").read_text()
