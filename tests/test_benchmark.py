@@ -116,6 +116,16 @@ def test_results_json_has_every_method_and_loop(runs: dict[str, Any]) -> None:
         assert 0.0 <= m["label_leak_share"] <= 1.0
         if m["label_leak_share"] == 0.0:
             assert m["accuracy_without_leaks"] == pytest.approx(m["accuracy"])
+    # The behavioural check: the tiny random target answers one label for nearly every prompt, so nearly every D0
+    # prompt steers it (the best one does), and a method's steering picks are replaced by the best pool prompt.
+    assert by_name["best_pool"]["steered_share"] == 1.0
+    for name in ("none", "best_pool", "random_pool", "selector"):  # they send D0's prompts only: all judged
+        assert by_name[name]["steering_checked_share"] == 1.0 and by_name[name]["steered_share"] > 0.5
+    assert by_name["best_pool"]["accuracy_without_steering"] == pytest.approx(by_name["best_pool"]["accuracy"])
+    for m in task["methods"]:
+        assert 0.0 <= m["steered_share"] <= m["steering_checked_share"] <= 1.0
+        if m["steered_share"] == 0.0:
+            assert m["accuracy_without_steering"] == pytest.approx(m["accuracy"])
     assert len(task["d0"]["rewards"]) == 24
     assert task["loops"][0]["train_records"] < 24  # loop 1 trains on D0 above its 0.25 quantile only
     assert task["loops"][1]["new_records"] == len(task["loops"][1]["new_rewards"]) == task["loops"][1]["kept_pairs"]

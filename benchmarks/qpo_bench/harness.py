@@ -49,6 +49,7 @@ from qpo_middleware.training.evaluate import (
     score_prompts,
 )
 from qpo_middleware.training.loops import LoopMetrics, chosen_loop, completed_loops
+from qpo_middleware.training.policy import steering_prompts
 from qpo_middleware.training.preference import implicit_rewards
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
@@ -81,6 +82,12 @@ class BenchMethod(MethodResult):
     # positive"), and its accuracy with those prompts replaced by the best pool prompt's outcome.
     label_leak_share: float | None = None
     accuracy_without_leaks: float | None = None
+    # The behavioural check: the share of queries sent a prompt that makes the target answer one label on D0
+    # whatever the query (policy.steering_prompts), of queries whose prompt D0 scored at all (only those can be
+    # judged), and the accuracy with the steering ones replaced by the best pool prompt's outcome.
+    steered_share: float | None = None
+    steering_checked_share: float | None = None
+    accuracy_without_steering: float | None = None
 
 
 @dataclass
@@ -330,6 +337,16 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
             valid = [k for k in kept if k is not None]
             method.label_leak_share = statistics.fmean(leaks) if leaks else None
             method.accuracy_without_leaks = statistics.fmean(valid) if valid else None
+        steering, known = steering_prompts(d0), {r.prompt for r in d0}
+        for method in methods:
+            sent = per_query_prompts[method.method]
+            steers = [p in steering for p in sent]
+            kept = [b if steer else h for h, b, steer in zip(per_query_hits[method.method], per_query_hits["best_pool"],
+                                                              steers, strict=True)]
+            valid = [k for k in kept if k is not None]
+            method.steered_share = statistics.fmean(steers) if steers else None
+            method.steering_checked_share = statistics.fmean(p in known for p in sent) if sent else None
+            method.accuracy_without_steering = statistics.fmean(valid) if valid else None
 
     # -- loops: metrics and reward distributions of the prompts each loop added ------------------
     d0_rewards = [r.reward for r in d0]

@@ -130,10 +130,16 @@ def render_report(payload: Mapping[str, Any]) -> str:
         if leaks:
             lines += ["Leakage check: the share of each method's prompts that name exactly one label word, and its "
                       "accuracy with those prompts replaced by the best pool prompt (a gain that comes from writing "
-                      "the answer into the prompt is not a prompt-optimization gain):", "",
-                      "| method | prompts naming one label | accuracy | with those → best pool |", "|---|---:|---:|---:|"]
+                      "the answer into the prompt is not a prompt-optimization gain). The behavioural check beside "
+                      "it: the share of queries sent a prompt that makes the target answer one label on D0 whatever "
+                      "the query (it answers for the query, as a named label would), judged on the prompts D0 "
+                      "scored, and the accuracy with those replaced by the best pool prompt:", "",
+                      "| method | prompts naming one label | accuracy | with those → best pool "
+                      "| steering prompts (of prompts D0 scored) | with those → best pool |", "|---|---:|---:|---:|---:|---:|"]
             lines += [f"| {m['method']} | {_pct(m['label_leak_share'])} | {_pct(m['accuracy'])} | "
-                      f"{_pct(m['accuracy_without_leaks'])} |" for m in leaks]
+                      f"{_pct(m['accuracy_without_leaks'])} | {_pct(m.get('steered_share'))} "
+                      f"({_pct(m.get('steering_checked_share'))}) | {_pct(m.get('accuracy_without_steering'))} |"
+                      for m in leaks]
             lines.append("")
         final = final_qpo(task)
         if final is not None:
@@ -211,3 +217,4 @@ def write_report(payload: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_report(payload), encoding="utf-8")
     return path
+
