@@ -192,15 +192,15 @@ def main() -> None:
         table, exs = outcomes[split], bounded[split]
         golds = [run.task.gold_text(e) for e in exs]
         grid = [[Score(correct=table[e.id][p]) for p in prompts] for e in exs]
-        routing = label_routing(grid, golds, list(range(len(prompts))))
-        out = {
-            "oracle": [any(table[e.id].values()) for e in exs],
-            "label_routing": [table[e.id][prompts[routing[g]]] for e, g in zip(exs, golds, strict=True)],
-        }
+
+        def routed(columns: list[int]) -> list[bool]:
+            routing = label_routing(grid, golds, columns)
+            return [table[e.id][prompts[routing[g]]] for e, g in zip(exs, golds, strict=True)]
+
+        out = {"oracle": [any(table[e.id].values()) for e in exs], "label_routing": routed(list(range(len(prompts))))}
         # The same routes among the prompts that do not steer the target: the room left once steering is ruled out.
         if (honest := [j for j, p in enumerate(prompts) if not steering.get(p)]) and len(honest) < len(prompts):
-            routing = label_routing(grid, golds, honest)
-            out["label_routing_no_steering"] = [table[e.id][prompts[routing[g]]] for e, g in zip(exs, golds, strict=True)]
+            out["label_routing_no_steering"] = routed(honest)
         return out
 
     def hits(split: str, sent: dict[str, list[str]]) -> dict[str, list[bool]]:

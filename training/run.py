@@ -323,15 +323,7 @@ class Run:
         The subset is drawn per query from (seed, query id), so it does not depend on the order or
         number of train queries, and a resumed collect asks for the same pairs; pool order is kept.
         """
-        k = self.config.prompts_per_query
-        if not k or k >= len(prompts):
-            return self.pairs(self.splits.train, prompts)
-        out: list[Pair] = []
-        for example in self.splits.train:
-            rng = random.Random(f"{self.config.seed}:d0:{example.id}")
-            chosen = sorted(rng.sample(range(len(prompts)), k))
-            out.extend(self.pairs([example], [prompts[i] for i in chosen]))
-        return out
+        return self._drawn_pairs(prompts, self.config.prompts_per_query, "d0")
 
     def mutation_pairs(self, base_size: int, grown: Sequence[tuple[str, str]]) -> list[Pair]:
         """D0's pairs of the mutated prompts ``grown``: every train query with each, or, with ``prompts_per_query``
@@ -342,11 +334,18 @@ class Run:
             return []
         if not k or k >= base_size:
             return self.pairs(self.splits.train, grown)
-        m = min(len(grown), max(1, round(k * len(grown) / base_size)))
+        return self._drawn_pairs(grown, min(len(grown), max(1, round(k * len(grown) / base_size))), "mutate")
+
+    def _drawn_pairs(self, prompts: Sequence[tuple[str, str]], k: int, tag: str) -> list[Pair]:
+        """Every train query with ``k`` of ``prompts`` (all of them when ``k`` is 0 or covers them), drawn per query
+        from (seed, ``tag``, query id); pool order is kept."""
+        if not k or k >= len(prompts):
+            return self.pairs(self.splits.train, prompts)
         out: list[Pair] = []
         for example in self.splits.train:
-            rng = random.Random(f"{self.config.seed}:mutate:{example.id}")
-            out.extend(self.pairs([example], [grown[i] for i in sorted(rng.sample(range(len(grown)), m))]))
+            rng = random.Random(f"{self.config.seed}:{tag}:{example.id}")
+            chosen = sorted(rng.sample(range(len(prompts)), k))
+            out.extend(self.pairs([example], [prompts[i] for i in chosen]))
         return out
 
     def demos(self, example: Example) -> tuple[Demo, ...]:

@@ -330,23 +330,24 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
 
     # -- leakage check: a prompt that names one label may win by answering, not by prompting ---------
     if labels and "best_pool" in per_query_hits:
-        for method in methods:
-            leaks = [names_one_label(p, labels) for p in per_query_prompts[method.method]]
-            kept = [b if leak else h for h, b, leak in zip(per_query_hits[method.method], per_query_hits["best_pool"],
-                                                           leaks, strict=True)]
-            valid = [k for k in kept if k is not None]
-            method.label_leak_share = statistics.fmean(leaks) if leaks else None
-            method.accuracy_without_leaks = statistics.fmean(valid) if valid else None
         steering, known = steering_prompts(d0), {r.prompt for r in d0}
+
+        def replaced(method: BenchMethod, flags: list[bool]) -> float | None:
+            """The method's accuracy with the flagged queries given the best pool prompt's outcome."""
+            kept = [b if flag else h for h, b, flag in zip(per_query_hits[method.method], per_query_hits["best_pool"],
+                                                            flags, strict=True)]
+            valid = [k for k in kept if k is not None]
+            return statistics.fmean(valid) if valid else None
+
         for method in methods:
             sent = per_query_prompts[method.method]
+            leaks = [names_one_label(p, labels) for p in sent]
             steers = [p in steering for p in sent]
-            kept = [b if steer else h for h, b, steer in zip(per_query_hits[method.method], per_query_hits["best_pool"],
-                                                              steers, strict=True)]
-            valid = [k for k in kept if k is not None]
+            method.label_leak_share = statistics.fmean(leaks) if leaks else None
+            method.accuracy_without_leaks = replaced(method, leaks)
             method.steered_share = statistics.fmean(steers) if steers else None
             method.steering_checked_share = statistics.fmean(p in known for p in sent) if sent else None
-            method.accuracy_without_steering = statistics.fmean(valid) if valid else None
+            method.accuracy_without_steering = replaced(method, steers)
 
     # -- loops: metrics and reward distributions of the prompts each loop added ------------------
     d0_rewards = [r.reward for r in d0]

@@ -217,4 +217,3 @@ def write_report(payload: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_report(payload), encoding="utf-8")
     return path
-
