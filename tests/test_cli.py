@@ -48,14 +48,18 @@ def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> N
     result = runner.invoke(app, ["eval", "--run", str(run), "--methods", "none,best_pool,qpo", "--out", str(run)])
     assert result.exit_code == 0, result.output
     assert "best_pool" in result.output and paths.eval_results.is_file()
+    assert "leakage check, qpo:" in result.output and "leakage check, best_pool" not in result.output
+    import json
+
+    checked = {m["method"]: m for m in json.loads(paths.eval_results.read_text())["methods"]}
+    assert checked["best_pool"]["steered_share"] is None  # a task-level method: nothing to check per query
+    assert 0.0 <= checked["qpo"]["steered_share"] <= 1.0 and checked["qpo"]["label_leak_share"] is not None
 
     result = runner.invoke(app, ["rewrite", "a fine film", "--bundle", str(paths.bundle)])
     assert result.exit_code == 0, result.output
     assert "a fine film" in result.output
 
     # Strategy 'choose': the run's prompts are the candidates, per call or as the bundle's default.
-    import json
-
     from qpo_middleware.training.dataset import OfflineDataset
 
     known = {r.prompt for r in OfflineDataset(run).records}

@@ -229,7 +229,8 @@ def test_label_route_trains_each_query_on_its_labels_best_prompt_in_the_whole_po
     from dataclasses import replace
 
     from qpo_middleware.training.config import TrainConfig, TrainConfigError
-    from qpo_middleware.training.policy import label_route_data, steering_prompts
+    from qpo_middleware.training.dataset import steering_prompts
+    from qpo_middleware.training.policy import label_route_data
 
     # Each query scored on two of three prompts. By label: C is right on every pos query it was scored on (q2, q3),
     # A on pos only half the time; on neg B is right on q4 and q5, C never, A on q6 only.

@@ -117,7 +117,8 @@ def test_dpo_on_real_sst2_pairs_prefers_the_right_prompt_for_each_query(sst2_d0:
 
 def test_label_route_imputes_each_querys_label_route_on_real_sst2_and_the_routes_hold_on_other_queries(
         sst2_d0: list) -> None:
-    from qpo_middleware.training.policy import label_route_data, steering_prompts
+    from qpo_middleware.training.dataset import steering_prompts
+    from qpo_middleware.training.policy import label_route_data
 
     ids = sorted({r.query_id for r in sst2_d0})
     fit, held = ([r for r in sst2_d0 if ids.index(r.query_id) % 2 == k] for k in (0, 1))

@@ -109,3 +109,22 @@ def test_smollm2_default_recipe_trains_by_dpo_and_the_bundle_chooses(tmp_path: P
     for query, row, result in zip(queries, expected, optimizer.optimize_batch(queries), strict=True):
         assert result.prompt == texts[int(np.argmax(row - shift))]
         assert query in result.text
+
+    # qpo eval's leakage check on the real run: the bundle chooses D0's prompts, so D0 judges every one it sends,
+    # and its shares are those of the prompts it sent (recomputed here from D0's own answers).
+    from qpo_middleware.training.dataset import OfflineDataset, steering_prompts
+    from qpo_middleware.training.evaluate import evaluate
+    from qpo_middleware.training.run import Run
+    from qpo_middleware.training.tasks import names_one_label
+
+    result = evaluate(tmp_path, bundle, methods=("best_pool", "qpo"), target=target)
+    qpo = result.method("qpo")
+    sent = [sample["prompt"] for sample in result.examples]
+    assert len(sent) == result.queries == 3 and qpo.steering_checked_share == 1.0
+    steering = steering_prompts(OfflineDataset(tmp_path).loop(0))
+    assert qpo.steered_share == pytest.approx(np.mean([p in steering for p in sent]))
+    labels = Run.open(tmp_path).task.labels
+    assert qpo.label_leak_share == pytest.approx(np.mean([names_one_label(p, labels) for p in sent]))
+    if qpo.steered_share == 0.0:
+        assert qpo.accuracy_without_steering == pytest.approx(qpo.accuracy)
+    assert result.method("best_pool").steered_share is None

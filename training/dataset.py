@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .io import JsonlLog
 from .run import RunPaths
+from .tasks import steered_label
 
 FORMAT_VERSION = 1
 
@@ -131,3 +132,19 @@ class OfflineDataset:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(chunk)
         return digest.hexdigest()
+
+
+def steering_prompts(records: Sequence[Record]) -> dict[str, str]:
+    """``prompt -> label`` for each prompt of ``records`` that steers the target to one label: the target's
+    answers with it (``prediction``) are that label on most of its queries whatever their gold
+    (:func:`~.tasks.steered_label`; a prompt scored twice on a query counts once)."""
+    first: dict[tuple[str, str], Record] = {}
+    for record in records:
+        first.setdefault((record.query_id, record.prompt), record)
+    answered: dict[str, tuple[list[str | None], list[str]]] = {}
+    for record in first.values():
+        answers, golds = answered.setdefault(record.prompt, ([], []))
+        answers.append(record.prediction)
+        golds.append(str(record.label))
+    steering = {prompt: steered_label(answers, golds) for prompt, (answers, golds) in answered.items()}
+    return {prompt: label for prompt, label in steering.items() if label is not None}

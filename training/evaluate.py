@@ -10,6 +10,9 @@ split, each query with the same demonstrations:
 * ``qpo``          — the prompt the exported bundle writes for each query, through the
   torch-free runtime exactly as production would call it.
 
+Beside each method that writes prompts per query, :func:`check_leakage` reports whether its prompts answer
+rather than prompt (:class:`Leakage`).
+
 A :class:`Method` only writes prompts (:class:`MethodPrompts`); :func:`score_prompts` and
 :func:`method_result` score them and summarize the verdicts. The quality benchmark
 (``benchmarks/qpo_bench``) scores these same definitions and adds its own methods on top.
@@ -21,16 +24,17 @@ import logging
 import os
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qpo_middleware.stats import bootstrap_ci
 
 from .collect import score_pairs
+from .dataset import steering_prompts
 from .run import Run
 from .targets import Pair, Score, Target
-from .tasks import Example
+from .tasks import Example, names_one_label
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +50,69 @@ class MethodResult:
     prompt: str | None = None  # the one prompt of a task-level method; None when written per query
     policy_latency_ms_p50: float | None = None
     target_calls: int = 0
+    # The leakage check of a method that writes prompts per query (None for a task-level one): see
+    # :class:`Leakage`.
+    label_leak_share: float | None = None
+    accuracy_without_leaks: float | None = None
+    steered_share: float | None = None
+    steering_checked_share: float | None = None
+    accuracy_without_steering: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Leakage:
+    """Whether a per-query method wins by prompting or by answering.
+
+    * ``label_leak_share``: the share of queries whose prompt names exactly one label word ("the answer is
+      positive"), and ``accuracy_without_leaks``, the accuracy with those queries given the best pool prompt's
+      verdict instead;
+    * ``steered_share``: the share of queries sent a prompt that makes the target answer one label on D0 whatever
+      the query (:func:`~.policy.steering_prompts`; it may name no label at all), of the
+      ``steering_checked_share`` of queries whose prompt D0 scored (only those can be judged), and
+      ``accuracy_without_steering``, the accuracy with the steering ones given the best pool prompt's verdict.
+
+    A gain that vanishes in the ``without`` accuracies came from the prompts leaning the target to a label, not
+    from prompt optimization.
+    """
+
+    label_leak_share: float
+    accuracy_without_leaks: float | None
+    steered_share: float
+    steering_checked_share: float
+    accuracy_without_steering: float | None
+
+    def flagged(self) -> dict[str, float | None]:
+        return asdict(self)
+
+
+def leak_flags(prompts: Sequence[str], labels: Sequence[str], steering: Mapping[str, str]) -> tuple[list[bool], list[bool]]:
+    """Per prompt: (names exactly one of ``labels``, steers the target on D0 (a key of ``steering``))."""
+    return [names_one_label(p, labels) for p in prompts], [p in steering for p in prompts]
+
+
+def leakage(prompts: Sequence[str], hits: Sequence[bool | None], fallback: Sequence[bool | None],
+            labels: Sequence[str], steering: Mapping[str, str], scored: Collection[str]) -> Leakage:
+    """The leakage check of one method (:class:`Leakage`): ``hits`` are its verdicts per query, ``fallback`` the
+    best pool prompt's on the same queries (read only where a prompt is flagged), ``steering`` is
+    :func:`~.policy.steering_prompts` of D0 and ``scored`` the prompts D0 holds."""
+    if not len(prompts) == len(hits) == len(fallback):
+        raise ValueError(f"leakage got {len(prompts)} prompts, {len(hits)} verdicts and {len(fallback)} fallbacks.")
+    leaks, steers = leak_flags(prompts, labels, steering)
+
+    def replaced(flags: Sequence[bool]) -> float | None:
+        kept = [b if flag else h for h, b, flag in zip(hits, fallback, flags, strict=True)]
+        valid = [k for k in kept if k is not None]
+        return statistics.fmean(valid) if valid else None
+
+    def share(flags: Sequence[bool]) -> float:
+        return statistics.fmean(flags) if flags else 0.0
+
+    return Leakage(label_leak_share=share(leaks), accuracy_without_leaks=replaced(leaks),
+                   steered_share=share(steers), steering_checked_share=share([p in scored for p in prompts]),
+                   accuracy_without_steering=replaced(steers))
 
 
 @dataclass
@@ -182,6 +246,24 @@ def method_result(name: str, written: MethodPrompts, scores: Sequence[Score], *,
     )
 
 
+def check_leakage(run: Run, target: Target, examples: Sequence[Example], prompts: Sequence[str],
+                  hits: Sequence[bool | None]) -> Leakage:
+    """:func:`leakage` of per-query ``prompts`` on ``examples`` of ``run``: the best pool prompt is scored (through
+    the run's cache) only on the queries whose prompt is flagged."""
+    d0 = run.dataset().loop(0)
+    steering = steering_prompts(d0)
+    leaks, steers = leak_flags(prompts, run.task.labels, steering)
+    flagged = [i for i, (leak, steer) in enumerate(zip(leaks, steers, strict=True)) if leak or steer]
+    fallback: list[bool | None] = [None] * len(prompts)
+    if flagged:
+        _, best, _ = best_train_prompt(run)
+        verdicts = hits_of(score_prompts(run, target, [examples[i] for i in flagged], [best] * len(flagged),
+                                         "best_pool"))
+        for i, verdict in zip(flagged, verdicts, strict=True):
+            fallback[i] = verdict
+    return leakage(prompts, hits, fallback, run.task.labels, steering, {r.prompt for r in d0})
+
+
 def evaluate(
     run_dir: str | os.PathLike[str],
     bundle: str | os.PathLike[str] | None = None,
@@ -209,8 +291,13 @@ def evaluate(
         if progress:
             progress(name)
         written = METHODS[name].write(inputs)
-        results.append(method_result(name, written, score_prompts(run, target, examples, written.prompts, name),
-                                     seed=seed))
+        scores = score_prompts(run, target, examples, written.prompts, name)
+        result = method_result(name, written, scores, seed=seed)
+        if written.fixed is None and run.task.labels:
+            check = check_leakage(run, target, examples, written.prompts, hits_of(scores))
+            for key, value in check.flagged().items():
+                setattr(result, key, value)
+        results.append(result)
         if METHODS[name].family == "qpo":
             samples = [{"query": e.query, "prompt": p} for e, p in zip(examples[:8], written.prompts, strict=False)]
     return EvalResult(task=run.task.name, target=target.id, split=split, queries=len(examples), methods=results,

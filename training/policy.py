@@ -25,7 +25,7 @@ from qpo_middleware.library import prompt_target_ids
 from qpo_middleware.policy_format import PolicyFormat, reward_token
 
 from .config import CONDITIONING_KINDS
-from .dataset import Record
+from .dataset import Record, steering_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -271,24 +271,6 @@ def mean_prompt_accuracy(records: Sequence[Record]) -> dict[str, float]:
         counts[0] += int(correct)
         counts[1] += 1
     return {prompt: right / n for prompt, (right, n) in tally.items()}
-
-
-def steering_prompts(records: Sequence[Record]) -> dict[str, str]:
-    """``prompt -> label`` for each prompt of ``records`` that steers the target to one label: the target's
-    answers with it (``prediction``) are that label on most of its queries whatever their gold
-    (:func:`~.tasks.steered_label`; a prompt scored twice on a query counts once)."""
-    from .tasks import steered_label
-
-    first: dict[tuple[str, str], Record] = {}
-    for record in records:
-        first.setdefault((record.query_id, record.prompt), record)
-    answered: dict[str, tuple[list[str | None], list[str]]] = {}
-    for record in first.values():
-        answers, golds = answered.setdefault(record.prompt, ([], []))
-        answers.append(record.prediction)
-        golds.append(str(record.label))
-    steering = {prompt: steered_label(answers, golds) for prompt, (answers, golds) in answered.items()}
-    return {prompt: label for prompt, label in steering.items() if label is not None}
 
 
 def label_route_data(records: Sequence[Record], *, without_steering: bool = False) -> tuple[list[Record], list[float]]:

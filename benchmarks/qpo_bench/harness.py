@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qpo_middleware.stats import paired_bootstrap_ci, summary
+from qpo_middleware.training.dataset import steering_prompts
 from qpo_middleware.training.evaluate import (
     METHODS,
     EvalInputs,
@@ -45,16 +46,16 @@ from qpo_middleware.training.evaluate import (
     MethodResult,
     best_train_prompt,
     hits_of,
+    leakage,
     method_result,
     score_prompts,
 )
 from qpo_middleware.training.loops import LoopMetrics, chosen_loop, completed_loops
-from qpo_middleware.training.policy import steering_prompts
 from qpo_middleware.training.preference import implicit_rewards
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score, Target
-from qpo_middleware.training.tasks import Example, names_one_label, resolve_prompts
+from qpo_middleware.training.tasks import Example, resolve_prompts
 
 from .config import BenchmarkConfig
 from .policies import OnnxPolicy, TorchPolicy, open_policy
@@ -78,17 +79,8 @@ class BenchMethod(MethodResult):
     failed: int = 0
     accuracy_by_label: dict[str, float] = field(default_factory=dict)
     description: str = ""
-    # Leakage check: the share of the method's prompts that name exactly one label word ("the answer is
-    # positive"), and its accuracy with those prompts replaced by the best pool prompt's outcome.
-    label_leak_share: float | None = None
-    accuracy_without_leaks: float | None = None
-    # The behavioural check: the share of queries sent a prompt that makes the target answer one label on D0
-    # whatever the query (policy.steering_prompts), of queries whose prompt D0 scored at all (only those can be
-    # judged), and the accuracy with the steering ones replaced by the best pool prompt's outcome.
-    steered_share: float | None = None
-    steering_checked_share: float | None = None
-    accuracy_without_steering: float | None = None
-
+    # The leakage check's fields (label_leak_share ... accuracy_without_steering) are MethodResult's, filled here
+    # for every method, task-level ones included.
 
 @dataclass
 class TaskBenchmark:
@@ -331,23 +323,11 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
     # -- leakage check: a prompt that names one label may win by answering, not by prompting ---------
     if labels and "best_pool" in per_query_hits:
         steering, known = steering_prompts(d0), {r.prompt for r in d0}
-
-        def replaced(method: BenchMethod, flags: list[bool]) -> float | None:
-            """The method's accuracy with the flagged queries given the best pool prompt's outcome."""
-            kept = [b if flag else h for h, b, flag in zip(per_query_hits[method.method], per_query_hits["best_pool"],
-                                                            flags, strict=True)]
-            valid = [k for k in kept if k is not None]
-            return statistics.fmean(valid) if valid else None
-
         for method in methods:
-            sent = per_query_prompts[method.method]
-            leaks = [names_one_label(p, labels) for p in sent]
-            steers = [p in steering for p in sent]
-            method.label_leak_share = statistics.fmean(leaks) if leaks else None
-            method.accuracy_without_leaks = replaced(method, leaks)
-            method.steered_share = statistics.fmean(steers) if steers else None
-            method.steering_checked_share = statistics.fmean(p in known for p in sent) if sent else None
-            method.accuracy_without_steering = replaced(method, steers)
+            check = leakage(per_query_prompts[method.method], per_query_hits[method.method], per_query_hits["best_pool"],
+                            labels, steering, known)
+            for key, value in check.flagged().items():
+                setattr(method, key, value)
 
     # -- loops: metrics and reward distributions of the prompts each loop added ------------------
     d0_rewards = [r.reward for r in d0]

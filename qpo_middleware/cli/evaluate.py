@@ -47,5 +47,18 @@ def print_eval(result: Any) -> None:
         table.add_row(m.method, f"{m.accuracy:.1%}", f"{m.ci_low:.1%} - {m.ci_high:.1%}", f"{m.mean_prompt_words:.1f}",
                       latency, prompt if len(prompt) < 60 else prompt[:57] + "...")
     console.print(table)
+    for m in result.methods:
+        if m.steered_share is None:
+            continue
+        console.print(
+            f"[dim]leakage check, {m.method}:[/] {m.label_leak_share:.0%} of its prompts name one label "
+            f"(accuracy with those sent the best pool prompt: {_pct(m.accuracy_without_leaks)}); "
+            f"{m.steered_share:.0%} steer the target to one label on D0, of the {m.steering_checked_share:.0%} "
+            f"D0 could judge (without them: {_pct(m.accuracy_without_steering)}). A gain that the without-figures "
+            "lose comes from leaning the target to a label, not from better prompts.")
     for sample in result.examples[:3]:
         console.print(f"[dim]query:[/] {sample['query'][:80]}\n[dim]  qpo prompt:[/] {json.dumps(sample['prompt'])}")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
