@@ -83,12 +83,13 @@ def feature_sets(kind: str, train: list[str], dev: list[str], test: list[str],
     return policy_feature_sets(train, dev, test, base=base)
 
 
-def routes_from(grid: list[str], golds: list[str], labels: list[str]) -> dict[str, int]:
-    """Per label, the grid column (``"1"`` = right) right most often on that label's rows; every label needs rows."""
+def routes_from(grid: list[str], golds: list[str], labels: list[str], columns: list[int] | None = None) -> dict[str, int]:
+    """Per label, the grid column (``"1"`` = right) right most often on that label's rows, among ``columns`` (default
+    all); every label needs rows."""
     if missing := [label for label in labels if label not in golds]:
         sys.exit(f"No dev query has the label(s) {missing}: routes need each label on dev; use more --dev-queries.")
     matrix = [[Score(correct=hit == "1") for hit in row] for row in grid]
-    return label_routing(matrix, golds, list(range(len(grid[0]))))
+    return label_routing(matrix, golds, list(range(len(grid[0]))) if columns is None else columns)
 
 
 def noisy_accuracy(grid: list[str], golds: list[str], routes: dict[str, int], labels: list[str], q: float) -> float:
@@ -115,6 +116,9 @@ def main() -> None:
     parser.add_argument("--base", default=None,
                         help="With --features policy: the local base model read (default: the default policy base; "
                              "e.g. qwen2.5-coder-0.5b-instruct to ask whether a bigger base would read the label).")
+    parser.add_argument("--without-steering", action="store_true",
+                        help="Route only among the pool prompts that do not steer the target to one label on dev "
+                             "(the run's pool_steering): is there a routing gain that is not leaning the target?")
     args = parser.parse_args()
     code = code_version()
     results, per_query, task, splits = open_pool_choice_run(args.result_dir)
@@ -163,7 +167,13 @@ def main() -> None:
     # -- routes chosen on dev, sent on the fully scored test queries --------------------------------------------
     dev_grid = [dev["grid"][q] for q in dev["ids"]]
     test_grid = [test["grid"][q] for q in bound_ids]
-    routes = routes_from(dev_grid, dev_gold, labels)
+    steering = results.get("pool_steering", {}) if args.without_steering else {}
+    if args.without_steering and "pool_steering" not in results:
+        sys.exit(f"{args.result_dir} has no pool_steering (made before the steering check): rerun pool_choice.py.")
+    columns = [j for j, prompt in enumerate(prompts) if prompt not in steering]
+    if not columns:
+        sys.exit("Every pool prompt steers the target on dev: nothing to route among without steering.")
+    routes = routes_from(dev_grid, dev_gold, labels, columns)
     position = {qid: i for i, qid in enumerate(test["ids"])}
     hits = {name: [test["hits"][name][position[q]] == "1" for q in bound_ids] for name in REFERENCES}
     hits["label_router"] = [row[routes[p]] == "1" for row, p in zip(test_grid, predicted_test, strict=True)]
@@ -184,6 +194,7 @@ def main() -> None:
                        "dev_accuracy": statistics.fmean(p == g for p, g in zip(predicted_dev, dev_gold, strict=True)),
                        "test_accuracy": statistics.fmean(p == g for p, g in zip(predicted_test, test_gold, strict=True))},
         "routes": {label: prompts[j] for label, j in routes.items()},
+        "without_steering": args.without_steering, "route_columns": len(columns),
         "dev": {"label_router": statistics.fmean(row[routes[p]] == "1" for row, p in zip(dev_grid, predicted_dev, strict=True)),
                 "gold_routes": noisy["1.0"]["dev"],
                 "best_prompt_dev": max(statistics.fmean(row[j] == "1" for row in dev_grid) for j in range(len(prompts)))},
@@ -191,7 +202,7 @@ def main() -> None:
         "test": rows,
     }
     stem = ("label_router" if args.features == "hashed" else "label_router_policy" + (f"_{args.base}" if args.base else "")) \
-        + (f"_extra{args.extra_train}" if args.extra_train else "")
+        + (f"_extra{args.extra_train}" if args.extra_train else "") + ("_no_steering" if args.without_steering else "")
     atomic_write_json(args.result_dir / f"{stem}.json", out)
     atomic_write_text(args.result_dir / f"{stem}.md", report(out))
     print(report(out))
@@ -202,7 +213,9 @@ def report(out: dict[str, Any]) -> str:
     lines = [
         f"# Label routing on {out['task']} (seed {out['seed']}): how well must a router know the label?", "",
         f"`{out['command']}` — commit `{out['commit']}`; from the run `{out['run']['command']}` (commit `{out['run']['commit']}`)", "",
-        f"Routes (per gold label, the pool prompt right most often on its {out['dev_queries']} dev queries): "
+        f"Routes (per gold label, the pool prompt right most often on its {out['dev_queries']} dev queries"
+        + (f", among the {out['route_columns']} that do not steer the target on dev" if out.get("without_steering") else "")
+        + "): "
         + ", ".join(f"{label} → `{prompt}`" for label, prompt in out["routes"].items()) + ".", "",
         f"Classifier: softmax regression on {'hashed query features' if c['kind'] == 'hashed' else c['features']}, "
         f"fit on the {out['train_queries']} train queries' "

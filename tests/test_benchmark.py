@@ -560,6 +560,18 @@ def test_label_router_routes_by_predicted_label_on_real_sst2(
     assert out["noisy_routes"]["0.7"]["test"] == pytest.approx(0.7)
     assert out["test"]["label_router"]["accuracy"] == pytest.approx(out["classifier"]["test_accuracy"])
     assert "gold label → route (a bound)" in (tmp_path / "label_router.md").read_text()
+    # --without-steering: routes only among the prompts the run did not find steering (pool:a steers here), so
+    # positive queries, right on no other column, route to the first one ("none"), and only negatives are right.
+    monkeypatch.setattr(sys, "argv", ["label_router.py", str(tmp_path), "--without-steering"])
+    with pytest.raises(SystemExit, match="no pool_steering"):
+        module.main()
+    (tmp_path / "results.json").write_text(json.dumps({"command": "pool_choice", "commit": "abc", "settings": settings,
+                                                       "pool_steering": {"pool:a": "positive"}}))
+    module.main()
+    plain = json.loads((tmp_path / "label_router_no_steering.json").read_text())
+    assert plain["route_columns"] == 2 and set(plain["routes"].values()) == {"none", "pool:b"}
+    test_golds = [g for qid, g in zip(test["ids"], test["gold"], strict=True) if qid in test["grid"]]
+    assert plain["test"]["gold_routes"]["accuracy"] == pytest.approx(test_golds.count("negative") / 4)
     # --extra-train: more labelled train-pool queries for the classifier, disjoint from the run's splits.
     monkeypatch.setattr(sys, "argv", ["label_router.py", str(tmp_path), "--extra-train", "40"])
     module.main()
