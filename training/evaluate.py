@@ -70,7 +70,7 @@ class Leakage:
       positive"), and ``accuracy_without_leaks``, the accuracy with those queries given the best pool prompt's
       verdict instead;
     * ``steered_share``: the share of queries sent a prompt that makes the target answer one label on D0 whatever
-      the query (:func:`~.policy.steering_prompts`; it may name no label at all), of the
+      the query (:func:`~.dataset.steering_prompts`; it may name no label at all), of the
       ``steering_checked_share`` of queries whose prompt D0 scored (only those can be judged), and
       ``accuracy_without_steering``, the accuracy with the steering ones given the best pool prompt's verdict.
 
@@ -97,7 +97,7 @@ def leakage(prompts: Sequence[str], hits: Sequence[bool | None], fallback: Seque
             labels: Sequence[str], steering: Mapping[str, str], scored: Collection[str]) -> Leakage:
     """The leakage check of one method (:class:`Leakage`): ``hits`` are its verdicts per query, ``fallback`` the
     best pool prompt's on the same queries (read only where a prompt is flagged), ``steering`` is
-    :func:`~.policy.steering_prompts` of D0 and ``scored`` the prompts D0 holds."""
+    :func:`~.dataset.steering_prompts` of D0 and ``scored`` the prompts D0 holds."""
     if not len(prompts) == len(hits) == len(fallback):
         raise ValueError(f"leakage got {len(prompts)} prompts, {len(hits)} verdicts and {len(fallback)} fallbacks.")
     leaks, steers = leak_flags(prompts, labels, steering)
