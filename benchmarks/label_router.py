@@ -167,9 +167,11 @@ def main() -> None:
     # -- routes chosen on dev, sent on the fully scored test queries --------------------------------------------
     dev_grid = [dev["grid"][q] for q in dev["ids"]]
     test_grid = [test["grid"][q] for q in bound_ids]
-    steering = results.get("pool_steering", {}) if args.without_steering else {}
-    if args.without_steering and "pool_steering" not in results:
-        sys.exit(f"{args.result_dir} has no pool_steering (made before the steering check): rerun pool_choice.py.")
+    steering: dict[str, str] = {}
+    if args.without_steering:
+        if "pool_steering" not in results:
+            sys.exit(f"{args.result_dir} has no pool_steering (made before the steering check): rerun pool_choice.py.")
+        steering = results["pool_steering"]
     columns = [j for j, prompt in enumerate(prompts) if prompt not in steering]
     if not columns:
         sys.exit("Every pool prompt steers the target on dev: nothing to route among without steering.")

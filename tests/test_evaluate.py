@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 
 from qpo_middleware.training.evaluate import leakage
@@ -18,8 +20,8 @@ def test_leakage_replaces_flagged_queries_with_the_best_pool_verdict() -> None:
     assert check.steered_share == pytest.approx(0.4)
     assert check.steering_checked_share == pytest.approx(0.8)  # D0 never scored "unseen"
     assert check.accuracy_without_steering == pytest.approx(1.0)  # T, T, T (fallback), T (fallback)
-    assert set(check.flagged()) == {"label_leak_share", "accuracy_without_leaks", "steered_share",
-                                    "steering_checked_share", "accuracy_without_steering"}
+    assert set(asdict(check)) == {"label_leak_share", "accuracy_without_leaks", "steered_share",
+                                  "steering_checked_share", "accuracy_without_steering"}
 
 
 def test_leakage_refuses_misaligned_inputs() -> None:

@@ -61,6 +61,11 @@ class MethodResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def record_leakage(self, check: Leakage) -> None:
+        """Fill the leakage-check fields from ``check``."""
+        for key, value in asdict(check).items():
+            setattr(self, key, value)
+
 
 @dataclass(frozen=True)
 class Leakage:
@@ -83,9 +88,6 @@ class Leakage:
     steered_share: float
     steering_checked_share: float
     accuracy_without_steering: float | None
-
-    def flagged(self) -> dict[str, float | None]:
-        return asdict(self)
 
 
 def leak_flags(prompts: Sequence[str], labels: Sequence[str], steering: Mapping[str, str]) -> tuple[list[bool], list[bool]]:
@@ -294,9 +296,7 @@ def evaluate(
         scores = score_prompts(run, target, examples, written.prompts, name)
         result = method_result(name, written, scores, seed=seed)
         if written.fixed is None and run.task.labels:
-            check = check_leakage(run, target, examples, written.prompts, hits_of(scores))
-            for key, value in check.flagged().items():
-                setattr(result, key, value)
+            result.record_leakage(check_leakage(run, target, examples, written.prompts, hits_of(scores)))
         results.append(result)
         if METHODS[name].family == "qpo":
             samples = [{"query": e.query, "prompt": p} for e, p in zip(examples[:8], written.prompts, strict=False)]

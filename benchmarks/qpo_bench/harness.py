@@ -324,10 +324,8 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
     if labels and "best_pool" in per_query_hits:
         steering, known = steering_prompts(d0), {r.prompt for r in d0}
         for method in methods:
-            check = leakage(per_query_prompts[method.method], per_query_hits[method.method], per_query_hits["best_pool"],
-                            labels, steering, known)
-            for key, value in check.flagged().items():
-                setattr(method, key, value)
+            method.record_leakage(leakage(per_query_prompts[method.method], per_query_hits[method.method],
+                                          per_query_hits["best_pool"], labels, steering, known))
 
     # -- loops: metrics and reward distributions of the prompts each loop added ------------------
     d0_rewards = [r.reward for r in d0]
