@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--mutate", type=int, default=0,
                         help="Grow the pool with this many variations of D0's best prompts (CollectConfig.mutate, the "
                              "embedded Qwen writes them, scored on D0's queries too); a different pool needs its own --out.")
+    parser.add_argument("--mutate-plain", action="store_true",
+                        help="Vary only prompts that do not steer the target on D0 (CollectConfig.mutate_plain).")
     parser.add_argument("--dev-queries", type=int, default=150)
     parser.add_argument("--test-queries", type=int, default=300,
                         help="Held-out test queries. Not part of D0: a larger number extends the same test split "
@@ -124,6 +126,7 @@ def main() -> None:
     d0_test = Run.open(d0_dir).config.test_queries if RunPaths(d0_dir).run_file.is_file() else args.test_queries
     config = CollectConfig(task=args.task, target=args.target, queries=args.train_queries,
                            collect_queries=args.dev_queries, test_queries=d0_test, prompts=args.prompts, induce=args.induce, mutate=args.mutate,
+                           mutate_plain=args.mutate_plain,
                            prompts_per_query=args.prompts_per_query, seed=args.seed, batch_size=16)
     run = Run.open(d0_dir, config)
     splits = run.task.splits(config.data_dir, **(config.split_args() | {"n_test": args.test_queries}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 
 from qpo_middleware.training.collect import CollectSummary, collect
 from qpo_middleware.training.config import CollectConfig
-from qpo_middleware.training.dataset import OfflineDataset
+from qpo_middleware.training.dataset import OfflineDataset, steering_prompts
 from qpo_middleware.training.induce import (
     STYLES,
     Candidate,
@@ -33,7 +34,8 @@ from qpo_middleware.training.induce import (
     requests,
 )
 from qpo_middleware.training.run import Run, RunPaths
-from qpo_middleware.training.tasks import get_task, names_one_label
+from qpo_middleware.training.targets import Score
+from qpo_middleware.training.tasks import TaskError, get_task, names_one_label, resolve_prompts
 
 LABELS = ("negative", "positive")
 EXAMPLE = "A quiet, moving story with a great lead performance."
@@ -421,6 +423,59 @@ def test_collect_mutate_grows_the_pool_with_variations_of_the_best_d0_prompts(tm
         config(mutate=-1)
 
 
+class RuleTarget:
+    """A plumbing fake: answers by the prompt's position in the pool: the first pool prompt always says positive, the
+    second (and any variation) is always right, the third always says negative, the empty prompt always wrong
+    (``qpo collect`` needs only the verdicts and predictions). The first and third steer; the second does not."""
+
+    id = "fake:rules"
+
+    def __init__(self, pool: list[str]) -> None:
+        self.pool = pool
+
+    def score(self, task, pairs, progress=None) -> list[Score]:  # noqa: ANN001
+        scores = []
+        for pair in pairs:
+            gold = task.gold_text(pair.example)
+            other = next(label for label in task.labels if label != gold)
+            position = self.pool.index(pair.prompt) if pair.prompt in self.pool else 1  # a variation: right
+            answer = {0: "positive", 1: gold, 2: "negative"}[position] if pair.prompt else other
+            scores.append(Score(correct=answer == gold, prediction=answer, gold_nll=1.0, label_nll=0.5))
+        if progress:
+            progress(len(pairs))
+        return scores
+
+
+def test_collect_mutate_plain_varies_only_prompts_that_do_not_steer(tmp_path: Path) -> None:
+    pool = [text for _, text in resolve_prompts(get_task("sst2_sample"), "3", include_empty=False)]
+    asked = config(prompts="3", queries=10, mutate=2, mutate_from=2)
+    # Without --mutate-plain the two most accurate prompts are varied, whatever they do.
+    plain_off = collect(asked, tmp_path / "all", target=RuleTarget(pool), inducer=ScriptedInducer(["Rate it.", "Judge it."]))
+    steering = steering_prompts(OfflineDataset(tmp_path / "all").loop(0))
+    assert set(steering) - {""} == {pool[0], pool[2]} and plain_off.mutation is not None
+    base = dict(Run.open(tmp_path / "all").base_prompts())
+    assert base[written(Run.open(tmp_path / "all").mutated())[1].of] in steering  # type: ignore[arg-type]
+
+    # With it, only the prompt that does not steer is varied (twice: it is the only one left).
+    plain = replace(asked, mutate_plain=True)
+    collect(plain, tmp_path / "plain", target=RuleTarget(pool), inducer=ScriptedInducer(["Rate it.", "Judge it."]))
+    run = Run.open(tmp_path / "plain")
+    grown = run.mutated()
+    assert grown is not None and grown.plain and [dict(run.base_prompts())[c.of] for c in written(grown)] == [pool[1]] * 2
+    assert load_pool(run.paths.mutated_prompts).plain  # the setting is kept in mutations.json
+    with pytest.raises(ValueError, match="mutate_plain: run has True, asked False"):  # another pool: another run
+        collect(asked, tmp_path / "plain", target=RuleTarget(pool), inducer=Refuses())
+
+    # No prompt left to vary: the error names the fix, before any variation is asked for.
+    with pytest.raises(TaskError, match="mutate without --mutate-plain"):
+        collect(replace(plain, prompts="1"), tmp_path / "none", target=RuleTarget(pool), inducer=Refuses())
+    with pytest.raises(ValueError, match="give --mutate N too"):
+        config(mutate_plain=True)
+    with pytest.raises(TaskError, match="gsm8k is a math task"):
+        Run.open(tmp_path / "gsm8k", CollectConfig(task="gsm8k", mutate=2, mutate_plain=True, data_dir=str(tmp_path)))
+    assert not (tmp_path / "gsm8k" / "run.json").exists()
+
+
 def test_collect_mutate_from_the_cli(tmp_path: Path, tiny_target_model: str) -> None:
     from qpo_middleware.cli import app
 
@@ -434,9 +489,11 @@ def test_collect_mutate_from_the_cli(tmp_path: Path, tiny_target_model: str) -> 
 
 
 @pytest.mark.real
-def test_collect_mutate_on_real_sst2_with_the_local_models(tmp_path: Path, real_data: Path, smollm2_target) -> None:  # noqa: ANN001
-    """The embedded Qwen writes variations of the two best of 3 real pool prompts on 10 real SST-2 sentences, and
-    the embedded SmolLM2 scores them there."""
+@pytest.mark.parametrize("plain", [False, True], ids=["best", "plain"])
+def test_collect_mutate_on_real_sst2_with_the_local_models(tmp_path: Path, real_data: Path, smollm2_target,  # noqa: ANN001
+                                                           plain: bool) -> None:
+    """The embedded Qwen writes variations of the two best of 3 real pool prompts on 10 real SST-2 sentences (with
+    ``plain``, of the two best that do not steer SmolLM2 there), and the embedded SmolLM2 scores them."""
     from qpo_middleware.training.induce import LocalInducer
     from qpo_middleware.training.models import ModelNotFoundError
 
@@ -445,14 +502,20 @@ def test_collect_mutate_on_real_sst2_with_the_local_models(tmp_path: Path, real_
     except ModelNotFoundError as exc:
         pytest.skip(str(exc))
     summary = collect(CollectConfig(task="sst2", queries=10, collect_queries=2, test_queries=2, prompts="3",
-                                    mutate=2, mutate_from=2, inducer=INDUCER), tmp_path, target=smollm2_target,
-                      inducer=inducer)
+                                    mutate=2, mutate_from=2, mutate_plain=plain, inducer=INDUCER), tmp_path,
+                      target=smollm2_target, inducer=inducer)
     run = Run.open(tmp_path)
     grown = run.mutated()
-    assert grown is not None
+    assert grown is not None and grown.plain == plain
     print(json.dumps([(c.of, c.reason, c.text) for c in [*grown.kept, *grown.dropped]], indent=1))
     accuracy = {s.prompt_id: s.accuracy for s in summary.prompts}
-    assert [c.of for c in written(grown)] == best_sources(run, summary)[:2]
+    text = dict(run.base_prompts())
+    steering = steering_prompts(OfflineDataset(tmp_path).loop(0))
+    print("steering on D0:", steering)
+    eligible = [s for s in best_sources(run, summary) if not (plain and text[s] in steering)]
+    assert [c.of for c in written(grown)] == [eligible[i % min(2, len(eligible))] for i in range(2)]  # in turn
+    if plain:  # on these 10 sentences SmolLM2 is steered by 2 of the 3 prompts, one of them among the two best
+        assert eligible[:2] != best_sources(run, summary)[:2]
     assert grown.kept, grown.dropped  # the real inducer writes at least one usable variation
     originals = {text for _, text in run.base_prompts()}
     for c in grown.kept:

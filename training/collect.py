@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import CollectConfig, RewardConfig
-from .dataset import Record
+from .dataset import Record, steering_prompts
 from .io import atomic_write_json
 from .run import Run
 from .targets import Pair, Score, Target
@@ -145,7 +145,9 @@ def collect(config: CollectConfig, out: str | os.PathLike[str], *, target: Targe
     scores = score_pairs(target, run.task, pairs, config.chunk_size, advance)
     grown = None
     if config.mutate:  # variations of the best prompts on D0, scored on D0's queries like the rest of the pool
-        grown = run.grow(prompts, mean_accuracy_by_prompt(pairs, scores), inducer)
+        steering = steering_prompts(make_records(run.task, target.id, pairs, scores, loop=0, rewards=config.rewards)) \
+            if config.mutate_plain else {}
+        grown = run.grow(prompts, mean_accuracy_by_prompt(pairs, scores), inducer, steering)
         extra = run.mutation_pairs(len(prompts), grown.prompts)
         total += len(extra)
         logger.info("Scoring %d pairs of %d kept variations (of %d written)", len(extra), len(grown.kept), grown.asked)

@@ -97,6 +97,10 @@ class CollectConfig:
                 "best prompts on D0 (the --mutate-from most accurate, in turn; none that names exactly one label "
                 "word), filtered like induced ones; the kept ones are scored on D0's queries too (0 = none)."})
     mutate_from: int = field(default=4, metadata={"help": "How many of D0's best prompts --mutate varies."})
+    mutate_plain: bool = field(default=False, metadata={
+        "help": "With --mutate: vary only prompts that do not steer the target on D0 (its answers are one label on most "
+                "queries whatever their gold; classification only). Variations of a steering prompt mostly steer too, "
+                "and train --route-without-steering routes only among the prompts that do not."})
     include_empty: bool = field(default=True, metadata={"help": "Score the empty prompt (no instruction) too."})
     prompts_per_query: int = field(default=0, metadata={
         "help": "Score only this many pool prompts per train query, drawn per query (seeded); 0 = every prompt. "
@@ -132,6 +136,8 @@ class CollectConfig:
             if getattr(self, name) < (0 if name in may_be_zero else 1):
                 allowed = " or 0" if name in may_be_zero else ""
                 raise ValueError(f"{name} must be positive{allowed}; got {getattr(self, name)}.")
+        if self.mutate_plain and not self.mutate:
+            raise ValueError("mutate_plain chooses which prompts --mutate varies; give --mutate N too, or drop it.")
         if self.target_timeout is not None and self.target_timeout <= 0:
             raise ValueError(f"target_timeout must be a number of seconds > 0; got {self.target_timeout}.")
         if self.shots < 0:

@@ -113,6 +113,7 @@ class InducedPool:
     dropped: list[Candidate] = field(default_factory=list)
     v: int = 1
     from_top: int = 0  # a mutated pool (``mutations.json``): how many of D0's best prompts were varied; 0 = induced
+    plain: bool = False  # a mutated pool: only prompts that do not steer the target on D0 were varied
 
     @property
     def prompts(self) -> list[tuple[str, str]]:
@@ -130,7 +131,7 @@ class InducedPool:
     def from_dict(cls, data: dict[str, Any]) -> InducedPool:
         return cls(inducer=data["inducer"], asked=data["asked"], shots=data["shots"], seed=data["seed"],
                    kept=[Candidate(**c) for c in data["kept"]], dropped=[Candidate(**c) for c in data["dropped"]],
-                   v=data.get("v", 1), from_top=data.get("from_top", 0))
+                   v=data.get("v", 1), from_top=data.get("from_top", 0), plain=data.get("plain", False))
 
 
 # -- meta-prompts ------------------------------------------------------------------------------

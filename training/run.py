@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,6 +209,9 @@ class Run:
             raise FileNotFoundError(
                 f"{paths.root} is not a QPO run directory (no {paths.run_file.name}); run `qpo collect` first.")
         task = get_task(config.task)
+        if config.mutate_plain and task.kind != "classification":
+            raise TaskError(f"--mutate-plain judges which prompts steer the target to one label; {task.name} is a "
+                            f"{task.kind} task. Mutate without it.")
         splits = task.splits(config.data_dir, **config.split_args())
         if not paths.run_file.exists():  # only a run whose task and splits load is recorded
             resolve_prompts(task, config.prompts, config.include_empty)
@@ -282,34 +285,44 @@ class Run:
         path = self.paths.mutated_prompts
         return load_pool(path) if self.config.mutate and path.is_file() else None
 
-    def grow(self, base: Sequence[tuple[str, str]], accuracy: dict[str, float], inducer: Inducer | None = None) -> InducedPool:
+    def grow(self, base: Sequence[tuple[str, str]], accuracy: dict[str, float], inducer: Inducer | None = None,
+             steering: Collection[str] = ()) -> InducedPool:
         """Write ``mutate`` variations of the ``mutate_from`` prompts of ``base`` most accurate on D0 (``accuracy``:
-        text -> D0 accuracy; none that names exactly one label word, nor the empty prompt), in turn, and keep them in
-        ``mutations.json``. A resumed run reads them back and never mutates again."""
+        text -> D0 accuracy; none that names exactly one label word, nor the empty prompt, nor with ``mutate_plain``
+        one of ``steering``, the texts that steer the target on D0), in turn, and keep them in ``mutations.json``.
+        A resumed run reads them back and never mutates again."""
         from .induce import InducedPool, make_inducer, mutate, save_pool
 
         config = self.config
         if (grown := self.mutated()) is not None:
-            if (grown.asked, grown.inducer, grown.from_top, grown.seed) != (config.mutate, config.inducer,
-                                                                            config.mutate_from, config.seed):
+            if (grown.asked, grown.inducer, grown.from_top, grown.seed, grown.plain) != (
+                    config.mutate, config.inducer, config.mutate_from, config.seed, config.mutate_plain):
                 raise ValueError(f"{self.paths.mutated_prompts} was written with other settings than "
                                  f"{self.paths.run_file} holds; delete {self.paths.mutated_prompts.name} to mutate again.")
             logger.info("Reusing %d mutated prompts from %s", len(grown.kept), self.paths.mutated_prompts)
             return grown
-        order = sorted((i for i, (_, text) in enumerate(base) if text and not names_one_label(text, self.task.labels)),
+        skip = set(steering) if config.mutate_plain else set()
+        order = sorted((i for i, (_, text) in enumerate(base)
+                        if text and not names_one_label(text, self.task.labels) and text not in skip),
                        key=lambda i: (-accuracy.get(base[i][1], 0.0), i))
         if not order:
+            if skip:
+                raise TaskError(f"--mutate-plain found no pool prompt to vary: every scored prompt is empty, names one "
+                                f"label word or steers the target on D0 ({len(skip)} steer); mutate without "
+                                "--mutate-plain, or give a larger pool (--prompts).")
             raise TaskError("--mutate needs a pool prompt to vary: every scored prompt is empty or names one label word.")
         originals = [base[order[i % min(config.mutate_from, len(order))]] for i in range(config.mutate)]
-        logger.info("Writing %d variations of the %d best D0 prompts with %s", config.mutate,
-                    min(config.mutate_from, len(order)), config.inducer)
+        logger.info("Writing %d variations of the %d best D0 prompts%s with %s", config.mutate,
+                    min(config.mutate_from, len(order)), " that do not steer the target" if skip else "",
+                    config.inducer)
         candidates = mutate(self.task, [text for _, text in originals], inducer or make_inducer(config.inducer),
                             seed=config.seed, existing=[text for _, text in base])
         for candidate, (source, _) in zip(candidates, originals, strict=True):
             candidate.of = source
         grown = InducedPool(inducer=config.inducer, asked=config.mutate, shots=0, seed=config.seed,
                             kept=[c for c in candidates if c.reason is None],
-                            dropped=[c for c in candidates if c.reason is not None], from_top=config.mutate_from)
+                            dropped=[c for c in candidates if c.reason is not None], from_top=config.mutate_from,
+                            plain=config.mutate_plain)
         save_pool(self.paths.mutated_prompts, grown)
         return grown
 
@@ -359,7 +372,7 @@ def _check_same_run(stored: CollectConfig, asked: CollectConfig, directory: Path
     if stored.induce or asked.induce:  # which model induced, and from how many examples, matters only then
         keys += ("inducer", "induce_shots")
     if stored.mutate or asked.mutate:
-        keys += ("mutate_from",) + (() if "inducer" in keys else ("inducer",))
+        keys += ("mutate_from", "mutate_plain") + (() if "inducer" in keys else ("inducer",))
     diffs = [f"{k}: run has {getattr(stored, k)!r}, asked {getattr(asked, k)!r}" for k in keys
              if getattr(stored, k) != getattr(asked, k)]
     if diffs:

@@ -27,6 +27,7 @@ def command(
     induce_shots: Annotated[int, typer.Option(help=help_of(CollectConfig, "induce_shots"))] = 4,
     mutate: Annotated[int, typer.Option(help=help_of(CollectConfig, "mutate"))] = 0,
     mutate_from: Annotated[int, typer.Option(help=help_of(CollectConfig, "mutate_from"))] = 4,
+    mutate_plain: Annotated[bool, typer.Option("--mutate-plain", help=help_of(CollectConfig, "mutate_plain"))] = False,
     prompts_per_query: Annotated[int, typer.Option(help="Score only this many pool prompts per train query, drawn per query (seeded); 0 = every prompt. More queries for the same target calls.")] = 0,
     out: Annotated[Path, typer.Option(help="Run directory (created; re-run the same command to resume).")] = Path("runs/sst2"),
     collect_queries: Annotated[int, typer.Option(help="Held-out queries for the training loops.")] = 100,
@@ -52,7 +53,7 @@ def command(
                                collect_queries=collect_queries, test_queries=test_queries, dev_queries=dev_queries,
                                shots=shots, seed=seed, data_dir=data_dir, batch_size=batch_size, include_empty=not no_empty,
                                prompts_per_query=prompts_per_query, induce=induce, inducer=inducer,
-                               induce_shots=induce_shots, mutate=mutate, mutate_from=mutate_from,
+                               induce_shots=induce_shots, mutate=mutate, mutate_from=mutate_from, mutate_plain=mutate_plain,
                                rewards=RewardConfig(nll=reward_nll), target_concurrency=target_concurrency,
                                target_retries=target_retries, target_timeout=target_timeout)
         with progress_bar() as bar:
