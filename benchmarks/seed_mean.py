@@ -4,7 +4,10 @@ accuracy and its gap to the best train prompt and to the selector averaged over 
 Each seed's gap comes with a paired bootstrap interval on its own test queries; the seeds are independent
 splits, so the mean gap's interval is the normal approximation ``mean ± 1.96 · sqrt(Σ se_i²) / k`` with
 ``se_i`` = (interval width) / 3.92 per seed. QPO's row is each seed's *chosen* method (recipe and rule chosen
-on that seed's dev split), so no seed's row was picked on test queries. Writes ``seed_mean.json`` and
+on that seed's dev split), so no seed's row was picked on test queries. ``--methods`` adds rows of methods
+fixed before any test query was seen (e.g. one recipe on every seed), under their own names. Where the runs
+checked a row for steering (``results.json`` ``test.steering``), the mean share of its queries sent a steering
+prompt and its mean accuracy with those sent the fallback stand beside it. Writes ``seed_mean.json`` and
 ``seed_mean.md`` into ``--out``.
 
     python benchmarks/seed_mean.py benchmarks/results/pool-choice-cpu/sst2-seed{0,1,2}-n1000x5-t600 \\
@@ -18,6 +21,7 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +32,22 @@ REFERENCES = ("best_prompt", "selector")
 ROWS = ("none", "best_prompt", "random_prompt", "selector", "qpo_chosen")
 
 
-def seed_rows(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """One run's test rows, QPO's under the name ``qpo_chosen``."""
+def seed_rows(results: dict[str, Any], extra: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """One run's test rows, QPO's under the name ``qpo_chosen``, then the ``extra`` ones; each with its steering
+    check (``steering``) where the run made one."""
     methods = results["test"]["methods"]
     chosen = results["validation"]["chosen"]
     if chosen not in methods:
         sys.exit(f"{chosen!r} (chosen on dev) has no test row: run pool_choice.py with --test-recipes chosen.")
-    return {name: methods[chosen if name == "qpo_chosen" else name] for name in ROWS if
-            name == "qpo_chosen" or name in methods}
+    if missing := [name for name in extra if name not in methods]:
+        sys.exit(f"Seed {results['settings']['seed']} has no test row {', '.join(missing)}; it has "
+                 f"{', '.join(sorted(methods))}.")
+    checks = results["test"].get("steering", {})
+    rows = {}
+    for name in [*(n for n in ROWS if n == "qpo_chosen" or n in methods), *extra]:
+        source = chosen if name == "qpo_chosen" else name
+        rows[name] = {**methods[source], **({"steering": checks[source]} if source in checks else {})}
+    return rows
 
 
 def mean_gap(gaps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -50,7 +62,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", help="pool_choice results folders, one per split seed.")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--methods", default="", help="Comma list of test rows fixed before testing (e.g. "
+                        "qpo_label_route_plain_likelihood) to average too; each seed must have them.")
     args = parser.parse_args()
+    extra = [name for name in args.methods.split(",") if name]
     loaded = []
     for folder in args.runs:
         path = folder / "results.json"
@@ -61,9 +76,9 @@ def main() -> None:
     seeds = [r["settings"]["seed"] for r in loaded]
     if len(tasks) != 1 or len(set(seeds)) != len(seeds):
         sys.exit(f"Give one task's runs with distinct seeds; got tasks {sorted(tasks)} and seeds {seeds}.")
-    per_seed = [seed_rows(r) for r in loaded]
+    per_seed = [seed_rows(r, extra) for r in loaded]
     rows: dict[str, Any] = {}
-    for name in ROWS:
+    for name in dict.fromkeys([*ROWS, *extra]):
         if not all(name in s for s in per_seed):
             continue
         row: dict[str, Any] = {"accuracy": statistics.fmean(s[name]["accuracy"] for s in per_seed),
@@ -72,6 +87,10 @@ def main() -> None:
         for ref in REFERENCES:
             if ref != name:
                 row[f"vs_{ref}"] = mean_gap([s[name][f"vs_{ref}"] for s in per_seed])
+        if all("steering" in s[name] for s in per_seed):
+            row["steered_share"] = statistics.fmean(s[name]["steering"]["steered_share"] for s in per_seed)
+            row["accuracy_without_steering"] = statistics.fmean(s[name]["steering"]["accuracy_without_steering"]
+                                                                for s in per_seed)
         rows[name] = row
     out = {"benchmark": "seed_mean", "task": tasks.pop(), "seeds": seeds,
            "runs": [f.as_posix() for f in args.runs], "run_commits": [r["commit"] for r in loaded],
@@ -96,11 +115,15 @@ def report(out: dict[str, Any]) -> str:
              "", "QPO = each seed's method chosen on its dev split: "
              + ", ".join(f"seed {s} `{c}`" for s, c in zip(out["seeds"], out["chosen"], strict=True)) + ".",
              "Intervals: normal approximation over the seeds' paired bootstrap intervals.", "",
-             "| method | mean accuracy % | per seed | test queries | vs best prompt [95% CI] | vs selector [95% CI] |",
-             "|---|---:|---|---:|---|---|"]
+             "| method | mean accuracy % | per seed | test queries | vs best prompt [95% CI] | vs selector [95% CI] "
+             "| steered | without steering % |",
+             "|---|---:|---|---:|---|---|---:|---:|"]
     for name, row in out["methods"].items():
+        steered = (f"{100 * row['steered_share']:.0f}% | {100 * row['accuracy_without_steering']:.1f}"
+                   if "steered_share" in row else "– | –")
         lines.append(f"| {name} | {100 * row['accuracy']:.1f} | " + " / ".join(f"{100 * a:.1f}" for a in row["per_seed"])
-                     + f" | {row['queries']} | {gap(row.get('vs_best_prompt'))} | {gap(row.get('vs_selector'))} |")
+                     + f" | {row['queries']} | {gap(row.get('vs_best_prompt'))} | {gap(row.get('vs_selector'))} "
+                     f"| {steered} |")
     return "\n".join(lines) + "\n"
 
 

@@ -492,16 +492,29 @@ def test_seed_mean_averages_each_seeds_dev_chosen_row(tmp_path: Path, monkeypatc
         methods = {"best_prompt": {"accuracy": acc - d, "n": 300, "vs_selector": gap(0.0, 0.0392)},
                    "selector": {"accuracy": acc - d, "n": 300, "vs_best_prompt": gap(0.0, 0.0392)},
                    chosen: {"accuracy": acc, "n": 300, "vs_best_prompt": gap(d, 0.0392), "vs_selector": gap(d, 0.0392)},
-                   "qpo_a" if chosen == "qpo_b" else "qpo_b": {"accuracy": 0.0, "n": 300}}  # not chosen: ignored
+                   "qpo_a" if chosen == "qpo_b" else "qpo_b": {"accuracy": 0.0, "n": 300},  # not chosen: ignored
+                   "qpo_plain": {"accuracy": 0.6 + seed / 10, "n": 300, "vs_best_prompt": gap(0.0, 0.0392),
+                                 "vs_selector": gap(0.0, 0.0392)}}  # fixed before testing: a row with --methods
+        steering = {chosen: {"steered_share": 0.5, "accuracy_without_steering": acc - 0.1},
+                    "qpo_plain": {"steered_share": 0.0, "accuracy_without_steering": 0.6 + seed / 10}}
         folder = tmp_path / f"seed{seed}"
         folder.mkdir()
         (folder / "results.json").write_text(json.dumps({"task": "sst2", "commit": "abc", "settings": {"seed": seed},
-                                                         "validation": {"chosen": chosen}, "test": {"methods": methods}}))
+                                                         "validation": {"chosen": chosen},
+                                                         "test": {"methods": methods, "steering": steering}}))
         folders.append(str(folder))
-    monkeypatch.setattr(sys, "argv", ["seed_mean.py", *folders, "--out", str(tmp_path / "mean")])
+    monkeypatch.setattr(sys, "argv", ["seed_mean.py", *folders, "--out", str(tmp_path / "mean"), "--methods", "qpo_plain"])
     module.main()
-    qpo = json.loads((tmp_path / "mean" / "seed_mean.json").read_text())["methods"]["qpo_chosen"]
+    rows = json.loads((tmp_path / "mean" / "seed_mean.json").read_text())["methods"]
+    qpo = rows["qpo_chosen"]
     assert qpo["accuracy"] == pytest.approx(0.75) and qpo["queries"] == 600
+    assert (qpo["steered_share"], qpo["accuracy_without_steering"]) == pytest.approx((0.5, 0.65))
+    assert rows["qpo_plain"]["per_seed"] == pytest.approx([0.6, 0.7]) and rows["qpo_plain"]["steered_share"] == 0.0
+    assert "steered_share" not in rows["best_prompt"]
+    assert "| qpo_plain | 65.0 | 60.0 / 70.0 | 600 |" in (tmp_path / "mean" / "seed_mean.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["seed_mean.py", *folders, "--out", str(tmp_path / "m3"), "--methods", "qpo_x"])
+    with pytest.raises(SystemExit, match="Seed 0 has no test row qpo_x"):
+        module.main()
     # each seed's se = 0.0392 / 3.92 = 0.01; mean se = sqrt(2) * 0.01 / 2; mean gap 0.06
     half = 1.96 * math.sqrt(2) * 0.01 / 2
     assert qpo["vs_best_prompt"]["ci95"] == pytest.approx([0.06 - half, 0.06 + half])
