@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("result_dir", type=Path, help="A pool_choice.py result directory (with per_query.json).")
     parser.add_argument("--mutate", type=int, default=0, help="Variations of the best dev prompts to write and score.")
     parser.add_argument("--from-top", type=int, default=4, help="How many of the best dev prompts --mutate varies.")
+    parser.add_argument("--plain", action="store_true",
+                        help="--mutate varies only pool prompts that do not steer the target (the testbed's "
+                             "pool_steering; collect's --mutate-plain).")
     parser.add_argument("--inducer", default=None,
                         help="The model writing the variations (a local model name, or module:factory for a LangChain "
                              "chat model; default: collect's inducer, the embedded Qwen).")
@@ -102,8 +105,13 @@ def main() -> None:
     dev_grid = [[b == "1" for b in split_rows["dev"]["grid"][e.id]] for e in dev_ex]
     labels = list(task.labels)
     leaks = {p for p in pool if names_one_label(p, labels)}
-    order = sorted((j for j, p in enumerate(pool) if p and p not in leaks),
+    steering = set(results.get("pool_steering", {}))
+    if args.plain and "pool_steering" not in results:
+        sys.exit("--plain needs the testbed's pool_steering; rerun pool_choice.py on it to record the check.")
+    order = sorted((j for j, p in enumerate(pool) if p and p not in leaks and not (args.plain and sources[j] in steering)),
                    key=lambda j: (-sum(row[j] for row in dev_grid), j))
+    if args.mutate and not order:
+        sys.exit("No pool prompt to vary: each is empty, names one label word or (with --plain) steers the target.")
     candidates: list[dict[str, Any]] = []
     t, timings = time.perf_counter(), {}
     if args.mutate:
@@ -158,9 +166,9 @@ def main() -> None:
     sets = {"pool": [j for j in honest if j < len(pool)], "pool_and_new": honest}
     # Steering prompts (pool ones as pool_choice found on dev, new ones here) answer for the query as a route:
     # the ceiling without them is the room a route can win by prompting alone.
-    steering = set(results.get("pool_steering", {}))
     steers = [j for j in honest if (sources[j] in steering if j < len(pool) else kept[j - len(pool)]["steers"])]
     if steers:
+        sets["pool_no_steering"] = [j for j in sets["pool"] if j not in steers]
         sets["pool_and_new_no_steering"] = [j for j in honest if j not in steers]
     table: dict[str, Any] = {}
     for label, columns in sets.items():

@@ -834,3 +834,17 @@ def test_pool_ceiling_scores_new_prompts_on_the_real_target_and_leaves_leaky_pro
     # The ceilings without steering prompts: the pool's none, a and b (c leaks), not the new one.
     assert out["ceilings"]["pool_and_new_no_steering"]["prompts"] == 3
     assert "| negative | Negative or positive?" in (result_dir / "ceiling_mutate.md").read_text()
+
+    # --plain varies only pool prompts that do not steer: with pool:a marked as steering, pool:b alone, in turn.
+    monkeypatch.setattr(sys, "argv", ["pool_ceiling.py", str(result_dir), "--mutate", "3", "--from-top", "2", "--plain",
+                                      "--name", "plain"])
+    with pytest.raises(SystemExit, match="needs the testbed's pool_steering"):
+        module.main()
+    results = json.loads((result_dir / "results.json").read_text())
+    (result_dir / "results.json").write_text(json.dumps({**results, "pool_steering": {"pool:a": "positive"}}))
+    asked.clear()
+    module.main()
+    out = json.loads((result_dir / "ceiling_plain.json").read_text())
+    assert [c["of"] for c in out["candidates"]] == ["pool:b"] * 3 and len(asked) == 3
+    assert all(texts["pool:b"] in request and texts["pool:a"] not in request for request in asked)
+    assert out["ceilings"]["pool_no_steering"]["prompts"] == 2  # none and b: a steers, c leaks
