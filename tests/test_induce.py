@@ -134,6 +134,23 @@ def test_a_reply_that_echoes_the_request_is_dropped() -> None:
     assert reject_reason(kept, kept, labels=LABELS, examples=[], request=wording) is None
 
 
+def test_a_variation_that_repeats_a_run_of_the_request_is_dropped() -> None:
+    """A reply that carries six words in a row of the variation request (seen on ag_news: the embedded Qwen appended
+    the request's closing line to its instruction) echoes it; the sentence listing the label words may be repeated."""
+    from qpo_middleware.training.induce import variation_prompt
+
+    task = get_task("ag_news")
+    wording = " ".join(m["content"] for m in variation_prompt(task, "", "terse"))
+    echo = ("Classify the next article the same way as the given instruction, in other words. Use at most ten words. "
+            "Reply with the instruction itself in one or two sentences.")
+    assert reject_reason(echo, echo, labels=task.labels, examples=[], request=wording) == "echoes_request"
+    for kept in ("Read the news article and name its topic. The answer is always one of these words: World, Sports, "
+                 "Business, Technology.",
+                 "Write a different instruction that makes a reader answer one of these words: Science, Politics.",
+                 "Read the article and reply with its topic in one word."):  # short runs of the request only
+        assert reject_reason(kept, kept, labels=task.labels, examples=[], request=wording) is None, kept
+
+
 def test_duplicates_are_dropped_after_the_first_and_against_the_given_pool() -> None:
     texts = ["Classify the review.", "classify  the REVIEW", "Is it positive or negative?", "Rate the film."]
     candidates = [Candidate(f"induced:plain:{i}", "plain", t, t, []) for i, t in enumerate(texts)]

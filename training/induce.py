@@ -54,6 +54,10 @@ DROP_REASONS = ("empty", "markup", "too_long", "label_word", "names_one_label", 
 ECHO_SHARE = 0.75
 """A candidate whose word pairs come this much from the request's own wording echoes it (``echoes_request``)."""
 
+ECHO_RUN = 6
+"""A candidate that repeats this many consecutive words of a request sentence naming no label echoes it too
+("Classify the article. Reply with the instruction itself in one or two sentences.")."""
+
 # Chat-template markup of the common families: <|im_start|>, <|endoftext|>, [INST], <s>, </s>, <start_of_turn>.
 _MARKUP = re.compile(r"<\|[^<>|\s]{1,40}\|>|\[/?INST\]|</?s>|<(?:start|end)_of_turn>")
 _LEAD_IN = re.compile(r"^(?:\*\*)?(?:the\s+)?(?:instruction|prompt|answer)s?\s*(?:was|is)?\s*:\s*(?:\*\*)?\s*",
@@ -231,10 +235,23 @@ def _pairs(key: str) -> list[tuple[str, ...]]:
     return [tuple(words[i : i + 2]) for i in range(len(words) - 1)] or [tuple(words)]
 
 
-def echoes(text: str, request: str) -> bool:
-    """Whether ``text`` is mostly the request's own wording ("Write the output for each input below.")."""
-    pairs, wording = _pairs(_key(text)), set(_pairs(_key(request)))
-    return sum(p in wording for p in pairs) >= ECHO_SHARE * len(pairs)
+def echoes(text: str, request: str, labels: Sequence[str] = ()) -> bool:
+    """Whether ``text`` is mostly the request's own wording ("Write the output for each input below."), or repeats
+    :data:`ECHO_RUN` consecutive words of one of its sentences that names none of ``labels`` (the sentence listing
+    the label words is one a good instruction may well repeat)."""
+    key = _key(text)
+    pairs, wording = _pairs(key), set(_pairs(_key(request)))
+    if sum(p in wording for p in pairs) >= ECHO_SHARE * len(pairs):
+        return True
+    label_words = {word for label in labels for word in _key(label).split()}
+    padded = f" {key} "
+    for sentence in re.split(r"(?<=[.?!])\s+|\n+", request):
+        words = _key(sentence).split()
+        if label_words & set(words):
+            continue
+        if any(f" {' '.join(words[i : i + ECHO_RUN])} " in padded for i in range(len(words) - ECHO_RUN + 1)):
+            return True
+    return False
 
 
 def reject_reason(raw: str, text: str, *, labels: Sequence[str], examples: Sequence[str], request: str = "",
@@ -266,7 +283,7 @@ def reject_reason(raw: str, text: str, *, labels: Sequence[str], examples: Seque
         if shown == key or (min(len(shown), len(key)) >= 20  # a short text is not a copy by containment
                             and (f" {shown} " in f" {key} " or f" {key} " in f" {shown} ")):
             return "copies_example"
-    if request and echoes(text, request):
+    if request and echoes(text, request, labels):
         return "echoes_request"
     return None
 
