@@ -61,7 +61,7 @@ from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score
-from qpo_middleware.training.tasks import names_one_label, steered_label
+from qpo_middleware.training.tasks import LEAN_REACH, names_one_label, steered_label
 
 REFERENCES = ("best_prompt", "best_prompt_dev", "selector")
 
@@ -174,6 +174,9 @@ def main() -> None:
     dev_golds = [run.task.gold_text(e) for e in dev_ex]
     steering = {p: steered_label([answers["dev"][e.id][p] for e in dev_ex], dev_golds) for p in prompts} \
         if run.task.labels else {}
+    # ... and, a softer line reported beside it, those that lean the target to one label (every steering prompt leans).
+    leaning = {p: steered_label([answers["dev"][e.id][p] for e in dev_ex], dev_golds, LEAN_REACH) for p in prompts} \
+        if run.task.labels else {}
     picked: dict[str, Counter[str]] = {}
 
     def baselines(split: str) -> dict[str, list[str]]:
@@ -260,6 +263,7 @@ def main() -> None:
         sent |= qpo
     test = hits("test", sent) | bounds("test")
     steered = steering_check(sent, test, steering, "best_prompt_dev", test["best_prompt"]) if steering else {}
+    leaned = steering_check(sent, test, leaning, "best_prompt_dev", test["best_prompt"]) if leaning else {}
     reference = {k: test[k] for k in REFERENCES}
     # A bound on the first --bound-queries is compared on those queries (the split's prefix).
     methods = {k: method_row(v, {r: h[: len(v)] for r, h in reference.items() if r != k}) for k, v in test.items()}
@@ -280,10 +284,12 @@ def main() -> None:
         "pool_naming_one_label": [src for src, text in pool if names_one_label(text, run.task.labels)],
         # ... and one whose answers on dev are mostly one label steers the target there (tasks.steered_label).
         "pool_steering": {source[p]: label for p, label in steering.items() if label},
+        # ... and those that lean it there (tasks.LEAN_REACH: 50% of the answers on 4 balanced labels).
+        "pool_leaning": {source[p]: label for p, label in leaning.items() if label},
         "validation": {"queries": len(dev_ex), "scores": dev_scores, "chosen": chosen, "chosen_recipe": chosen_recipe},
         "prompts_sent": {k: dict(v.most_common()) for k, v in picked.items()},
         "test": {"queries": len(test_ex), "bound_queries": len(bounded["test"]), "methods": methods, "recipes_scored": list(dict.fromkeys(test_recipes)),
-                 "steering": steered},
+                 "steering": steered, "leaning": leaned},
         "policy_seconds_per_query": seconds,
         "timings": {**timings, "total_seconds": time.perf_counter() - started},
     }
@@ -325,16 +331,27 @@ def steering_lines(results: dict[str, Any]) -> list[str]:
              "as a named label would): " + (", ".join(f"`{p}` → {label}" for p, label in pool.items()) if pool else
                                             "no pool prompt steers the target") + "."]
     rows = results["test"].get("steering", {})
-    if pool and rows:
+    leaning, leaned = results.get("pool_leaning"), results["test"].get("leaning", {})
+    if leaning is not None:  # runs before the lean check have neither
+        softer = {p: label for p, label in leaning.items() if p not in pool}
+        lines += ["", "Leaning prompts (a softer line: one label on at least a third of the way from its gold share to "
+                      "every answer, 50% on 4 balanced labels; every steering prompt leans too): "
+                  + (", ".join(f"`{p}` → {label}" for p, label in softer.items()) if softer else "none besides those")
+                  + "."]
+    if (pool or leaning) and rows:
+        lean_head = " queries sent a leaning prompt | without leaning |" if leaned else ""
         lines += ["", "| method | queries sent a steering prompt | accuracy | with those sent `best_prompt_dev` "
-                      "| vs best prompt, without steering [95% CI] |", "|---|---:|---:|---:|---|"]
+                      f"| vs best prompt, without steering [95% CI] |{lean_head}",
+                  "|---|---:|---:|---:|---|" + ("---:|---:|" if leaned else "")]
         for name, row in rows.items():
             gap = row["vs_reference_without_steering"]
+            lean = (f" {100 * leaned[name]['steered_share']:.1f}% | {100 * leaned[name]['accuracy_without_steering']:.1f} |"
+                    if leaned else "")
             lines.append(f"| {name} | {100 * row['steered_share']:.1f}% | "
                          f"{100 * results['test']['methods'][name]['accuracy']:.1f} | "
                          f"{100 * row['accuracy_without_steering']:.1f} | {100 * gap['diff']:+.1f} "
                          f"[{100 * gap['ci95'][0]:+.1f}, {100 * gap['ci95'][1]:+.1f}]"
-                         f"{'' if gap['significant'] else ' (n.s.)'} |")
+                         f"{'' if gap['significant'] else ' (n.s.)'} |{lean}")
     return lines
 
 

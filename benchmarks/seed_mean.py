@@ -7,7 +7,8 @@ splits, so the mean gap's interval is the normal approximation ``mean ± 1.96 ·
 on that seed's dev split), so no seed's row was picked on test queries. ``--methods`` adds rows of methods
 fixed before any test query was seen (e.g. one recipe on every seed), under their own names. Where the runs
 checked a row for steering (``results.json`` ``test.steering``), the mean share of its queries sent a steering
-prompt and its mean accuracy with those sent the fallback stand beside it. Writes ``seed_mean.json`` and
+prompt and its mean accuracy with those sent the fallback stand beside it; where they checked it for leaning too
+(``test.leaning``, a softer line), the same for leaning prompts. Writes ``seed_mean.json`` and
 ``seed_mean.md`` into ``--out``.
 
     python benchmarks/seed_mean.py benchmarks/results/pool-choice-cpu/sst2-seed{0,1,2}-n1000x5-t600 \\
@@ -34,7 +35,7 @@ ROWS = ("none", "best_prompt", "random_prompt", "selector", "qpo_chosen")
 
 def seed_rows(results: dict[str, Any], extra: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """One run's test rows, QPO's under the name ``qpo_chosen``, then the ``extra`` ones; each with its steering
-    check (``steering``) where the run made one."""
+    and leaning checks (``steering``, ``leaning``) where the run made them."""
     methods = results["test"]["methods"]
     chosen = results["validation"]["chosen"]
     if chosen not in methods:
@@ -42,11 +43,11 @@ def seed_rows(results: dict[str, Any], extra: Sequence[str] = ()) -> dict[str, d
     if missing := [name for name in extra if name not in methods]:
         sys.exit(f"Seed {results['settings']['seed']} has no test row {', '.join(missing)}; it has "
                  f"{', '.join(sorted(methods))}.")
-    checks = results["test"].get("steering", {})
+    checks = {kind: results["test"].get(kind, {}) for kind in ("steering", "leaning")}
     rows = {}
     for name in [*(n for n in ROWS if n == "qpo_chosen" or n in methods), *extra]:
         source = chosen if name == "qpo_chosen" else name
-        rows[name] = {**methods[source], **({"steering": checks[source]} if source in checks else {})}
+        rows[name] = {**methods[source], **{kind: check[source] for kind, check in checks.items() if source in check}}
     return rows
 
 
@@ -87,10 +88,11 @@ def main() -> None:
         for ref in REFERENCES:
             if ref != name:
                 row[f"vs_{ref}"] = mean_gap([s[name][f"vs_{ref}"] for s in per_seed])
-        if all("steering" in s[name] for s in per_seed):
-            row["steered_share"] = statistics.fmean(s[name]["steering"]["steered_share"] for s in per_seed)
-            row["accuracy_without_steering"] = statistics.fmean(s[name]["steering"]["accuracy_without_steering"]
-                                                                for s in per_seed)
+        for kind, share, accuracy in (("steering", "steered_share", "accuracy_without_steering"),
+                                      ("leaning", "leaning_share", "accuracy_without_leaning")):
+            if all(kind in s[name] for s in per_seed):
+                row[share] = statistics.fmean(s[name][kind]["steered_share"] for s in per_seed)
+                row[accuracy] = statistics.fmean(s[name][kind]["accuracy_without_steering"] for s in per_seed)
         rows[name] = row
     out = {"benchmark": "seed_mean", "task": tasks.pop(), "seeds": seeds,
            "runs": [f.as_posix() for f in args.runs], "run_commits": [r["commit"] for r in loaded],
@@ -116,11 +118,12 @@ def report(out: dict[str, Any]) -> str:
              + ", ".join(f"seed {s} `{c}`" for s, c in zip(out["seeds"], out["chosen"], strict=True)) + ".",
              "Intervals: normal approximation over the seeds' paired bootstrap intervals.", "",
              "| method | mean accuracy % | per seed | test queries | vs best prompt [95% CI] | vs selector [95% CI] "
-             "| steered | without steering % |",
-             "|---|---:|---|---:|---|---|---:|---:|"]
+             "| steered | without steering % | leaning | without leaning % |",
+             "|---|---:|---|---:|---|---|---:|---:|---:|---:|"]
     for name, row in out["methods"].items():
-        steered = (f"{100 * row['steered_share']:.0f}% | {100 * row['accuracy_without_steering']:.1f}"
-                   if "steered_share" in row else "– | –")
+        steered = " | ".join(f"{100 * row[share]:.0f}% | {100 * row[accuracy]:.1f}" if share in row else "– | –"
+                             for share, accuracy in (("steered_share", "accuracy_without_steering"),
+                                                     ("leaning_share", "accuracy_without_leaning")))
         lines.append(f"| {name} | {100 * row['accuracy']:.1f} | " + " / ".join(f"{100 * a:.1f}" for a in row["per_seed"])
                      + f" | {row['queries']} | {gap(row.get('vs_best_prompt'))} | {gap(row.get('vs_selector'))} "
                      f"| {steered} |")

@@ -497,11 +497,14 @@ def test_seed_mean_averages_each_seeds_dev_chosen_row(tmp_path: Path, monkeypatc
                                  "vs_selector": gap(0.0, 0.0392)}}  # fixed before testing: a row with --methods
         steering = {chosen: {"steered_share": 0.5, "accuracy_without_steering": acc - 0.1},
                     "qpo_plain": {"steered_share": 0.0, "accuracy_without_steering": 0.6 + seed / 10}}
+        # qpo_plain sends no steering prompt but leans on seed 1 only (a softer check; no run before it has one).
+        leaning = {"qpo_plain": {"steered_share": 0.2 * seed, "accuracy_without_steering": 0.6}}
         folder = tmp_path / f"seed{seed}"
         folder.mkdir()
         (folder / "results.json").write_text(json.dumps({"task": "sst2", "commit": "abc", "settings": {"seed": seed},
                                                          "validation": {"chosen": chosen},
-                                                         "test": {"methods": methods, "steering": steering}}))
+                                                         "test": {"methods": methods, "steering": steering,
+                                                                  "leaning": leaning}}))
         folders.append(str(folder))
     monkeypatch.setattr(sys, "argv", ["seed_mean.py", *folders, "--out", str(tmp_path / "mean"), "--methods", "qpo_plain"])
     module.main()
@@ -511,7 +514,11 @@ def test_seed_mean_averages_each_seeds_dev_chosen_row(tmp_path: Path, monkeypatc
     assert (qpo["steered_share"], qpo["accuracy_without_steering"]) == pytest.approx((0.5, 0.65))
     assert rows["qpo_plain"]["per_seed"] == pytest.approx([0.6, 0.7]) and rows["qpo_plain"]["steered_share"] == 0.0
     assert "steered_share" not in rows["best_prompt"]
-    assert "| qpo_plain | 65.0 | 60.0 / 70.0 | 600 |" in (tmp_path / "mean" / "seed_mean.md").read_text()
+    assert (rows["qpo_plain"]["leaning_share"], rows["qpo_plain"]["accuracy_without_leaning"]) == pytest.approx((0.1, 0.6))
+    assert "leaning_share" not in qpo  # no seed checked the chosen row for leaning
+    table = (tmp_path / "mean" / "seed_mean.md").read_text()
+    assert "| qpo_plain | 65.0 | 60.0 / 70.0 | 600 |" in table and "| 0% | 65.0 | 10% | 60.0 |" in table
+    assert "| 50% | 65.0 | – | – |" in table
     monkeypatch.setattr(sys, "argv", ["seed_mean.py", *folders, "--out", str(tmp_path / "m3"), "--methods", "qpo_x"])
     with pytest.raises(SystemExit, match="Seed 0 has no test row qpo_x"):
         module.main()
@@ -534,6 +541,27 @@ def test_steering_check_replaces_steering_picks_by_the_fallbacks_verdicts() -> N
     assert out["router"]["accuracy_without_steering"] == 0.5  # queries 1 and 3 take best_prompt_dev's verdicts
     assert out["router"]["vs_reference_without_steering"]["diff"] == 0.0
     assert out["plain"] == {**out["plain"], "steered_share": 0.0, "accuracy_without_steering": 0.25}
+
+
+def test_pool_choice_report_shows_the_leaning_check_beside_the_steering_check() -> None:
+    """pool_choice.py's steering lines: a run that checked leaning gets its two columns and the leaning prompts that
+    do not also steer; a run from before the lean check renders as it did."""
+    spec = importlib.util.spec_from_file_location("qpo_pool_choice", REPO / "benchmarks" / "pool_choice.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    gap = {"diff": 0.02, "ci95": [-0.01, 0.05], "significant": False}
+    check = {"steered_share": 0.25, "accuracy_without_steering": 0.7, "vs_reference_without_steering": gap}
+    results = {"pool_steering": {"pool:a": "World"}, "pool_leaning": {"pool:a": "World", "pool:b": "Sports"},
+               "test": {"methods": {"qpo_x": {"accuracy": 0.75}}, "steering": {"qpo_x": check},
+                        "leaning": {"qpo_x": {**check, "steered_share": 0.5, "accuracy_without_steering": 0.68}}}}
+    lines = module.steering_lines(results)
+    assert "`pool:b` → Sports" in lines[2] and "`pool:a`" not in lines[2]  # pool:a is listed as steering already
+    assert lines[-1] == "| qpo_x | 25.0% | 75.0 | 70.0 | +2.0 [-1.0, +5.0] (n.s.) | 50.0% | 68.0 |"
+    old = {k: v for k, v in results.items() if k != "pool_leaning"}
+    old["test"] = {k: v for k, v in results["test"].items() if k != "leaning"}
+    assert module.steering_lines(old)[-1] == "| qpo_x | 25.0% | 75.0 | 70.0 | +2.0 [-1.0, +5.0] (n.s.) |"
+    assert not any("Leaning" in line for line in module.steering_lines(old))
 
 
 def test_label_router_routes_by_predicted_label_on_real_sst2(

@@ -293,11 +293,17 @@ def test_real_collect_with_prompts_per_query(tmp_path: Path, smollm2_target: HFT
 
 
 def test_steered_label_needs_an_answer_share_halfway_from_the_golds_to_always() -> None:
-    from qpo_middleware.training.tasks import steered_label
+    from qpo_middleware.training.tasks import LEAN_REACH, steered_label
 
     golds = ["a", "b", "c", "d"] * 2  # 4 balanced labels: a prompt steers at 62.5% of one answer
     assert steered_label(["a"] * 5 + ["b", "c", "d"], golds) == "a"  # 5 of 8 = 62.5%
     assert steered_label(["a"] * 4 + ["b", "c", "d", "d"], golds) is None  # 50%: leans, does not steer
+    # The softer line (LEAN_REACH, a third of the way): 50% of 4 balanced labels leans, 3 of 8 does not.
+    assert steered_label(["a"] * 4 + ["b", "c", "d", "d"], golds, LEAN_REACH) == "a"
+    assert steered_label(["a"] * 3 + ["b", "c", "d", "d", "b"], golds, LEAN_REACH) is None
+    assert steered_label(["p"] * 4 + ["n"] * 2, ["p", "n"] * 3, LEAN_REACH) == "p"  # 2 labels: 4 of 6 = 66.7% leans
+    with pytest.raises(ValueError, match="reach must be in"):
+        steered_label(["a"], ["a"], 0.0)
     assert steered_label(["a", None, "a", "a", "a", "a", "b", "c"], golds) == "a"  # an unparsed answer counts as other
     assert steered_label(["x"] * 8, ["x"] * 8) == "x"  # a one-label split: always answering it is 100% >= 100%
     assert steered_label([], []) is None and steered_label([None], ["a"]) is None

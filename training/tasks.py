@@ -207,12 +207,23 @@ def names_one_label(text: str, labels: Sequence[str]) -> bool:
     return len(names_labels(text, labels)) == 1
 
 
-def steered_label(answers: Sequence[str | None], golds: Sequence[str]) -> str | None:
+STEER_REACH = 0.5
+"""How far from its share of the golds toward always a prompt must answer one label to steer the target there."""
+
+LEAN_REACH = 1 / 3
+"""The same for a prompt that *leans* the target to one label (4 balanced labels: 50% of the queries; 2: 66.7%): a
+softer line than steering, reported beside it so readers see how much of a router's gain rides on leaning prompts."""
+
+
+def steered_label(answers: Sequence[str | None], golds: Sequence[str], reach: float = STEER_REACH) -> str | None:
     """The label a prompt steers the target to, judged by its answers on queries whose gold labels are known: the
     label it answers at least halfway between that label's share of the golds and always (4 balanced labels:
     62.5% of the queries; 2 balanced: 75%), or None. The behavioural leakage check: a prompt that makes the target
     answer one label whatever the query does what naming the label does, though it may name none or all of them
-    (e.g. SmolLM2 answers the first label a list names)."""
+    (e.g. SmolLM2 answers the first label a list names). ``reach`` moves the line: the fraction of the way from the
+    gold share to always (:data:`LEAN_REACH` for the softer *leans* check)."""
+    if not 0.0 < reach <= 1.0:
+        raise ValueError(f"reach must be in (0, 1]; got {reach}.")
     if len(answers) != len(golds):
         raise ValueError(f"steered_label got {len(answers)} answers for {len(golds)} gold labels.")
     if not golds:
@@ -222,7 +233,7 @@ def steered_label(answers: Sequence[str | None], golds: Sequence[str]) -> str | 
         return None
     label, n = counts.most_common(1)[0]
     gold_share = sum(g == label for g in golds) / len(golds)
-    return label if n / len(answers) >= (gold_share + 1) / 2 else None
+    return label if n / len(answers) >= gold_share + reach * (1 - gold_share) else None
 
 
 def _require(value: Any, example: Example, name: str) -> Any:
