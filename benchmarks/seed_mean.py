@@ -51,6 +51,12 @@ def seed_rows(results: dict[str, Any], extra: Sequence[str] = ()) -> dict[str, d
     return rows
 
 
+# Per check of the runs (results.json test.<check>): the row's share of queries sent a flagged prompt, its accuracy
+# with those sent the fallback instead, and that accuracy's gap to the best train prompt.
+CHECKS = {"steering": ("steered_share", "accuracy_without_steering", "vs_best_prompt_without_steering"),
+          "leaning": ("leaning_share", "accuracy_without_leaning", "vs_best_prompt_without_leaning")}
+
+
 def mean_gap(gaps: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean of per-seed paired gaps and its normal-approximation 95% interval."""
     diff = statistics.fmean(g["diff"] for g in gaps)
@@ -88,11 +94,11 @@ def main() -> None:
         for ref in REFERENCES:
             if ref != name:
                 row[f"vs_{ref}"] = mean_gap([s[name][f"vs_{ref}"] for s in per_seed])
-        for kind, share, accuracy in (("steering", "steered_share", "accuracy_without_steering"),
-                                      ("leaning", "leaning_share", "accuracy_without_leaning")):
+        for kind, (share, accuracy, vs) in CHECKS.items():
             if all(kind in s[name] for s in per_seed):
                 row[share] = statistics.fmean(s[name][kind]["steered_share"] for s in per_seed)
                 row[accuracy] = statistics.fmean(s[name][kind]["accuracy_without_steering"] for s in per_seed)
+                row[vs] = mean_gap([s[name][kind]["vs_reference_without_steering"] for s in per_seed])
         rows[name] = row
     out = {"benchmark": "seed_mean", "task": tasks.pop(), "seeds": seeds,
            "runs": [f.as_posix() for f in args.runs], "run_commits": [r["commit"] for r in loaded],
@@ -118,12 +124,11 @@ def report(out: dict[str, Any]) -> str:
              + ", ".join(f"seed {s} `{c}`" for s, c in zip(out["seeds"], out["chosen"], strict=True)) + ".",
              "Intervals: normal approximation over the seeds' paired bootstrap intervals.", "",
              "| method | mean accuracy % | per seed | test queries | vs best prompt [95% CI] | vs selector [95% CI] "
-             "| steered | without steering % | leaning | without leaning % |",
+             "| steered | without steering %, vs best prompt | leaning | without leaning %, vs best prompt |",
              "|---|---:|---|---:|---|---|---:|---:|---:|---:|"]
     for name, row in out["methods"].items():
-        steered = " | ".join(f"{100 * row[share]:.0f}% | {100 * row[accuracy]:.1f}" if share in row else "– | –"
-                             for share, accuracy in (("steered_share", "accuracy_without_steering"),
-                                                     ("leaning_share", "accuracy_without_leaning")))
+        steered = " | ".join(f"{100 * row[share]:.0f}% | {100 * row[accuracy]:.1f}, {gap(row[vs])}" if share in row
+                             else "– | –" for share, accuracy, vs in CHECKS.values())
         lines.append(f"| {name} | {100 * row['accuracy']:.1f} | " + " / ".join(f"{100 * a:.1f}" for a in row["per_seed"])
                      + f" | {row['queries']} | {gap(row.get('vs_best_prompt'))} | {gap(row.get('vs_selector'))} "
                      f"| {steered} |")

@@ -495,10 +495,13 @@ def test_seed_mean_averages_each_seeds_dev_chosen_row(tmp_path: Path, monkeypatc
                    "qpo_a" if chosen == "qpo_b" else "qpo_b": {"accuracy": 0.0, "n": 300},  # not chosen: ignored
                    "qpo_plain": {"accuracy": 0.6 + seed / 10, "n": 300, "vs_best_prompt": gap(0.0, 0.0392),
                                  "vs_selector": gap(0.0, 0.0392)}}  # fixed before testing: a row with --methods
-        steering = {chosen: {"steered_share": 0.5, "accuracy_without_steering": acc - 0.1},
-                    "qpo_plain": {"steered_share": 0.0, "accuracy_without_steering": 0.6 + seed / 10}}
+        steering = {chosen: {"steered_share": 0.5, "accuracy_without_steering": acc - 0.1,
+                             "vs_reference_without_steering": gap(d - 0.1, 0.0392)},
+                    "qpo_plain": {"steered_share": 0.0, "accuracy_without_steering": 0.6 + seed / 10,
+                                  "vs_reference_without_steering": gap(0.0, 0.0392)}}
         # qpo_plain sends no steering prompt but leans on seed 1 only (a softer check; no run before it has one).
-        leaning = {"qpo_plain": {"steered_share": 0.2 * seed, "accuracy_without_steering": 0.6}}
+        leaning = {"qpo_plain": {"steered_share": 0.2 * seed, "accuracy_without_steering": 0.6,
+                                 "vs_reference_without_steering": gap(-0.02 * seed, 0.0392)}}
         folder = tmp_path / f"seed{seed}"
         folder.mkdir()
         (folder / "results.json").write_text(json.dumps({"task": "sst2", "commit": "abc", "settings": {"seed": seed},
@@ -517,8 +520,11 @@ def test_seed_mean_averages_each_seeds_dev_chosen_row(tmp_path: Path, monkeypatc
     assert (rows["qpo_plain"]["leaning_share"], rows["qpo_plain"]["accuracy_without_leaning"]) == pytest.approx((0.1, 0.6))
     assert "leaning_share" not in qpo  # no seed checked the chosen row for leaning
     table = (tmp_path / "mean" / "seed_mean.md").read_text()
-    assert "| qpo_plain | 65.0 | 60.0 / 70.0 | 600 |" in table and "| 0% | 65.0 | 10% | 60.0 |" in table
-    assert "| 50% | 65.0 | – | – |" in table
+    assert rows["qpo_plain"]["vs_best_prompt_without_leaning"]["diff"] == pytest.approx(-0.01)
+    assert qpo["vs_best_prompt_without_steering"]["diff"] == pytest.approx(-0.04)  # (0.00 - 0.08) / 2
+    assert "| qpo_plain | 65.0 | 60.0 / 70.0 | 600 |" in table
+    assert "| 0% | 65.0, +0.0 [-1.4, +1.4] (n.s.) | 10% | 60.0, -1.0 [-2.4, +0.4] (n.s.) |" in table
+    assert "| 50% | 65.0, -4.0 [-5.4, -2.6] | – | – |" in table
     monkeypatch.setattr(sys, "argv", ["seed_mean.py", *folders, "--out", str(tmp_path / "m3"), "--methods", "qpo_x"])
     with pytest.raises(SystemExit, match="Seed 0 has no test row qpo_x"):
         module.main()
