@@ -6,7 +6,8 @@ splits, so the mean gap's interval is the normal approximation ``mean ± 1.96 ·
 ``se_i`` = (interval width) / 3.92 per seed. QPO's row is each seed's *chosen* method (recipe and rule chosen
 on that seed's dev split), so no seed's row was picked on test queries. ``--methods`` adds rows of methods
 fixed before any test query was seen (e.g. one recipe on every seed), under their own names. Where the runs
-checked a row for steering (``results.json`` ``test.steering``), the mean share of its queries sent a steering
+checked a row for steering (``results.json`` ``test.steering``, or ``checks.json`` from ``steering_recheck.py``
+for a run recorded before the check), the mean share of its queries sent a steering
 prompt and its mean accuracy with those sent the fallback stand beside it; where they checked it for leaning too
 (``test.leaning``, a softer line), the same for leaning prompts. Writes ``seed_mean.json`` and
 ``seed_mean.md`` into ``--out``.
@@ -78,7 +79,13 @@ def main() -> None:
         path = folder / "results.json"
         if not path.is_file():
             sys.exit(f"{path} is missing: finish benchmarks/pool_choice.py for that seed first.")
-        loaded.append(json.loads(path.read_text(encoding="utf-8")))
+        results = json.loads(path.read_text(encoding="utf-8"))
+        # A run recorded before the checks gets them from steering_recheck.py's checks.json, when there is one.
+        if "steering" not in results["test"] and (checks := folder / "checks.json").is_file():
+            rechecked = json.loads(checks.read_text(encoding="utf-8"))["test"]
+            results["test"].update({kind: rechecked[kind] for kind in CHECKS})
+            results["rechecked"] = True
+        loaded.append(results)
     tasks = {r["task"] for r in loaded}
     seeds = [r["settings"]["seed"] for r in loaded]
     if len(tasks) != 1 or len(set(seeds)) != len(seeds):
@@ -103,6 +110,7 @@ def main() -> None:
     out = {"benchmark": "seed_mean", "task": tasks.pop(), "seeds": seeds,
            "runs": [f.as_posix() for f in args.runs], "run_commits": [r["commit"] for r in loaded],
            "chosen": [r["validation"]["chosen"] for r in loaded],
+           "rechecked": [r["settings"]["seed"] for r in loaded if r.get("rechecked")],
            "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
            **code_version(), "methods": rows}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +130,9 @@ def report(out: dict[str, Any]) -> str:
              f"`{out['command']}` — commit `{out['commit']}`; runs at {', '.join(f'`{c}`' for c in out['run_commits'])}",
              "", "QPO = each seed's method chosen on its dev split: "
              + ", ".join(f"seed {s} `{c}`" for s, c in zip(out["seeds"], out["chosen"], strict=True)) + ".",
-             "Intervals: normal approximation over the seeds' paired bootstrap intervals.", "",
+             "Intervals: normal approximation over the seeds' paired bootstrap intervals."
+             + (f" Steering and lean checks of seed(s) {', '.join(map(str, out['rechecked']))} from "
+                "`steering_recheck.py` (`checks.json`)." if out.get("rechecked") else ""), "",
              "| method | mean accuracy % | per seed | test queries | vs best prompt [95% CI] | vs selector [95% CI] "
              "| steered | without steering %, vs best prompt | leaning | without leaning %, vs best prompt |",
              "|---|---:|---|---:|---|---|---:|---:|---:|---:|"]

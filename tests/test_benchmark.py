@@ -790,6 +790,97 @@ def test_choice_head_on_real_sst2_and_the_real_policy_base(
 
 
 @pytest.mark.real
+def test_steering_recheck_adds_the_checks_to_a_run_recorded_without_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_data: Path, smollm2_target: Any) -> None:
+    """steering_recheck.py on a hand-built pool_choice folder over real sst2 splits whose dev grid holds the real
+    SmolLM2's verdicts: "Negative or positive? ..." makes SmolLM2 answer negative on 7 of 8 (it answers the label
+    named first), so it steers and leans; the QPO row sends it to the test queries its recorded scores pick, and
+    without them takes ``best_prompt_dev``'s verdicts. A dev grid the target does not reproduce, or a row whose
+    recorded verdicts its rederived picks do not reproduce, stops the script with the reason."""
+    from qpo_middleware.training.targets import Pair
+    from qpo_middleware.training.tasks import LEAN_REACH, get_task, steered_label
+
+    module = load_script("steering_recheck")
+    task = get_task("sst2")
+    settings = {"task": "sst2", "seed": 6, "train_queries": 40, "dev_queries": 8, "test_queries": 4,
+                "target": "smollm2-135m-instruct"}
+    splits = task.splits(real_data, seed=6, n_train=40, n_collect=8, n_test=4)
+    texts = {"none": "", "pool:steer": "Negative or positive? Reply with one word.",
+             "pool:read": "Is this movie review positive or negative?"}
+    dev = list(splits.collect)
+    verdicts = smollm2_target.score(task, [Pair(e, t) for e in dev for t in texts.values()])
+    grid = {e.id: "".join("1" if verdicts[3 * i + j].correct else "0" for j in range(3)) for i, e in enumerate(dev)}
+    test = list(splits.test)
+    test_grid = {e.id: ("0" if i % 2 else "1") + ("1" if task.gold_text(e) == "negative" else "0") + "1"
+                 for i, e in enumerate(test)}  # made up: the script reads the target only on dev
+    top = [[0.0, -1.0, -2.0], [0.0, -1.0, -2.0], [-3.0, 0.0, -1.0], [-3.0, -1.0, 0.0]]  # likelihood: none none steer read
+    reference = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, -5.0, 0.0]]  # dpo_ratio: ... steer steer
+    golds = [task.gold_text(e) for e in test]
+    picks = {"qpo_x_likelihood": [0, 0, 1, 2], "qpo_x_dpo_ratio": [0, 0, 1, 1]}
+    hits = {name: "".join(test_grid[e.id][j] for e, j in zip(test, cols, strict=True)) for name, cols in picks.items()}
+    hits |= {"best_prompt": "".join(test_grid[e.id][0] for e in test), "best_prompt_dev": "".join(
+        test_grid[e.id][0] for e in test), "qpo_x_choose": "1111"}  # no instruction: all 8 dev answers right
+    per_query = {"prompts": list(texts), "splits": {
+        "dev": {"ids": [e.id for e in dev], "gold": [task.gold_text(e) for e in dev], "grid": grid, "hits": {}},
+        "test": {"ids": [e.id for e in test], "gold": golds, "grid": test_grid, "hits": hits,
+                 "policy_logps": {"x": {"top": top, "reference": reference}}}}}
+    methods = {name: {"accuracy": bits.count("1") / 4} for name, bits in hits.items()}
+    results = {"task": "sst2", "target": "hf:smollm2-135m-instruct", "commit": "abc", "settings": settings,
+               "pool": [{"source": s, "text": t} for s, t in texts.items()], "d0": {"best_prompt": "none"},
+               "best_prompt_dev": {"prompt": "none"}, "test": {"methods": methods}}
+    result_dir = tmp_path / "sst2-seed6"
+    result_dir.mkdir()
+    (result_dir / "per_query.json").write_text(json.dumps(per_query))
+    (result_dir / "results.json").write_text(json.dumps(results))
+    monkeypatch.setattr(sys, "argv", ["steering_recheck.py", str(result_dir)])
+    module.main()
+    out = json.loads((result_dir / "checks.json").read_text())
+    assert out["dev_verdicts_differing"] == 0
+    assert out["pool_steering"]["pool:steer"] == out["pool_leaning"]["pool:steer"] == "negative"
+    dev_golds = [task.gold_text(e) for e in dev]
+    for j, source in enumerate(texts):  # the flags are those of the target's own answers
+        answers = [verdicts[3 * i + j].prediction for i in range(len(dev))]
+        assert out["pool_steering"].get(source) == steered_label(answers, dev_golds)
+        assert out["pool_leaning"].get(source) == steered_label(answers, dev_golds, LEAN_REACH)
+    fallback = [b == "1" for b in hits["best_prompt_dev"]]
+    for kind, flags in (("steering", out["pool_steering"]), ("leaning", out["pool_leaning"])):
+        for name, cols in picks.items():
+            flagged = [list(texts)[j] in flags for j in cols]
+            kept = [fallback[i] if flag else test_grid[e.id][j] == "1"
+                    for i, (e, j, flag) in enumerate(zip(test, cols, flagged, strict=True))]
+            assert out["test"][kind][name]["steered_share"] == statistics.fmean(flagged)
+            assert out["test"][kind][name]["accuracy_without_steering"] == statistics.fmean(kept)
+    assert out["test"]["steering"]["qpo_x_dpo_ratio"]["steered_share"] >= 0.5  # it sends pool:steer twice
+    assert "qpo_x_choose" in out["unchecked"]
+    assert out["prompts_sent"]["qpo_x_likelihood"] == {"none": 2, "pool:steer": 1, "pool:read": 1}
+    assert "| qpo_x_dpo_ratio |" in (result_dir / "checks.md").read_text()
+
+    # seed_mean reads checks.json for a run whose results.json has no checks.
+    monkeypatch.setattr(sys, "argv", ["seed_mean.py", str(result_dir), "--out", str(tmp_path / "mean"),
+                                      "--methods", "qpo_x_likelihood"])
+    no_gap = {"diff": 0.0, "ci95": [0.0, 0.0], "significant": False}
+    rows = {n: {**m, "n": 4, "vs_best_prompt": no_gap, "vs_selector": no_gap} for n, m in methods.items()}
+    (result_dir / "results.json").write_text(json.dumps({**results, "validation": {"chosen": "qpo_x_dpo_ratio"},
+                                                         "test": {"methods": rows}}))
+    load_script("seed_mean").main()
+    mean = json.loads((tmp_path / "mean" / "seed_mean.json").read_text())
+    assert mean["rechecked"] == [6]
+    assert mean["methods"]["qpo_chosen"]["steered_share"] == out["test"]["steering"]["qpo_x_dpo_ratio"]["steered_share"]
+    assert "from `steering_recheck.py`" in (tmp_path / "mean" / "seed_mean.md").read_text()
+
+    # A row whose recorded verdicts the rederived picks do not reproduce; a dev grid the target does not reproduce.
+    broken = {**hits, "qpo_x_likelihood": "".join("0" if b == "1" else "1" for b in hits["qpo_x_likelihood"])}
+    per_query["splits"]["test"]["hits"] = broken
+    (result_dir / "per_query.json").write_text(json.dumps(per_query))
+    monkeypatch.setattr(sys, "argv", ["steering_recheck.py", str(result_dir)])
+    with pytest.raises(SystemExit, match="qpo_x_likelihood's rederived picks do not reproduce"):
+        module.main()
+    per_query["splits"]["dev"]["grid"] = {q: "".join("0" if b == "1" else "1" for b in row) for q, row in grid.items()}
+    (result_dir / "per_query.json").write_text(json.dumps(per_query))
+    with pytest.raises(SystemExit, match="dev verdicts differ from the run's"):
+        module.main()
+
+
 def test_pool_ceiling_scores_new_prompts_on_the_real_target_and_leaves_leaky_prompts_out(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_data: Path) -> None:
     """pool_ceiling.py on a hand-built pool_choice folder over real sst2 splits: ``pool:a`` is right exactly on
