@@ -7,7 +7,9 @@ target to one label (``tasks.steered_label``) or leans it there (``tasks.LEAN_RE
 derived again from the policy scores ``per_query.json`` keeps (rules ``likelihood``, ``implicit``, ``dpo_ratio``),
 and must reproduce the row's recorded verdicts on every fully scored test query. Then, per row, the share of its
 test queries sent a flagged prompt and its accuracy with those queries given ``best_prompt_dev``'s verdicts
-(:func:`qpo_bench.offline.steering_check`, the same as ``pool_choice.py``'s). Nothing is trained or chosen; the
+(:func:`qpo_bench.offline.steering_check`, the same as ``pool_choice.py``'s), with its paired gap to the best train
+prompt and to the selector as recorded (the selector's picks were not kept, so it is not checked itself; where it
+sends flagged prompts too, the gap to it flatters it). Nothing is trained or chosen; the
 run's numbers are not changed. Writes ``checks.json`` and ``checks.md`` next to ``per_query.json``;
 ``seed_mean.py`` reads them for runs whose ``results.json`` has no checks.
 
@@ -110,9 +112,13 @@ def main() -> None:
         if wrong:
             sys.exit(f"{name}'s rederived picks do not reproduce its verdicts on {len(wrong)} test queries "
                      f"(first {wrong[0]}); this per_query.json cannot be rechecked.")
-    reference = hits["best_prompt"]
-    checks = {kind: steering_check(sent, hits, flags, "best_prompt_dev", reference)
-              for kind, flags in (("steering", steering), ("leaning", leaning))}
+    checks = {}
+    for kind, flags in (("steering", steering), ("leaning", leaning)):
+        checks[kind] = steering_check(sent, hits, flags, "best_prompt_dev", hits["best_prompt"])
+        if "selector" in hits:  # the selector's own picks were not kept: its verdicts as recorded
+            versus = steering_check(sent, hits, flags, "best_prompt_dev", hits["selector"])
+            for name, row in checks[kind].items():
+                row["vs_selector_without_steering"] = versus[name]["vs_reference_without_steering"]
     out = {
         "benchmark": "steering_recheck", "run": args.result_dir.as_posix(), "run_commit": results["commit"],
         "task": results["task"], "target": results["target"],
@@ -140,18 +146,23 @@ def report(out: dict[str, Any], results: dict[str, Any]) -> str:
              f"{flagged(out['pool_steering'])}.", "",
              f"Leaning prompts (a third of the way from the label's share to always: 50% with 4 labels, 66.7% with 2): "
              f"{flagged(out['pool_leaning'])}.", "",
-             f"| method ({out['test']['queries']} test queries) | accuracy | sent a steering prompt | without steering, "
-             "vs best prompt | sent a leaning prompt | without leaning, vs best prompt |",
-             "|---|---:|---:|---|---:|---|"]
+             f"| method ({out['test']['queries']} test queries) | accuracy | sent a steering prompt | without steering: "
+             "accuracy, vs best prompt, vs selector | sent a leaning prompt | without leaning: accuracy, vs best prompt, "
+             "vs selector |", "|---|---:|---:|---|---:|---|"]
     methods = results["test"]["methods"]
+
+    def gap(g: dict[str, Any] | None) -> str:
+        if g is None:
+            return "–"
+        text = f"{100 * g['diff']:+.1f} [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]"
+        return text if g["significant"] else text + " (n.s.)"
+
     for name in out["test"]["steering"]:
         cells = [f"| {name} | {100 * methods[name]['accuracy']:.1f}"]
         for kind in ("steering", "leaning"):
             check = out["test"][kind][name]
-            gap = check["vs_reference_without_steering"]
             cells.append(f"{100 * check['steered_share']:.1f}% | {100 * check['accuracy_without_steering']:.1f}, "
-                         f"{100 * gap['diff']:+.1f} [{100 * gap['ci95'][0]:+.1f}, {100 * gap['ci95'][1]:+.1f}]"
-                         + ("" if gap["significant"] else " (n.s.)"))
+                         f"{gap(check['vs_reference_without_steering'])}, {gap(check.get('vs_selector_without_steering'))}")
         lines.append(" | ".join(cells) + " |")
     for name, why in out["unchecked"].items():
         lines.append(f"\n`{name}` is not checked: {why}.")

@@ -819,7 +819,7 @@ def test_steering_recheck_adds_the_checks_to_a_run_recorded_without_them(
     picks = {"qpo_x_likelihood": [0, 0, 1, 2], "qpo_x_dpo_ratio": [0, 0, 1, 1]}
     hits = {name: "".join(test_grid[e.id][j] for e, j in zip(test, cols, strict=True)) for name, cols in picks.items()}
     hits |= {"best_prompt": "".join(test_grid[e.id][0] for e in test), "best_prompt_dev": "".join(
-        test_grid[e.id][0] for e in test), "qpo_x_choose": "1111"}  # no instruction: all 8 dev answers right
+        test_grid[e.id][0] for e in test), "qpo_x_choose": "1111", "selector": "0110"}  # none: all 8 dev right
     per_query = {"prompts": list(texts), "splits": {
         "dev": {"ids": [e.id for e in dev], "gold": [task.gold_text(e) for e in dev], "grid": grid, "hits": {}},
         "test": {"ids": [e.id for e in test], "gold": golds, "grid": test_grid, "hits": hits,
@@ -850,6 +850,8 @@ def test_steering_recheck_adds_the_checks_to_a_run_recorded_without_them(
                     for i, (e, j, flag) in enumerate(zip(test, cols, flagged, strict=True))]
             assert out["test"][kind][name]["steered_share"] == statistics.fmean(flagged)
             assert out["test"][kind][name]["accuracy_without_steering"] == statistics.fmean(kept)
+            assert out["test"][kind][name]["vs_selector_without_steering"]["diff"] == pytest.approx(
+                statistics.fmean(kept) - 0.5)  # the selector's recorded verdicts: 2 of 4
     assert out["test"]["steering"]["qpo_x_dpo_ratio"]["steered_share"] >= 0.5  # it sends pool:steer twice
     assert "qpo_x_choose" in out["unchecked"]
     assert out["prompts_sent"]["qpo_x_likelihood"] == {"none": 2, "pool:steer": 1, "pool:read": 1}
