@@ -172,11 +172,10 @@ def main() -> None:
     selector = Selector.fit(d0)
     # The behavioural leakage check: pool prompts whose answers on dev are mostly one label, whatever the query.
     dev_golds = [run.task.gold_text(e) for e in dev_ex]
-    steering = {p: steered_label([answers["dev"][e.id][p] for e in dev_ex], dev_golds) for p in prompts} \
-        if run.task.labels else {}
+    dev_answers = {p: [answers["dev"][e.id][p] for e in dev_ex] for p in prompts} if run.task.labels else {}
+    steering = {p: steered_label(a, dev_golds) for p, a in dev_answers.items()}
     # ... and, a softer line reported beside it, those that lean the target to one label (every steering prompt leans).
-    leaning = {p: steered_label([answers["dev"][e.id][p] for e in dev_ex], dev_golds, LEAN_REACH) for p in prompts} \
-        if run.task.labels else {}
+    leaning = {p: steered_label(a, dev_golds, LEAN_REACH) for p, a in dev_answers.items()}
     picked: dict[str, Counter[str]] = {}
 
     def baselines(split: str) -> dict[str, list[str]]:

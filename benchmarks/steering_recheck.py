@@ -25,31 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from qpo_bench.environment import code_version, environment
-from qpo_bench.offline import open_pool_choice_run, steering_check
+from qpo_bench.offline import open_pool_choice_run, rule_picks, steering_check
 from qpo_middleware.training.collect import score_pairs
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.targets import Pair, make_target
 from qpo_middleware.training.tasks import LEAN_REACH, steered_label
-
-# The policy scores each rule reads from per_query.json's policy_logps: score = top - the other (or top alone).
-RULE_SCORES = {"likelihood": None, "implicit": "bottom", "dpo_ratio": "reference"}
-
-
-def rule_picks(rule: str, logps: dict[str, list[list[float]]]) -> list[int] | None:
-    """The pool column a rule picks per query from the recorded policy scores, or None when the rule needs what
-    was not recorded (``choose`` reads the checkpoint's offsets)."""
-    if rule not in RULE_SCORES or "top" not in logps:
-        return None
-    top = np.asarray(logps["top"])
-    other = RULE_SCORES[rule]
-    if other is None:
-        return top.argmax(-1).tolist()
-    if other not in logps:
-        return None
-    return (top - np.asarray(logps[other])).argmax(-1).tolist()
 
 
 def main() -> None:

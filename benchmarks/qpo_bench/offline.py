@@ -186,6 +186,24 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
     return with_choose(choices, run_dir, prompts) if "choose" in rules else choices
 
 
+# The policy scores each rule reads from per_query.json's policy_logps (policy_choices' ``logps``): score = top - the other (or top alone).
+RULE_SCORES = {"likelihood": None, "implicit": "bottom", "dpo_ratio": "reference"}
+
+
+def rule_picks(rule: str, logps: dict[str, list[list[float]]]) -> list[int] | None:
+    """The pool column a rule picks per query from the recorded policy scores, or None when the rule needs what
+    was not recorded (``choose`` reads the checkpoint's offsets)."""
+    if rule not in RULE_SCORES or "top" not in logps:
+        return None
+    top = np.asarray(logps["top"])
+    other = RULE_SCORES[rule]
+    if other is None:
+        return top.argmax(-1).tolist()
+    if other not in logps:
+        return None
+    return (top - np.asarray(logps[other])).argmax(-1).tolist()
+
+
 def with_choose(choices: dict[str, Any], run_dir: Path, prompts: list[str]) -> dict[str, Any]:
     """``choices`` plus rule ``choose`` when loop 1's checkpoint holds choice offsets for every prompt."""
     recorded = read_choice_offsets(RunPaths(run_dir).checkpoint(1))
