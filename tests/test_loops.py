@@ -304,3 +304,38 @@ def test_later_loops_after_dpo_alone_are_warned_about(caplog: pytest.LogCaptureF
         assert not caplog.records
         LoopConfig(loops=2)
     assert len(caplog.records) == 1 and "--preference after" in caplog.records[0].getMessage()
+
+
+def test_preference_without_steering_never_prefers_a_prompt_that_answers_one_label(tmp_path: Path,
+                                                                                    tiny_base: str) -> None:
+    from dataclasses import replace
+
+    from qpo_middleware.training.preference import preference_pairs
+
+    small_run(tmp_path, tiny_base)
+    dataset = OfflineDataset(tmp_path)
+    first = {r.query_id: r for r in dataset.loop(0)}
+    labels = {str(r.label) for r in first.values()}
+    assert labels == {"negative", "positive"}
+    # Hand-made D0 verdicts on the real queries: "Say positive." answers positive on every query (it steers),
+    # "Decide." answers the gold label (right everywhere), "Guess." the other label (wrong everywhere; its answers
+    # follow the golds' mix, so it does not steer).
+    other = {"negative": "positive", "positive": "negative"}
+    answers = {"Say positive.": lambda gold: "positive", "Decide.": lambda gold: gold, "Guess.": lambda gold: other[gold]}
+    dataset.path.unlink()
+    dataset = OfflineDataset(tmp_path)
+    dataset.append([replace(r, prompt=prompt, prompt_source="pool:x", prediction=answer(str(r.label)),
+                            correct=answer(str(r.label)) == str(r.label))
+                    for r in first.values() for prompt, answer in answers.items()])
+    positives = sum(str(r.label) == "positive" for r in first.values())
+    assert 0 < positives < len(first)
+    train, loops = configs(tiny_base)
+    plain = LoopConfig(**{**loops.__dict__, "loops": 1, "preference": "instead", "preference_without_steering": True})
+    metrics = run_loops(tmp_path, train, plain)
+    # Positive queries: (Say positive., Guess.) is dropped, (Decide., Guess.) kept; negative queries keep both of
+    # theirs, (Decide., Say positive.) and (Decide., Guess.): "Say positive." stays a rejected prompt.
+    assert metrics[0].preference_pairs == positives + 2 * (len(first) - positives)
+    # Without the setting every right-vs-wrong pair counts: two per query.
+    assert len(preference_pairs(OfflineDataset(tmp_path).loop(0), 4)) == 2 * len(first)
+    with pytest.raises(ValueError, match="preference off"):
+        LoopConfig(preference="off", preference_without_steering=True)

@@ -80,6 +80,10 @@ def test_preference_pairs_are_right_vs_wrong_on_the_same_query() -> None:
     assert len(preference_pairs(records, 100)) == 2 * 2 + 1
     with pytest.raises(ValueError, match="pairs_per_query"):
         preference_pairs(records, 0)
+    # A prompt left out of the chosen side still serves as a rejected one: q1 keeps D over B and C.
+    kept = preference_pairs(records, 100, exclude_chosen={"A"})
+    assert sorted((p.chosen.query_id, p.chosen.prompt, p.rejected.prompt) for p in kept) == [
+        ("q1", "D", "B"), ("q1", "D", "C"), ("q3", "E", "A")]
 
 
 def test_label_smoothed_pairs_rank_prompts_by_their_accuracy_on_the_querys_label() -> None:

@@ -330,6 +330,11 @@ class LoopConfig:
         "help": "Weight w in [0, 1] of label-level evidence in the preference pairs: a prompt's score on a query is "
                 "(1 - w) * right + w * its accuracy on the scored queries with the same gold label, and pairs need a "
                 "gap of 0.1 (0 = right-vs-wrong pairs only; for classification tasks)."})
+    preference_without_steering: bool = field(default=False, metadata={
+        "help": "Leave out of the preference pairs every pair whose chosen prompt steers the target to one label on "
+                "D0 (it answers that label on most of its D0 queries, whatever their gold: the behavioural leakage "
+                "check); such prompts stay on the rejected side, so the policy is never taught to prefer a prompt that "
+                "answers for the query (classification tasks)."})
     preference_epochs: int = field(default=2, metadata={"help": "Epochs of the preference step."})
     preference_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the preference step (default: the loop's learning rate)."})
@@ -367,6 +372,9 @@ class LoopConfig:
             raise ValueError("preference_beta must be > 0, preference_pairs_per_query and preference_epochs >= 1.")
         if not 0.0 <= self.preference_label_smoothing <= 1.0:
             raise ValueError(f"preference_label_smoothing must be in [0, 1]; got {self.preference_label_smoothing}.")
+        if self.preference_without_steering and self.preference == "off":
+            raise ValueError("preference_without_steering filters the preference pairs; with --preference off there "
+                             "are none. Use --preference instead (or after), or drop it.")
         if self.preference_learning_rate is not None and not 0 < self.preference_learning_rate < 1:
             raise ValueError(f"preference_learning_rate must be in (0, 1); got {self.preference_learning_rate}.")
         if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:

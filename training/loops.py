@@ -37,7 +37,7 @@ from qpo_middleware.stats import quantile
 
 from .collect import make_records, score_pairs
 from .config import LoopConfig, TrainConfig
-from .dataset import OfflineDataset, Record
+from .dataset import OfflineDataset, Record, steering_prompts
 from .export import ChoiceOffsets, PolicyMeta, write_choice_offsets, write_policy_meta
 from .forward import FrozenLayerCache, frozen_layer_cache
 from .induce import Inducer, make_inducer, mutate
@@ -330,14 +330,29 @@ def chosen_loop(done: Sequence[LoopMetrics]) -> tuple[LoopMetrics, str]:
 def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Sequence[Record], loop: int,
                      loops: LoopConfig, cache: FrozenLayerCache | None = None) -> list[PreferenceExample]:
     """This loop's preference pairs (every record up to the loop) with the reference log-probs of ``model``."""
+    steering: dict[str, str] = {}
+    if loops.preference_without_steering:
+        steering = steering_prompts(_labelled_d0(records, "preference_without_steering"))
+        logger.info("loop %d: %d of %d D0 prompts steer the target to one label and are never a chosen prompt",
+                    loop, len(steering), len({r.prompt for r in records if r.loop == 0}))
     pairs = preference_pairs([r for r in records if r.loop <= loop], loops.preference_pairs_per_query,
-                             seed=loops.seed + loop, label_smoothing=loops.preference_label_smoothing)
+                             seed=loops.seed + loop, label_smoothing=loops.preference_label_smoothing,
+                             exclude_chosen=steering)
     if not pairs:
         logger.warning("loop %d: no query has both a right and a wrong prompt: no preference pairs", loop)
         return []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return with_reference_logps(model, preference_examples(pairs, tokenizer, fmt), pad_id,
                                 batch_size=loops.generation_batch_size, cache=cache)
+
+
+def _labelled_d0(records: Sequence[Record], setting: str) -> list[Record]:
+    """D0's records, which must all have a gold label: ``setting`` judges prompts by the labels they answer."""
+    d0 = [r for r in records if r.loop == 0]
+    if missing := sum(r.label is None for r in d0):
+        raise ValueError(f"{setting} judges which prompts steer the target to one label, but {missing} of {len(d0)} "
+                         "D0 records have no gold label (a generation task, or logs without one); drop it.")
+    return d0
 
 
 def library_offsets(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Sequence[Record], loop: int,

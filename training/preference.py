@@ -16,7 +16,7 @@ best. :func:`dpo_loss` equals TRL's ``DPOTrainer.dpo_loss`` (``loss_type="sigmoi
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -71,7 +71,7 @@ MIN_GAP = 0.1  # a smoothed pair needs its chosen prompt this much above the rej
 
 
 def preference_pairs(records: Sequence[Record], pairs_per_query: int, seed: int = 0,
-                     label_smoothing: float = 0.0) -> list[PreferencePair]:
+                     label_smoothing: float = 0.0, exclude_chosen: Collection[str] = ()) -> list[PreferencePair]:
     """(better, worse) prompt pairs on the same query, at most ``pairs_per_query`` per query (seeded draw).
 
     A prompt's score on a query is ``(1 - w) * right + w * label accuracy`` with ``w = label_smoothing``:
@@ -81,7 +81,8 @@ def preference_pairs(records: Sequence[Record], pairs_per_query: int, seed: int 
     score at least :data:`MIN_GAP` above the rejected one. With ``w = 0`` (the default) that is every
     (right, wrong) combination, so only queries with a right and a wrong prompt give pairs; with ``w > 0``
     two right (or two wrong) prompts pair too, by how well they suit the label. Pairs are drawn without
-    replacement, and a prompt scored twice on a query (in two loops) counts once.
+    replacement, and a prompt scored twice on a query (in two loops) counts once. A prompt in ``exclude_chosen``
+    is never the chosen side (it stays a rejected one): the policy is not taught to prefer it.
     """
     if pairs_per_query < 1:
         raise ValueError(f"pairs_per_query must be >= 1; got {pairs_per_query}.")
@@ -100,7 +101,8 @@ def preference_pairs(records: Sequence[Record], pairs_per_query: int, seed: int 
     out: list[PreferencePair] = []
     for query_id in sorted(by_query):
         scored = [(r, score(r)) for r in by_query[query_id].values()]
-        combos = [(c, w) for c, sc in scored for w, sw in scored if sc - sw >= MIN_GAP]
+        combos = [(c, w) for c, sc in scored for w, sw in scored
+                  if sc - sw >= MIN_GAP and c.prompt not in exclude_chosen]
         for chosen, rejected in rng.sample(combos, min(pairs_per_query, len(combos))):
             out.append(PreferencePair(chosen, rejected))
     return out

@@ -62,6 +62,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "dpo_only": {"train": {"conditioning": "query_rank"},
                  "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
                            "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4}},
+    # dpo_only with no pair whose chosen prompt steers the target to one label on D0 (those stay rejected ones): the
+    # preference signal without being taught to prefer a prompt that answers for the query (route_without_steering's
+    # analogue for the default recipe).
+    "dpo_plain": {"train": {"conditioning": "query_rank"},
+                  "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
+                            "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4,
+                            "preference_without_steering": True}},
     # dpo_only with label-smoothed pairs: a prompt's score on a query is half its verdict, half its accuracy on the
     # D0 queries of the same gold label, so pairs rank prompts by how well they suit the label (3 pairs per query
     # from any query instead of 4 from the mixed ones: on ag_news seed 0, 2,320 pairs against 2,004).

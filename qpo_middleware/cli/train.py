@@ -45,6 +45,8 @@ def command(
         help=help_of(LoopConfig, "preference_pairs_per_query"))] = 4,
     preference_label_smoothing: Annotated[float, typer.Option(
         help=help_of(LoopConfig, "preference_label_smoothing"))] = 0.0,
+    preference_without_steering: Annotated[bool, typer.Option(
+        "--preference-without-steering", help=help_of(LoopConfig, "preference_without_steering"))] = False,
     preference_epochs: Annotated[int, typer.Option(help=help_of(LoopConfig, "preference_epochs"))] = LoopConfig.preference_epochs,
     preference_learning_rate: Annotated[float | None, typer.Option(
         help=help_of(LoopConfig, "preference_learning_rate"))] = None,
@@ -72,6 +74,7 @@ def command(
                                  top_k=top_k, top_p=top_p, temperature=temperature, seed=seed, preference=preference,
                                  preference_beta=preference_beta, preference_pairs_per_query=preference_pairs_per_query,
                                  preference_epochs=preference_epochs, preference_label_smoothing=preference_label_smoothing,
+                                 preference_without_steering=preference_without_steering,
                                  preference_learning_rate=preference_learning_rate, mutations=mutations,
                                  choice_offset_queries=choice_offset_queries,
                                  mutation_model=mutation_model)
