@@ -332,9 +332,10 @@ def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Seq
     """This loop's preference pairs (every record up to the loop) with the reference log-probs of ``model``."""
     steering: dict[str, str] = {}
     if loops.preference_without_steering:
-        steering = steering_prompts(_labelled_d0(records, "preference_without_steering"))
+        d0 = _labelled_d0(records, "preference_without_steering")
+        steering = steering_prompts(d0)
         logger.info("loop %d: %d of %d D0 prompts steer the target to one label and are never a chosen prompt",
-                    loop, len(steering), len({r.prompt for r in records if r.loop == 0}))
+                    loop, len(steering), len({r.prompt for r in d0}))
     pairs = preference_pairs([r for r in records if r.loop <= loop], loops.preference_pairs_per_query,
                              seed=loops.seed + loop, label_smoothing=loops.preference_label_smoothing,
                              exclude_chosen=steering)
