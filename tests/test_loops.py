@@ -310,6 +310,7 @@ def test_preference_without_steering_never_prefers_a_prompt_that_answers_one_lab
                                                                                     tiny_base: str) -> None:
     from dataclasses import replace
 
+    from qpo_middleware.training.loops import _preference_data
     from qpo_middleware.training.preference import preference_pairs
 
     small_run(tmp_path, tiny_base)
@@ -339,3 +340,7 @@ def test_preference_without_steering_never_prefers_a_prompt_that_answers_one_lab
     assert len(preference_pairs(OfflineDataset(tmp_path).loop(0), 4)) == 2 * len(first)
     with pytest.raises(ValueError, match="preference off"):
         LoopConfig(preference="off", preference_without_steering=True)
+    # Logs without gold labels cannot say which prompts steer: refused before any model runs, with the fix.
+    unlabelled = [replace(r, label=None) for r in OfflineDataset(tmp_path).loop(0)]
+    with pytest.raises(ValueError, match="drop --preference-without-steering"):
+        _preference_data(None, None, None, unlabelled, 0, plain)

@@ -139,3 +139,47 @@ def test_label_route_imputes_each_querys_label_route_on_real_sst2_and_the_routes
     plain_routes = {r.label: r.prompt for r in plain if r.prompt_source == "label_route:best"}
     assert steering and len(plain) == len(examples) and not set(plain_routes.values()) & set(steering), steering
     assert set(routes.values()) & set(steering), (routes, steering)  # the plain routes differ from the leaning ones
+
+
+def test_preference_without_steering_on_real_sst2_teaches_the_policy_off_the_steering_prompts(
+        sst2_d0: list, tmp_path: Path) -> None:
+    """The loop's preference step with ``preference_without_steering`` on a real D0 and the real SmolLM2 policy:
+    the steering prompts are only ever rejected, so the trained policy's rule 'choose' sends none of them."""
+    import torch
+
+    from qpo_middleware.training.config import LoopConfig, TrainConfig
+    from qpo_middleware.training.dataset import steering_prompts
+    from qpo_middleware.training.loops import _preference_data, library_offsets
+    from qpo_middleware.training.models import load_model_and_tokenizer
+    from qpo_middleware.training.policy import add_policy_tokens
+    from qpo_middleware.training.preference import PreferenceObjective, candidate_logps
+    from qpo_middleware.training.trainer import train_policy
+
+    ids = sorted({r.query_id for r in sst2_d0})
+    fit, held = ([r for r in sst2_d0 if ids.index(r.query_id) % 2 == k] for k in (0, 1))
+    steering = steering_prompts(fit)
+    prompts = sorted({r.prompt for r in fit})
+    assert steering and len(steering) < len(prompts), steering
+    model, tokenizer = load_model_and_tokenizer()
+    config = TrainConfig(epochs=3, batch_size=8, learning_rate=1e-4, trainable="top:2", warmup_ratio=0.0,
+                         save_checkpoints=False, device="cpu", query_max_tokens=32, prompt_max_tokens=32)
+    fmt = add_policy_tokens(model, tokenizer, config.num_buckets, config.query_max_tokens, config.prompt_max_tokens)
+    loops = LoopConfig(preference="instead", preference_without_steering=True, preference_pairs_per_query=2)
+    examples = _preference_data(model, tokenizer, fmt, fit, 0, loops)
+    chosen = {tokenizer.decode(e.chosen.input_ids) for e in examples}
+    # The prompt texts decode back (a non-steering one is found), so none of the steering ones is there.
+    assert any(prompt in text for text in chosen for prompt in prompts if prompt and prompt not in steering)
+    assert len(examples) >= 15 and not any(prompt in text for text in chosen for prompt in steering), steering
+    offsets = library_offsets(model, tokenizer, fmt, fit, 0, len(ids), seed=0).offsets
+    queries = sorted({r.query for r in held})
+    before = candidate_logps(model, tokenizer, fmt, queries, prompts, (fmt.top_bucket,))[0]
+    train_policy(model, tokenizer, examples, config, tmp_path, objective=PreferenceObjective(beta=0.1))
+    after = candidate_logps(model, tokenizer, fmt, queries, prompts, (fmt.top_bucket,))[0]
+    gained = (after - before).mean(0)
+    steer = [prompts.index(p) for p in steering]
+    # Each steering prompt lost probability against the prompts that do not steer ...
+    assert gained[steer].max() < gained.max(), dict(zip(prompts, gained.tolist(), strict=True))
+    # ... and 'choose' (log-probability less the reference's mean, as the bundle decodes) sends none of them.
+    choice = (after - torch.tensor([offsets[p] for p in prompts])).argmax(-1)
+    sent = {prompts[i] for i in choice.tolist()}
+    assert not sent & set(steering), (sent, steering)

@@ -134,6 +134,13 @@ class OfflineDataset:
         return digest.hexdigest()
 
 
+def require_labels(records: Sequence[Record], needs: str, fix: str) -> None:
+    """Raise, naming ``fix``, when any of ``records`` has no gold label: ``needs`` says what reads the labels."""
+    if missing := sum(r.label is None for r in records):
+        raise ValueError(f"{needs}, but {missing} of {len(records)} records have no gold label (a generation task, "
+                         f"or logs without one); {fix}.")
+
+
 def steering_prompts(records: Sequence[Record]) -> dict[str, str]:
     """``prompt -> label`` for each prompt of ``records`` that steers the target to one label: the target's
     answers with it (``prediction``) are that label on most of its queries whatever their gold

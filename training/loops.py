@@ -37,7 +37,7 @@ from qpo_middleware.stats import quantile
 
 from .collect import make_records, score_pairs
 from .config import LoopConfig, TrainConfig
-from .dataset import OfflineDataset, Record, steering_prompts
+from .dataset import OfflineDataset, Record, require_labels, steering_prompts
 from .export import ChoiceOffsets, PolicyMeta, write_choice_offsets, write_policy_meta
 from .forward import FrozenLayerCache, frozen_layer_cache
 from .induce import Inducer, make_inducer, mutate
@@ -332,7 +332,9 @@ def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Seq
     """This loop's preference pairs (every record up to the loop) with the reference log-probs of ``model``."""
     steering: dict[str, str] = {}
     if loops.preference_without_steering:
-        d0 = _labelled_d0(records, "preference_without_steering")
+        d0 = [r for r in records if r.loop == 0]
+        require_labels(d0, "preference_without_steering judges which D0 prompts steer the target to one label",
+                       "drop --preference-without-steering")
         steering = steering_prompts(d0)
         logger.info("loop %d: %d of %d D0 prompts steer the target to one label and are never a chosen prompt",
                     loop, len(steering), len({r.prompt for r in d0}))
@@ -345,15 +347,6 @@ def _preference_data(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Seq
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return with_reference_logps(model, preference_examples(pairs, tokenizer, fmt), pad_id,
                                 batch_size=loops.generation_batch_size, cache=cache)
-
-
-def _labelled_d0(records: Sequence[Record], setting: str) -> list[Record]:
-    """D0's records, which must all have a gold label: ``setting`` judges prompts by the labels they answer."""
-    d0 = [r for r in records if r.loop == 0]
-    if missing := sum(r.label is None for r in d0):
-        raise ValueError(f"{setting} judges which prompts steer the target to one label, but {missing} of {len(d0)} "
-                         "D0 records have no gold label (a generation task, or logs without one); drop it.")
-    return d0
 
 
 def library_offsets(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Sequence[Record], loop: int,

@@ -25,7 +25,7 @@ from qpo_middleware.library import prompt_target_ids
 from qpo_middleware.policy_format import PolicyFormat, reward_token
 
 from .config import CONDITIONING_KINDS
-from .dataset import Record, steering_prompts
+from .dataset import Record, require_labels, steering_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -236,10 +236,8 @@ def conditioning_values(records: Sequence[Record], kind: str = "absolute") -> li
 
 
 def _require_labels(records: Sequence[Record], kind: str) -> None:
-    if missing := sum(r.label is None for r in records):
-        raise ValueError(f"conditioning {kind!r} ranks prompts by their accuracy per gold label, but {missing} "
-                         f"of {len(records)} records have no label (a generation task, or logs without one); "
-                         "use --conditioning query_rank.")
+    require_labels(records, f"conditioning {kind!r} ranks prompts by their accuracy per gold label",
+                   "use --conditioning query_rank")
 
 
 def pool_label_standing(records: Sequence[Record]) -> dict[tuple[str | None, str], float]:
