@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from qpo_middleware.training.collect import collect
 from qpo_middleware.training.config import CollectConfig, LoopConfig, TrainConfig
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.loops import completed_loops, final_checkpoint, run_loops
-from qpo_middleware.training.run import RunPaths
+from qpo_middleware.training.run import Run, RunPaths
 
 
 @pytest.fixture(scope="module")
@@ -295,15 +296,69 @@ def test_dev_split_scores_every_loop_and_chooses_the_kept_one(tmp_path: Path, ti
         chosen_loop([])
 
 
-def test_later_loops_after_dpo_alone_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
-    """The default recipe trains by DPO alone: later loops would sample from a policy that does not write prompts."""
-    with caplog.at_level("WARNING", logger="qpo_middleware.training.config"):
-        LoopConfig()  # the default: one loop
-        LoopConfig(loops=2, preference="after")
-        LoopConfig(loops=2, mutations=4)  # new prompts come from the mutation model
-        assert not caplog.records
-        LoopConfig(loops=2)
-    assert len(caplog.records) == 1 and "--preference after" in caplog.records[0].getMessage()
+def handmade_d0(path: Path, model: str) -> dict[str, Any]:
+    """A small run whose D0 holds hand-made verdicts on its real queries (the tiny random target answers alike
+    whatever the prompt): "Say positive." answers positive on every query (it steers), "Decide." answers the gold
+    label (right everywhere), "Guess." the other label (wrong everywhere; its answers follow the golds' mix, so it
+    does not steer). Returns D0's first record per query."""
+    from dataclasses import replace
+
+    small_run(path, model)
+    dataset = OfflineDataset(path)
+    first = {r.query_id: r for r in dataset.loop(0)}
+    assert {str(r.label) for r in first.values()} == {"negative", "positive"}
+    other = {"negative": "positive", "positive": "negative"}
+    answers = {"Say positive.": lambda gold: "positive", "Decide.": lambda gold: gold, "Guess.": lambda gold: other[gold]}
+    dataset.path.unlink()
+    OfflineDataset(path).append([replace(r, prompt=prompt, prompt_source="pool:x", prediction=answer(str(r.label)),
+                                         correct=answer(str(r.label)) == str(r.label))
+                                 for r in first.values() for prompt, answer in answers.items()])
+    return first
+
+
+def test_later_loops_of_the_default_recipe_sample_among_the_library(tmp_path: Path, tiny_base: str) -> None:
+    """A policy trained by DPO alone ranks prompts: loop 2 draws distinct library prompts per collect query by its
+    'choose' scores, keeps every scored pair (wrong ones too: they make the next preference pairs) and trains DPO
+    again on D0 and the new pairs."""
+    from dataclasses import replace
+
+    handmade_d0(tmp_path, tiny_base)
+    train, loops = configs(tiny_base)
+    dpo = replace(loops, preference="instead", samples_per_query=2, choice_offset_queries=4,
+                  reward_floor_quantile=0.9)  # a floor that would drop most pairs of a writing policy
+    metrics = run_loops(tmp_path, replace(train, conditioning="query_rank"), dpo)
+    assert [m.sampling for m in metrics] == [None, "library"]
+    records = OfflineDataset(tmp_path).records
+    library = {r.prompt for r in records if r.loop == 0}
+    new = [r for r in records if r.loop == 2]
+    collect_ids = {e.id for e in Run.open(tmp_path).splits.collect}
+    assert metrics[1].sampled_pairs == metrics[1].kept_pairs == len(new) == 6 * 2  # 6 collect queries x 2 distinct
+    assert {r.query_id for r in new} == collect_ids and {r.prompt for r in new} <= library and len(library) == 3
+    assert all(len({r.prompt for r in new if r.query_id == q}) == 2 for q in collect_ids)
+    assert metrics[1].new_distinct_prompts == 0 and metrics[1].train_records == 0
+    assert metrics[1].preference_pairs >= metrics[0].preference_pairs and metrics[1].policy_strategy == "choose"
+    assert metrics[1].greedy_accuracy_collect is not None
+
+
+def test_library_samples_follow_the_choice_scores() -> None:
+    """Gumbel top-k: k distinct prompts per query, the first drawn as softmax(scores / temperature) says."""
+    import numpy as np
+
+    from qpo_middleware.training.loops import library_samples
+
+    library = ["a", "b", "c", "d"]
+    scores = np.tile(np.log([0.1, 0.2, 0.3, 0.4]), (4000, 1))
+    samples = library_samples(scores, library, 2, 1.0, seed=0)
+    assert all(len(set(row)) == 2 for row in samples)
+    first = [row[0] for row in samples]
+    for text, p in zip(library, (0.1, 0.2, 0.3, 0.4), strict=True):
+        assert abs(first.count(text) / len(first) - p) < 0.03, (text, first.count(text))
+    assert samples == library_samples(scores, library, 2, 1.0, seed=0)  # seeded
+    cold = library_samples(scores, library, 1, 0.01, seed=1)
+    assert all(row == ["d"] for row in cold)  # a cold draw is the 'choose' pick
+    assert all(sorted(row) == library for row in library_samples(scores[:3], library, 9, 1.0, seed=2))
+    with pytest.raises(ValueError, match="4 scores per query for 3 prompts"):
+        library_samples(scores, library[:3], 1, 1.0, seed=0)
 
 
 def test_preference_without_steering_never_prefers_a_prompt_that_answers_one_label(tmp_path: Path,
@@ -313,21 +368,7 @@ def test_preference_without_steering_never_prefers_a_prompt_that_answers_one_lab
     from qpo_middleware.training.loops import _preference_data
     from qpo_middleware.training.preference import preference_pairs
 
-    small_run(tmp_path, tiny_base)
-    dataset = OfflineDataset(tmp_path)
-    first = {r.query_id: r for r in dataset.loop(0)}
-    labels = {str(r.label) for r in first.values()}
-    assert labels == {"negative", "positive"}
-    # Hand-made D0 verdicts on the real queries: "Say positive." answers positive on every query (it steers),
-    # "Decide." answers the gold label (right everywhere), "Guess." the other label (wrong everywhere; its answers
-    # follow the golds' mix, so it does not steer).
-    other = {"negative": "positive", "positive": "negative"}
-    answers = {"Say positive.": lambda gold: "positive", "Decide.": lambda gold: gold, "Guess.": lambda gold: other[gold]}
-    dataset.path.unlink()
-    dataset = OfflineDataset(tmp_path)
-    dataset.append([replace(r, prompt=prompt, prompt_source="pool:x", prediction=answer(str(r.label)),
-                            correct=answer(str(r.label)) == str(r.label))
-                    for r in first.values() for prompt, answer in answers.items()])
+    first = handmade_d0(tmp_path, tiny_base)
     positives = sum(str(r.label) == "positive" for r in first.values())
     assert 0 < positives < len(first)
     train, loops = configs(tiny_base)

@@ -1,8 +1,8 @@
 """Real-model smoke of the whole path, for both recipes: SmolLM2 scores real SST-2 pairs, a few policy training
 steps, Optimum export, and the torch-free runtime serves what torch computes. The paper's recipe (supervised, the
 policy writes prompts): the runtime writes the same greedy prompts as torch, also through the benchmark's two
-policy backends. The default recipe (DPO, the policy ranks D0's prompts): the exported bundle chooses by default,
-and picks the prompt torch's scores minus the recorded offsets rank first."""
+policy backends. The default recipe (DPO, the policy ranks D0's prompts): loop 2 samples among the library, the
+exported bundle chooses by default, and picks the prompt torch's scores minus the recorded offsets rank first."""
 
 from __future__ import annotations
 
@@ -93,6 +93,20 @@ def test_smollm2_default_recipe_trains_by_dpo_and_the_bundle_chooses(tmp_path: P
     assert metrics[0].preference_first_loss is not None
     assert abs(metrics[0].preference_first_loss - np.log(2)) < 1e-3  # the reference is the starting policy
 
+    # Loop 2 (resumed): the policy ranks, so it draws 2 distinct library prompts per collect query by its 'choose'
+    # scores; every scored pair is kept, wrong ones too, and DPO trains again on D0 and them.
+    from dataclasses import replace
+
+    from qpo_middleware.training.dataset import OfflineDataset
+
+    metrics = run_loops(tmp_path, train, replace(loops, loops=2, samples_per_query=2), target=target)
+    second, records = metrics[1], OfflineDataset(tmp_path).records
+    new = [r for r in records if r.loop == 2]
+    assert second.sampling == "library" and second.sampled_pairs == second.kept_pairs == len(new) == 3 * 2
+    assert {r.prompt for r in new} <= {r.prompt for r in records if r.loop == 0} and second.new_distinct_prompts == 0
+    assert all(len({r.prompt for r in new if r.query_id == q}) == 2 for q in {r.query_id for r in new})
+    assert second.preference_pairs >= metrics[0].preference_pairs and second.policy_strategy == "choose"
+
     checkpoint = final_checkpoint(tmp_path)
     library = run_prompt_library(checkpoint)
     offsets = read_choice_offsets(checkpoint)
@@ -112,7 +126,7 @@ def test_smollm2_default_recipe_trains_by_dpo_and_the_bundle_chooses(tmp_path: P
 
     # qpo eval's leakage check on the real run: the bundle chooses D0's prompts, so D0 judges every one it sends,
     # and its shares are those of the prompts it sent (recomputed here from D0's own answers).
-    from qpo_middleware.training.dataset import OfflineDataset, steering_prompts
+    from qpo_middleware.training.dataset import steering_prompts
     from qpo_middleware.training.evaluate import evaluate
     from qpo_middleware.training.run import Run
     from qpo_middleware.training.tasks import names_one_label

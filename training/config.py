@@ -7,13 +7,10 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .models import DEFAULT_MODEL, QWEN_MODEL
-
-logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PREFERENCE_MODES = ("off", "after", "instead")
@@ -295,17 +292,22 @@ class LoopConfig:
     """Settings of the multi-loop procedure; the ``help`` texts are the CLI's option help."""
 
     loops: int = field(default=1, metadata={
-        "help": "Number of loops T (loop 1 trains on D0 only; each later one samples new prompts from the policy, "
-                "scores them and trains again). Later loops need a policy that writes prompts: with --preference "
-                "instead (the default) the policy only ranks D0's prompts, so use --preference after or off."})
+        "help": "Number of loops T (loop 1 trains on D0 only; each later one samples prompts from the policy for "
+                "the collect queries, scores them and trains again). With --preference instead (the default) the "
+                "policy ranks prompts rather than writing them, so later loops sample among the prompts scored so "
+                "far by its 'choose' score (new prompts then come only from --mutations)."})
     base_model: str = field(default=DEFAULT_MODEL, metadata={"help": "Policy base model: name, path or hub id."})
-    samples_per_query: int = field(default=2, metadata={"help": "Prompts sampled per collect query in loops >= 2."})
+    samples_per_query: int = field(default=2, metadata={
+        "help": "Prompts sampled per collect query in loops >= 2 (distinct ones, with --preference instead)."})
     collect_queries: int | None = field(default=None, metadata={"help": "Collect queries used per loop (default: all)."})
     top_k: int = field(default=10, metadata={"help": "Top-k of policy sampling (0 = off)."})
     top_p: float = field(default=0.9, metadata={"help": "Top-p of policy sampling."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature (of the policy's tokens, or with --preference instead of its 'choose' scores)."})
     reward_floor_quantile: float = field(
-        default=0.5, metadata={"help": "Keep new pairs whose reward is at least this quantile of D0's rewards."})
+        default=0.5, metadata={"help": "Keep new pairs whose reward is at least this quantile of D0's rewards "
+                                         "(with --preference instead every new pair is kept: its pairs need the "
+                                         "wrong prompts)."})
     d0_floor_quantile: float = field(
         default=0.0,
         metadata={"help": "Train on the D0 records whose reward is at least this quantile of D0's rewards; 0 = all "
@@ -379,11 +381,6 @@ class LoopConfig:
             raise ValueError(f"preference_learning_rate must be in (0, 1); got {self.preference_learning_rate}.")
         if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:
             raise ValueError("top_p must be in (0, 1] and temperature > 0.")
-        if self.loops > 1 and self.preference == "instead" and not self.mutations:
-            logger.warning("loops=%d with preference='instead': loops 2+ sample new prompts from a policy trained by "
-                           "DPO alone, which ranks D0's prompts but does not write prompts (its samples are mostly "
-                           "other text, and the kept ones join the library 'choose' picks from). Use "
-                           "--preference after (or off), or --mutations N for new prompts.", self.loops)
 
 
 def help_of(config: type, name: str) -> str:

@@ -3,9 +3,14 @@
 Loop 1 fine-tunes the base model on D0. Each later loop t:
 
 1. samples K prompts per held-out "collect" query from the policy of loop t-1,
-   conditioned on the top reward bucket;
+   conditioned on the top reward bucket. A policy trained by preference alone
+   (``preference="instead"``) ranks prompts rather than writing them: it samples K
+   distinct prompts of the library (every prompt scored so far) by its 'choose'
+   score, so the loop scores the policy's own picks on new queries and the next
+   preference step learns from where they were wrong;
 2. scores the new (query, prompt) pairs on the target (cached: resumable);
-3. drops empty prompts, duplicates and pairs below the reward floor;
+3. drops empty written prompts, duplicates and pairs below the reward floor (the
+   preference-only recipe keeps every pair: its pairs need the wrong prompts);
 4. appends the rest to the dataset tagged ``loop=t`` (D_t);
 5. fine-tunes the policy of loop t-1 on D_t.
 
@@ -38,7 +43,7 @@ from qpo_middleware.stats import quantile
 from .collect import make_records, score_pairs
 from .config import LoopConfig, TrainConfig
 from .dataset import OfflineDataset, Record, require_labels, steering_prompts
-from .export import ChoiceOffsets, PolicyMeta, write_choice_offsets, write_policy_meta
+from .export import ChoiceOffsets, PolicyMeta, read_choice_offsets, write_choice_offsets, write_policy_meta
 from .forward import FrozenLayerCache, frozen_layer_cache
 from .induce import Inducer, make_inducer, mutate
 from .io import atomic_write_json
@@ -96,6 +101,9 @@ class LoopMetrics:
     preference_first_loss: float | None = None
     preference_last_loss: float | None = None
     policy_strategy: str = "generate"
+    # How loops >= 2 drew their prompts: 'generate' (the policy writes them) or 'library' (the policy's 'choose'
+    # scores sample among the prompts scored so far); None in loop 1.
+    sampling: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,17 +197,27 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         # --- Generate: K prompts per collect query from the previous policy (loops >= 2) -----
         if loop > 1:
             assert run is not None and target is not None
-            phase(loop, f"sampling {loops.samples_per_query} prompts x {len(collect_split)} collect queries")
-            sampling = GenerationConfig.for_policy(fmt, do_sample=True, top_k=loops.top_k, top_p=loops.top_p,
-                                                   temperature=loops.temperature)
-            samples = generate_prompts(model, tokenizer, fmt, [e.query for e in collect_split], sampling,
-                                       num_samples=loops.samples_per_query, seed=loops.seed + loop,
-                                       batch_size=loops.generation_batch_size)
+            queries = [e.query for e in collect_split]
+            ranks_only = loops.preference == "instead"  # trained by preference alone: it ranks, it does not write
+            metrics.sampling = "library" if ranks_only else "generate"
+            phase(loop, f"sampling {loops.samples_per_query} prompts x {len(collect_split)} collect queries "
+                        f"({metrics.sampling})")
+            if ranks_only:
+                shift = read_choice_offsets(previous)
+                library = sorted(shift.offsets) if shift else sorted({r.prompt for r in dataset if r.loop < loop})
+                samples = library_samples(choice_scores(model, tokenizer, fmt, queries, library, shift), library,
+                                          loops.samples_per_query, loops.temperature, seed=loops.seed + loop)
+            else:
+                sampling = GenerationConfig.for_policy(fmt, do_sample=True, top_k=loops.top_k, top_p=loops.top_p,
+                                                       temperature=loops.temperature)
+                samples = generate_prompts(model, tokenizer, fmt, queries, sampling,
+                                           num_samples=loops.samples_per_query, seed=loops.seed + loop,
+                                           batch_size=loops.generation_batch_size)
             # --- Score: the new pairs on the target (cached, so a resumed loop pays nothing twice).
             # Only earlier loops' pairs count as seen: records this loop appended before a crash
             # must not drop out of its pairs on resume (that changed its metrics and rewards).
             seen = {(r.query_id, r.prompt) for r in dataset if r.loop < loop}
-            pairs = _new_pairs(run, collect_split, samples, dataset_keys=seen)
+            pairs = _new_pairs(run, collect_split, samples, dataset_keys=seen, keep_empty=ranks_only)
             phase(loop, f"scoring {len(pairs)} new pairs on {target.id}")
             scores = score_pairs(target, run.task, pairs, run.config.chunk_size)
             if loops.mutations:  # variations of each query's best prompt so far, scored on the query
@@ -216,8 +234,9 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             accuracy = shrunk_accuracy(pairs, scores, prior_mean=d0_accuracy, prior_weight=loops.prompt_accuracy_prior)
             records = make_records(run.task, target.id, pairs, scores, loop=loop, rewards=run.config.rewards,
                                    prompt_accuracy=accuracy)
-            # --- Filter and merge: keep pairs at or above the reward floor -> D_t
-            kept = [r for r in records if r.reward >= floor]
+            # --- Filter and merge: keep pairs at or above the reward floor -> D_t. The preference-only recipe
+            # keeps every pair: its right-vs-wrong pairs need the wrong prompts (as D0's floor of 0 does).
+            kept = records if ranks_only else [r for r in records if r.reward >= floor]
             dataset.append(kept)
             metrics.sampled_pairs, metrics.kept_pairs = len(records), len(kept)
             metrics.mean_reward_sampled = statistics.fmean(r.reward for r in records) if records else None
@@ -307,13 +326,34 @@ def greedy_accuracy(model: Any, tokenizer: Any, fmt: PolicyFormat, run: Run, tar
                                                   batch_size=loops.generation_batch_size)]
     else:
         texts = list(offsets.offsets)
-        scores = candidate_logps(model, tokenizer, fmt, queries, texts, (fmt.top_bucket,))[0].numpy()
-        shift = np.array([offsets.offsets[t] for t in texts])
-        prompts = [texts[choose(row, shift)] for row in scores]
+        prompts = [texts[choose(row, None)] for row in choice_scores(model, tokenizer, fmt, queries, texts, offsets)]
     pairs = [Pair(e, prompt, "policy", run.demos(e)) for e, prompt in zip(examples, prompts, strict=True)]
     scores = score_pairs(target, run.task, pairs, run.config.chunk_size)
     valid = [s for s in scores if not s.failed]
     return sum(s.correct for s in valid) / max(1, len(valid)), sum(not s.cached for s in scores)
+
+
+def choice_scores(model: Any, tokenizer: Any, fmt: PolicyFormat, queries: Sequence[str], library: Sequence[str],
+                  offsets: ChoiceOffsets | None) -> np.ndarray:
+    """Strategy 'choose''s score of every ``library`` prompt for every query, as the exported bundle computes it:
+    the log-probability after the top reward token, less the prompt's offset when ``offsets`` holds one. Shape
+    ``(len(queries), len(library))``."""
+    scores = candidate_logps(model, tokenizer, fmt, queries, library, (fmt.top_bucket,))[0].numpy().astype(np.float64)
+    if offsets is not None:
+        scores -= np.array([offsets.offsets.get(text, 0.0) for text in library])
+    return scores
+
+
+def library_samples(scores: np.ndarray, library: Sequence[str], k: int, temperature: float, *,
+                    seed: int) -> list[list[str]]:
+    """Per query (a row of ``scores``), ``k`` distinct ``library`` prompts drawn without replacement from
+    ``softmax(scores / temperature)`` (Gumbel top-k): a choosing policy's own exploration. Its favourite comes
+    first most often, and a prompt it scores far below the rest is rarely drawn."""
+    if scores.shape[1] != len(library):
+        raise ValueError(f"library_samples got {scores.shape[1]} scores per query for {len(library)} prompts.")
+    keys = scores / temperature + np.random.default_rng(seed).gumbel(size=scores.shape)
+    order = np.argsort(-keys, axis=1, kind="stable")[:, :k]
+    return [[library[i] for i in row] for row in order]
 
 
 def chosen_loop(done: Sequence[LoopMetrics]) -> tuple[LoopMetrics, str]:
@@ -380,13 +420,14 @@ def training_data(records: Sequence[Record], loop: int, conditioning: str,
 
 
 def _new_pairs(run: Run, examples: Sequence[Example], samples: Sequence[Sequence[str]],
-               dataset_keys: set[tuple[str, str]]) -> list[Pair]:
-    """Pairs for the sampled prompts, minus empty ones and (query, prompt) pairs already seen."""
+               dataset_keys: set[tuple[str, str]], *, keep_empty: bool = False) -> list[Pair]:
+    """Pairs for the sampled prompts, minus (query, prompt) pairs already seen and, unless ``keep_empty`` (prompts
+    drawn from the library, where the empty prompt is D0's "no instruction"), empty written ones."""
     pairs: list[Pair] = []
     seen = set(dataset_keys)
     for example, prompts in zip(examples, samples, strict=True):
         for prompt in prompts:
-            if not prompt or (example.id, prompt) in seen:
+            if (not prompt and not keep_empty) or (example.id, prompt) in seen:
                 continue
             seen.add((example.id, prompt))
             pairs.append(Pair(example, prompt, "policy", run.demos(example)))

@@ -115,7 +115,7 @@ def print_loops(metrics: list) -> None:
     for m in metrics:
         trained = " + ".join([f"{m.train_records} ex"] * bool(m.train_records)
                              + [f"{m.preference_pairs} DPO pairs"] * bool(m.preference_pairs)) or "0 ex"
-        new = f"{m.kept_pairs}/{m.sampled_pairs}" if m.loop > 1 else "-"
+        new = f"{m.kept_pairs}/{m.sampled_pairs}" + (f" ({m.sampling})" if m.sampling else "") if m.loop > 1 else "-"
         prompts = f"{m.new_distinct_prompts_kept}/{m.new_distinct_prompts}" if m.loop > 1 else "-"
         reward = (f"{m.mean_reward_sampled:.2f} vs {m.mean_reward_d0:.2f}"
                   if m.mean_reward_sampled is not None else f"- vs {m.mean_reward_d0:.2f}")
