@@ -4,7 +4,8 @@ each already scored on every dev and test query, so a recipe costs training time
 This is ``benchmarks/oirl.py``'s protocol with a local target instead of logs. D0 is an ordinary collect
 (``--train-queries`` x ``--prompts-per-query`` of the pool, as the quality benchmark's CPU profile); the
 collect split is the dev split (loop 1 never sees it) and every pool prompt is scored on every dev and
-test query once (cached in D0's ``scores.sqlite``). Each recipe trains loop 1 on the same D0; per query
+test query once (cached in D0's ``scores.sqlite``). Each recipe trains loop 1 on the same D0 (a ``*_loop2``
+recipe continues its loop-1 recipe: loop 2 samples on new collect queries after the dev ones); per query
 the policy picks the pool prompt it finds most likely after the top reward token (``likelihood``) or most
 favoured by the top token over the bottom one (``implicit``) — decoding constrained to the pool.
 
@@ -58,6 +59,7 @@ from qpo_middleware.training.collect import collect, score_pairs
 from qpo_middleware.training.config import CollectConfig
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
+from qpo_middleware.training.loops import completed_loops
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score
@@ -221,7 +223,7 @@ def main() -> None:
     # -- each recipe: loop 1 on the same D0 (resumes) ------------------------------------------------
     suffix = f"n{args.train_queries}x{args.prompts_per_query}"
     timings |= train_recipes(runs, recipes, suffix, lambda run_dir: reuse_d0(d0_dir, run_dir), seed=args.seed,
-                             target=target)
+                             target=target, held_out=len(dev_ex))
 
     def qpo_picks(recipe: str, split: str, rules: tuple[str, ...] = RULES) -> tuple[dict[str, list[str]], float]:
         """The prompt the recipe's policy sends to each query of ``split``, per rule (a cache of every rule
@@ -290,6 +292,8 @@ def main() -> None:
         "test": {"queries": len(test_ex), "bound_queries": len(bounded["test"]), "methods": methods, "recipes_scored": list(dict.fromkeys(test_recipes)),
                  "steering": steered, "leaning": leaned},
         "policy_seconds_per_query": seconds,
+        # Each recipe's loops as run_loops recorded them (loop 2: the pairs it sampled, scored and kept).
+        "recipe_loops": {r: [m.to_dict() for m in completed_loops(recipe_dir(runs, r, suffix))] for r in recipes},
         "timings": {**timings, "total_seconds": time.perf_counter() - started},
     }
     atomic_write_json(out / "results.json", results)
@@ -354,6 +358,21 @@ def steering_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def loop_lines(results: dict[str, Any]) -> list[str]:
+    """What each later loop sampled on its new collect queries: pairs scored, their accuracy, preference pairs."""
+    later = [(recipe, m) for recipe, loops in results.get("recipe_loops", {}).items() for m in loops if m["loop"] > 1]
+    if not later:
+        return []
+    def accuracy(m: dict[str, Any]) -> str:
+        return "–" if m.get("sampled_accuracy") is None else f"{100 * m['sampled_accuracy']:.1f}%"
+
+    return ["", "Later loops (sampled on collect queries after the dev ones):", "",
+            *[f"- {recipe} loop {m['loop']} ({m.get('sampling') or 'generate'}): {m['kept_pairs']} of "
+              f"{m['sampled_pairs']} sampled pairs kept, the target right on {accuracy(m)} of them; "
+              f"{m['preference_pairs']} preference pairs; {m['target_calls']} target calls; {m['seconds'] / 60:.0f} min"
+              for recipe, m in later]]
+
+
 def report(results: dict[str, Any]) -> str:
     s, d0, val, test = results["settings"], results["d0"], results["validation"], results["test"]
     bound = test.get("bound_queries", test["queries"])
@@ -386,7 +405,7 @@ def report(results: dict[str, Any]) -> str:
         "Prompts sent on test (count per pool prompt):", "",
         *[f"- {k.removeprefix('test:')}: " + ", ".join(f"{a} {n}" for a, n in v.items())
           for k, v in results["prompts_sent"].items() if k.startswith("test:")],
-        "", leakage_line(results), "", *steering_lines(results),
+        "", leakage_line(results), "", *steering_lines(results), *loop_lines(results),
         "", "Policy scoring cost per test query (every pool prompt, the passes its rule needs, CPU): " + ", ".join(
             f"{k} {v:.2f} s" for k, v in results["policy_seconds_per_query"]["test"].items()), "",
     ]

@@ -393,7 +393,7 @@ def test_policy_choices_give_a_base_reference_the_recipe_seed_and_rescore_new_in
     (as in training), and a cache made for other inputs is not served."""
     import qpo_bench.offline as offline
     from qpo_middleware.training.config import TrainConfig
-    from qpo_middleware.training.loops import load_policy
+    from qpo_middleware.training.loops import LoopMetrics, load_policy
     from qpo_middleware.training.preference import candidate_logps
     from qpo_middleware.training.run import RunPaths
 
@@ -401,6 +401,8 @@ def test_policy_choices_give_a_base_reference_the_recipe_seed_and_rescore_new_in
     model, tokenizer, _ = load_policy(tiny_base, TrainConfig(**offline.TRAIN))
     model.save_pretrained(RunPaths(run_dir).checkpoint(1))
     tokenizer.save_pretrained(RunPaths(run_dir).checkpoint(1))
+    done = LoopMetrics(loop=1, train_records=0, first_loss=0.0, last_loss=0.0, train_seconds=0.0)
+    RunPaths(run_dir).metrics(1).write_text(json.dumps(done.to_dict()))  # loop 1 is the run's last
     queries, prompts = ["a gripping, funny film", "dull and far too long"], ["Is it positive?", "Label it.", ""]
 
     def choose(seed: int, cache: str, candidates: list[str] = prompts) -> dict[str, Any]:
@@ -440,6 +442,50 @@ def test_policy_choices_give_a_base_reference_the_recipe_seed_and_rescore_new_in
         assert choose_rule(offsets)["choose"] == [favoured, favoured]
     offsets = {p: -float(j) for j, p in enumerate(prompts)}
     assert choose_rule(offsets)["choose"] == [max(range(3), key=lambda j, r=r: r[j] + j) for r in top]
+
+
+def test_a_later_loop_recipe_continues_its_loop_1_recipe_on_new_collect_queries(
+        tiny_base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pool_choice's ``*_loop2`` recipes: a copy of the loop-1 recipe's run (not its choice caches) whose collect
+    split grows past the queries the benchmark validates on; loop 2 samples only on the new ones, and its DPO
+    reference (for rule dpo_ratio) is loop 1's policy."""
+    from _handmade import handmade_d0
+
+    import qpo_bench.offline as offline
+    from qpo_middleware.training.loops import completed_loops
+    from qpo_middleware.training.run import Run, RunPaths
+
+    d0 = tmp_path / "d0"
+    handmade_d0(d0, tiny_base)
+    loops = {"d0_floor_quantile": 0.0, "preference": "instead", "preference_pairs_per_query": 2,
+             "choice_offset_queries": 4}
+    monkeypatch.setattr(offline, "TRAIN", {"epochs": 1, "learning_rate": 5e-3, "batch_size": 8, "num_buckets": 4,
+                                           "prompt_max_tokens": 8, "query_max_tokens": 16, "warmup_ratio": 0.0})
+    monkeypatch.setattr(offline, "RECIPES", {
+        "dpo": {"train": {"conditioning": "query_rank"}, "loops": loops},
+        "dpo_loop2": {"train": {"conditioning": "query_rank"}, "after": {"recipe": "dpo", "queries": 5},
+                      "loops": {**loops, "loops": 2, "samples_per_query": 2}}})
+    runs, quality = tmp_path / "runs", load_quality()
+
+    def train(recipes: list[str]) -> dict[str, float]:
+        return offline.train_recipes(runs, recipes, "x", lambda run_dir: quality.reuse_d0(d0, run_dir), seed=0,
+                                     held_out=2, say=lambda _: None)
+
+    with pytest.raises(SystemExit, match="list it before dpo_loop2"):
+        train(["dpo_loop2"])
+    train(["dpo"])
+    (runs / "dpo_x" / "choices_dev_2.json").write_text("{}")  # the benchmark's cache: made for loop 1's policy
+    assert set(train(["dpo", "dpo_loop2"])) == {"train_dpo_loop2"}  # the finished loop-1 recipe is kept
+    before, after = Run.open(d0).splits.collect, Run.open(runs / "dpo_loop2_x").splits.collect
+    assert len(before) == 6 and len(after) == 2 + 5 and after[:6] == before
+    sampled = {r.query_id for r in OfflineDataset(runs / "dpo_loop2_x").records if r.loop == 2}
+    assert sampled == {e.id for e in after[2:]}  # never the 2 the benchmark validates on
+    assert [m.loop for m in completed_loops(runs / "dpo_loop2_x")] == [1, 2] and len(completed_loops(runs / "dpo_x")) == 1
+    assert not (runs / "dpo_loop2_x" / "choices_dev_2.json").exists()
+    assert offline.reference_model(runs, "dpo_loop2", "x") == str(RunPaths(runs / "dpo_loop2_x").checkpoint(1))
+    assert train(["dpo", "dpo_loop2"]) == {}  # both finished: nothing runs again
+    with pytest.raises(SystemExit, match="asks for more"):
+        offline.continue_run(runs / "dpo_loop2_x", tmp_path / "fewer", 3)
 
 
 def test_choice_rules_chooses_on_dev_and_bounds_with_the_hindsight_prompt(
@@ -690,9 +736,13 @@ def test_every_offline_recipe_is_a_valid_training_and_loop_config() -> None:
 
     for name, spec in RECIPES.items():
         TrainConfig(**{**TRAIN, **spec["train"]})
-        LoopConfig(loops=1, **spec["loops"])
+        LoopConfig(**{"loops": 1, **spec["loops"]})
         if "from" in spec:
             assert spec["from"]["recipe"] in RECIPES, name
+        if "after" in spec:  # continues a recipe's run with the same settings and more loops
+            before = RECIPES[spec["after"]["recipe"]]
+            assert spec["loops"]["loops"] > before["loops"].get("loops", 1) and spec["train"] == before["train"], name
+            assert {k: v for k, v in spec["loops"].items() if k in before["loops"]} == before["loops"], name
     assert RECIPES["dpo_by_label"]["loops"]["preference_label_smoothing"] == 1.0
     with pytest.raises((TypeError, ValueError)):
         LoopConfig(loops=1, **{**RECIPES["dpo_by_label"]["loops"], "preference_label_smoothing": 1.5})

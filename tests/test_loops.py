@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
+from _handmade import handmade_d0, small_run
 
 from qpo_middleware.training.collect import collect
 from qpo_middleware.training.config import CollectConfig, LoopConfig, TrainConfig
@@ -21,11 +21,6 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> str:
     from _tiny_policy import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-def small_run(path: Path, model: str) -> None:
-    collect(CollectConfig(task="sst2_sample", target=model, queries=8, collect_queries=6, test_queries=4,
-                          prompts="4", chunk_size=8, batch_size=8), path)
 
 
 def configs(model: str) -> tuple[TrainConfig, LoopConfig]:
@@ -294,26 +289,6 @@ def test_dev_split_scores_every_loop_and_chooses_the_kept_one(tmp_path: Path, ti
     assert chosen_loop([loop(1, None), loop(2, None)])[0].loop == 2
     with pytest.raises(ValueError, match="No loop"):
         chosen_loop([])
-
-
-def handmade_d0(path: Path, model: str) -> dict[str, Any]:
-    """A small run whose D0 holds hand-made verdicts on its real queries (the tiny random target answers alike
-    whatever the prompt): "Say positive." answers positive on every query (it steers), "Decide." answers the gold
-    label (right everywhere), "Guess." the other label (wrong everywhere; its answers follow the golds' mix, so it
-    does not steer). Returns D0's first record per query."""
-    from dataclasses import replace
-
-    small_run(path, model)
-    dataset = OfflineDataset(path)
-    first = {r.query_id: r for r in dataset.loop(0)}
-    assert {str(r.label) for r in first.values()} == {"negative", "positive"}
-    other = {"negative": "positive", "positive": "negative"}
-    answers = {"Say positive.": lambda gold: "positive", "Decide.": lambda gold: gold, "Guess.": lambda gold: other[gold]}
-    dataset.path.unlink()
-    OfflineDataset(path).append([replace(r, prompt=prompt, prompt_source="pool:x", prediction=answer(str(r.label)),
-                                         correct=answer(str(r.label)) == str(r.label))
-                                 for r in first.values() for prompt, answer in answers.items()])
-    return first
 
 
 def test_later_loops_of_the_default_recipe_sample_among_the_library(tmp_path: Path, tiny_base: str) -> None:

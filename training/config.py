@@ -300,6 +300,9 @@ class LoopConfig:
     samples_per_query: int = field(default=2, metadata={
         "help": "Prompts sampled per collect query in loops >= 2 (distinct ones, with --preference instead)."})
     collect_queries: int | None = field(default=None, metadata={"help": "Collect queries used per loop (default: all)."})
+    collect_skip: int = field(default=0, metadata={
+        "help": "Collect queries the loops never sample on or train on, from the start of the collect split (a "
+                "benchmark that validates on them keeps them unseen); the loops use the ones after them."})
     top_k: int = field(default=10, metadata={"help": "Top-k of policy sampling (0 = off)."})
     top_p: float = field(default=0.9, metadata={"help": "Top-p of policy sampling."})
     temperature: float = field(default=1.0, metadata={
@@ -358,6 +361,8 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.loops < 1:
             raise ValueError(f"loops must be >= 1; got {self.loops}.")
+        if self.collect_skip < 0:
+            raise ValueError(f"collect_skip must be >= 0; got {self.collect_skip}.")
         if self.samples_per_query < 1:
             raise ValueError(f"samples_per_query must be >= 1; got {self.samples_per_query}.")
         if not 0.0 <= self.reward_floor_quantile <= 1.0:

@@ -84,6 +84,7 @@ class LoopMetrics:
     mean_reward_sampled: float | None = None
     mean_reward_kept: float | None = None
     mean_reward_d0: float = 0.0
+    sampled_accuracy: float | None = None  # the target's accuracy on the loop's sampled pairs (variations included)
     reward_floor: float | None = None
     # The target's accuracy with the prompt the loop's exported bundle serves by default (policy_strategy): the
     # greedy prompt the policy writes, or, with choice offsets, the library prompt strategy 'choose' picks.
@@ -176,7 +177,11 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
     floor = quantile(d0_rewards, loops.reward_floor_quantile)
     # D0's floor is on what the reward token encodes (quantile 0 = D0's lowest: all of D0).
     d0_floor = quantile(conditioning_values(d0, train.conditioning), loops.d0_floor_quantile)
-    collect_split = [] if run is None else run.splits.collect[: loops.collect_queries or None]
+    collect_split = [] if run is None else run.splits.collect[loops.collect_skip :][: loops.collect_queries or None]
+    if run is not None and loops.loops > 1 and not collect_split:
+        raise ValueError(f"Loops 2+ sample on the collect split, and {paths.root} has no collect query left "
+                         f"({len(run.splits.collect)} collected, {loops.collect_skip} skipped). Collect with more "
+                         "--collect-queries, or lower --collect-skip.")
     if run is not None:
         target = target or run.make_target()
 
@@ -240,6 +245,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
             dataset.append(kept)
             metrics.sampled_pairs, metrics.kept_pairs = len(records), len(kept)
             metrics.mean_reward_sampled = statistics.fmean(r.reward for r in records) if records else None
+            metrics.sampled_accuracy = statistics.fmean(r.correct for r in records) if records else None
             metrics.mean_reward_kept = statistics.fmean(r.reward for r in kept) if kept else None
             # --- Exploration: prompts no earlier record holds (not in the pool, not written by an earlier loop)
             known = {r.prompt for r in dataset if r.loop < loop}

@@ -3,8 +3,8 @@ already known (logged by someone else, or scored once on a local target), so rec
 further target call. Shared by ``benchmarks/oirl.py`` (LLaMA-2-7B's logs) and ``benchmarks/pool_choice.py``
 (a local target's full query x pool-prompt matrix).
 
-* :data:`RECIPES` — the training recipes (loop 1 on D0), each a set of :class:`TrainConfig` and
-  :class:`LoopConfig` fields over :data:`TRAIN`;
+* :data:`RECIPES` — the training recipes (loop 1 on D0, or later loops after another recipe), each a set of
+  :class:`TrainConfig` and :class:`LoopConfig` fields over :data:`TRAIN`;
 * :func:`train_recipes` — train each recipe in its own run directory (resumes);
 * :func:`policy_choices` — which candidate the policy picks per query, by rule (cached);
 * :func:`method_row` — accuracy with its interval and paired gaps to reference methods.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import statistics
 import sys
 import time
@@ -30,7 +31,7 @@ from qpo_middleware.training.config import PAPER_LOOPS, PAPER_TRAIN, LoopConfig,
 from qpo_middleware.training.dataset import Record
 from qpo_middleware.training.export import read_choice_offsets
 from qpo_middleware.training.io import atomic_write_json
-from qpo_middleware.training.loops import completed_loops, load_policy, run_loops
+from qpo_middleware.training.loops import completed_loops, final_checkpoint, load_policy, run_loops
 from qpo_middleware.training.run import RunPaths
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,18 @@ RECIPES: dict[str, dict[str, Any]] = {
                   "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
                             "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4,
                             "preference_without_steering": True}},
+    # Loop 2 of dpo_only / dpo_plain (the issue's "loop T above loop 1"): the trained loop-1 policy draws 2 distinct
+    # pool prompts per new query (held-out train-pool queries that are neither D0's, dev's nor test's) by its
+    # 'choose' scores; the target scores them, and DPO trains again from loop 1's policy on D0's pairs and the new
+    # ones. Its reference is loop 1's policy, and its offsets are taken under it.
+    "dpo_only_loop2": {"train": {"conditioning": "query_rank"}, "after": {"recipe": "dpo_only", "queries": 500},
+                       "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
+                                 "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4,
+                                 "loops": 2, "samples_per_query": 2}},
+    "dpo_plain_loop2": {"train": {"conditioning": "query_rank"}, "after": {"recipe": "dpo_plain", "queries": 500},
+                        "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
+                                  "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4,
+                                  "preference_without_steering": True, "loops": 2, "samples_per_query": 2}},
     # dpo_only with label-smoothed pairs: a prompt's score on a query is half its verdict, half its accuracy on the
     # D0 queries of the same gold label, so pairs rank prompts by how well they suit the label (3 pairs per query
     # from any query instead of 4 from the mixed ones: on ag_news seed 0, 2,320 pairs against 2,004).
@@ -107,28 +120,57 @@ def recipe_dir(runs: Path, recipe: str, suffix: str) -> Path:
 
 
 def train_recipes(runs: Path, recipes: Sequence[str], suffix: str, prepare: Callable[[Path], None], *,
-                  seed: int, target: Any = None, say: Callable[[str], None] = print) -> dict[str, float]:
-    """Train loop 1 of each recipe in ``runs/<recipe>_<suffix>`` (``prepare(dir)`` puts D0 there first);
-    finished ones are kept. Returns the seconds each newly trained recipe took."""
+                  seed: int, target: Any = None, held_out: int = 0,
+                  say: Callable[[str], None] = print) -> dict[str, float]:
+    """Train each recipe in ``runs/<recipe>_<suffix>`` (``prepare(dir)`` puts D0 there first): loop 1, or for a
+    recipe ``after`` another, that recipe's finished run continued by its later loops. Those sample on collect
+    queries after the first ``held_out`` (the benchmark validates on those, so no loop sees them). Finished ones
+    are kept. Returns the seconds each newly trained recipe took."""
     timings: dict[str, float] = {}
     for recipe in recipes:
         run_dir = recipe_dir(runs, recipe, suffix)
-        if completed_loops(run_dir):
-            continue
-        prepare(run_dir)
         spec = RECIPES[recipe]
-        start: dict[str, str] = {}
+        loops = {"loops": 1, **spec["loops"]}
+        if len(completed_loops(run_dir)) >= loops["loops"]:
+            continue
+        start: dict[str, Any] = {}
         if "from" in spec:  # starts from another recipe's trained policy (which must be listed first)
             source = recipe_dir(runs, spec["from"]["recipe"], suffix)
             if not completed_loops(source):
                 raise SystemExit(f"Recipe {recipe} starts from {spec['from']['recipe']}: list it before {recipe}.")
             start = {"base_model": str(RunPaths(source).checkpoint(1))}
+        if "after" in spec:  # continues another recipe's run (which must be listed first) with new collect queries
+            source = recipe_dir(runs, spec["after"]["recipe"], suffix)
+            if not completed_loops(source):
+                raise SystemExit(f"Recipe {recipe} continues {spec['after']['recipe']}: list it before {recipe}.")
+            continue_run(source, run_dir, held_out + spec["after"]["queries"])
+            start = {"collect_skip": held_out}
+        else:
+            prepare(run_dir)
         say(f"training recipe {recipe} in {run_dir}")
         started = time.perf_counter()
         run_loops(run_dir, TrainConfig(**{**TRAIN, **spec["train"], "seed": seed}),
-                  LoopConfig(loops=1, seed=seed, eval_greedy=False, **start, **spec["loops"]), target=target)
+                  LoopConfig(seed=seed, eval_greedy=False, **start, **loops), target=target)
         timings[f"train_{recipe}"] = time.perf_counter() - started
     return timings
+
+
+def continue_run(source: Path, run_dir: Path, collect_queries: int) -> None:
+    """Start ``run_dir`` as a copy of ``source``'s finished run (D0, its loops, their checkpoints, the score cache;
+    not the benchmark's choice caches) whose collect split holds ``collect_queries``: the same train split, the
+    same first collect queries and more after them. Nothing happens when ``run_dir`` exists already."""
+    if run_dir.exists():
+        return
+    staging = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("choices_*.json"))
+    paths = RunPaths(staging)
+    config = json.loads(paths.run_file.read_text(encoding="utf-8"))
+    if config["collect_queries"] > collect_queries:
+        raise SystemExit(f"{source} collected {config['collect_queries']} queries; continuing it asks for more, "
+                         f"not {collect_queries}.")
+    atomic_write_json(paths.run_file, {**config, "collect_queries": collect_queries})
+    staging.rename(run_dir)
 
 
 def reference_model(runs: Path, recipe: str, suffix: str) -> str | None:
@@ -140,13 +182,16 @@ def reference_model(runs: Path, recipe: str, suffix: str) -> str | None:
         raise ValueError(f"Recipe {recipe}: only preference 'instead' keeps its reference (the start policy).")
     if "from" in spec:
         return str(RunPaths(recipe_dir(runs, spec["from"]["recipe"], suffix)).checkpoint(1))
+    if "after" in spec:  # the last loop's preference step started from the loop before it
+        loops = spec["loops"].get("loops", 1)
+        return str(RunPaths(recipe_dir(runs, recipe, suffix)).checkpoint(loops - 1))
     return LoopConfig().base_model
 
 
 def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache: Path,
                    rules: tuple[str, ...] = ("likelihood", "implicit"), reference: str | None = None, *,
                    seed: int) -> dict[str, Any]:
-    """Per rule, the index of the prompt the policy of loop 1 picks for each query (cached in ``cache``):
+    """Per rule, the index of the prompt the policy of the run's last loop picks for each query (cached in ``cache``):
     ``likelihood`` = most likely after the top reward token; ``implicit`` = most favoured by the top token
     over the bottom one; ``dpo_ratio`` = most favoured by the policy over ``reference`` (the model its
     preference step started from) after the top token, DPO's implicit reward; ``choose`` = the runtime's
@@ -160,7 +205,7 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
     as in training. The cache serves only the same queries, prompts, reference and seed, with every rule asked."""
     from qpo_middleware.training.preference import candidate_logps
 
-    inputs = hashlib.sha256(json.dumps([queries, prompts, reference, seed, str(RunPaths(run_dir).checkpoint(1))],
+    inputs = hashlib.sha256(json.dumps([queries, prompts, reference, seed, str(final_checkpoint(run_dir))],
                                        ensure_ascii=False).encode("utf-8")).hexdigest()
     wanted = [r for r in rules if (r != "dpo_ratio" or reference is not None) and r != "choose"]
     if cache.is_file():
@@ -170,7 +215,7 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
         logger.info("%s was made for other inputs or rules; scoring again", cache)
     # The policy format (buckets, token budgets) is the same in every recipe: TRAIN's.
     train = TrainConfig(**{**TRAIN, "seed": seed})
-    model, tokenizer, fmt = load_policy(RunPaths(run_dir).checkpoint(1), train)
+    model, tokenizer, fmt = load_policy(final_checkpoint(run_dir), train)
     top = len(fmt.reward_token_ids) - 1
     started = time.perf_counter()
     scores = candidate_logps(model, tokenizer, fmt, queries, prompts, (top, 0) if "implicit" in rules else (top,))
@@ -212,8 +257,8 @@ def rule_picks(rule: str, logps: dict[str, list[list[float]]]) -> list[int] | No
 
 
 def with_choose(choices: dict[str, Any], run_dir: Path, prompts: list[str]) -> dict[str, Any]:
-    """``choices`` plus rule ``choose`` when loop 1's checkpoint holds choice offsets for every prompt."""
-    recorded = read_choice_offsets(RunPaths(run_dir).checkpoint(1))
+    """``choices`` plus rule ``choose`` when the last loop's checkpoint holds choice offsets for every prompt."""
+    recorded = read_choice_offsets(final_checkpoint(run_dir))
     if recorded is None or not all(p in recorded.offsets for p in prompts):
         logger.info("%s has no choice offsets for all %d candidates: no rule 'choose'", run_dir, len(prompts))
         return choices
