@@ -70,18 +70,18 @@ RECIPES: dict[str, dict[str, Any]] = {
                   "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
                             "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4,
                             "preference_without_steering": True}},
-    # Loop 2 of dpo_only / dpo_plain (the issue's "loop T above loop 1"): the trained loop-1 policy draws 2 distinct
+    # Loop 2 of dpo_only / dpo_plain (the issue's "loop T above loop 1"): the trained loop-1 policy draws 4 distinct
     # pool prompts per new query (held-out train-pool queries that are neither D0's, dev's nor test's) by its
     # 'choose' scores; the target scores them, and DPO trains again from loop 1's policy on D0's pairs and the new
     # ones. Its reference is loop 1's policy, and its offsets are taken under it.
     "dpo_only_loop2": {"train": {"conditioning": "query_rank"}, "after": {"recipe": "dpo_only", "queries": 500},
                        "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
                                  "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4,
-                                 "loops": 2, "samples_per_query": 2}},
+                                 "loops": 2, "samples_per_query": 4}},
     "dpo_plain_loop2": {"train": {"conditioning": "query_rank"}, "after": {"recipe": "dpo_plain", "queries": 500},
                         "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
                                   "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4,
-                                  "preference_without_steering": True, "loops": 2, "samples_per_query": 2}},
+                                  "preference_without_steering": True, "loops": 2, "samples_per_query": 4}},
     # dpo_only with label-smoothed pairs: a prompt's score on a query is half its verdict, half its accuracy on the
     # D0 queries of the same gold label, so pairs rank prompts by how well they suit the label (3 pairs per query
     # from any query instead of 4 from the mixed ones: on ag_news seed 0, 2,320 pairs against 2,004).
