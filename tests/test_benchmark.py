@@ -126,6 +126,9 @@ def test_results_json_has_every_method_and_loop(runs: dict[str, Any]) -> None:
         assert 0.0 <= m["steered_share"] <= m["steering_checked_share"] <= 1.0
         if m["steered_share"] == 0.0:
             assert m["accuracy_without_steering"] == pytest.approx(m["accuracy"])
+        assert m["steered_share"] <= m["leaning_share"] <= m["steering_checked_share"]  # a steering prompt leans
+        if m["leaning_share"] == m["steered_share"]:
+            assert m["accuracy_without_leaning"] == pytest.approx(m["accuracy_without_steering"])
     assert len(task["d0"]["rewards"]) == 24
     assert task["loops"][0]["train_records"] < 24  # loop 1 trains on D0 above its 0.25 quantile only
     assert task["loops"][1]["new_records"] == len(task["loops"][1]["new_rewards"]) == task["loops"][1]["kept_pairs"]

@@ -129,7 +129,7 @@ def test_smollm2_default_recipe_trains_by_dpo_and_the_bundle_chooses(tmp_path: P
     from qpo_middleware.training.dataset import steering_prompts
     from qpo_middleware.training.evaluate import evaluate
     from qpo_middleware.training.run import Run
-    from qpo_middleware.training.tasks import names_one_label
+    from qpo_middleware.training.tasks import LEAN_REACH, names_one_label
 
     result = evaluate(tmp_path, bundle, methods=("best_pool", "qpo"), target=target)
     qpo = result.method("qpo")
@@ -137,6 +137,8 @@ def test_smollm2_default_recipe_trains_by_dpo_and_the_bundle_chooses(tmp_path: P
     assert len(sent) == result.queries == 3 and qpo.steering_checked_share == 1.0
     steering = steering_prompts(OfflineDataset(tmp_path).loop(0))
     assert qpo.steered_share == pytest.approx(np.mean([p in steering for p in sent]))
+    leaning = steering_prompts(OfflineDataset(tmp_path).loop(0), LEAN_REACH)
+    assert set(steering) <= set(leaning) and qpo.leaning_share == pytest.approx(np.mean([p in leaning for p in sent]))
     labels = Run.open(tmp_path).task.labels
     assert qpo.label_leak_share == pytest.approx(np.mean([names_one_label(p, labels) for p in sent]))
     if qpo.steered_share == 0.0:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .io import JsonlLog
 from .run import RunPaths
-from .tasks import steered_label
+from .tasks import STEER_REACH, steered_label
 
 FORMAT_VERSION = 1
 
@@ -141,10 +141,11 @@ def require_labels(records: Sequence[Record], needs: str, fix: str) -> None:
                          f"or logs without one); {fix}.")
 
 
-def steering_prompts(records: Sequence[Record]) -> dict[str, str]:
+def steering_prompts(records: Sequence[Record], reach: float = STEER_REACH) -> dict[str, str]:
     """``prompt -> label`` for each prompt of ``records`` that steers the target to one label: the target's
     answers with it (``prediction``) are that label on most of its queries whatever their gold
-    (:func:`~.tasks.steered_label`; a prompt scored twice on a query counts once)."""
+    (:func:`~.tasks.steered_label`; a prompt scored twice on a query counts once). ``reach``
+    :data:`~.tasks.LEAN_REACH` gives the prompts that *lean* the target to one label, the softer line."""
     first: dict[tuple[str, str], Record] = {}
     for record in records:
         first.setdefault((record.query_id, record.prompt), record)
@@ -153,5 +154,5 @@ def steering_prompts(records: Sequence[Record]) -> dict[str, str]:
         answers, golds = answered.setdefault(record.prompt, ([], []))
         answers.append(record.prediction)
         golds.append(str(record.label))
-    steering = {prompt: steered_label(answers, golds) for prompt, (answers, golds) in answered.items()}
+    steering = {prompt: steered_label(answers, golds, reach) for prompt, (answers, golds) in answered.items()}
     return {prompt: label for prompt, label in steering.items() if label is not None}

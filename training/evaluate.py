@@ -34,7 +34,7 @@ from .collect import score_pairs
 from .dataset import steering_prompts
 from .run import Run
 from .targets import Pair, Score, Target
-from .tasks import Example, names_one_label
+from .tasks import LEAN_REACH, Example, names_one_label
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class MethodResult:
     steered_share: float | None = None
     steering_checked_share: float | None = None
     accuracy_without_steering: float | None = None
+    leaning_share: float | None = None
+    accuracy_without_leaning: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +79,9 @@ class Leakage:
     * ``steered_share``: the share of queries sent a prompt that makes the target answer one label on D0 whatever
       the query (:func:`~.dataset.steering_prompts`; it may name no label at all), of the
       ``steering_checked_share`` of queries whose prompt D0 scored (only those can be judged), and
-      ``accuracy_without_steering``, the accuracy with the steering ones given the best pool prompt's verdict.
+      ``accuracy_without_steering``, the accuracy with the steering ones given the best pool prompt's verdict;
+    * ``leaning_share`` and ``accuracy_without_leaning``: the same for the softer line, prompts that *lean* the
+      target to one label on D0 (:data:`~.tasks.LEAN_REACH`; every steering prompt leans).
 
     A gain that vanishes in the ``without`` accuracies came from the prompts leaning the target to a label, not
     from prompt optimization.
@@ -88,21 +92,27 @@ class Leakage:
     steered_share: float
     steering_checked_share: float
     accuracy_without_steering: float | None
+    leaning_share: float
+    accuracy_without_leaning: float | None
 
 
-def leak_flags(prompts: Sequence[str], labels: Sequence[str], steering: Mapping[str, str]) -> tuple[list[bool], list[bool]]:
-    """Per prompt: (names exactly one of ``labels``, steers the target on D0 (a key of ``steering``))."""
-    return [names_one_label(p, labels) for p in prompts], [p in steering for p in prompts]
+def flagged(prompts: Sequence[str], labels: Sequence[str], leaning: Mapping[str, str]) -> list[int]:
+    """The indices of the prompts the leakage check may replace: those naming exactly one of ``labels``, or leaning
+    the target to one label on D0 (a key of ``leaning``; every steering prompt leans)."""
+    return [i for i, p in enumerate(prompts) if p in leaning or names_one_label(p, labels)]
 
 
 def leakage(prompts: Sequence[str], hits: Sequence[bool | None], fallback: Sequence[bool | None],
-            labels: Sequence[str], steering: Mapping[str, str], scored: Collection[str]) -> Leakage:
+            labels: Sequence[str], steering: Mapping[str, str], scored: Collection[str], *,
+            leaning: Mapping[str, str]) -> Leakage:
     """The leakage check of one method (:class:`Leakage`): ``hits`` are its verdicts per query, ``fallback`` the
-    best pool prompt's on the same queries (read only where a prompt is flagged), ``steering`` is
-    :func:`~.dataset.steering_prompts` of D0 and ``scored`` the prompts D0 holds."""
+    best pool prompt's on the same queries (read only where a prompt is :func:`flagged`), ``steering`` and
+    ``leaning`` are :func:`~.dataset.steering_prompts` of D0 (at the steering and the lean reach) and ``scored``
+    the prompts D0 holds."""
     if not len(prompts) == len(hits) == len(fallback):
         raise ValueError(f"leakage got {len(prompts)} prompts, {len(hits)} verdicts and {len(fallback)} fallbacks.")
-    leaks, steers = leak_flags(prompts, labels, steering)
+    leaks = [names_one_label(p, labels) for p in prompts]
+    steers, leans = [p in steering for p in prompts], [p in leaning for p in prompts]
 
     def replaced(flags: Sequence[bool]) -> float | None:
         kept = [b if flag else h for h, b, flag in zip(hits, fallback, flags, strict=True)]
@@ -114,7 +124,8 @@ def leakage(prompts: Sequence[str], hits: Sequence[bool | None], fallback: Seque
 
     return Leakage(label_leak_share=share(leaks), accuracy_without_leaks=replaced(leaks),
                    steered_share=share(steers), steering_checked_share=share([p in scored for p in prompts]),
-                   accuracy_without_steering=replaced(steers))
+                   accuracy_without_steering=replaced(steers), leaning_share=share(leans),
+                   accuracy_without_leaning=replaced(leans))
 
 
 @dataclass
@@ -253,17 +264,16 @@ def check_leakage(run: Run, target: Target, examples: Sequence[Example], prompts
     """:func:`leakage` of per-query ``prompts`` on ``examples`` of ``run``: the best pool prompt is scored (through
     the run's cache) only on the queries whose prompt is flagged."""
     d0 = run.dataset().loop(0)
-    steering = steering_prompts(d0)
-    leaks, steers = leak_flags(prompts, run.task.labels, steering)
-    flagged = [i for i, (leak, steer) in enumerate(zip(leaks, steers, strict=True)) if leak or steer]
+    steering, leaning = steering_prompts(d0), steering_prompts(d0, LEAN_REACH)
+    replaced = flagged(prompts, run.task.labels, leaning)
     fallback: list[bool | None] = [None] * len(prompts)
-    if flagged:
+    if replaced:
         _, best, _ = best_train_prompt(run)
-        verdicts = hits_of(score_prompts(run, target, [examples[i] for i in flagged], [best] * len(flagged),
+        verdicts = hits_of(score_prompts(run, target, [examples[i] for i in replaced], [best] * len(replaced),
                                          "best_pool"))
-        for i, verdict in zip(flagged, verdicts, strict=True):
+        for i, verdict in zip(replaced, verdicts, strict=True):
             fallback[i] = verdict
-    return leakage(prompts, hits, fallback, run.task.labels, steering, {r.prompt for r in d0})
+    return leakage(prompts, hits, fallback, run.task.labels, steering, {r.prompt for r in d0}, leaning=leaning)
 
 
 def evaluate(

@@ -55,7 +55,7 @@ from qpo_middleware.training.preference import implicit_rewards
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score, Target
-from qpo_middleware.training.tasks import Example, resolve_prompts
+from qpo_middleware.training.tasks import LEAN_REACH, Example, resolve_prompts
 
 from .config import BenchmarkConfig
 from .policies import OnnxPolicy, TorchPolicy, open_policy
@@ -322,10 +322,10 @@ def benchmark(run_dir: str | os.PathLike[str], config: BenchmarkConfig | None = 
 
     # -- leakage check: a prompt that names one label may win by answering, not by prompting ---------
     if labels and "best_pool" in per_query_hits:
-        steering, known = steering_prompts(d0), {r.prompt for r in d0}
+        steering, leaning, known = steering_prompts(d0), steering_prompts(d0, LEAN_REACH), {r.prompt for r in d0}
         for method in methods:
             method.record_leakage(leakage(per_query_prompts[method.method], per_query_hits[method.method],
-                                          per_query_hits["best_pool"], labels, steering, known))
+                                          per_query_hits["best_pool"], labels, steering, known, leaning=leaning))
 
     # -- loops: metrics and reward distributions of the prompts each loop added ------------------
     d0_rewards = [r.reward for r in d0]

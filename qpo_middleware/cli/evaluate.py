@@ -54,7 +54,8 @@ def print_eval(result: Any) -> None:
             f"[dim]leakage check, {m.method}:[/] {m.label_leak_share:.0%} of its prompts name one label "
             f"(accuracy with those sent the best pool prompt: {_pct(m.accuracy_without_leaks)}); "
             f"{m.steered_share:.0%} steer the target to one label on D0, of the {m.steering_checked_share:.0%} "
-            f"D0 could judge (without them: {_pct(m.accuracy_without_steering)}). A gain that the without-figures "
+            f"D0 could judge (without them: {_pct(m.accuracy_without_steering)}); {_share(m.leaning_share)} lean "
+            f"it to one label (without them: {_pct(m.accuracy_without_leaning)}). A gain that the without-figures "
             "lose comes from leaning the target to a label, not from better prompts.")
     for sample in result.examples[:3]:
         console.print(f"[dim]query:[/] {sample['query'][:80]}\n[dim]  qpo prompt:[/] {json.dumps(sample['prompt'])}")
@@ -62,3 +63,7 @@ def print_eval(result: Any) -> None:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
