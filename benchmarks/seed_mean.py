@@ -5,7 +5,8 @@ Each seed's gap comes with a paired bootstrap interval on its own test queries; 
 splits, so the mean gap's interval is the normal approximation ``mean ± 1.96 · sqrt(Σ se_i²) / k`` with
 ``se_i`` = (interval width) / 3.92 per seed. QPO's row is each seed's *chosen* method (recipe and rule chosen
 on that seed's dev split), so no seed's row was picked on test queries. ``--methods`` adds rows of methods
-fixed before any test query was seen (e.g. one recipe on every seed), under their own names. Where the runs
+fixed before any test query was seen (e.g. one recipe on every seed), under their own names; ``qpo_<recipe>``
+stands for the recipe's row with the rule each seed's dev chose. Where the runs
 checked a row for steering (``results.json`` ``test.steering``, or ``checks.json`` from ``steering_recheck.py``
 for a run recorded before the check), the mean share of its queries sent a steering
 prompt and its mean accuracy with those sent the fallback stand beside it; where they checked it for leaning too
@@ -23,32 +24,45 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from qpo_bench.environment import code_version
+from qpo_bench.offline import RULES
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 
 REFERENCES = ("best_prompt", "selector")
 ROWS = ("none", "best_prompt", "random_prompt", "selector", "qpo_chosen")
 
 
+def source_row(name: str, methods: Mapping[str, Any]) -> str | None:
+    """The test row ``name`` stands for: itself, or for ``qpo_<recipe>`` the recipe's one row ``qpo_<recipe>_<rule>``
+    (pool_choice.py scores a test recipe once, with the rule dev chose on that seed)."""
+    if name in methods:
+        return name
+    rows = [m for m in methods if m.startswith(f"{name}_") and m.removeprefix(f"{name}_") in RULES]
+    return rows[0] if len(rows) == 1 else None
+
+
 def seed_rows(results: dict[str, Any], extra: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    """One run's test rows, QPO's under the name ``qpo_chosen``, then the ``extra`` ones; each with its steering
+    """One run's test rows, QPO's under the name ``qpo_chosen``, then the ``extra`` ones (a row, or a recipe
+    ``qpo_<recipe>`` with its dev-chosen rule); each with the test row it came from (``row``) and its steering
     and leaning checks (``steering``, ``leaning``) where the run made them."""
     methods = results["test"]["methods"]
     chosen = results["validation"]["chosen"]
     if chosen not in methods:
         sys.exit(f"{chosen!r} (chosen on dev) has no test row: run pool_choice.py with --test-recipes chosen.")
-    if missing := [name for name in extra if name not in methods]:
-        sys.exit(f"Seed {results['settings']['seed']} has no test row {', '.join(missing)}; it has "
-                 f"{', '.join(sorted(methods))}.")
+    if missing := [name for name in extra if source_row(name, methods) is None]:
+        sys.exit(f"Seed {results['settings']['seed']} has no test row {', '.join(missing)} (or one per rule of a "
+                 f"recipe); it has {', '.join(sorted(methods))}.")
     checks = {kind: results["test"].get(kind, {}) for kind in ("steering", "leaning")}
     rows = {}
     for name in [*(n for n in ROWS if n == "qpo_chosen" or n in methods), *extra]:
-        source = chosen if name == "qpo_chosen" else name
-        rows[name] = {**methods[source], **{kind: check[source] for kind, check in checks.items() if source in check}}
+        source = chosen if name == "qpo_chosen" else source_row(name, methods)
+        assert source is not None
+        rows[name] = {**methods[source], "row": source,
+                      **{kind: check[source] for kind, check in checks.items() if source in check}}
     return rows
 
 
@@ -97,6 +111,7 @@ def main() -> None:
             continue
         row: dict[str, Any] = {"accuracy": statistics.fmean(s[name]["accuracy"] for s in per_seed),
                                "per_seed": [s[name]["accuracy"] for s in per_seed],
+                               "rows": [s[name]["row"] for s in per_seed],
                                "queries": sum(s[name]["n"] for s in per_seed)}
         for ref in REFERENCES:
             if ref != name:
@@ -136,6 +151,10 @@ def report(out: dict[str, Any]) -> str:
              "| method | mean accuracy % | per seed | test queries | vs best prompt [95% CI] | vs selector [95% CI] "
              "| steered | without steering %, vs best prompt | leaning | without leaning %, vs best prompt |",
              "|---|---:|---|---:|---|---|---:|---:|---:|---:|"]
+    recipes = {name: row["rows"] for name, row in out["methods"].items() if len(set(row.get("rows", ()))) > 1}
+    if recipes:
+        lines[5:5] = ["Recipe rows, each seed's test row (the recipe with the rule its dev chose): " + "; ".join(
+            f"{name}: " + ", ".join(f"`{r}`" for r in rows) for name, rows in recipes.items()) + ".", ""]
     for name, row in out["methods"].items():
         steered = " | ".join(f"{100 * row[share]:.0f}% | {100 * row[accuracy]:.1f}, {gap(row[vs])}" if share in row
                              else "– | –" for share, accuracy, vs in CHECKS.values())

@@ -543,7 +543,12 @@ def test_seed_mean_averages_each_seeds_dev_chosen_row(tmp_path: Path, monkeypatc
                    chosen: {"accuracy": acc, "n": 300, "vs_best_prompt": gap(d, 0.0392), "vs_selector": gap(d, 0.0392)},
                    "qpo_a" if chosen == "qpo_b" else "qpo_b": {"accuracy": 0.0, "n": 300},  # not chosen: ignored
                    "qpo_plain": {"accuracy": 0.6 + seed / 10, "n": 300, "vs_best_prompt": gap(0.0, 0.0392),
-                                 "vs_selector": gap(0.0, 0.0392)}}  # fixed before testing: a row with --methods
+                                 "vs_selector": gap(0.0, 0.0392)},  # fixed before testing: a row with --methods
+                   # a recipe fixed before testing, scored with the rule each seed's dev chose
+                   f"qpo_r_{('choose', 'dpo_ratio')[seed]}": {"accuracy": 0.5 + seed / 10, "n": 300,
+                                                              "vs_best_prompt": gap(0.0, 0.0392),
+                                                              "vs_selector": gap(0.0, 0.0392)},
+                   "qpo_q_choose": {"accuracy": 0.5, "n": 300}, "qpo_q_likelihood": {"accuracy": 0.5, "n": 300}}
         steering = {chosen: {"steered_share": 0.5, "accuracy_without_steering": acc - 0.1,
                              "vs_reference_without_steering": gap(d - 0.1, 0.0392)},
                     "qpo_plain": {"steered_share": 0.0, "accuracy_without_steering": 0.6 + seed / 10,
@@ -558,9 +563,13 @@ def test_seed_mean_averages_each_seeds_dev_chosen_row(tmp_path: Path, monkeypatc
                                                          "test": {"methods": methods, "steering": steering,
                                                                   "leaning": leaning}}))
         folders.append(str(folder))
-    monkeypatch.setattr(sys, "argv", ["seed_mean.py", *folders, "--out", str(tmp_path / "mean"), "--methods", "qpo_plain"])
+    monkeypatch.setattr(sys, "argv", ["seed_mean.py", *folders, "--out", str(tmp_path / "mean"), "--methods",
+                                      "qpo_plain,qpo_r"])
     module.main()
     rows = json.loads((tmp_path / "mean" / "seed_mean.json").read_text())["methods"]
+    assert rows["qpo_r"]["rows"] == ["qpo_r_choose", "qpo_r_dpo_ratio"]
+    assert rows["qpo_r"]["per_seed"] == pytest.approx([0.5, 0.6])
+    assert "qpo_r: `qpo_r_choose`, `qpo_r_dpo_ratio`" in (tmp_path / "mean" / "seed_mean.md").read_text()
     qpo = rows["qpo_chosen"]
     assert qpo["accuracy"] == pytest.approx(0.75) and qpo["queries"] == 600
     assert (qpo["steered_share"], qpo["accuracy_without_steering"]) == pytest.approx((0.5, 0.65))
@@ -576,6 +585,9 @@ def test_seed_mean_averages_each_seeds_dev_chosen_row(tmp_path: Path, monkeypatc
     assert "| 50% | 65.0, -4.0 [-5.4, -2.6] | – | – |" in table
     monkeypatch.setattr(sys, "argv", ["seed_mean.py", *folders, "--out", str(tmp_path / "m3"), "--methods", "qpo_x"])
     with pytest.raises(SystemExit, match="Seed 0 has no test row qpo_x"):
+        module.main()
+    monkeypatch.setattr(sys, "argv", ["seed_mean.py", *folders, "--out", str(tmp_path / "m4"), "--methods", "qpo_q"])
+    with pytest.raises(SystemExit, match="no test row qpo_q"):  # two rules scored on test: which one is ambiguous
         module.main()
     # each seed's se = 0.0392 / 3.92 = 0.01; mean se = sqrt(2) * 0.01 / 2; mean gap 0.06
     half = 1.96 * math.sqrt(2) * 0.01 / 2
