@@ -315,6 +315,16 @@ def test_later_loops_of_the_default_recipe_sample_among_the_library(tmp_path: Pa
     assert metrics[1].greedy_accuracy_collect is not None
 
 
+def test_later_loops_need_collect_queries_past_the_skipped_ones(tmp_path: Path, tiny_base: str) -> None:
+    small_run(tmp_path, tiny_base)  # 6 collect queries
+    train, loops = configs(tiny_base)
+    with pytest.raises(ValueError, match=r"no collect query left \(6 collected, 6 skipped\).*--loops 1"):
+        run_loops(tmp_path, train, LoopConfig(**{**loops.__dict__, "collect_skip": 6}))
+    with pytest.raises(ValueError, match="collect_skip must be >= 0"):
+        LoopConfig(collect_skip=-1)
+    assert not completed_loops(tmp_path)  # refused before any training
+
+
 def test_library_samples_follow_the_choice_scores() -> None:
     """Gumbel top-k: k distinct prompts per query, the first drawn as softmax(scores / temperature) says."""
     import numpy as np

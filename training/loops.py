@@ -181,7 +181,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
     if run is not None and loops.loops > 1 and not collect_split:
         raise ValueError(f"Loops 2+ sample on the collect split, and {paths.root} has no collect query left "
                          f"({len(run.splits.collect)} collected, {loops.collect_skip} skipped). Collect with more "
-                         "--collect-queries, or lower --collect-skip.")
+                         "--collect-queries (or skip fewer: LoopConfig.collect_skip), or train with --loops 1.")
     if run is not None:
         target = target or run.make_target()
 
