@@ -13,7 +13,8 @@ The recipe and rule are chosen on dev; test is scored once per listed recipe, wi
 instruction), ``best_prompt`` (best D0 accuracy), ``best_prompt_dev`` (best on dev, where QPO's recipe
 and rule are chosen), ``random_prompt``, ``selector`` (Prompt-OIRL-style, fit on D0), ``oracle`` (any pool prompt right: a bound) and ``label_routing`` (per gold label, the prompt right
 most often on that label's queries of the same split: how much of the oracle is routing by label), and, when some pool
-prompts steer the target to one label on dev, ``label_routing_no_steering`` (the same among the others).
+prompts steer the target to one label on dev, ``label_routing_no_steering`` (the same among the others), and when
+some lean it there, ``label_routing_no_leaning`` (among those that do not lean).
 
     python benchmarks/pool_choice.py --task sst2 --seed 0 --recipes paper,query_rank,query_rank_dpo
 
@@ -205,9 +206,11 @@ def main() -> None:
             return [table[e.id][prompts[routing[g]]] for e, g in zip(exs, golds, strict=True)]
 
         out = {"oracle": [any(table[e.id].values()) for e in exs], "label_routing": routed(list(range(len(prompts))))}
-        # The same routes among the prompts that do not steer the target: the room left once steering is ruled out.
-        if (honest := [j for j, p in enumerate(prompts) if not steering.get(p)]) and len(honest) < len(prompts):
-            out["label_routing_no_steering"] = routed(honest)
+        # The same routes among the prompts that do not steer the target (the room left once steering is ruled out),
+        # and among those that do not even lean it (the room for a gain that survives both checks).
+        for name, flagged in (("label_routing_no_steering", steering), ("label_routing_no_leaning", leaning)):
+            if (honest := [j for j, p in enumerate(prompts) if not flagged.get(p)]) and len(honest) < len(prompts):
+                out[name] = routed(honest)
         return out
 
     def hits(split: str, sent: dict[str, list[str]]) -> dict[str, list[bool]]:
@@ -400,6 +403,8 @@ def report(results: dict[str, Any]) -> str:
         "", "`oracle` and `label_routing` are bounds that read the gold label, not methods"
         + ("; `label_routing_no_steering` routes among the pool prompts that do not steer the target"
            if "label_routing_no_steering" in test["methods"] else "")
+        + ("; `label_routing_no_leaning` among those that do not lean it either"
+           if "label_routing_no_leaning" in test["methods"] else "")
         + (f" (on the first {test['bound_queries']} test queries, where every pool prompt was scored)."
            if bound < test["queries"] else "."), "",
         "Prompts sent on test (count per pool prompt):", "",
