@@ -119,7 +119,14 @@ def main() -> None:
     parser.add_argument("--without-steering", action="store_true",
                         help="Route only among the pool prompts that do not steer the target to one label on dev "
                              "(the run's pool_steering): is there a routing gain that is not leaning the target?")
+    parser.add_argument("--without-leaning", action="store_true",
+                        help="Route only among the pool prompts that do not even lean the target to one label on dev "
+                             "(the run's pool_leaning, the softer line; every steering prompt leans): the room for a "
+                             "gain that survives both checks.")
     args = parser.parse_args()
+    if args.without_steering and args.without_leaning:
+        sys.exit("--without-leaning already leaves out every steering prompt: give one of the two.")
+    without = "leaning" if args.without_leaning else "steering" if args.without_steering else None
     code = code_version()
     results, per_query, task, splits = open_pool_choice_run(args.result_dir)
     settings = results["settings"]
@@ -167,14 +174,15 @@ def main() -> None:
     # -- routes chosen on dev, sent on the fully scored test queries --------------------------------------------
     dev_grid = [dev["grid"][q] for q in dev["ids"]]
     test_grid = [test["grid"][q] for q in bound_ids]
-    steering: dict[str, str] = {}
-    if args.without_steering:
-        if "pool_steering" not in results:
-            sys.exit(f"{args.result_dir} has no pool_steering (made before the steering check): rerun pool_choice.py.")
-        steering = results["pool_steering"]
-    columns = [j for j, prompt in enumerate(prompts) if prompt not in steering]
+    flagged: dict[str, str] = {}
+    if without:
+        if f"pool_{without}" not in results:
+            sys.exit(f"{args.result_dir} has no pool_{without} (made before the {without} check): rerun pool_choice.py.")
+        flagged = results[f"pool_{without}"]
+    columns = [j for j, prompt in enumerate(prompts) if prompt not in flagged]
     if not columns:
-        sys.exit("Every pool prompt steers the target on dev: nothing to route among without steering.")
+        sys.exit(f"Every pool prompt {without[:-3] if without else ''}s the target on dev: nothing to route among "
+                 f"without {without}.")
     routes = routes_from(dev_grid, dev_gold, labels, columns)
     position = {qid: i for i, qid in enumerate(test["ids"])}
     hits = {name: [test["hits"][name][position[q]] == "1" for q in bound_ids] for name in REFERENCES}
@@ -196,7 +204,7 @@ def main() -> None:
                        "dev_accuracy": statistics.fmean(p == g for p, g in zip(predicted_dev, dev_gold, strict=True)),
                        "test_accuracy": statistics.fmean(p == g for p, g in zip(predicted_test, test_gold, strict=True))},
         "routes": {label: prompts[j] for label, j in routes.items()},
-        "without_steering": args.without_steering, "route_columns": len(columns),
+        "without_steering": without is not None, "without": without, "route_columns": len(columns),
         "dev": {"label_router": statistics.fmean(row[routes[p]] == "1" for row, p in zip(dev_grid, predicted_dev, strict=True)),
                 "gold_routes": noisy["1.0"]["dev"],
                 "best_prompt_dev": max(statistics.fmean(row[j] == "1" for row in dev_grid) for j in range(len(prompts)))},
@@ -204,7 +212,7 @@ def main() -> None:
         "test": rows,
     }
     stem = ("label_router" if args.features == "hashed" else "label_router_policy" + (f"_{args.base}" if args.base else "")) \
-        + (f"_extra{args.extra_train}" if args.extra_train else "") + ("_no_steering" if args.without_steering else "")
+        + (f"_extra{args.extra_train}" if args.extra_train else "") + (f"_no_{without}" if without else "")
     atomic_write_json(args.result_dir / f"{stem}.json", out)
     atomic_write_text(args.result_dir / f"{stem}.md", report(out))
     print(report(out))
@@ -216,7 +224,8 @@ def report(out: dict[str, Any]) -> str:
         f"# Label routing on {out['task']} (seed {out['seed']}): how well must a router know the label?", "",
         f"`{out['command']}` — commit `{out['commit']}`; from the run `{out['run']['command']}` (commit `{out['run']['commit']}`)", "",
         f"Routes (per gold label, the pool prompt right most often on its {out['dev_queries']} dev queries"
-        + (f", among the {out['route_columns']} that do not steer the target on dev" if out.get("without_steering") else "")
+        + (f", among the {out['route_columns']} that do not {(out.get('without') or 'steering')[:-3]} the target on dev"
+           if out.get("without_steering") else "")
         + "): "
         + ", ".join(f"{label} → `{prompt}`" for label, prompt in out["routes"].items()) + ".", "",
         f"Classifier: softmax regression on {'hashed query features' if c['kind'] == 'hashed' else c['features']}, "

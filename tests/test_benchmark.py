@@ -680,6 +680,23 @@ def test_label_router_routes_by_predicted_label_on_real_sst2(
     assert plain["route_columns"] == 2 and set(plain["routes"].values()) == {"none", "pool:b"}
     test_golds = [g for qid, g in zip(test["ids"], test["gold"], strict=True) if qid in test["grid"]]
     assert plain["test"]["gold_routes"]["accuracy"] == pytest.approx(test_golds.count("negative") / 4)
+    # --without-leaning: the run's pool_leaning (here pool:b leans too), its own files and report line; with no
+    # pool_leaning recorded, or given with --without-steering, a clear error.
+    monkeypatch.setattr(sys, "argv", ["label_router.py", str(tmp_path), "--without-leaning"])
+    with pytest.raises(SystemExit, match="no pool_leaning"):
+        module.main()
+    monkeypatch.setattr(sys, "argv", ["label_router.py", str(tmp_path), "--without-leaning", "--without-steering"])
+    with pytest.raises(SystemExit, match="give one of the two"):
+        module.main()
+    (tmp_path / "results.json").write_text(json.dumps({"command": "pool_choice", "commit": "abc", "settings": settings,
+                                                       "pool_steering": {"pool:a": "positive"},
+                                                       "pool_leaning": {"pool:a": "positive", "pool:b": "negative"}}))
+    monkeypatch.setattr(sys, "argv", ["label_router.py", str(tmp_path), "--without-leaning"])
+    module.main()
+    unlean = json.loads((tmp_path / "label_router_no_leaning.json").read_text())
+    assert unlean["without"] == "leaning" and unlean["route_columns"] == 1 and set(unlean["routes"].values()) == {"none"}
+    assert unlean["test"]["gold_routes"]["accuracy"] == 0.0  # "none" is right on no query here
+    assert "among the 1 that do not lean the target" in (tmp_path / "label_router_no_leaning.md").read_text()
     # --extra-train: more labelled train-pool queries for the classifier, disjoint from the run's splits.
     monkeypatch.setattr(sys, "argv", ["label_router.py", str(tmp_path), "--extra-train", "40"])
     module.main()
