@@ -51,6 +51,7 @@ L2_GRID = (1e-4, 1e-3, 1e-2)
 POLICY_L2_GRID = (1e-2, 1e-1, 1.0)  # standardised hidden states: a stronger prior than the sparse hashed features
 NOISE_LEVELS = (0.7, 0.8, 0.9, 0.95, 1.0)
 REFERENCES = ("best_prompt", "selector")
+VERBS = {"steering": "steer", "leaning": "lean"}  # --without-<check>: what a flagged prompt does to the target
 
 
 def fit_softmax(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float, steps: int = 300,
@@ -181,7 +182,7 @@ def main() -> None:
         flagged = results[f"pool_{without}"]
     columns = [j for j, prompt in enumerate(prompts) if prompt not in flagged]
     if not columns:
-        sys.exit(f"Every pool prompt {without[:-3] if without else ''}s the target on dev: nothing to route among "
+        sys.exit(f"Every pool prompt {VERBS[without or 'steering']}s the target on dev: nothing to route among "
                  f"without {without}.")
     routes = routes_from(dev_grid, dev_gold, labels, columns)
     position = {qid: i for i, qid in enumerate(test["ids"])}
@@ -224,8 +225,8 @@ def report(out: dict[str, Any]) -> str:
         f"# Label routing on {out['task']} (seed {out['seed']}): how well must a router know the label?", "",
         f"`{out['command']}` — commit `{out['commit']}`; from the run `{out['run']['command']}` (commit `{out['run']['commit']}`)", "",
         f"Routes (per gold label, the pool prompt right most often on its {out['dev_queries']} dev queries"
-        + (f", among the {out['route_columns']} that do not {(out.get('without') or 'steering')[:-3]} the target on dev"
-           if out.get("without_steering") else "")
+        + (f", among the {out['route_columns']} that do not {VERBS[out['without']]} the target on dev"
+           if out["without"] else "")
         + "): "
         + ", ".join(f"{label} → `{prompt}`" for label, prompt in out["routes"].items()) + ".", "",
         f"Classifier: softmax regression on {'hashed query features' if c['kind'] == 'hashed' else c['features']}, "

@@ -3,6 +3,7 @@ folder breaks a link silently otherwise)."""
 from __future__ import annotations
 
 import re
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 
 
+@cache  # read each page once, however many links point into it
 def anchors(page: Path) -> set[str]:
     """GitHub's heading anchors of a Markdown page: lower case, punctuation dropped, spaces to hyphens, a repeated
     anchor numbered."""
