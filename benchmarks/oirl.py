@@ -44,6 +44,8 @@ from qpo_bench.offline import (
     RECIPES,
     RULES,
     TRAIN,
+    gsm8k_logs,
+    logged,
     method_line,
     method_row,
     policy_choices,
@@ -57,18 +59,6 @@ from qpo_middleware.training.io import atomic_write_json
 from qpo_middleware.training.oirl import BASE_ALIASES, import_prompt_oirl
 from qpo_middleware.training.run import RunPaths
 from qpo_middleware.training.selector import Selector
-
-
-def logged(path: Path) -> dict[str, dict[str, bool]]:
-    """query_id -> {prompt text -> correct} of an imported log dataset."""
-    table: dict[str, dict[str, bool]] = {}
-    for record in OfflineDataset(path):
-        table.setdefault(record.query_id, {})[record.prompt] = record.correct
-    return table
-
-
-def queries_of(path: Path) -> dict[str, str]:
-    return {r.query_id: r.query for r in OfflineDataset(path)}
 
 
 def main() -> None:
@@ -94,18 +84,11 @@ def main() -> None:
         sys.exit(f"Unknown recipe(s) {unknown}; use {', '.join(RECIPES)}.")
 
     # -- logs: every train question (6 prompts) and the 1,000 test questions -------------------------
-    all_train = runs / "logs_train"
-    if not RunPaths(all_train).dataset.is_file():
-        import_prompt_oirl(None, "gsm8k", all_train, split="train")
-    test_logs = runs / "logs_test"
-    if not RunPaths(test_logs).dataset.is_file():
-        import_prompt_oirl(None, "gsm8k", test_logs, split="test")
-    train_outcomes, test_outcomes = logged(all_train), logged(test_logs)
+    train_outcomes, test_outcomes, texts, _ = gsm8k_logs(runs)
     ids = sorted(train_outcomes, key=lambda i: int(i.rsplit("-", 1)[1]))
     random.Random(args.seed).shuffle(ids)
     d0_ids, dev_ids = ids[: args.train_queries], ids[args.train_queries : args.train_queries + args.dev_queries]
     test_ids = [f"gsm8k-test-{i}" for i in range(1, args.test_queries + 1)]
-    texts = {**queries_of(all_train), **queries_of(test_logs)}
 
     # -- D0 for every recipe: the same questions, prompt accuracies over D0 alone ---------------------
     d0_dir = runs / f"d0_seed{args.seed}_n{args.train_queries}"

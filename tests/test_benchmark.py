@@ -1057,3 +1057,56 @@ def test_pool_ceiling_scores_new_prompts_on_the_real_target_and_leaves_leaky_pro
     assert [c["of"] for c in out["candidates"]] == ["pool:b"] * 3 and len(asked) == 3
     assert all(texts["pool:b"] in request and texts["pool:a"] not in request for request in asked)
     assert out["ceilings"]["pool_no_steering"]["prompts"] == 2  # none and b: a steers, c leaks
+
+
+def test_oirl_selector_on_the_real_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_data: Path) -> None:
+    """oirl_selector.py on LLaMA-2's real GSM8K logs, small sizes. The head's features are a stand-in that
+    carries each question's logged outcomes (plumbing: the real base's features are read in the choice_head
+    test), so a head that sends each question a prompt its own row says was right must reach the oracle on
+    test, which it only does if picks, outcome rows and questions line up. The best prompt's test accuracy is
+    checked against the logs' own derived table, read here independently."""
+    import csv
+
+    import numpy as np
+
+    from qpo_bench.offline import gsm8k_logs
+    from qpo_middleware.training.oirl import BASE_ALIASES
+
+    module = load_script("oirl_selector")
+
+    train, test, texts, aliases = gsm8k_logs(tmp_path / "runs")
+    outcome_of = {texts[i]: [float(row[p]) for p in sorted(row, key=lambda p: BASE_ALIASES.index(aliases[p]))]
+                  for i, row in [*train.items(), *test.items()]}
+    calls: list[int] = []
+
+    def stand_in(*splits: list[str], **_: Any) -> dict[str, tuple[Any, ...]]:
+        calls.append(len(splits))
+        return {"layer 1": tuple(np.array([outcome_of[t] for t in split]) for split in splits)}
+
+    monkeypatch.setattr(module, "policy_feature_sets", stand_in)
+    assert module.sizes_of("all,300,120,300", 7000) == [120, 300, 7000]
+    argv = ["oirl_selector.py", "--train-sizes", "120,200", "--dev-queries", "100", "--test-queries", "200",
+            "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    module.main()
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert [s["train_queries"] for s in out["sizes"]] == [120, 200] and out["settings"]["test_queries"] == 200
+    with open(real_data / "prompt_oirl" / "derived" / "gsm8k_test_correctness.csv") as f:
+        table = list(csv.DictReader(f))[:200]
+    for size in out["sizes"]:
+        rows = size["test"]
+        assert rows["best_prompt"]["accuracy"] == statistics.fmean(int(r[size["best_prompt"]]) for r in table)
+        assert rows["oracle"]["accuracy"] == statistics.fmean(max(int(r[a]) for a in BASE_ALIASES) for r in table)
+        assert rows["head"]["accuracy"] == rows["oracle"]["accuracy"] > rows["best_prompt"]["accuracy"]
+        assert rows["head"]["vs_best_prompt"]["significant"] and size["dev"]["head_chosen"].startswith("layer 1, ")
+        assert sum(size["prompts_sent"]["selector"].values()) == 200
+    assert (tmp_path / "oirl_selector.png").stat().st_size > 0 and "## 200 train questions" in (
+        tmp_path / "report.md").read_text()
+    # The features are read once and cached: a rerun does not read them again.
+    module.main()
+    assert calls == [3]
+    for bad in ("120,x", "1", "7400"):
+        monkeypatch.setattr(sys, "argv", [*argv[:2], bad, *argv[3:]])
+        with pytest.raises(SystemExit, match="--train-sizes"):
+            module.main()
+

@@ -48,10 +48,11 @@ def hidden_features(texts: list[str], model: Any, tokenizer: Any, layers: tuple[
 
 
 def policy_feature_sets(*splits: list[str], base: str | None = None, kinds: tuple[str, ...] = ("hidden",),
-                        fractions: tuple[float, ...] = POLICY_LAYER_FRACTIONS) -> dict[str, tuple[np.ndarray, ...]]:
+                        fractions: tuple[float, ...] = POLICY_LAYER_FRACTIONS,
+                        max_tokens: int = 64) -> dict[str, tuple[np.ndarray, ...]]:
     """``"layer L"`` / ``"values L"`` -> (features of each split), for each of ``kinds`` (as in
-    :func:`hidden_features`), from a local base model loaded once (default: the default policy base),
-    standardised on the first split."""
+    :func:`hidden_features`, each text cut to ``max_tokens``), from a local base model loaded once (default: the
+    default policy base), standardised on the first split."""
     from qpo_middleware.training.models import DEFAULT_MODEL, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(base or DEFAULT_MODEL)
@@ -60,7 +61,7 @@ def policy_feature_sets(*splits: list[str], base: str | None = None, kinds: tupl
     layers = tuple(sorted({max(1, round(f * depth)) for f in fractions}))
     sets = {}
     for kind in kinds:
-        states = [hidden_features(texts, model, tokenizer, layers, kind=kind) for texts in splits]
+        states = [hidden_features(texts, model, tokenizer, layers, max_tokens, kind=kind) for texts in splits]
         for layer in layers:
             mean, std = states[0][layer].mean(0), states[0][layer].std(0) + 1e-6
             sets[f"{'layer' if kind == 'hidden' else 'values'} {layer}"] = tuple(

@@ -7,7 +7,8 @@ further target call. Shared by ``benchmarks/oirl.py`` (LLaMA-2-7B's logs) and ``
   :class:`TrainConfig` and :class:`LoopConfig` fields over :data:`TRAIN`;
 * :func:`train_recipes` — train each recipe in its own run directory (resumes);
 * :func:`policy_choices` — which candidate the policy picks per query, by rule (cached);
-* :func:`method_row` — accuracy with its interval and paired gaps to reference methods.
+* :func:`method_row` — accuracy with its interval and paired gaps to reference methods;
+* :func:`gsm8k_logs` — Prompt-OIRL's GSM8K logs imported once under a runs folder, as outcome tables.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import numpy as np
 from qpo_middleware.choice import choose
 from qpo_middleware.stats import bootstrap_ci, paired_bootstrap_ci
 from qpo_middleware.training.config import PAPER_LOOPS, PAPER_TRAIN, LoopConfig, TrainConfig
-from qpo_middleware.training.dataset import Record
+from qpo_middleware.training.dataset import OfflineDataset, Record
 from qpo_middleware.training.export import read_choice_offsets
 from qpo_middleware.training.io import atomic_write_json
 from qpo_middleware.training.loops import completed_loops, final_checkpoint, load_policy, run_loops
+from qpo_middleware.training.oirl import import_prompt_oirl
 from qpo_middleware.training.run import RunPaths
 
 logger = logging.getLogger(__name__)
@@ -368,3 +370,29 @@ def steering_check(sent: Mapping[str, Sequence[str]], hits: Mapping[str, Sequenc
                        "vs_reference_without_steering": {"diff": diff, "ci95": [low, high],
                                                          "significant": low > 0 or high < 0}}
     return out
+
+
+def logged(path: Path) -> dict[str, dict[str, bool]]:
+    """query_id -> {prompt text -> correct} of an imported log dataset."""
+    table: dict[str, dict[str, bool]] = {}
+    for record in OfflineDataset(path):
+        table.setdefault(record.query_id, {})[record.prompt] = record.correct
+    return table
+
+
+def gsm8k_logs(runs: Path) -> tuple[dict[str, dict[str, bool]], dict[str, dict[str, bool]], dict[str, str],
+                                     dict[str, str]]:
+    """``(train outcomes, test outcomes, query id -> text, prompt text -> alias)`` of LLaMA-2-7B-chat's GSM8K logs
+    with the 6 training prompts (every train question; the first 1,000 test questions), imported from
+    ``$QPO_DATA`` into ``runs/logs_train`` and ``runs/logs_test`` the first time."""
+    dirs = {"train": runs / "logs_train", "test": runs / "logs_test"}
+    for split, path in dirs.items():
+        if not RunPaths(path).dataset.is_file():
+            import_prompt_oirl(None, "gsm8k", path, split=split)
+    texts: dict[str, str] = {}
+    aliases: dict[str, str] = {}
+    for path in dirs.values():
+        for record in OfflineDataset(path):
+            texts[record.query_id] = record.query
+            aliases[record.prompt] = record.prompt_source.removeprefix("oirl:")
+    return logged(dirs["train"]), logged(dirs["test"]), texts, aliases
