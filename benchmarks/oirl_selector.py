@@ -27,6 +27,7 @@ rows), ``OUT/report.md`` and ``OUT/oirl_selector.png`` (test accuracy per method
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 import statistics
 import sys
@@ -76,6 +77,7 @@ def main() -> None:
                         help="Question tokens the base reads (GSM8K questions run to ~200 tokens).")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/oirl-selector"))
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not 1 <= args.test_queries <= 1000 or args.dev_queries < 1:
         sys.exit("--test-queries takes 1 to 1000 and --dev-queries at least 1.")
     started, code = time.perf_counter(), code_version()

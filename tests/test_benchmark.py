@@ -737,6 +737,12 @@ def test_hidden_features_of_a_text_do_not_depend_on_its_batch(kind: str) -> None
         for layer in (1, 2):
             assert together[layer].shape == (2, width)
             numpy.testing.assert_allclose(together[layer][0], alone[layer][0], rtol=1e-4, atol=1e-5)
+        # Read shortest first in batches of two, the rows come back in input order.
+        mixed = [texts[1], texts[0], "a middling sentence here"]
+        batched = hidden_features(mixed, model, tokenizer, (1, 2), batch_size=2, kind=kind)
+        for i, text in enumerate(mixed):
+            numpy.testing.assert_allclose(batched[2][i], hidden_features([text], model, tokenizer, (2,), kind=kind)[2][0],
+                                          rtol=1e-4, atol=1e-5)
     if kind == "values":  # layer 2's values are its v_proj of the normalised hidden state leaving layer 1
         ids = tokenizer(texts[:1], return_tensors="pt")
         with torch.no_grad():

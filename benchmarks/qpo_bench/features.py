@@ -8,9 +8,12 @@ policy's hidden states are the base's: a head on them can be served from the shi
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 POLICY_LAYER_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1.0)  # of the base's depth; callers choose the layer on dev
 
@@ -30,9 +33,11 @@ def hidden_features(texts: list[str], model: Any, tokenizer: Any, layers: tuple[
     if kind not in ("hidden", "values"):
         raise ValueError(f"kind must be 'hidden' or 'values', not {kind!r}.")
     out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                          max_length=max_tokens)
+    # Batches of similar length pad less: read the texts shortest first, then put the rows back in input order.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for number, start in enumerate(range(0, len(texts), batch_size), start=1):
+        batch = tokenizer([texts[i] for i in order[start:start + batch_size]], return_tensors="pt", padding=True,
+                          truncation=True, max_length=max_tokens)
         with torch.no_grad():
             result = model(**batch, output_hidden_states=kind == "hidden", use_cache=kind == "values")
         mask = batch["attention_mask"].to(torch.float32)
@@ -44,7 +49,11 @@ def hidden_features(texts: list[str], model: Any, tokenizer: Any, layers: tuple[
                 vectors = values.transpose(1, 2).reshape(values.shape[0], values.shape[2], -1)
             weights = mask.unsqueeze(-1).to(vectors.dtype)
             out[layer].append(((vectors * weights).sum(1) / weights.sum(1)).float().numpy())
-    return {layer: np.concatenate(chunks) for layer, chunks in out.items()}
+        if number % 50 == 0:
+            logger.info("features: %d of %d texts read", min(start + batch_size, len(texts)), len(texts))
+    restore = np.argsort(np.array(order, dtype=np.int64))
+    return {layer: np.concatenate(chunks)[restore] if chunks else np.zeros((0, 0), dtype=np.float32)
+            for layer, chunks in out.items()}
 
 
 def policy_feature_sets(*splits: list[str], base: str | None = None, kinds: tuple[str, ...] = ("hidden",),
