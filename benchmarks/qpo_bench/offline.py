@@ -389,10 +389,12 @@ def gsm8k_logs(runs: Path) -> tuple[dict[str, dict[str, bool]], dict[str, dict[s
     for split, path in dirs.items():
         if not RunPaths(path).dataset.is_file():
             import_prompt_oirl(None, "gsm8k", path, split=split)
+    outcomes: dict[str, dict[str, dict[str, bool]]] = {split: {} for split in dirs}
     texts: dict[str, str] = {}
     aliases: dict[str, str] = {}
-    for path in dirs.values():
+    for split, path in dirs.items():  # one read of each log: outcomes, texts and aliases together
         for record in OfflineDataset(path):
+            outcomes[split].setdefault(record.query_id, {})[record.prompt] = record.correct
             texts[record.query_id] = record.query
             aliases[record.prompt] = record.prompt_source.removeprefix("oirl:")
-    return logged(dirs["train"]), logged(dirs["test"]), texts, aliases
+    return outcomes["train"], outcomes["test"], texts, aliases
