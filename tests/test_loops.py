@@ -182,6 +182,11 @@ def test_label_route_conditioning_trains_two_imputed_examples_per_query(tmp_path
     small_run(tmp_path / "plain", tiny_base)
     with pytest.raises(ValueError, match="steers the target to one label"):
         run_loops(tmp_path / "plain", plain, LoopConfig(**{**loops.__dict__, "loops": 1}))
+    # Every steering prompt leans too: routes without leaning prompts leave none either.
+    lean_free = TrainConfig(**{**routed.__dict__, "route_without_leaning": True})
+    small_run(tmp_path / "lean_free", tiny_base)
+    with pytest.raises(ValueError, match="leans the target to one label.*route_without_leaning"):
+        run_loops(tmp_path / "lean_free", lean_free, LoopConfig(**{**loops.__dict__, "loops": 1}))
 
 
 def test_preference_step_after_or_instead_of_the_supervised_one(tmp_path: Path, tiny_base: str) -> None:

@@ -271,6 +271,45 @@ def test_label_route_trains_each_query_on_its_labels_best_prompt_in_the_whole_po
     assert TrainConfig(conditioning="label_route", route_without_steering=True).route_without_steering
 
 
+def test_route_without_leaning_leaves_out_prompts_that_lean_but_do_not_steer():
+    from dataclasses import replace
+
+    from qpo_middleware.training.config import TrainConfig, TrainConfigError
+    from qpo_middleware.training.dataset import steering_prompts
+    from qpo_middleware.training.policy import label_route_data
+    from qpo_middleware.training.tasks import LEAN_REACH
+
+    # 5 pos and 5 neg queries, three prompts scored on each (a wrong answer is the other label). A: right on 4 of 5
+    # pos and every neg (answers pos 4/10); D: right on every pos and 3 of 5 neg (pos 7/10: leans, 75% would steer);
+    # E: right on 3 of 5 pos and 2 of 5 neg (pos 6/10).
+    right = {"A": ([1, 1, 1, 1, 0], [1, 1, 1, 1, 1]), "D": ([1, 1, 1, 1, 1], [1, 1, 1, 0, 0]),
+             "E": ([1, 1, 1, 0, 0], [1, 1, 0, 0, 0])}
+    other = {"pos": "neg", "neg": "pos"}
+    records = [replace(_scored(f"{label}{i}", prompt, bool(ok), 10.0 * ok), label=label,
+                       prediction=label if ok else other[label])
+               for prompt, by_label in right.items() for label, oks in zip(("pos", "neg"), by_label, strict=True)
+               for i, ok in enumerate(oks)]
+    assert steering_prompts(records) == {}
+    assert steering_prompts(records, LEAN_REACH) == {"D": "pos"}
+
+    def routes(**left_out: bool) -> dict[tuple[str, float], str]:
+        out, values = label_route_data(records, **left_out)
+        assert len(out) == 20  # every query keeps its two examples
+        return {(r.label, v): r.prompt for r, v in zip(out, values, strict=True)}
+
+    # D is pos's best prompt (5 of 5) and neither check that steering passes leaves it out; the lean check does.
+    assert routes() == routes(without_steering=True) == {("pos", 1.0): "D", ("pos", 0.0): "E",
+                                                          ("neg", 1.0): "A", ("neg", 0.0): "E"}
+    assert routes(without_leaning=True) == {("pos", 1.0): "A", ("pos", 0.0): "E", ("neg", 1.0): "A",
+                                            ("neg", 0.0): "E"}
+    leaning_only = [replace(r, prompt="D") for r in records if r.prompt == "D"]
+    with pytest.raises(ValueError, match="leans the target to one label.*route_without_leaning"):
+        label_route_data(leaning_only, without_leaning=True)
+    with pytest.raises(TrainConfigError, match="route_without_leaning only applies to --conditioning label_route"):
+        TrainConfig(route_without_leaning=True)
+    assert TrainConfig(conditioning="label_route", route_without_leaning=True).route_without_leaning
+
+
 def test_build_examples_uses_the_conditioning_values(policy):
     _, tokenizer, fmt = policy
     records = [_scored("q1", "Be brief.", True, 1.0), _scored("q1", "Say it.", False, 30.0)]

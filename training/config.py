@@ -208,6 +208,11 @@ class TrainConfig:
         "help": "With --conditioning label_route: leave out of the routes every prompt that steers the target to "
                 "one label on D0 (it answers that label on most of its D0 queries, whatever their gold: the "
                 "behavioural leakage check), so each route suits its label without leaning the answer."})
+    route_without_leaning: bool = field(default=False, metadata={
+        "help": "With --conditioning label_route: leave out of the routes every prompt that leans the target to one "
+                "label on D0 (the softer line: 50% of its answers one label on 4 balanced labels, 67% on 2), and so "
+                "every steering prompt too. A route then gains only where its prompt suits the label, not where it "
+                "answers that label more often."})
     query_max_tokens: int = field(
         default=40, metadata={"help": "Query tokens the policy sees (the rest is cut)."}
     )
@@ -269,9 +274,10 @@ class TrainConfig:
         if self.conditioning not in CONDITIONING_KINDS:
             raise TrainConfigError(
                 f"conditioning must be one of {', '.join(CONDITIONING_KINDS)}; got {self.conditioning!r}.")
-        if self.route_without_steering and self.conditioning != "label_route":
-            raise TrainConfigError("route_without_steering only applies to --conditioning label_route; got "
-                                   f"conditioning {self.conditioning!r}.")
+        for name in ("route_without_steering", "route_without_leaning"):
+            if getattr(self, name) and self.conditioning != "label_route":
+                raise TrainConfigError(f"{name} only applies to --conditioning label_route; got "
+                                       f"conditioning {self.conditioning!r}.")
         _ = self.top_layers  # parses and validates `trainable`
 
     @property

@@ -256,7 +256,8 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
 
         # --- Fine-tune: on D_{t} (D0's records above its floor, and every later loop's), from the previous policy
         training_records, values = training_data(dataset.records, loop, train.conditioning, d0_floor,
-                                                   route_without_steering=train.route_without_steering)
+                                                   route_without_steering=train.route_without_steering,
+                                                   route_without_leaning=train.route_without_leaning)
         examples = [] if loops.preference == "instead" else build_examples(
             training_records, tokenizer, fmt, buckets, values=values, include_empty=train.include_empty)
         config = train if loop == 1 else _later(train, loops)
@@ -413,13 +414,14 @@ def library_offsets(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Sequ
 
 
 def training_data(records: Sequence[Record], loop: int, conditioning: str,
-                  d0_floor: float, *, route_without_steering: bool = False) -> tuple[list[Record], list[float]]:
+                  d0_floor: float, *, route_without_steering: bool = False,
+                  route_without_leaning: bool = False) -> tuple[list[Record], list[float]]:
     """D_loop and each record's conditioning value: D0's records at or above ``d0_floor`` and every later
     loop's kept records up to ``loop``. Query ranks are taken among all of a query's records up to
     ``loop`` (before D0's floor), so a prompt's standing counts every prompt scored on its query."""
     pool = [r for r in records if r.loop <= loop]
     if conditioning == "label_route":  # two imputed examples per query; D0's floor does not apply
-        return label_route_data(pool, without_steering=route_without_steering)
+        return label_route_data(pool, without_steering=route_without_steering, without_leaning=route_without_leaning)
     values = conditioning_values(pool, conditioning)
     kept = [(r, v) for r, v in zip(pool, values, strict=True) if r.loop > 0 or v >= d0_floor]
     return [r for r, _ in kept], [v for _, v in kept]

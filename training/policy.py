@@ -26,6 +26,7 @@ from qpo_middleware.policy_format import PolicyFormat, reward_token
 
 from .config import CONDITIONING_KINDS
 from .dataset import Record, require_labels, steering_prompts
+from .tasks import LEAN_REACH, STEER_REACH
 
 logger = logging.getLogger(__name__)
 
@@ -271,24 +272,27 @@ def mean_prompt_accuracy(records: Sequence[Record]) -> dict[str, float]:
     return {prompt: right / n for prompt, (right, n) in tally.items()}
 
 
-def label_route_data(records: Sequence[Record], *, without_steering: bool = False) -> tuple[list[Record], list[float]]:
+def label_route_data(records: Sequence[Record], *, without_steering: bool = False,
+                     without_leaning: bool = False) -> tuple[list[Record], list[float]]:
     """What ``label_route`` conditioning trains on: per query (first-seen order), its gold label's best prompt by
     :func:`pool_label_standing` under value 1.0 and the label's worst under 0.0, as copies of the query's first
     record with the prompt replaced (``prompt_source`` ``label_route:best`` / ``label_route:worst``). Their
     verdicts are not observed on the query: the standing is imputed from D0's verdicts on the other queries of the
     label. Two examples per query, whatever the number of prompts scored on it. ``without_steering`` ranks only
-    the prompts that do not steer the target (:func:`steering_prompts`); every query still gets its examples."""
+    the prompts that do not steer the target (:func:`steering_prompts`), ``without_leaning`` only those that do not
+    lean it either (:data:`~.tasks.LEAN_REACH`); every query still gets its examples."""
     ranked = records
-    if without_steering:
+    if without_steering or without_leaning:
         _require_labels(records, "label_route")
-        steering = steering_prompts(records)
-        ranked = [r for r in records if r.prompt not in steering]
+        line, verb = (LEAN_REACH, "leans") if without_leaning else (STEER_REACH, "steers")
+        left_out = steering_prompts(records, line)
+        ranked = [r for r in records if r.prompt not in left_out]
         if not ranked:
-            raise ValueError(f"Every one of the {len(steering)} prompts in D0 steers the target to one label, so "
-                             "route_without_steering leaves no route; grow the pool (qpo collect --mutate N or "
-                             "--induce N) or train without it.")
-        logger.info("label_route: %d of %d prompts steer the target on D0 and are left out of the routes",
-                    len(steering), len({r.prompt for r in records}))
+            raise ValueError(f"Every one of the {len(left_out)} prompts in D0 {verb} the target to one label, so "
+                             f"route_without_{'leaning' if without_leaning else 'steering'} leaves no route; grow "
+                             "the pool (qpo collect --mutate N or --induce N) or train without it.")
+        logger.info("label_route: %d of %d prompts %s the target to one label on D0 and are left out of the routes",
+                    len(left_out), len({r.prompt for r in records}), verb.removesuffix("s"))
     standing = pool_label_standing(ranked)
     ends = {(label, value): prompt for (label, prompt), value in standing.items() if value in (0.0, 1.0)}
     first: dict[str, Record] = {}

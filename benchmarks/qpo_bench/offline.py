@@ -116,6 +116,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "label_route_plain": {"train": {"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
                                     "route_without_steering": True},
                           "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
+    # label_route with the routes chosen among the prompts that do not even lean the target on D0 (the softer line):
+    # on Qwen ag_news seed 1, label_route_plain sent 29% of its test queries a leaning prompt and was 67.3 without
+    # them, 77.0 with them. A gain left here is a prompt suiting its label, not answering it more often.
+    "label_route_no_lean": {"train": {"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
+                                      "route_without_leaning": True},
+                            "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
     # The same on the top 4 layers only (the other recipes' setting): is the label read there?
     "label_route_top4": {"train": {"conditioning": "label_route"},
                          "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
