@@ -271,7 +271,8 @@ def test_label_route_trains_each_query_on_its_labels_best_prompt_in_the_whole_po
     assert TrainConfig(conditioning="label_route", route_without_steering=True).route_without_steering
 
 
-def test_route_without_leaning_leaves_out_prompts_that_lean_but_do_not_steer():
+def test_route_without_leaning_leaves_out_prompts_that_lean_but_do_not_steer(caplog):
+    import logging
     from dataclasses import replace
 
     from qpo_middleware.training.config import TrainConfig, TrainConfigError
@@ -300,8 +301,11 @@ def test_route_without_leaning_leaves_out_prompts_that_lean_but_do_not_steer():
     # D is pos's best prompt (5 of 5) and neither check that steering passes leaves it out; the lean check does.
     assert routes() == routes(without_steering=True) == {("pos", 1.0): "D", ("pos", 0.0): "E",
                                                           ("neg", 1.0): "A", ("neg", 0.0): "E"}
-    assert routes(without_leaning=True) == {("pos", 1.0): "A", ("pos", 0.0): "E", ("neg", 1.0): "A",
-                                            ("neg", 0.0): "E"}
+    with caplog.at_level(logging.INFO, logger="qpo_middleware.training.policy"):
+        assert routes(without_leaning=True) == {("pos", 1.0): "A", ("pos", 0.0): "E", ("neg", 1.0): "A",
+                                                ("neg", 0.0): "E"}
+    assert "1 of 3 prompts lean the target" in caplog.text
+    assert "label_route: routes neg -> 'A'; pos -> 'A'" in caplog.text  # the user sees where each label goes
     leaning_only = [replace(r, prompt="D") for r in records if r.prompt == "D"]
     with pytest.raises(ValueError, match="leans the target to one label.*route_without_leaning"):
         label_route_data(leaning_only, without_leaning=True)

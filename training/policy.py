@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qpo_middleware.library import prompt_target_ids
-from qpo_middleware.policy_format import PolicyFormat, reward_token
+from qpo_middleware.policy_format import PolicyFormat, brief_repr, reward_token
 
 from .config import CONDITIONING_KINDS
 from .dataset import Record, require_labels, steering_prompts
@@ -295,6 +295,8 @@ def label_route_data(records: Sequence[Record], *, without_steering: bool = Fals
                     len(left_out), len({r.prompt for r in records}), verb.removesuffix("s"))
     standing = pool_label_standing(ranked)
     ends = {(label, value): prompt for (label, prompt), value in standing.items() if value in (0.0, 1.0)}
+    logger.info("label_route: routes %s", "; ".join(
+        f"{label} -> {brief_repr(prompt, 60)}" for (label, value), prompt in sorted(ends.items()) if value == 1.0))
     first: dict[str, Record] = {}
     for record in records:
         first.setdefault(record.query_id, record)
