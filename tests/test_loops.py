@@ -9,9 +9,9 @@ import pytest
 from _handmade import handmade_d0, small_run
 
 from qpo_middleware.training.collect import collect
-from qpo_middleware.training.config import CollectConfig, LoopConfig, TrainConfig
+from qpo_middleware.training.config import CollectConfig, LoopConfig, TrainConfig, TrainConfigError
 from qpo_middleware.training.dataset import OfflineDataset
-from qpo_middleware.training.loops import completed_loops, final_checkpoint, run_loops
+from qpo_middleware.training.loops import completed_loops, final_checkpoint, route_query_records, run_loops
 from qpo_middleware.training.run import Run, RunPaths
 
 
@@ -175,6 +175,25 @@ def test_label_route_conditioning_trains_two_imputed_examples_per_query(tmp_path
     assert not any(r.prompt_source.startswith("label_route") for r in records)
     assert RewardBuckets.from_dict(json.loads(RunPaths(tmp_path).buckets.read_text())) == RewardBuckets.even(
         4, "label_route")
+
+    # More labelled queries from the train pool (no target call): each gets the same two examples, none is in any
+    # split of the run, and asking for more than the pool holds is refused with the fix named.
+
+    small_run(tmp_path / "more", tiny_base)
+    run = Run.open(tmp_path / "more")
+    more = route_query_records(run, 3, OfflineDataset(tmp_path / "more").loop(0)[0])
+    taken = {e.id for split in (run.splits.train, run.splits.collect, run.splits.test) for e in split}
+    pool = {e.id: e for e in run.task.splits(seed=run.config.seed, n_train=8, n_collect=6, n_test=4, n_dev=3).dev}
+    assert [r.query_id for r in more] == list(pool) and not taken & set(pool)
+    assert [(r.query, r.label) for r in more] == [(e.query, run.task.gold_text(e)) for e in pool.values()]
+    with_more = TrainConfig(**{**routed.__dict__, "route_queries": 3})
+    metrics = run_loops(tmp_path / "more", with_more, LoopConfig(**{**loops.__dict__, "loops": 1}))
+    assert metrics[0].train_records == 2 * (len({r.query_id for r in records}) + 3)
+    assert len(OfflineDataset(tmp_path / "more")) == len(records)  # nothing was scored on them
+    with pytest.raises(ValueError, match="route-queries 100000: .*ask for fewer"):
+        route_query_records(run, 100_000, more[0])
+    with pytest.raises(TrainConfigError, match="route_queries only applies to --conditioning label_route"):
+        TrainConfig(route_queries=3)
 
     # The tiny random target answers one label whatever the prompt: every prompt steers it, so routes without
     # steering prompts leave none, and the run says how to get some.

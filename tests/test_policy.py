@@ -306,6 +306,14 @@ def test_route_without_leaning_leaves_out_prompts_that_lean_but_do_not_steer(cap
                                                 ("neg", 0.0): "E"}
     assert "1 of 3 prompts lean the target" in caplog.text
     assert "label_route: routes neg -> 'A'; pos -> 'A'" in caplog.text  # the user sees where each label goes
+    # A labelled query with no verdict (route_queries) gets its label's two routes and changes no route: a pos
+    # query with a verdict that would make D pos's worst prompt is not counted.
+    more = [replace(records[0], query_id="x1", query="more", label="neg", prompt="D", correct=False),
+            replace(records[0], query_id="x2", query="more", label="pos", prompt="D", correct=False)]
+    out, values = label_route_data(records, without_leaning=True, route_queries=more)
+    plain, _ = label_route_data(records, without_leaning=True)
+    assert out[:20] == plain and [(r.query_id, r.prompt, v) for r, v in zip(out[20:], values[20:], strict=True)] == [
+        ("x1", "A", 1.0), ("x1", "E", 0.0), ("x2", "A", 1.0), ("x2", "E", 0.0)]
     leaning_only = [replace(r, prompt="D") for r in records if r.prompt == "D"]
     with pytest.raises(ValueError, match="leans the target to one label.*route_without_leaning"):
         label_route_data(leaning_only, without_leaning=True)

@@ -213,6 +213,11 @@ class TrainConfig:
                 "label on D0 (the softer line: 50% of its answers one label on 4 balanced labels, 67% on 2), and so "
                 "every steering prompt too. A route then gains only where its prompt suits the label, not where it "
                 "answers that label more often."})
+    route_queries: int = field(default=0, metadata={
+        "help": "With --conditioning label_route: also train the routes on this many more labelled queries of the "
+                "task's train pool, disjoint from every split of the run. Only their gold labels are read (no "
+                "target call): the routes come from D0's verdicts, and more queries teach the policy to read the "
+                "label (on Qwen ag_news it read 75% of test topics right from D0's 1,000 queries)."})
     query_max_tokens: int = field(
         default=40, metadata={"help": "Query tokens the policy sees (the rest is cut)."}
     )
@@ -274,7 +279,9 @@ class TrainConfig:
         if self.conditioning not in CONDITIONING_KINDS:
             raise TrainConfigError(
                 f"conditioning must be one of {', '.join(CONDITIONING_KINDS)}; got {self.conditioning!r}.")
-        for name in ("route_without_steering", "route_without_leaning"):
+        if not isinstance(self.route_queries, int) or self.route_queries < 0:
+            raise TrainConfigError(f"route_queries must be an integer >= 0; got {self.route_queries!r}.")
+        for name in ("route_without_steering", "route_without_leaning", "route_queries"):
             if getattr(self, name) and self.conditioning != "label_route":
                 raise TrainConfigError(f"{name} only applies to --conditioning label_route; got "
                                        f"conditioning {self.conditioning!r}.")

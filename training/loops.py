@@ -66,7 +66,7 @@ from .preference import (
 from .run import ImportedLogs, Run, RunPaths
 from .sampling import generate_prompts
 from .targets import Pair, Score, Target
-from .tasks import Example
+from .tasks import Example, TaskError
 from .trainer import train_policy
 
 logger = logging.getLogger(__name__)
@@ -184,6 +184,12 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
                          "--collect-queries (or skip fewer: LoopConfig.collect_skip), or train with --loops 1.")
     if run is not None:
         target = target or run.make_target()
+    if train.route_queries and run is None:
+        raise ValueError(f"--route-queries reads more labelled queries from the run's task, and {paths.root} holds "
+                         "a D0 imported from logs, with no task data to draw them from. Train without it.")
+    route_queries = route_query_records(run, train.route_queries, d0[0]) if train.route_queries and run else []
+    if route_queries:
+        logger.info("label_route: %d more labelled queries from the train pool (no target call)", len(route_queries))
 
     def phase(loop: int, name: str) -> None:
         logger.info("loop %d: %s", loop, name)
@@ -257,7 +263,8 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         # --- Fine-tune: on D_{t} (D0's records above its floor, and every later loop's), from the previous policy
         training_records, values = training_data(dataset.records, loop, train.conditioning, d0_floor,
                                                    route_without_steering=train.route_without_steering,
-                                                   route_without_leaning=train.route_without_leaning)
+                                                   route_without_leaning=train.route_without_leaning,
+                                                   route_queries=route_queries)
         examples = [] if loops.preference == "instead" else build_examples(
             training_records, tokenizer, fmt, buckets, values=values, include_empty=train.include_empty)
         config = train if loop == 1 else _later(train, loops)
@@ -413,15 +420,38 @@ def library_offsets(model: Any, tokenizer: Any, fmt: PolicyFormat, records: Sequ
     return ChoiceOffsets(offsets=dict(zip(prompts, scores.mean(0).tolist(), strict=True)), queries=len(drawn))
 
 
+def route_query_records(run: Run, count: int, template: Record) -> list[Record]:
+    """``count`` more labelled queries for ``label_route`` (``TrainConfig.route_queries``): the task's train pool
+    after the run's own train, collect and dev queries, so none is in any split of the run. Each is a copy of
+    ``template`` with its id, text and gold label, and no prompt or verdict (nothing is scored on it)."""
+    config = run.config
+    taken = {e.id for split in (run.splits.train, run.splits.collect, run.splits.test, run.splits.dev) for e in split}
+    try:
+        pool = run.task.splits(config.data_dir, **{**config.split_args(), "n_dev": config.dev_queries + count}).dev
+    except TaskError as exc:
+        raise ValueError(f"--route-queries {count}: {exc}") from exc
+    more = [e for e in pool if e.id not in taken][:count]
+    if len(more) < count:  # e.g. a collect split of 'the rest' (collect_queries None) holds the pool's tail
+        raise ValueError(f"--route-queries {count}: only {len(more)} queries of task {run.task.name!r} are outside "
+                         f"the run's splits ({len(taken)} taken). Ask for fewer, or collect with a fixed "
+                         "--collect-queries so the rest of the train pool stays free.")
+    return [replace(template, query_id=e.id, query=e.query, label=run.task.gold_text(e), prompt="",
+                    prompt_source="route_query", loop=0, correct=False, reward=0.0, prompt_mean_accuracy=0.0,
+                    gold_nll=None, label_nll=None, prediction=None, extra={"route_query": True}) for e in more]
+
+
 def training_data(records: Sequence[Record], loop: int, conditioning: str,
                   d0_floor: float, *, route_without_steering: bool = False,
-                  route_without_leaning: bool = False) -> tuple[list[Record], list[float]]:
+                  route_without_leaning: bool = False,
+                  route_queries: Sequence[Record] = ()) -> tuple[list[Record], list[float]]:
     """D_loop and each record's conditioning value: D0's records at or above ``d0_floor`` and every later
     loop's kept records up to ``loop``. Query ranks are taken among all of a query's records up to
-    ``loop`` (before D0's floor), so a prompt's standing counts every prompt scored on its query."""
+    ``loop`` (before D0's floor), so a prompt's standing counts every prompt scored on its query.
+    ``label_route`` also trains on ``route_queries`` (:func:`route_query_records`)."""
     pool = [r for r in records if r.loop <= loop]
     if conditioning == "label_route":  # two imputed examples per query; D0's floor does not apply
-        return label_route_data(pool, without_steering=route_without_steering, without_leaning=route_without_leaning)
+        return label_route_data(pool, without_steering=route_without_steering, without_leaning=route_without_leaning,
+                                route_queries=route_queries)
     values = conditioning_values(pool, conditioning)
     kept = [(r, v) for r, v in zip(pool, values, strict=True) if r.loop > 0 or v >= d0_floor]
     return [r for r, _ in kept], [v for _, v in kept]

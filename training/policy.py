@@ -272,15 +272,17 @@ def mean_prompt_accuracy(records: Sequence[Record]) -> dict[str, float]:
     return {prompt: right / n for prompt, (right, n) in tally.items()}
 
 
-def label_route_data(records: Sequence[Record], *, without_steering: bool = False,
-                     without_leaning: bool = False) -> tuple[list[Record], list[float]]:
+def label_route_data(records: Sequence[Record], *, without_steering: bool = False, without_leaning: bool = False,
+                     route_queries: Sequence[Record] = ()) -> tuple[list[Record], list[float]]:
     """What ``label_route`` conditioning trains on: per query (first-seen order), its gold label's best prompt by
     :func:`pool_label_standing` under value 1.0 and the label's worst under 0.0, as copies of the query's first
     record with the prompt replaced (``prompt_source`` ``label_route:best`` / ``label_route:worst``). Their
     verdicts are not observed on the query: the standing is imputed from D0's verdicts on the other queries of the
     label. Two examples per query, whatever the number of prompts scored on it. ``without_steering`` ranks only
     the prompts that do not steer the target (:func:`steering_prompts`), ``without_leaning`` only those that do not
-    lean it either (:data:`~.tasks.LEAN_REACH`); every query still gets its examples."""
+    lean it either (:data:`~.tasks.LEAN_REACH`); every query still gets its examples. ``route_queries`` are more
+    labelled queries (one record each, its prompt and verdict unused: :func:`~.loops.route_query_records`) that get the
+    same two examples after D0's queries, and take no part in choosing the routes."""
     ranked = records
     if without_steering or without_leaning:
         _require_labels(records, "label_route")
@@ -298,7 +300,7 @@ def label_route_data(records: Sequence[Record], *, without_steering: bool = Fals
     logger.info("label_route: routes %s", "; ".join(
         f"{label} -> {brief_repr(prompt, 60)}" for (label, value), prompt in sorted(ends.items()) if value == 1.0))
     first: dict[str, Record] = {}
-    for record in records:
+    for record in [*records, *route_queries]:
         first.setdefault(record.query_id, record)
     out: list[Record] = []
     values: list[float] = []

@@ -122,6 +122,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "label_route_no_lean": {"train": {"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
                                       "route_without_leaning": True},
                             "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
+    # label_route_no_lean on 3,000 more labelled train queries (no target call; 1 epoch, so about 2x its training
+    # time): on Qwen ag_news seed 1 the routes sent by gold topic score 82.7 on dev, but the policy read only 68.7%
+    # of dev topics right (75.3% of test) and scored 68.0, the selector's. Does reading the label better carry it?
+    "label_route_no_lean_q3000": {"train": {"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
+                                            "route_without_leaning": True, "route_queries": 3000, "epochs": 1},
+                                  "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
     # The same on the top 4 layers only (the other recipes' setting): is the label read there?
     "label_route_top4": {"train": {"conditioning": "label_route"},
                          "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
