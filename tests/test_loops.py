@@ -178,7 +178,6 @@ def test_label_route_conditioning_trains_two_imputed_examples_per_query(tmp_path
 
     # More labelled queries from the train pool (no target call): each gets the same two examples, none is in any
     # split of the run, and asking for more than the pool holds is refused with the fix named.
-
     small_run(tmp_path / "more", tiny_base)
     run = Run.open(tmp_path / "more")
     more = route_query_records(run, 3, OfflineDataset(tmp_path / "more").loop(0)[0])

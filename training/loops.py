@@ -184,11 +184,12 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
                          "--collect-queries (or skip fewer: LoopConfig.collect_skip), or train with --loops 1.")
     if run is not None:
         target = target or run.make_target()
-    if train.route_queries and run is None:
-        raise ValueError(f"--route-queries reads more labelled queries from the run's task, and {paths.root} holds "
-                         "a D0 imported from logs, with no task data to draw them from. Train without it.")
-    route_queries = route_query_records(run, train.route_queries, d0[0]) if train.route_queries and run else []
-    if route_queries:
+    route_queries: list[Record] = []
+    if train.route_queries:
+        if run is None:
+            raise ValueError(f"--route-queries reads more labelled queries from the run's task, and {paths.root} "
+                             "holds a D0 imported from logs, with no task data to draw them from. Train without it.")
+        route_queries = route_query_records(run, train.route_queries, d0[0])
         logger.info("label_route: %d more labelled queries from the train pool (no target call)", len(route_queries))
 
     def phase(loop: int, name: str) -> None:
