@@ -61,6 +61,7 @@ from qpo_middleware.training.config import CollectConfig
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.loops import completed_loops
+from qpo_middleware.training.policy import label_routes
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score
@@ -252,7 +253,7 @@ def main() -> None:
     for recipe in recipes:
         qpo, seconds["dev"][recipe] = qpo_picks(recipe, "dev")
         sent |= qpo
-    dev = hits("dev", sent) | bounds("dev")
+    dev, sent_dev = hits("dev", sent) | bounds("dev"), sent
     dev_scores = {k: statistics.fmean(v) for k, v in dev.items()}
     qpo_dev = {k: v for k, v in dev_scores.items() if k.startswith("qpo_")}
     chosen = max(qpo_dev, key=qpo_dev.__getitem__) if qpo_dev else None  # no recipe: baselines and grids only
@@ -269,6 +270,8 @@ def main() -> None:
     steered = steering_check(sent, test, steering, "best_prompt_dev", test["best_prompt"]) if steering else {}
     leaned = steering_check(sent, test, leaning, "best_prompt_dev", test["best_prompt"]) if leaning else {}
     reference = {k: test[k] for k in REFERENCES}
+    route_reads = {split: route_read(recipes, d0, table, [run.task.gold_text(e) for e in examples[split]])
+                   for split, table in (("dev", sent_dev), ("test", sent))}
     # A bound on the first --bound-queries is compared on those queries (the split's prefix).
     methods = {k: method_row(v, {r: h[: len(v)] for r, h in reference.items() if r != k}) for k, v in test.items()}
 
@@ -295,6 +298,8 @@ def main() -> None:
         "test": {"queries": len(test_ex), "bound_queries": len(bounded["test"]), "methods": methods, "recipes_scored": list(dict.fromkeys(test_recipes)),
                  "steering": steered, "leaning": leaned},
         "policy_seconds_per_query": seconds,
+        # label_route recipes: how often the policy sends the route of the query's gold label (how well it reads it)
+        "route_reads": route_reads,
         # Each recipe's loops as run_loops recorded them (loop 2: the pairs it sampled, scored and kept).
         "recipe_loops": {r: [m.to_dict() for m in completed_loops(recipe_dir(runs, r, suffix))] for r in recipes},
         "timings": {**timings, "total_seconds": time.perf_counter() - started},
@@ -315,6 +320,44 @@ def main() -> None:
         "policy_logps": {k.split(":", 1)[1]: v for k, v in policy_logps.items() if k.startswith(f"{split}:")},
     } for split, table in (("dev", dev), ("test", test))}}, ensure_ascii=False, separators=(",", ":")) + "\n")
     print((out / "report.md").read_text(encoding="utf-8"))
+
+
+def route_read(recipes: list[str], d0: list[Any], sent: dict[str, list[str]],
+               golds: list[str]) -> dict[str, dict[str, Any]]:
+    """Per ``label_route`` recipe and rule in ``sent``: the share of queries sent the route of their gold label (the
+    routes as training drew them from D0, :func:`~qpo_middleware.training.policy.label_routes`), and the share sent
+    any label's route. Only a policy that reads the label right can send its route; the gap to the label-routing
+    bound is the label it misreads."""
+    out: dict[str, dict[str, Any]] = {}
+    for recipe in recipes:
+        train = RECIPES[recipe]["train"]
+        if train.get("conditioning") != "label_route":
+            continue
+        ends = label_routes(d0, without_steering=bool(train.get("route_without_steering")),
+                            without_leaning=bool(train.get("route_without_leaning")))
+        routes = {label: prompt for (label, value), prompt in ends.items() if value == 1.0}
+        for method, picks in sent.items():
+            if method.startswith(f"qpo_{recipe}_") and method.removeprefix(f"qpo_{recipe}_") in RULES:
+                pairs = list(zip(picks, golds, strict=True))
+                out[method] = {
+                    "gold_route": statistics.fmean(p == routes.get(g) for p, g in pairs),
+                    "a_route": statistics.fmean(p in routes.values() for p, _ in pairs),
+                    "queries": len(pairs)}
+    return out
+
+
+def route_lines(results: dict[str, Any]) -> list[str]:
+    """How often each label_route policy sent the route of the query's gold label."""
+    reads = results.get("route_reads") or {}
+    rows = [(m, r, reads.get("test", {}).get(m)) for m, r in reads.get("dev", {}).items()]
+    if not rows:
+        return []
+    def cell(read: dict[str, Any] | None) -> str:
+        return "–" if read is None else f"{100 * read['gold_route']:.1f}% ({100 * read['a_route']:.1f}%)"
+
+    return ["", "Route reads (label_route recipes: the share of queries sent their gold label's route, as training drew "
+                "the routes from D0; in brackets, sent any label's route):", "",
+            "| method | dev | test |", "|---|---:|---:|", *[f"| {m} | {cell(d)} | {cell(t)} |" for m, d, t in rows]]
 
 
 def leakage_line(results: dict[str, Any]) -> str:
@@ -410,7 +453,7 @@ def report(results: dict[str, Any]) -> str:
         "Prompts sent on test (count per pool prompt):", "",
         *[f"- {k.removeprefix('test:')}: " + ", ".join(f"{a} {n}" for a, n in v.items())
           for k, v in results["prompts_sent"].items() if k.startswith("test:")],
-        "", leakage_line(results), "", *steering_lines(results), *loop_lines(results),
+        "", leakage_line(results), "", *steering_lines(results), *route_lines(results), *loop_lines(results),
         "", "Policy scoring cost per test query (every pool prompt, the passes its rule needs, CPU): " + ", ".join(
             f"{k} {v:.2f} s" for k, v in results["policy_seconds_per_query"]["test"].items()), "",
     ]

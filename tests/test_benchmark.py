@@ -631,6 +631,29 @@ def test_pool_choice_report_shows_the_leaning_check_beside_the_steering_check() 
     assert not any("Leaning" in line for line in module.steering_lines(old))
 
 
+def test_pool_choice_route_reads_count_the_queries_sent_their_gold_labels_route() -> None:
+    """pool_choice.py's route reads: a label_route recipe's picks are checked against the routes training draws from
+    D0 (pos -> C, neg -> B here); other recipes and the baselines get no row."""
+    spec = importlib.util.spec_from_file_location("qpo_pool_choice", REPO / "benchmarks" / "pool_choice.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    scored = {"q1": ("pos", {"A": True, "B": False}), "q2": ("pos", {"A": False, "C": True}),
+              "q3": ("pos", {"B": False, "C": True}), "q4": ("neg", {"A": False, "B": True}),
+              "q5": ("neg", {"B": True, "C": False}), "q6": ("neg", {"A": True, "C": False})}
+    d0 = [Record(task="t", query_id=q, query=f"query {q}", prompt=prompt, prompt_source="pool:x", loop=0, target="t",
+                 correct=ok, reward=float(ok), prompt_mean_accuracy=0.5, label=label)
+          for q, (label, verdicts) in scored.items() for prompt, ok in verdicts.items()]
+    golds = ["pos", "pos", "neg", "neg"]
+    sent = {"qpo_label_route_top4_likelihood": ["C", "B", "B", "A"], "qpo_dpo_only_likelihood": ["C", "C", "B", "B"],
+            "selector": ["C", "C", "B", "B"]}
+    reads = module.route_read(["label_route_top4", "dpo_only"], d0, sent, golds)
+    assert reads == {"qpo_label_route_top4_likelihood": {"gold_route": 0.5, "a_route": 0.75, "queries": 4}}
+    lines = module.route_lines({"route_reads": {"dev": reads, "test": {}}})
+    assert lines[-1] == "| qpo_label_route_top4_likelihood | 50.0% (75.0%) | – |"
+    assert module.route_lines({}) == []  # runs from before the route reads render as they did
+
+
 def test_label_router_routes_by_predicted_label_on_real_sst2(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_data: Path) -> None:
     """label_router.py on a hand-built pool_choice folder over real sst2 splits: ``pool:a`` is right exactly on

@@ -272,17 +272,12 @@ def mean_prompt_accuracy(records: Sequence[Record]) -> dict[str, float]:
     return {prompt: right / n for prompt, (right, n) in tally.items()}
 
 
-def label_route_data(records: Sequence[Record], *, without_steering: bool = False, without_leaning: bool = False,
-                     route_queries: Sequence[Record] = ()) -> tuple[list[Record], list[float]]:
-    """What ``label_route`` conditioning trains on: per query (first-seen order), its gold label's best prompt by
-    :func:`pool_label_standing` under value 1.0 and the label's worst under 0.0, as copies of the query's first
-    record with the prompt replaced (``prompt_source`` ``label_route:best`` / ``label_route:worst``). Their
-    verdicts are not observed on the query: the standing is imputed from D0's verdicts on the other queries of the
-    label. Two examples per query, whatever the number of prompts scored on it. ``without_steering`` ranks only
+def label_routes(records: Sequence[Record], *, without_steering: bool = False,
+                 without_leaning: bool = False) -> dict[tuple[str, float], str]:
+    """``label_route``'s routes from D0: ``(label, 1.0)`` -> the label's best prompt and ``(label, 0.0)`` -> its
+    worst, by :func:`pool_label_standing` (a label with one prompt has no worst). ``without_steering`` ranks only
     the prompts that do not steer the target (:func:`steering_prompts`), ``without_leaning`` only those that do not
-    lean it either (:data:`~.tasks.LEAN_REACH`); every query still gets its examples. ``route_queries`` are more
-    labelled queries (one record each, its prompt and verdict unused: :func:`~.loops.route_query_records`) that get the
-    same two examples after D0's queries, and take no part in choosing the routes."""
+    lean it either (:data:`~.tasks.LEAN_REACH`)."""
     ranked = records
     if without_steering or without_leaning:
         _require_labels(records, "label_route")
@@ -299,6 +294,20 @@ def label_route_data(records: Sequence[Record], *, without_steering: bool = Fals
     ends = {(label, value): prompt for (label, prompt), value in standing.items() if value in (0.0, 1.0)}
     logger.info("label_route: routes %s", "; ".join(
         f"{label} -> {brief_repr(prompt, 60)}" for (label, value), prompt in sorted(ends.items()) if value == 1.0))
+    return ends
+
+
+def label_route_data(records: Sequence[Record], *, without_steering: bool = False, without_leaning: bool = False,
+                     route_queries: Sequence[Record] = ()) -> tuple[list[Record], list[float]]:
+    """What ``label_route`` conditioning trains on: per query (first-seen order), its gold label's best prompt
+    (:func:`label_routes`, with the same ``without_*`` lines) under value 1.0 and the label's worst under 0.0, as
+    copies of the query's first record with the prompt replaced (``prompt_source`` ``label_route:best`` /
+    ``label_route:worst``). Their verdicts are not observed on the query: the standing is imputed from D0's
+    verdicts on the other queries of the label. Two examples per query, whatever the number of prompts scored on
+    it; every query gets its examples, whichever prompts rank. ``route_queries`` are more labelled queries (one
+    record each, its prompt and verdict unused: :func:`~.loops.route_query_records`) that get the same two examples
+    after D0's queries, and take no part in choosing the routes."""
+    ends = label_routes(records, without_steering=without_steering, without_leaning=without_leaning)
     first: dict[str, Record] = {}
     for record in [*records, *route_queries]:
         first.setdefault(record.query_id, record)
