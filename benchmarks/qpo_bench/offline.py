@@ -128,6 +128,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "label_route_no_lean_q3000": {"train": {"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
                                             "route_without_leaning": True, "route_queries": 3000, "epochs": 1},
                                   "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
+    # The same training compute as label_route_no_lean (2 x 2 examples per query of D0's 1,000), spent on twice
+    # the distinct queries: 1,000 more labelled train queries, 1 epoch. Does reading more queries, not reading
+    # them twice, carry the label better?
+    "label_route_no_lean_q1000": {"train": {"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
+                                            "route_without_leaning": True, "route_queries": 1000, "epochs": 1},
+                                  "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
     # The same on the top 4 layers only (the other recipes' setting): is the label read there?
     "label_route_top4": {"train": {"conditioning": "label_route"},
                          "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
