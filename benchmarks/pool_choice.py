@@ -253,7 +253,7 @@ def main() -> None:
     for recipe in recipes:
         qpo, seconds["dev"][recipe] = qpo_picks(recipe, "dev")
         sent |= qpo
-    dev, sent_dev = hits("dev", sent) | bounds("dev"), sent
+    dev, sent_dev = hits("dev", sent) | bounds("dev"), sent  # sent_dev: the route reads below need dev's picks
     dev_scores = {k: statistics.fmean(v) for k, v in dev.items()}
     qpo_dev = {k: v for k, v in dev_scores.items() if k.startswith("qpo_")}
     chosen = max(qpo_dev, key=qpo_dev.__getitem__) if qpo_dev else None  # no recipe: baselines and grids only
