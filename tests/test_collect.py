@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from _real_scoring import label_scoring_gap, sensible_vs_nonsense
+from _real_scoring import LABEL_SCORING_TOL, label_scoring_gap, sensible_vs_nonsense
 
 from qpo_middleware.training.collect import collect
 from qpo_middleware.training.config import CollectConfig, RewardConfig
@@ -92,7 +92,7 @@ def test_multi_token_labels_sum_their_token_logprobs(tiny_target_model: str, rea
 
 def test_shared_context_label_scoring_equals_full_sequences(tiny_target_model: str, real_data: Path) -> None:
     target = HFTarget(model=tiny_target_model)
-    assert label_scoring_gap(target, real_data) < 1e-4
+    assert label_scoring_gap(target, real_data) < LABEL_SCORING_TOL
 
 
 def test_reward_follows_the_paper() -> None:
@@ -247,7 +247,7 @@ def test_sensible_prompt_beats_nonsense_on_40_sst2_dev_sentences(real_data: Path
 
 @pytest.mark.real
 def test_smollm2_scores_multi_token_labels_as_full_sequences_do(real_data: Path, smollm2_target: HFTarget) -> None:
-    assert label_scoring_gap(smollm2_target, real_data) < 1e-4  # tweet_emotion: "optimism" 2, "sadness" 3 tokens
+    assert label_scoring_gap(smollm2_target, real_data) < LABEL_SCORING_TOL  # tweet_emotion: "optimism" 2, "sadness" 3 tokens
 
 
 @pytest.mark.real
