@@ -1139,3 +1139,28 @@ def test_oirl_selector_on_the_real_logs(tmp_path: Path, monkeypatch: pytest.Monk
         with pytest.raises(SystemExit, match="--train-sizes"):
             module.main()
 
+
+
+def test_compare_runs_pairs_two_runs_queries_and_refuses_other_queries(tmp_path: Path) -> None:
+    """compare_runs.py: a method of one run against a method of another, query by query, on the same queries."""
+    compare_runs = load_script("compare_runs")
+
+    def run(name: str, hits: dict[str, str], ids: list[str]) -> Path:
+        folder = tmp_path / name / "ag_news-seed1"
+        folder.mkdir(parents=True)
+        split = {"ids": ids, "gold": ["A"] * len(ids), "hits": hits}
+        (folder / "per_query.json").write_text(json.dumps({"splits": {"dev": split, "test": split}}))
+        return folder
+
+    ids = [f"q{i}" for i in range(8)]
+    new = run("new", {"qpo_x_likelihood": "11111110", "best_prompt": "11000000", "selector": "11110000"}, ids)
+    old = run("old", {"qpo_y_likelihood": "11110000"}, ids)
+    rows = compare_runs.compare([(new, "qpo_x_likelihood"), (old, "qpo_y_likelihood")])
+    assert rows["test"]["accuracy"] == 7 / 8
+    assert rows["test"]["vs_old/qpo_y_likelihood"]["diff"] == pytest.approx(3 / 8)
+    assert rows["test"]["vs_best_prompt"]["diff"] == pytest.approx(5 / 8)
+    other = run("other", {"qpo_y_likelihood": "11110000"}, [f"r{i}" for i in range(8)])
+    with pytest.raises(SystemExit, match="queries differ"):
+        compare_runs.compare([(new, "qpo_x_likelihood"), (other, "qpo_y_likelihood")])
+    with pytest.raises(SystemExit, match="no method 'qpo_z'"):
+        compare_runs.compare([(new, "qpo_z"), (old, "qpo_y_likelihood")])
