@@ -45,3 +45,34 @@ def label_scoring_gap(target, data: Path | None, task_name: str = "tweet_emotion
     shared = target._label_logprobs(contexts, label_ids)
     reference = full_sequence_label_logprobs(target, contexts, label_ids)
     return float((shared - reference).abs().max())
+
+
+def sorted_batching(target, data: Path | None, task_name: str = "tweet_emotion", n: int = 12,
+                    batch_size: int = 4) -> dict[str, tuple[list, int]]:
+    """``target``'s scores of ``n`` real queries under three prompts of different lengths, batched
+    ``batch_size`` at a time shortest context first (``sorted``) and in call order (``call_order``), with the
+    padded tokens each way fed to the model. ``target`` is used with its model as loaded, not changed."""
+    from qpo_middleware.training.hf_target import HFTarget
+    from qpo_middleware.training.targets import Pair
+    from qpo_middleware.training.tasks import get_task
+
+    task = get_task(task_name)
+    examples = task.splits(data, seed=0, n_train=n, n_collect=0, n_test=0).train
+    prompts = ["", "Which emotion does this tweet express?",
+               "Read the tweet carefully, then name the one emotion it shows most strongly."]
+    pairs = [Pair(e, prompts[i % len(prompts)]) for i, e in enumerate(examples)]
+    out = {}
+    for name, sort in (("sorted", True), ("call_order", False)):
+        probe = HFTarget(model=target.model, batch_size=batch_size, sort_by_length=sort)
+        probe._lm, probe._tok = target._lm, target.tokenizer
+        padded = 0
+        inner = probe._label_logprobs
+
+        def counted(contexts, label_ids, inner=inner):  # noqa: ANN001, ANN202
+            nonlocal padded
+            padded += len(contexts) * max(map(len, contexts))
+            return inner(contexts, label_ids)
+
+        probe._label_logprobs = counted
+        out[name] = (probe.score(task, pairs), padded)
+    return out

@@ -1164,3 +1164,17 @@ def test_compare_runs_pairs_two_runs_queries_and_refuses_other_queries(tmp_path:
         compare_runs.compare([(new, "qpo_x_likelihood"), (other, "qpo_y_likelihood")])
     with pytest.raises(SystemExit, match="no method 'qpo_z'"):
         compare_runs.compare([(new, "qpo_z"), (old, "qpo_y_likelihood")])
+
+
+def test_label_scoring_batching_times_sorted_against_call_order_on_d0_pairs(
+        tmp_path: Path, tiny_target_model: str, real_data: Path) -> None:
+    """label_scoring.py --batching: D0's pairs (queries x 5 pool prompts) scored both ways, less padding sorted,
+    the same answers either way."""
+    label_scoring = load_script("label_scoring")
+    out = tmp_path / "out"
+    assert label_scoring.main(["--batching", "--tasks", "ag_news", "--targets", tiny_target_model, "--queries", "8",
+                               "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["targets"][tiny_target_model]["ag_news"]
+    assert row["pairs"] == 40 and row["predictions_differ"] == 0
+    assert row["real_tokens"] <= row["padded_tokens"]["length_sorted"] < row["padded_tokens"]["call_order"]
+    assert (out / "pairs_per_second.png").stat().st_size > 0

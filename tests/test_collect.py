@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from _real_scoring import LABEL_SCORING_TOL, label_scoring_gap, sensible_vs_nonsense
+from _real_scoring import LABEL_SCORING_TOL, label_scoring_gap, sensible_vs_nonsense, sorted_batching
 
 from qpo_middleware.training.collect import collect
 from qpo_middleware.training.config import CollectConfig, RewardConfig
@@ -93,6 +93,21 @@ def test_multi_token_labels_sum_their_token_logprobs(tiny_target_model: str, rea
 def test_shared_context_label_scoring_equals_full_sequences(tiny_target_model: str, real_data: Path) -> None:
     target = HFTarget(model=tiny_target_model)
     assert label_scoring_gap(target, real_data) < LABEL_SCORING_TOL
+
+
+def assert_sorted_batching_only_saves_padding(target: HFTarget, data: Path | None) -> None:
+    runs = sorted_batching(target, data)
+    (by_length, padded), (in_order, padded_in_order) = runs["sorted"], runs["call_order"]
+    assert padded < padded_in_order  # like lengths batched together: less padding run through the model
+    assert [s.prediction for s in by_length] == [s.prediction for s in in_order]  # and back in call order
+    for a, b in zip(by_length, in_order, strict=True):
+        assert a.gold_nll == pytest.approx(b.gold_nll, abs=LABEL_SCORING_TOL)
+        assert a.label_nll == pytest.approx(b.label_nll, abs=LABEL_SCORING_TOL)
+        assert a.tokens == b.tokens
+
+
+def test_length_sorted_batches_score_as_call_order_batches(tiny_target_model: str, real_data: Path) -> None:
+    assert_sorted_batching_only_saves_padding(HFTarget(model=tiny_target_model), real_data)
 
 
 def test_reward_follows_the_paper() -> None:
@@ -248,6 +263,11 @@ def test_sensible_prompt_beats_nonsense_on_40_sst2_dev_sentences(real_data: Path
 @pytest.mark.real
 def test_smollm2_scores_multi_token_labels_as_full_sequences_do(real_data: Path, smollm2_target: HFTarget) -> None:
     assert label_scoring_gap(smollm2_target, real_data) < LABEL_SCORING_TOL  # tweet_emotion: "optimism" 2, "sadness" 3 tokens
+
+
+@pytest.mark.real
+def test_smollm2_length_sorted_batches_score_as_call_order_batches(real_data: Path, smollm2_target: HFTarget) -> None:
+    assert_sorted_batching_only_saves_padding(smollm2_target, real_data)
 
 
 @pytest.mark.real

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +26,16 @@ def _logsumexp(values: Sequence[float]) -> float:
 
 @dataclass
 class HFTarget:
-    """A local causal LM as target. ``model`` is a name for :func:`resolve_model` (default: SmolLM2)."""
+    """A local causal LM as target. ``model`` is a name for :func:`resolve_model` (default: SmolLM2).
+
+    ``sort_by_length``: each call's pairs are batched shortest context first, so left padding only fills a
+    batch up to contexts of like length (on ag_news D0 chunks of 64 pairs on Qwen, 1.43x the real tokens in
+    call order, 1.15x sorted); results come back in call order either way.
+    """
 
     model: str = "smollm2-135m-instruct"
     batch_size: int = 16
+    sort_by_length: bool = True
     max_new_tokens: int | None = None
     cache: ScoreCache | None = None
     device: str = "auto"
@@ -98,22 +104,30 @@ class HFTarget:
 
         label_ids = self.label_token_ids(task)
         extra_tokens = sum(len(ids) - 1 for ids in label_ids)  # label tokens read after the shared context
-        out: list[Score] = []
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start : start + self.batch_size]
-            contexts = [self._tok(self.context_text(task, p), add_special_tokens=False).input_ids for p in chunk]
+        out: list[Score | None] = [None] * len(pairs)
+        for rows, contexts in self._batches(task, pairs):
             label_lp = self._label_logprobs(contexts, label_ids)  # (batch, labels)
-            for pair, lps, ctx in zip(chunk, label_lp.tolist(), contexts, strict=True):
+            for row, lps, ctx in zip(rows, label_lp.tolist(), contexts, strict=True):
                 best = max(range(len(lps)), key=lambda i: lps[i])
-                gold = int(pair.example.label) if pair.example.label is not None else None
+                label = pairs[row].example.label
+                gold = int(label) if label is not None else None
                 gold_nll = -lps[gold] if gold is not None else None
                 label_nll = _logsumexp(lps) - lps[gold] if gold is not None else None
-                out.append(Score(correct=best == gold, prediction=task.labels[best], gold_nll=gold_nll,
-                                 label_nll=label_nll,
-                                 tokens=len(ctx) + extra_tokens))
+                out[row] = Score(correct=best == gold, prediction=task.labels[best], gold_nll=gold_nll,
+                                 label_nll=label_nll, tokens=len(ctx) + extra_tokens)
             if progress:
-                progress(len(chunk))
-        return out
+                progress(len(rows))
+        return [s for s in out if s is not None]
+
+    def _batches(self, task: Task, pairs: Sequence[Pair]) -> Iterator[tuple[list[int], list[list[int]]]]:
+        """(indices into ``pairs``, their context token ids) per forward batch of at most ``batch_size``,
+        shortest context first when ``sort_by_length`` (a stable sort: the same pairs always batch alike)."""
+        contexts = [self._tok(self.context_text(task, p), add_special_tokens=False).input_ids for p in pairs]
+        order = sorted(range(len(pairs)), key=lambda i: len(contexts[i])) if self.sort_by_length \
+            else list(range(len(pairs)))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            yield rows, [contexts[i] for i in rows]
 
     def _device(self) -> Any:
         return next(self._lm.parameters()).device
@@ -173,20 +187,18 @@ class HFTarget:
         import torch
 
         cap = self.max_new_tokens or task.max_new_tokens
-        out: list[Score] = []
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start : start + self.batch_size]
-            contexts = [self._tok(self.context_text(task, p), add_special_tokens=False).input_ids for p in chunk]
+        out: list[Score | None] = [None] * len(pairs)
+        for rows, contexts in self._batches(task, pairs):
             ids, mask = self._left_pad(contexts)
             with torch.inference_mode():
                 generated = self._lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cap, do_sample=False,
                                               pad_token_id=self._tok.pad_token_id,
                                               eos_token_id=self._tok.eos_token_id)
-            for pair, row in zip(chunk, generated[:, ids.shape[1] :], strict=True):
-                response = self._tok.decode(row, skip_special_tokens=True)
+            for row, answer in zip(rows, generated[:, ids.shape[1] :], strict=True):
+                response = self._tok.decode(answer, skip_special_tokens=True)
                 prediction = task.parse(response)
-                out.append(Score(correct=task.is_correct(pair.example, prediction), prediction=prediction,
-                                 response=response, tokens=int(ids.shape[1] + len(row))))
+                out[row] = Score(correct=task.is_correct(pairs[row].example, prediction), prediction=prediction,
+                                 response=response, tokens=int(ids.shape[1] + len(answer)))
             if progress:
-                progress(len(chunk))
-        return out
+                progress(len(rows))
+        return [s for s in out if s is not None]
