@@ -334,7 +334,8 @@ def route_read(recipes: list[str], d0: list[Any], sent: dict[str, list[str]],
         if train.get("conditioning") != "label_route":
             continue
         ends = label_routes(d0, without_steering=bool(train.get("route_without_steering")),
-                            without_leaning=bool(train.get("route_without_leaning")))
+                            without_leaning=bool(train.get("route_without_leaning")),
+                            distinct=bool(train.get("route_distinct")))
         routes = {label: prompt for (label, value), prompt in ends.items() if value == 1.0}
         for method, picks in sent.items():
             if method.startswith(f"qpo_{recipe}_") and method.removeprefix(f"qpo_{recipe}_") in RULES:

@@ -194,6 +194,20 @@ def test_label_route_conditioning_trains_two_imputed_examples_per_query(tmp_path
     with pytest.raises(TrainConfigError, match="route_queries only applies to --conditioning label_route"):
         TrainConfig(route_queries=3)
 
+    # Distinct routes reach training: every label's top route is a different prompt, and the loop trains on them.
+    from qpo_middleware.training.loops import training_data
+    from qpo_middleware.training.policy import label_routes
+
+    distinct = TrainConfig(**{**routed.__dict__, "route_distinct": True})
+    small_run(tmp_path / "distinct", tiny_base)
+    metrics = run_loops(tmp_path / "distinct", distinct, LoopConfig(**{**loops.__dict__, "loops": 1}))
+    d0 = OfflineDataset(tmp_path / "distinct").records
+    tops = [p for (_, value), p in label_routes(d0, distinct=True).items() if value == 1.0]
+    assert len(tops) == len({r.label for r in d0}) == len(set(tops))
+    examples, _ = training_data(d0, 1, "label_route", 0.0, route_distinct=True)
+    assert metrics[0].train_records == len(examples)
+    assert {r.prompt for r in examples if r.prompt_source == "label_route:best"} == set(tops)
+
     # The tiny random target answers one label whatever the prompt: every prompt steers it, so routes without
     # steering prompts leave none, and the run says how to get some.
     plain = TrainConfig(**{**routed.__dict__, "route_without_steering": True})

@@ -322,6 +322,94 @@ def test_route_without_leaning_leaves_out_prompts_that_lean_but_do_not_steer(cap
     assert TrainConfig(conditioning="label_route", route_without_leaning=True).route_without_leaning
 
 
+def test_best_assignment_is_the_best_one_to_one_assignment():
+    import itertools
+
+    from qpo_middleware.training.policy import best_assignment
+
+    rng = random.Random(0)
+    for rows, cols in ((1, 5), (3, 3), (4, 6), (5, 7)):
+        for _ in range(20):
+            gain = [[rng.choice([rng.random(), round(rng.random(), 1)]) for _ in range(cols)] for _ in range(rows)]
+            got = best_assignment(gain)
+            assert len(set(got)) == rows and all(0 <= j < cols for j in got)
+            best = max(sum(gain[i][j] for i, j in enumerate(p)) for p in itertools.permutations(range(cols), rows))
+            assert sum(gain[i][j] for i, j in enumerate(got)) == pytest.approx(best)
+    # A column best for both rows goes to the row that loses more without it.
+    assert best_assignment([[0.9, 0.8], [1.0, 0.2]]) == [1, 0]
+    with pytest.raises(ValueError, match="rows <= columns"):
+        best_assignment([[1.0], [2.0]])
+
+
+def test_route_distinct_gives_each_label_its_own_top_route(caplog):
+    import logging
+    from dataclasses import replace
+
+    from qpo_middleware.training.config import TrainConfig, TrainConfigError
+    from qpo_middleware.training.policy import label_route_data, label_routes
+
+    # 5 pos and 5 neg queries, three prompts on each. A is the best prompt for both labels (pos 5/5, neg 4/5, and
+    # the best overall, so it wins neg's tie with B); B is as good on neg (4/5) but poor on pos (2/5); C is 3/5 on each.
+    right = {"A": ([1, 1, 1, 1, 1], [1, 1, 1, 1, 0]), "B": ([1, 1, 0, 0, 0], [1, 1, 1, 1, 0]),
+             "C": ([1, 1, 1, 0, 0], [1, 1, 1, 0, 0])}
+    records = [replace(_scored(f"{label}{i}", prompt, bool(ok), 10.0 * ok), label=label)
+               for prompt, by_label in right.items() for label, oks in zip(("pos", "neg"), by_label, strict=True)
+               for i, ok in enumerate(oks)]
+    assert label_routes(records) == {("pos", 1.0): "A", ("pos", 0.0): "B", ("neg", 1.0): "A", ("neg", 0.0): "C"}
+    with caplog.at_level(logging.INFO, logger="qpo_middleware.training.policy"):
+        routes = label_routes(records, distinct=True)
+    # Distinct: pos keeps A (it loses most without it), neg gets B at no cost on D0; the worst routes stay.
+    assert routes == {("pos", 1.0): "A", ("pos", 0.0): "B", ("neg", 1.0): "B", ("neg", 0.0): "C"}
+    assert "distinct routes send neg to 'B'" in caplog.text and "instead of 'A'" in caplog.text
+    out, values = label_route_data(records, distinct=True)
+    assert {(r.label, r.prompt, v) for r, v in zip(out, values, strict=True)} == {
+        ("pos", "A", 1.0), ("pos", "B", 0.0), ("neg", "B", 1.0), ("neg", "C", 0.0)}
+
+    # Two prompts, A best for both labels: one label is forced onto its own worst prompt, so it trains on no worst.
+    two = [r for r in records if r.prompt != "C"]
+    assert label_routes(two, distinct=True) == {("pos", 1.0): "A", ("pos", 0.0): "B", ("neg", 1.0): "B"}
+    # More labels than prompts to route among: refused, with the fix named.
+    with pytest.raises(ValueError, match="needs a prompt per label.*Grow the pool"):
+        label_routes([r for r in records if r.prompt == "A"], distinct=True)
+    with pytest.raises(TrainConfigError, match="route_distinct only applies to --conditioning label_route"):
+        TrainConfig(route_distinct=True)
+    assert TrainConfig(conditioning="label_route", route_distinct=True).route_distinct
+
+
+@pytest.mark.real
+def test_route_distinct_on_smollm2_verdicts_of_real_ag_news(real_data, smollm2_target):
+    """Routes from SmolLM2's own verdicts on 24 real ag_news queries x 4 pool prompts: the distinct routes are a
+    different prompt per topic, and no other one-to-one choice gets more of D0's queries right."""
+    import itertools
+
+    from qpo_middleware.training.dataset import Record
+    from qpo_middleware.training.policy import label_accuracy, label_routes
+    from qpo_middleware.training.targets import Pair
+    from qpo_middleware.training.tasks import get_task
+
+    task = get_task("ag_news")
+    queries = task.splits(real_data, seed=0, n_train=24, n_collect=0, n_test=0).train
+    prompts = [p["text"] for p in task.prompt_pool()[:4]]
+    pairs = [Pair(e, p) for e in queries for p in prompts]
+    records = [Record(task="ag_news", query_id=pair.example.id, query=pair.example.query, prompt=pair.prompt,
+                      prompt_source="pool", loop=0, target="hf:smollm2-135m-instruct", correct=score.correct,
+                      reward=float(score.correct), prompt_mean_accuracy=0.0, label=task.gold_text(pair.example),
+                      prediction=score.prediction)
+               for pair, score in zip(pairs, smollm2_target.score(task, pairs), strict=True)]
+    labels = sorted({r.label for r in records})
+    assert len(labels) == 4
+    top = {label: prompt for (label, value), prompt in label_routes(records, distinct=True).items() if value == 1.0}
+    assert sorted(top) == labels and len(set(top.values())) == 4
+    accuracy = label_accuracy(records)
+    weight = {label: len({r.query_id for r in records if r.label == label}) for label in labels}
+
+    def right(route: dict[str, str]) -> float:
+        return sum(weight[label] * accuracy[(label, prompt)] for label, prompt in route.items())
+
+    assert right(top) == pytest.approx(max(right(dict(zip(labels, p, strict=True)))
+                                           for p in itertools.permutations(prompts)))
+
+
 def test_build_examples_uses_the_conditioning_values(policy):
     _, tokenizer, fmt = policy
     records = [_scored("q1", "Be brief.", True, 1.0), _scored("q1", "Say it.", False, 30.0)]

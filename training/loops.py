@@ -265,7 +265,7 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
         training_records, values = training_data(dataset.records, loop, train.conditioning, d0_floor,
                                                    route_without_steering=train.route_without_steering,
                                                    route_without_leaning=train.route_without_leaning,
-                                                   route_queries=route_queries)
+                                                   route_distinct=train.route_distinct, route_queries=route_queries)
         examples = [] if loops.preference == "instead" else build_examples(
             training_records, tokenizer, fmt, buckets, values=values, include_empty=train.include_empty)
         config = train if loop == 1 else _later(train, loops)
@@ -443,7 +443,7 @@ def route_query_records(run: Run, count: int, template: Record) -> list[Record]:
 
 def training_data(records: Sequence[Record], loop: int, conditioning: str,
                   d0_floor: float, *, route_without_steering: bool = False,
-                  route_without_leaning: bool = False,
+                  route_without_leaning: bool = False, route_distinct: bool = False,
                   route_queries: Sequence[Record] = ()) -> tuple[list[Record], list[float]]:
     """D_loop and each record's conditioning value: D0's records at or above ``d0_floor`` and every later
     loop's kept records up to ``loop``. Query ranks are taken among all of a query's records up to
@@ -452,7 +452,7 @@ def training_data(records: Sequence[Record], loop: int, conditioning: str,
     pool = [r for r in records if r.loop <= loop]
     if conditioning == "label_route":  # two imputed examples per query; D0's floor does not apply
         return label_route_data(pool, without_steering=route_without_steering, without_leaning=route_without_leaning,
-                                route_queries=route_queries)
+                                distinct=route_distinct, route_queries=route_queries)
     values = conditioning_values(pool, conditioning)
     kept = [(r, v) for r, v in zip(pool, values, strict=True) if r.loop > 0 or v >= d0_floor]
     return [r for r, _ in kept], [v for _, v in kept]

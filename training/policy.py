@@ -272,12 +272,74 @@ def mean_prompt_accuracy(records: Sequence[Record]) -> dict[str, float]:
     return {prompt: right / n for prompt, (right, n) in tally.items()}
 
 
+def best_assignment(gain: Sequence[Sequence[float]]) -> list[int]:
+    """The column for each row that maximizes the summed ``gain``, no column taken twice (rows <= columns): the
+    Hungarian algorithm, O(rows^2 x columns)."""
+    rows, cols = len(gain), len(gain[0]) if gain else 0
+    if rows > cols:
+        raise ValueError(f"best_assignment needs rows <= columns; got {rows} rows and {cols} columns.")
+    u, v = [0.0] * (rows + 1), [0.0] * (cols + 1)
+    owner, way = [0] * (cols + 1), [0] * (cols + 1)  # owner[j]: the row holding column j (1-based, 0 = free)
+    for row in range(1, rows + 1):
+        owner[0], j0 = row, 0
+        slack, used = [math.inf] * (cols + 1), [False] * (cols + 1)
+        while owner[j0]:
+            used[j0] = True
+            i0, delta, j1 = owner[j0], math.inf, 0
+            for j in range(1, cols + 1):
+                if not used[j]:
+                    cost = -gain[i0 - 1][j - 1] - u[i0] - v[j]
+                    if cost < slack[j]:
+                        slack[j], way[j] = cost, j0
+                    if slack[j] < delta:
+                        delta, j1 = slack[j], j
+            for j in range(cols + 1):
+                if used[j]:
+                    u[owner[j]] += delta
+                    v[j] -= delta
+                else:
+                    slack[j] -= delta
+            j0 = j1
+        while j0:
+            owner[j0] = owner[way[j0]]
+            j0 = way[j0]
+    out = [0] * rows
+    for j in range(1, cols + 1):
+        if owner[j]:
+            out[owner[j] - 1] = j - 1
+    return out
+
+
+def _distinct_best(records: Sequence[Record], standing: Mapping[tuple[str | None, str], float]) -> dict[str, str]:
+    """Each label's top route with no prompt serving two labels: the assignment of prompts to labels with the most
+    right answers on D0 (each label's accuracy with its prompt, weighted by the label's queries), ties to the
+    higher-standing prompts."""
+    by_label = label_accuracy(records)
+    queries: dict[str, set[str]] = {}
+    for record in records:
+        queries.setdefault(str(record.label), set()).add(record.query_id)
+    labels = sorted(queries)
+    prompts = sorted({prompt for _, prompt in by_label})
+    if len(prompts) < len(labels):
+        raise ValueError(f"route_distinct needs a prompt per label: {len(labels)} labels, {len(prompts)} prompts to "
+                         "route among. Grow the pool (qpo collect --mutate N or --induce N) or train without it.")
+    gain = [[len(queries[label]) * by_label.get((label, prompt), -1.0) + 1e-6 * standing.get((label, prompt), 0.0)
+             for prompt in prompts] for label in labels]
+    chosen = {label: prompts[j] for label, j in zip(labels, best_assignment(gain), strict=True)}
+    for label, prompt in chosen.items():
+        if (label, prompt) not in by_label:
+            raise ValueError(f"route_distinct: no prompt left that D0 scored on label {label!r}; grow the pool or "
+                             "train without it.")
+    return chosen
+
+
 def label_routes(records: Sequence[Record], *, without_steering: bool = False,
-                 without_leaning: bool = False) -> dict[tuple[str, float], str]:
+                 without_leaning: bool = False, distinct: bool = False) -> dict[tuple[str, float], str]:
     """``label_route``'s routes from D0: ``(label, 1.0)`` -> the label's best prompt and ``(label, 0.0)`` -> its
     worst, by :func:`pool_label_standing` (a label with one prompt has no worst). ``without_steering`` ranks only
     the prompts that do not steer the target (:func:`steering_prompts`), ``without_leaning`` only those that do not
-    lean it either (:data:`~.tasks.LEAN_REACH`)."""
+    lean it either (:data:`~.tasks.LEAN_REACH`). ``distinct`` gives each label a different best prompt
+    (:func:`_distinct_best`), so no top route stands for two labels."""
     ranked = records
     if without_steering or without_leaning:
         _require_labels(records, "label_route")
@@ -292,22 +354,34 @@ def label_routes(records: Sequence[Record], *, without_steering: bool = False,
                     len(left_out), len({r.prompt for r in records}), verb.removesuffix("s"))
     standing = pool_label_standing(ranked)
     ends = {(label, value): prompt for (label, prompt), value in standing.items() if value in (0.0, 1.0)}
+    if distinct:
+        by_label = label_accuracy(ranked)
+        for label, prompt in _distinct_best(ranked, standing).items():
+            best = ends[(label, 1.0)]
+            if prompt != best:
+                logger.info("label_route: distinct routes send %s to %s (%.1f%% on its D0 queries) instead of %s "
+                            "(%.1f%%), which serves another label", label, brief_repr(prompt, 40),
+                            100 * by_label[(label, prompt)], brief_repr(best, 40), 100 * by_label[(label, best)])
+            ends[(label, 1.0)] = prompt
+            if ends.get((label, 0.0)) == prompt:  # forced onto its own worst prompt: no worst to train against
+                del ends[(label, 0.0)]
     logger.info("label_route: routes %s", "; ".join(
         f"{label} -> {brief_repr(prompt, 60)}" for (label, value), prompt in sorted(ends.items()) if value == 1.0))
     return ends
 
 
 def label_route_data(records: Sequence[Record], *, without_steering: bool = False, without_leaning: bool = False,
-                     route_queries: Sequence[Record] = ()) -> tuple[list[Record], list[float]]:
+                     distinct: bool = False, route_queries: Sequence[Record] = ()) -> tuple[list[Record], list[float]]:
     """What ``label_route`` conditioning trains on: per query (first-seen order), its gold label's best prompt
-    (:func:`label_routes`, with the same ``without_*`` lines) under value 1.0 and the label's worst under 0.0, as
-    copies of the query's first record with the prompt replaced (``prompt_source`` ``label_route:best`` /
+    (:func:`label_routes`, with the same ``without_*`` lines and ``distinct``) under value 1.0 and the label's
+    worst under 0.0, as copies of the query's first record with the prompt replaced (``prompt_source`` ``label_route:best`` /
     ``label_route:worst``). Their verdicts are not observed on the query: the standing is imputed from D0's
     verdicts on the other queries of the label. Two examples per query, whatever the number of prompts scored on
     it; every query gets its examples, whichever prompts rank. ``route_queries`` are more labelled queries (one
     record each, its prompt and verdict unused: :func:`~.loops.route_query_records`) that get the same two examples
     after D0's queries, and take no part in choosing the routes."""
-    ends = label_routes(records, without_steering=without_steering, without_leaning=without_leaning)
+    ends = label_routes(records, without_steering=without_steering, without_leaning=without_leaning,
+                        distinct=distinct)
     first: dict[str, Record] = {}
     for record in [*records, *route_queries]:
         first.setdefault(record.query_id, record)

@@ -134,6 +134,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "label_route_no_lean_q1000": {"train": {"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
                                             "route_without_leaning": True, "route_queries": 1000, "epochs": 1},
                                   "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
+    # label_route_no_lean_q1000 with a different top route per label: on Qwen ag_news seed 2 two topics shared one
+    # route (a 0.2-point tie on D0) and the policy sent it 69% of test queries, reading 70.0% of topics right
+    # (seed 1, four routes: 84.0%). Do distinct routes read better?
+    "label_route_distinct_q1000": {"train": {"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
+                                             "route_without_leaning": True, "route_distinct": True,
+                                             "route_queries": 1000, "epochs": 1},
+                                   "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
     # The same on the top 4 layers only (the other recipes' setting): is the label read there?
     "label_route_top4": {"train": {"conditioning": "label_route"},
                          "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},

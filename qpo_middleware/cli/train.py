@@ -35,6 +35,8 @@ def command(
         "--route-without-steering", help=help_of(TrainConfig, "route_without_steering"))] = False,
     route_without_leaning: Annotated[bool, typer.Option(
         "--route-without-leaning", help=help_of(TrainConfig, "route_without_leaning"))] = False,
+    route_distinct: Annotated[bool, typer.Option(
+        "--route-distinct", help=help_of(TrainConfig, "route_distinct"))] = False,
     route_queries: Annotated[int, typer.Option(help=help_of(TrainConfig, "route_queries"))] = 0,
     query_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "query_max_tokens"))] = 40,
     prompt_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "prompt_max_tokens"))] = 40,
@@ -70,7 +72,8 @@ def command(
                                    prompt_max_tokens=prompt_max_tokens, device=device, seed=seed,
                                    train_policy_tokens=train_policy_tokens, conditioning=conditioning,
                                    route_without_steering=route_without_steering,
-                                   route_without_leaning=route_without_leaning, route_queries=route_queries,
+                                   route_without_leaning=route_without_leaning, route_distinct=route_distinct,
+                                   route_queries=route_queries,
                                    frozen_layer_cache_gib=frozen_layer_cache_gib)
         loop_config = LoopConfig(loops=loops, base_model=base_model, later_epochs=later_epochs,
                                  samples_per_query=samples_per_query, collect_queries=collect_queries,
