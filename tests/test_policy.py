@@ -369,6 +369,8 @@ def test_route_distinct_gives_each_label_its_own_top_route(caplog):
     two = [r for r in records if r.prompt != "C"]
     assert label_routes(two, distinct=True) == {("pos", 1.0): "A", ("pos", 0.0): "B", ("neg", 1.0): "B"}
     # More labels than prompts to route among: refused, with the fix named.
+    with pytest.raises(ValueError, match="there are none yet: run `qpo collect`"):
+        label_routes([], without_leaning=True)
     with pytest.raises(ValueError, match="needs a prompt per label.*Grow the pool"):
         label_routes([r for r in records if r.prompt == "A"], distinct=True)
     with pytest.raises(TrainConfigError, match="route_distinct only applies to --conditioning label_route"):

@@ -340,6 +340,9 @@ def label_routes(records: Sequence[Record], *, without_steering: bool = False,
     the prompts that do not steer the target (:func:`steering_prompts`), ``without_leaning`` only those that do not
     lean it either (:data:`~.tasks.LEAN_REACH`). ``distinct`` gives each label a different best prompt
     (:func:`_distinct_best`), so no top route stands for two labels."""
+    if not records:
+        raise ValueError("label_route draws its routes from D0's scored records, and there are none yet: run "
+                         "`qpo collect` (or let it finish) first.")
     ranked = records
     if without_steering or without_leaning:
         _require_labels(records, "label_route")
