@@ -310,11 +310,11 @@ def best_assignment(gain: Sequence[Sequence[float]]) -> list[int]:
     return out
 
 
-def _distinct_best(records: Sequence[Record], standing: Mapping[tuple[str | None, str], float]) -> dict[str, str]:
+def _distinct_best(records: Sequence[Record], by_label: Mapping[tuple[str | None, str], float],
+                   standing: Mapping[tuple[str | None, str], float]) -> dict[str, str]:
     """Each label's top route with no prompt serving two labels: the assignment of prompts to labels with the most
-    right answers on D0 (each label's accuracy with its prompt, weighted by the label's queries), ties to the
+    right answers on D0 (``by_label``: :func:`label_accuracy`, weighted by the label's queries), ties to the
     higher-standing prompts."""
-    by_label = label_accuracy(records)
     queries: dict[str, set[str]] = {}
     for record in records:
         queries.setdefault(str(record.label), set()).add(record.query_id)
@@ -359,7 +359,7 @@ def label_routes(records: Sequence[Record], *, without_steering: bool = False,
     ends = {(label, value): prompt for (label, prompt), value in standing.items() if value in (0.0, 1.0)}
     if distinct:
         by_label = label_accuracy(ranked)
-        for label, prompt in _distinct_best(ranked, standing).items():
+        for label, prompt in _distinct_best(ranked, by_label, standing).items():
             best = ends[(label, 1.0)]
             if prompt != best:
                 logger.info("label_route: distinct routes send %s to %s (%.1f%% on its D0 queries) instead of %s "
