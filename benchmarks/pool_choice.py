@@ -44,6 +44,7 @@ from qpo_bench.environment import code_version, environment
 from qpo_bench.harness import label_routing
 from qpo_bench.offline import (
     RECIPES,
+    ROUTE_RULES,
     RULES,
     TRAIN,
     d0_verdicts,
@@ -61,7 +62,7 @@ from qpo_middleware.training.config import CollectConfig
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.loops import completed_loops
-from qpo_middleware.training.policy import label_routes
+from qpo_middleware.training.policy import label_routes, route_remap
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score
@@ -250,28 +251,43 @@ def main() -> None:
     # -- validation chooses the recipe and the rule; test scores each listed recipe once ----------------
     sent = baselines("dev")
     seconds: dict[str, dict[str, float]] = {"dev": {}, "test": {}}
+    gold = {split: [run.task.gold_text(e) for e in examples[split]] for split in examples}
+    remaps: dict[str, dict[str, Any]] = {}  # label_route recipes: rule "remap", set from dev's route read
     for recipe in recipes:
         qpo, seconds["dev"][recipe] = qpo_picks(recipe, "dev")
         sent |= qpo
+        if (likely := qpo.get(f"qpo_{recipe}_likelihood")) is not None and \
+                (remap := remap_routes(recipe, d0, likely, gold["dev"])) is not None:
+            remaps[recipe] = remap
+            sent[f"qpo_{recipe}_remap"] = [remap["serve"].get(p, p) for p in likely]
+            picked[f"dev:qpo_{recipe}_remap"] = Counter(source[p] for p in sent[f"qpo_{recipe}_remap"])
     dev, sent_dev = hits("dev", sent) | bounds("dev"), sent  # sent_dev: the route reads below need dev's picks
     dev_scores = {k: statistics.fmean(v) for k, v in dev.items()}
     qpo_dev = {k: v for k, v in dev_scores.items() if k.startswith("qpo_")}
     chosen = max(qpo_dev, key=qpo_dev.__getitem__) if qpo_dev else None  # no recipe: baselines and grids only
-    chosen_recipe = next((r for r in recipes if chosen and chosen.removeprefix(f"qpo_{r}_") in RULES), None)
+    chosen_recipe = next((r for r in recipes if chosen and chosen.removeprefix(f"qpo_{r}_") in RULES + ROUTE_RULES),
+                         None)
 
     sent = baselines("test")
     test_recipes = [chosen_recipe if r == "chosen" else r for r in args.test_recipes.split(",")
                     if r and (r != "chosen" or chosen_recipe)]
     for recipe in dict.fromkeys(r for r in test_recipes if r in recipes):  # each with its best rule on dev
-        rule = max((k for k in qpo_dev if k.removeprefix(f"qpo_{recipe}_") in RULES), key=qpo_dev.__getitem__)
-        qpo, seconds["test"][recipe] = qpo_picks(recipe, "test", (rule.removeprefix(f"qpo_{recipe}_"),))
+        rule = max((k for k in qpo_dev if k.removeprefix(f"qpo_{recipe}_") in RULES + ROUTE_RULES),
+                   key=qpo_dev.__getitem__).removeprefix(f"qpo_{recipe}_")
+        if rule == "remap":  # the likelihood picks, sent through dev's remap; only the remap row is scored
+            qpo, seconds["test"][recipe] = qpo_picks(recipe, "test", ("likelihood",))
+            likely = qpo.pop(f"qpo_{recipe}_likelihood")
+            del picked[f"test:qpo_{recipe}_likelihood"]
+            qpo[f"qpo_{recipe}_remap"] = [remaps[recipe]["serve"].get(p, p) for p in likely]
+            picked[f"test:qpo_{recipe}_remap"] = Counter(source[p] for p in qpo[f"qpo_{recipe}_remap"])
+        else:
+            qpo, seconds["test"][recipe] = qpo_picks(recipe, "test", (rule,))
         sent |= qpo
     test = hits("test", sent) | bounds("test")
     steered = steering_check(sent, test, steering, "best_prompt_dev", test["best_prompt"]) if steering else {}
     leaned = steering_check(sent, test, leaning, "best_prompt_dev", test["best_prompt"]) if leaning else {}
     reference = {k: test[k] for k in REFERENCES}
-    route_reads = {split: route_read(recipes, d0, table, [run.task.gold_text(e) for e in examples[split]])
-                   for split, table in (("dev", sent_dev), ("test", sent))}
+    route_reads = {split: route_read(recipes, d0, table, gold[split]) for split, table in (("dev", sent_dev), ("test", sent))}
     # A bound on the first --bound-queries is compared on those queries (the split's prefix).
     methods = {k: method_row(v, {r: h[: len(v)] for r, h in reference.items() if r != k}) for k, v in test.items()}
 
@@ -300,6 +316,9 @@ def main() -> None:
         "policy_seconds_per_query": seconds,
         # label_route recipes: how often the policy sends the route of the query's gold label (how well it reads it)
         "route_reads": route_reads,
+        # ... and what rule "remap" sent for each route at that read on dev (training.policy.route_remap)
+        "route_remaps": {r: {"read": m["read"], "serve": {source[k]: source[v] for k, v in m["serve"].items()}}
+                         for r, m in remaps.items()},
         # Each recipe's loops as run_loops recorded them (loop 2: the pairs it sampled, scored and kept).
         "recipe_loops": {r: [m.to_dict() for m in completed_loops(recipe_dir(runs, r, suffix))] for r in recipes},
         "timings": {**timings, "total_seconds": time.perf_counter() - started},
@@ -322,6 +341,29 @@ def main() -> None:
     print((out / "report.md").read_text(encoding="utf-8"))
 
 
+def recipe_routes(recipe: str, d0: list[Any], read: float | None = None) -> dict[str, str] | None:
+    """A ``label_route`` recipe's routes as training drew them from D0 (``label -> prompt``), or with ``read`` the
+    prompt each route sends at that route read (:func:`~qpo_middleware.training.policy.route_remap`); None for
+    another recipe."""
+    train = RECIPES[recipe]["train"]
+    if train.get("conditioning") != "label_route":
+        return None
+    lines = {"without_steering": bool(train.get("route_without_steering")),
+             "without_leaning": bool(train.get("route_without_leaning")), "distinct": bool(train.get("route_distinct"))}
+    if read is not None:
+        return route_remap(d0, read, **lines)
+    return {label: prompt for (label, value), prompt in label_routes(d0, **lines).items() if value == 1.0}
+
+
+def remap_routes(recipe: str, d0: list[Any], picks: list[str], golds: list[str]) -> dict[str, Any] | None:
+    """Rule ``remap`` for a ``label_route`` recipe: the share of dev queries its likelihood rule sends their gold
+    label's route (``read``: dev's labels only, no target call) and what each route then sends (``serve``)."""
+    if (routes := recipe_routes(recipe, d0)) is None:
+        return None
+    read = statistics.fmean(p == routes.get(g) for p, g in zip(picks, golds, strict=True))
+    return {"read": read, "serve": recipe_routes(recipe, d0, read)}
+
+
 def route_read(recipes: list[str], d0: list[Any], sent: dict[str, list[str]],
                golds: list[str]) -> dict[str, dict[str, Any]]:
     """Per ``label_route`` recipe and rule in ``sent``: the share of queries sent the route of their gold label (the
@@ -330,13 +372,8 @@ def route_read(recipes: list[str], d0: list[Any], sent: dict[str, list[str]],
     bound is the label it misreads."""
     out: dict[str, dict[str, Any]] = {}
     for recipe in recipes:
-        train = RECIPES[recipe]["train"]
-        if train.get("conditioning") != "label_route":
+        if (routes := recipe_routes(recipe, d0)) is None:
             continue
-        ends = label_routes(d0, without_steering=bool(train.get("route_without_steering")),
-                            without_leaning=bool(train.get("route_without_leaning")),
-                            distinct=bool(train.get("route_distinct")))
-        routes = {label: prompt for (label, value), prompt in ends.items() if value == 1.0}
         for method, picks in sent.items():
             if method.startswith(f"qpo_{recipe}_") and method.removeprefix(f"qpo_{recipe}_") in RULES:
                 pairs = list(zip(picks, golds, strict=True))
@@ -356,9 +393,15 @@ def route_lines(results: dict[str, Any]) -> list[str]:
     def cell(read: dict[str, Any] | None) -> str:
         return "–" if read is None else f"{100 * read['gold_route']:.1f}% ({100 * read['a_route']:.1f}%)"
 
+    remaps = [f"- `{recipe}`: at a route read of {100 * m['read']:.1f}% on dev, "
+              + ("; ".join(f"`{route}` sends `{prompt}`" for route, prompt in m["serve"].items() if route != prompt)
+                 or "every route sends its own prompt")
+              for recipe, m in (results.get("route_remaps") or {}).items()]
     return ["", "Route reads (label_route recipes: the share of queries sent their gold label's route, as training drew "
                 "the routes from D0; in brackets, sent any label's route):", "",
-            "| method | dev | test |", "|---|---:|---:|", *[f"| {m} | {cell(d)} | {cell(t)} |" for m, d, t in rows]]
+            "| method | dev | test |", "|---|---:|---:|", *[f"| {m} | {cell(d)} | {cell(t)} |" for m, d, t in rows],
+            *(["", "Rule `remap` (the likelihood pick, each route sending the prompt with the most expected right "
+                   "answers on D0 at the policy's route read on dev):", "", *remaps] if remaps else [])]
 
 
 def leakage_line(results: dict[str, Any]) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qpo_bench.environment import code_version
-from qpo_bench.offline import RULES
+from qpo_bench.offline import ROUTE_RULES, RULES
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 
 REFERENCES = ("best_prompt", "selector")
@@ -41,7 +41,7 @@ def source_row(name: str, methods: Mapping[str, Any]) -> str | None:
     (pool_choice.py scores a test recipe once, with the rule dev chose on that seed)."""
     if name in methods:
         return name
-    rows = [m for m in methods if m.startswith(f"{name}_") and m.removeprefix(f"{name}_") in RULES]
+    rows = [m for m in methods if m.startswith(f"{name}_") and m.removeprefix(f"{name}_") in RULES + ROUTE_RULES]
     return rows[0] if len(rows) == 1 else None
 
 

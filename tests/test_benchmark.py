@@ -652,6 +652,16 @@ def test_pool_choice_route_reads_count_the_queries_sent_their_gold_labels_route(
     lines = module.route_lines({"route_reads": {"dev": reads, "test": {}}})
     assert lines[-1] == "| qpo_label_route_top4_likelihood | 50.0% (75.0%) | – |"
     assert module.route_lines({}) == []  # runs from before the route reads render as they did
+    # Rule "remap": the read is the likelihood picks' gold-route share (dev's labels only), and each route sends
+    # what route_remap gives at that read; other recipes get none.
+    from qpo_middleware.training.policy import route_remap
+
+    remap = module.remap_routes("label_route_top4", d0, sent["qpo_label_route_top4_likelihood"], golds)
+    assert remap == {"read": 0.5, "serve": route_remap(d0, 0.5)}
+    assert module.remap_routes("dpo_only", d0, sent["qpo_dpo_only_likelihood"], golds) is None
+    lines = module.route_lines({"route_reads": {"dev": reads, "test": {}},
+                                "route_remaps": {"label_route_top4": {"read": 0.5, "serve": {"C": "A", "B": "B"}}}})
+    assert lines[-1] == "- `label_route_top4`: at a route read of 50.0% on dev, `C` sends `A`"
 
 
 def test_label_router_routes_by_predicted_label_on_real_sst2(

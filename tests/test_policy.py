@@ -378,6 +378,34 @@ def test_route_distinct_gives_each_label_its_own_top_route(caplog):
     assert TrainConfig(conditioning="label_route", route_distinct=True).route_distinct
 
 
+def test_route_remap_weighs_what_a_misread_costs(caplog):
+    import logging
+    from dataclasses import replace
+
+    from qpo_middleware.training.policy import label_routes, route_remap
+
+    # 100 pos and 100 neg queries. P is right on 90 pos and 0 neg, N the mirror image, G on 70 of each; label
+    # accuracies shrink a little towards each prompt's mean (P on pos: 0.883, on neg: 0.017). Routes: pos -> P,
+    # neg -> N. With the policy reading the label a share r of the time (a misread sends the other label's route),
+    # the routes score 0.883 r + 0.017 (1 - r) against G's 0.70 everywhere: they win above r = 0.789.
+    right = {"P": (90, 0), "N": (0, 90), "G": (70, 70)}
+    records = [replace(_scored(f"{label}{i}", prompt, i < ok, 10.0 * (i < ok)), label=label)
+               for prompt, oks in right.items() for label, ok in zip(("pos", "neg"), oks, strict=True)
+               for i in range(100)]
+    assert {k: v for k, v in label_routes(records).items() if k[1] == 1.0} == {("pos", 1.0): "P", ("neg", 1.0): "N"}
+    assert route_remap(records, 1.0) == {"P": "P", "N": "N"}
+    assert route_remap(records, 0.8) == {"P": "P", "N": "N"}  # 0.710 > 0.700
+    with caplog.at_level(logging.INFO, logger="qpo_middleware.training.policy"):
+        assert route_remap(records, 0.75) == {"P": "G", "N": "G"}  # 0.666 < 0.700: the best single prompt
+    assert "at a route read of 75%, the route 'P' sends 'G' instead" in caplog.text
+    # The search one route at a time finds the same map here.
+    assert route_remap(records, 0.75, exhaustive_limit=0) == {"P": "G", "N": "G"}
+    assert route_remap(records, 0.9, exhaustive_limit=0) == {"P": "P", "N": "N"}
+    # A share, so a number in [0, 1]; the error says what it is.
+    with pytest.raises(ValueError, match=r"share of queries the policy sends their label's route.*got 1.5"):
+        route_remap(records, 1.5)
+
+
 @pytest.mark.real
 def test_route_distinct_on_smollm2_verdicts_of_real_ag_news(real_data, smollm2_target):
     """Routes from SmolLM2's own verdicts on 24 real ag_news queries x 4 pool prompts: the distinct routes are a
@@ -385,7 +413,7 @@ def test_route_distinct_on_smollm2_verdicts_of_real_ag_news(real_data, smollm2_t
     import itertools
 
     from qpo_middleware.training.dataset import Record
-    from qpo_middleware.training.policy import label_accuracy, label_routes
+    from qpo_middleware.training.policy import label_accuracy, label_routes, route_remap
     from qpo_middleware.training.targets import Pair
     from qpo_middleware.training.tasks import get_task
 
@@ -410,6 +438,22 @@ def test_route_distinct_on_smollm2_verdicts_of_real_ag_news(real_data, smollm2_t
 
     assert right(top) == pytest.approx(max(right(dict(zip(labels, p, strict=True)))
                                            for p in itertools.permutations(prompts)))
+
+    # Served at the policy's read rate: the map from routes to prompts with the most expected right answers on D0
+    # when a misread sends another topic's route in proportion to the topics' shares (checked against every map).
+    share = {label: weight[label] / sum(weight.values()) for label in labels}
+
+    def expected(serve: dict[str, str], read: float) -> float:
+        return sum(share[label] * (read * accuracy[(label, serve[top[label]])] + (1 - read) * sum(
+            share[other] / (1 - share[label]) * accuracy[(label, serve[top[other]])] for other in labels
+            if other != label)) for label in labels)
+
+    for read in (1.0, 0.6, 0.25):
+        served = route_remap(records, read, distinct=True)
+        assert sorted(served) == sorted(top.values()) and set(served.values()) <= set(prompts)
+        assert expected(served, read) == pytest.approx(max(
+            expected(dict(zip(sorted(served), combo, strict=True)), read)
+            for combo in itertools.product(prompts, repeat=len(served))))
 
 
 def test_build_examples_uses_the_conditioning_values(policy):

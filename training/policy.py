@@ -12,8 +12,11 @@ this module adds the tokens to a model, turns :class:`Record` s into
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
+import statistics
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -333,6 +336,27 @@ def _distinct_best(records: Sequence[Record], by_label: Mapping[tuple[str | None
     return chosen
 
 
+def _route_records(records: Sequence[Record], *, without_steering: bool, without_leaning: bool) -> list[Record]:
+    """D0's records of the prompts ``label_route`` may route to: all of them, or those of the prompts that do not
+    steer (``without_steering``) or do not even lean (``without_leaning``) the target to one label."""
+    if not records:
+        raise ValueError("label_route draws its routes from D0's scored records, and there are none yet: run "
+                         "`qpo collect` (or let it finish) first.")
+    if not (without_steering or without_leaning):
+        return list(records)
+    _require_labels(records, "label_route")
+    line, verb = (LEAN_REACH, "leans") if without_leaning else (STEER_REACH, "steers")
+    left_out = steering_prompts(records, line)
+    ranked = [r for r in records if r.prompt not in left_out]
+    if not ranked:
+        raise ValueError(f"Every one of the {len(left_out)} prompts in D0 {verb} the target to one label, so "
+                         f"route_without_{'leaning' if without_leaning else 'steering'} leaves no route; grow "
+                         "the pool (qpo collect --mutate N or --induce N) or train without it.")
+    logger.info("label_route: %d of %d prompts %s the target to one label on D0 and are left out of the routes",
+                len(left_out), len({r.prompt for r in records}), verb.removesuffix("s"))
+    return ranked
+
+
 def label_routes(records: Sequence[Record], *, without_steering: bool = False,
                  without_leaning: bool = False, distinct: bool = False) -> dict[tuple[str, float], str]:
     """``label_route``'s routes from D0: ``(label, 1.0)`` -> the label's best prompt and ``(label, 0.0)`` -> its
@@ -340,21 +364,7 @@ def label_routes(records: Sequence[Record], *, without_steering: bool = False,
     the prompts that do not steer the target (:func:`steering_prompts`), ``without_leaning`` only those that do not
     lean it either (:data:`~.tasks.LEAN_REACH`). ``distinct`` gives each label a different best prompt
     (:func:`_distinct_best`), so no top route stands for two labels."""
-    if not records:
-        raise ValueError("label_route draws its routes from D0's scored records, and there are none yet: run "
-                         "`qpo collect` (or let it finish) first.")
-    ranked = records
-    if without_steering or without_leaning:
-        _require_labels(records, "label_route")
-        line, verb = (LEAN_REACH, "leans") if without_leaning else (STEER_REACH, "steers")
-        left_out = steering_prompts(records, line)
-        ranked = [r for r in records if r.prompt not in left_out]
-        if not ranked:
-            raise ValueError(f"Every one of the {len(left_out)} prompts in D0 {verb} the target to one label, so "
-                             f"route_without_{'leaning' if without_leaning else 'steering'} leaves no route; grow "
-                             "the pool (qpo collect --mutate N or --induce N) or train without it.")
-        logger.info("label_route: %d of %d prompts %s the target to one label on D0 and are left out of the routes",
-                    len(left_out), len({r.prompt for r in records}), verb.removesuffix("s"))
+    ranked = _route_records(records, without_steering=without_steering, without_leaning=without_leaning)
     standing = pool_label_standing(ranked)
     ends = {(label, value): prompt for (label, prompt), value in standing.items() if value in (0.0, 1.0)}
     if distinct:
@@ -371,6 +381,74 @@ def label_routes(records: Sequence[Record], *, without_steering: bool = False,
     logger.info("label_route: routes %s", "; ".join(
         f"{label} -> {brief_repr(prompt, 60)}" for (label, value), prompt in sorted(ends.items()) if value == 1.0))
     return ends
+
+
+def route_remap(records: Sequence[Record], read: float, *, without_steering: bool = False,
+                without_leaning: bool = False, distinct: bool = False,
+                exhaustive_limit: int = 200_000) -> dict[str, str]:
+    """The prompt to send for each ``label_route`` route when the trained policy picks the route of the query's
+    gold label only a share ``read`` of the time (a label-only measure: the route read on a dev split), and
+    otherwise another label's, in proportion to the labels' shares of D0. ``route -> prompt`` over the routes of
+    :func:`label_routes` (same lines), choosing among the same prompts the map with the most expected right answers
+    on D0 (:func:`label_accuracy`; a label never scored with a prompt counts at its mean accuracy). At ``read`` 1
+    each route sends the prompt best on D0 for the labels it stands for (a ``distinct`` route may go back to the
+    prompt another route sends: distinct routes help the policy learn to read the label, not the target answer);
+    as ``read`` falls, routes that fail off their own label give way to prompts that hold up on every label, down
+    to the best single prompt.
+    The map is searched whole (``len(prompts) ** len(routes)`` maps, up to ``exhaustive_limit``), else improved
+    one route at a time from the identity; ties keep the trained route."""
+    if not 0.0 <= read <= 1.0:
+        raise ValueError(f"read is the share of queries the policy sends their label's route: a number in [0, 1]; "
+                         f"got {read!r}.")
+    ends = label_routes(records, without_steering=without_steering, without_leaning=without_leaning,
+                        distinct=distinct)
+    ranked = _route_records(records, without_steering=without_steering, without_leaning=without_leaning)
+    route_of = {label: prompt for (label, value), prompt in ends.items() if value == 1.0}
+    labels = sorted(route_of, key=str)
+    counts = Counter(r.label for r in {r.query_id: r for r in ranked}.values())
+    total = sum(counts[label] for label in labels)
+    share = {label: counts[label] / total for label in labels}
+    by_label = label_accuracy(ranked)
+    label_mean = {label: statistics.fmean(r.correct for r in ranked if r.label == label) for label in labels}
+    routes = sorted(set(route_of.values()))
+    prompts = sorted({r.prompt for r in ranked})
+
+    def accuracy(label: str, prompt: str) -> float:
+        return by_label.get((label, prompt), label_mean[label])
+
+    def expected(serve: Mapping[str, str]) -> float:
+        total_right = 0.0
+        for label in labels:
+            rest = 1.0 - share[label]
+            for other in labels:
+                if other == label:
+                    weight = read if rest > 0 else 1.0
+                else:
+                    weight = (1.0 - read) * share[other] / rest if rest > 0 else 0.0
+                total_right += share[label] * weight * accuracy(label, serve[route_of[other]])
+        return total_right
+
+    best = {route: route for route in routes}
+    best_value = expected(best)
+    if len(prompts) ** len(routes) <= exhaustive_limit:
+        for combo in itertools.product(prompts, repeat=len(routes)):
+            serve = dict(zip(routes, combo, strict=True))
+            if (value := expected(serve)) > best_value + 1e-12:
+                best, best_value = serve, value
+    else:
+        improved = True
+        while improved:
+            improved = False
+            for route in routes:
+                for prompt in prompts:
+                    serve = {**best, route: prompt}
+                    if (value := expected(serve)) > best_value + 1e-12:
+                        best, best_value, improved = serve, value, True
+    for route, prompt in best.items():
+        if prompt != route:
+            logger.info("label_route: at a route read of %.0f%%, the route %s sends %s instead", 100 * read,
+                        brief_repr(route, 40), brief_repr(prompt, 40))
+    return best
 
 
 def label_route_data(records: Sequence[Record], *, without_steering: bool = False, without_leaning: bool = False,
