@@ -423,6 +423,9 @@ def test_policy_choices_give_a_base_reference_the_recipe_seed_and_rescore_new_in
     first = choose(1, "choices-1.json")  # the same inputs: served from the cache without a model
     monkeypatch.setattr(offline, "load_policy", lambda *a, **k: pytest.fail("the cache should have served"))
     assert choose(1, "choices-1.json") == first
+    (tmp_path / "link").symlink_to(run_dir)  # the same run through another path (a ``runs`` link): served too
+    assert offline.policy_choices(tmp_path / "link", queries, prompts, tmp_path / "choices-1.json",
+                                  rules=("dpo_ratio",), reference=tiny_base, seed=1) == first
     monkeypatch.undo()
     again = choose(1, "choices-1.json", prompts[:2])  # other prompts: scored again, never stale indices
     assert len(again["logps"]["top"][0]) == 2 and again["inputs"] != first["inputs"]

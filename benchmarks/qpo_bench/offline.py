@@ -242,12 +242,18 @@ def policy_choices(run_dir: Path, queries: list[str], prompts: list[str], cache:
     as in training. The cache serves only the same queries, prompts, reference and seed, with every rule asked."""
     from qpo_middleware.training.preference import candidate_logps
 
-    inputs = hashlib.sha256(json.dumps([queries, prompts, reference, seed, str(final_checkpoint(run_dir))],
-                                       ensure_ascii=False).encode("utf-8")).hexdigest()
+    def key(checkpoint: str) -> str:
+        return hashlib.sha256(json.dumps([queries, prompts, reference, seed, checkpoint],
+                                         ensure_ascii=False).encode("utf-8")).hexdigest()
+
+    # The checkpoint by its place in the run, so the same run read through another path (a ``runs`` link) is
+    # served; caches keyed on the path as given (before this key) are served too.
+    checkpoint = final_checkpoint(run_dir)
+    inputs, as_given = key(checkpoint.relative_to(run_dir).as_posix()), key(str(checkpoint))
     wanted = [r for r in rules if (r != "dpo_ratio" or reference is not None) and r != "choose"]
     if cache.is_file():
         cached = json.loads(cache.read_text(encoding="utf-8"))
-        if cached.get("inputs") == inputs and all(r in cached for r in wanted):
+        if cached.get("inputs") in (inputs, as_given) and all(r in cached for r in wanted):
             return with_choose(cached, run_dir, prompts) if "choose" in rules else cached
         logger.info("%s was made for other inputs or rules; scoring again", cache)
     # The policy format (buckets, token budgets) is the same in every recipe: TRAIN's.
