@@ -364,7 +364,12 @@ def label_routes(records: Sequence[Record], *, without_steering: bool = False,
     the prompts that do not steer the target (:func:`steering_prompts`), ``without_leaning`` only those that do not
     lean it either (:data:`~.tasks.LEAN_REACH`). ``distinct`` gives each label a different best prompt
     (:func:`_distinct_best`), so no top route stands for two labels."""
-    ranked = _route_records(records, without_steering=without_steering, without_leaning=without_leaning)
+    return _routes_among(_route_records(records, without_steering=without_steering, without_leaning=without_leaning),
+                         distinct)
+
+
+def _routes_among(ranked: Sequence[Record], distinct: bool) -> dict[tuple[str, float], str]:
+    """:func:`label_routes` on the records of the prompts it may route to (:func:`_route_records`)."""
     standing = pool_label_standing(ranked)
     ends = {(label, value): prompt for (label, prompt), value in standing.items() if value in (0.0, 1.0)}
     if distinct:
@@ -400,9 +405,8 @@ def route_remap(records: Sequence[Record], read: float, *, without_steering: boo
     if not 0.0 <= read <= 1.0:
         raise ValueError(f"read is the share of queries the policy sends their label's route: a number in [0, 1]; "
                          f"got {read!r}.")
-    ends = label_routes(records, without_steering=without_steering, without_leaning=without_leaning,
-                        distinct=distinct)
     ranked = _route_records(records, without_steering=without_steering, without_leaning=without_leaning)
+    ends = _routes_among(ranked, distinct)
     route_of = {label: prompt for (label, value), prompt in ends.items() if value == 1.0}
     labels = sorted(route_of, key=str)
     counts = Counter(r.label for r in {r.query_id: r for r in ranked}.values())
