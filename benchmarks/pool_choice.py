@@ -38,6 +38,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from quality import DEFAULT_MODEL, reuse_d0
 
 from qpo_bench.environment import code_version, environment
@@ -57,12 +58,13 @@ from qpo_bench.offline import (
     steering_check,
     train_recipes,
 )
+from qpo_middleware.choice import RouteTable
 from qpo_middleware.training.collect import collect, score_pairs
 from qpo_middleware.training.config import CollectConfig
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.loops import completed_loops
-from qpo_middleware.training.policy import label_routes, route_remap
+from qpo_middleware.training.policy import label_routes, route_remap, route_table
 from qpo_middleware.training.run import Run, RunPaths
 from qpo_middleware.training.selector import Selector
 from qpo_middleware.training.targets import Score
@@ -253,14 +255,26 @@ def main() -> None:
     seconds: dict[str, dict[str, float]] = {"dev": {}, "test": {}}
     gold = {split: [run.task.gold_text(e) for e in examples[split]] for split in examples}
     remaps: dict[str, dict[str, Any]] = {}  # label_route recipes: rule "remap", set from dev's route read
+    tables: dict[str, RouteTable] = {}  # ... and rule "posterior", its temperature fit on dev's labels
+
+    def route_sent(rule: str, recipe: str, split: str, likely: list[str]) -> list[str]:
+        """What a route rule sends to ``split``'s queries, from the recipe's likelihood picks and policy scores."""
+        if rule == "remap":
+            out = [remaps[recipe]["serve"].get(p, p) for p in likely]
+        else:
+            out = posterior_picks(tables[recipe], policy_logps[f"{split}:{recipe}"]["top"], prompts)
+        picked[f"{split}:qpo_{recipe}_{rule}"] = Counter(source[p] for p in out)
+        return out
+
     for recipe in recipes:
         qpo, seconds["dev"][recipe] = qpo_picks(recipe, "dev")
         sent |= qpo
         if (likely := qpo.get(f"qpo_{recipe}_likelihood")) is not None and \
                 (remap := remap_routes(recipe, d0, likely, gold["dev"])) is not None:
             remaps[recipe] = remap
-            sent[f"qpo_{recipe}_remap"] = [remap["serve"].get(p, p) for p in likely]
-            picked[f"dev:qpo_{recipe}_remap"] = Counter(source[p] for p in sent[f"qpo_{recipe}_remap"])
+            tables[recipe] = posterior_table(recipe, d0, policy_logps[f"dev:{recipe}"]["top"], prompts, gold["dev"])
+            for rule in ROUTE_RULES:
+                sent[f"qpo_{recipe}_{rule}"] = route_sent(rule, recipe, "dev", likely)
     dev, sent_dev = hits("dev", sent) | bounds("dev"), sent  # sent_dev: the route reads below need dev's picks
     dev_scores = {k: statistics.fmean(v) for k, v in dev.items()}
     qpo_dev = {k: v for k, v in dev_scores.items() if k.startswith("qpo_")}
@@ -274,12 +288,11 @@ def main() -> None:
     for recipe in dict.fromkeys(r for r in test_recipes if r in recipes):  # each with its best rule on dev
         rule = max((k for k in qpo_dev if k.removeprefix(f"qpo_{recipe}_") in RULES + ROUTE_RULES),
                    key=qpo_dev.__getitem__).removeprefix(f"qpo_{recipe}_")
-        if rule == "remap":  # the likelihood picks, sent through dev's remap; only the remap row is scored
+        if rule in ROUTE_RULES:  # from the likelihood pass, with what dev set; only the rule's row is scored
             qpo, seconds["test"][recipe] = qpo_picks(recipe, "test", ("likelihood",))
             likely = qpo.pop(f"qpo_{recipe}_likelihood")
             del picked[f"test:qpo_{recipe}_likelihood"]
-            qpo[f"qpo_{recipe}_remap"] = [remaps[recipe]["serve"].get(p, p) for p in likely]
-            picked[f"test:qpo_{recipe}_remap"] = Counter(source[p] for p in qpo[f"qpo_{recipe}_remap"])
+            qpo[f"qpo_{recipe}_{rule}"] = route_sent(rule, recipe, "test", likely)
         else:
             qpo, seconds["test"][recipe] = qpo_picks(recipe, "test", (rule,))
         sent |= qpo
@@ -319,6 +332,9 @@ def main() -> None:
         # ... and what rule "remap" sent for each route at that read on dev (training.policy.route_remap)
         "route_remaps": {r: {"read": m["read"], "serve": {source[k]: source[v] for k, v in m["serve"].items()}}
                          for r, m in remaps.items()},
+        # ... and the table rule "posterior" decides by (choice.RouteTable), its temperature fit on dev's labels
+        "route_tables": {r: {**t.to_dict(), "routes": [source[p] for p in t.routes],
+                             "prompts": [source[p] for p in t.prompts]} for r, t in tables.items()},
         # Each recipe's loops as run_loops recorded them (loop 2: the pairs it sampled, scored and kept).
         "recipe_loops": {r: [m.to_dict() for m in completed_loops(recipe_dir(runs, r, suffix))] for r in recipes},
         "timings": {**timings, "total_seconds": time.perf_counter() - started},
@@ -341,18 +357,40 @@ def main() -> None:
     print((out / "report.md").read_text(encoding="utf-8"))
 
 
+def recipe_route_lines(recipe: str) -> dict[str, bool]:
+    """The lines a recipe's ``label_route`` training drew its routes with (label_routes' keyword arguments)."""
+    train = RECIPES[recipe]["train"]
+    return {"without_steering": bool(train.get("route_without_steering")),
+            "without_leaning": bool(train.get("route_without_leaning")), "distinct": bool(train.get("route_distinct"))}
+
+
 def recipe_routes(recipe: str, d0: list[Any], read: float | None = None) -> dict[str, str] | None:
     """A ``label_route`` recipe's routes as training drew them from D0 (``label -> prompt``), or with ``read`` the
     prompt each route sends at that route read (:func:`~qpo_middleware.training.policy.route_remap`); None for
     another recipe."""
-    train = RECIPES[recipe]["train"]
-    if train.get("conditioning") != "label_route":
+    if RECIPES[recipe]["train"].get("conditioning") != "label_route":
         return None
-    lines = {"without_steering": bool(train.get("route_without_steering")),
-             "without_leaning": bool(train.get("route_without_leaning")), "distinct": bool(train.get("route_distinct"))}
+    lines = recipe_route_lines(recipe)
     if read is not None:
         return route_remap(d0, read, **lines)
     return {label: prompt for (label, value), prompt in label_routes(d0, **lines).items() if value == 1.0}
+
+
+def posterior_table(recipe: str, d0: list[Any], top: list[list[float]], prompts: list[str],
+                    golds: list[str]) -> RouteTable:
+    """Rule ``posterior`` for a ``label_route`` recipe: its :func:`~qpo_middleware.training.policy.route_table`, the
+    temperature fit on dev's labels (no target call) from the policy's top-token scores of the routes (``top``:
+    queries x ``prompts``)."""
+    table = route_table(d0, **recipe_route_lines(recipe))
+    route_scores = np.asarray(top)[:, [prompts.index(p) for p in table.routes]]
+    rows = [i for i, g in enumerate(golds) if g in table.labels]
+    return table.fit_temperature(route_scores[rows], [table.labels.index(golds[i]) for i in rows])
+
+
+def posterior_picks(table: RouteTable, top: list[list[float]], prompts: list[str]) -> list[str]:
+    """The prompt rule ``posterior`` sends each query: the most expected right answers under the label posterior."""
+    route_scores = np.asarray(top)[:, [prompts.index(p) for p in table.routes]]
+    return [table.prompts[i] for i in table.pick(route_scores)]
 
 
 def remap_routes(recipe: str, d0: list[Any], picks: list[str], golds: list[str]) -> dict[str, Any] | None:
@@ -397,11 +435,16 @@ def route_lines(results: dict[str, Any]) -> list[str]:
               + ("; ".join(f"`{route}` sends `{prompt}`" for route, prompt in m["serve"].items() if route != prompt)
                  or "every route sends its own prompt")
               for recipe, m in (results.get("route_remaps") or {}).items()]
+    tables = [f"- `{recipe}`: temperature {t['temperature']:g}; routes " + ", ".join(f"`{r}`" for r in t["routes"])
+              + f"; {len(t['prompts'])} prompts to send" for recipe, t in (results.get("route_tables") or {}).items()]
     return ["", "Route reads (label_route recipes: the share of queries sent their gold label's route, as training drew "
                 "the routes from D0; in brackets, sent any label's route):", "",
             "| method | dev | test |", "|---|---:|---:|", *[f"| {m} | {cell(d)} | {cell(t)} |" for m, d, t in rows],
             *(["", "Rule `remap` (the likelihood pick, each route sending the prompt with the most expected right "
-                   "answers on D0 at the policy's route read on dev):", "", *remaps] if remaps else [])]
+                   "answers on D0 at the policy's route read on dev):", "", *remaps] if remaps else []),
+            *(["", "Rule `posterior` (per query, the prompt with the most expected right answers on D0 under the label "
+                   "posterior the policy's route scores give; temperature fit on dev's labels):", "", *tables]
+              if tables else [])]
 
 
 def leakage_line(results: dict[str, Any]) -> str:

@@ -20,11 +20,17 @@ chunk of candidates reads every candidate token's log-probability over the whole
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .decoder import OnnxDecoder
+from .policy_format import brief_repr
+
+if TYPE_CHECKING:  # the route table is read by training and the library without loading ONNX Runtime
+    from .decoder import OnnxDecoder
 
 # The most float32 logits one candidate pass may return (rows x tokens x vocab): 64 MB.
 LOGITS_BUDGET = 1 << 24
@@ -83,3 +89,118 @@ def candidate_logps(decoder: OnnxDecoder, context: Sequence[int], candidates: Se
 def choose(scores: np.ndarray, offsets: np.ndarray | None) -> int:
     """The index of the best candidate by ``scores - offsets`` (the first of ties)."""
     return int(np.argmax(scores if offsets is None else scores - offsets))
+
+
+# The temperatures RouteTable.fit_temperature tries: the route scores are whole-prompt log-probabilities, often tens
+# of nats apart, so the useful range is wide.
+TEMPERATURE_GRID = tuple(2.0**k for k in range(-3, 7))
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """What to send when a ``label_route`` policy's route scores say which label a query has.
+
+    A ``label_route`` policy learned to write (or, constrained to its routes, pick) the prompt that D0 found best
+    for the query's label. Read as a classifier, its route scores give a posterior over labels::
+
+        p(route | query) = softmax(route scores / temperature)
+        p(label | query) = p(route of label | query) * share(label) / share(labels of that route)
+
+    and the prompt sent is the one with the most expected right answers under it::
+
+        pick = argmax_prompt  sum_label p(label | query) * accuracy[label][prompt]
+
+    ``accuracy`` is the target's accuracy with each prompt on D0's queries of each label. A confident read sends
+    the label's specialist; an unsure one a prompt that holds up on the labels in doubt. ``temperature``
+    calibrates the scores (:meth:`fit_temperature`, on labelled queries: no target call).
+    """
+
+    labels: tuple[str, ...]
+    shares: tuple[float, ...]  # each label's share of D0's queries
+    routes: tuple[str, ...]  # the route prompts, in the order of the scores passed in
+    route_labels: tuple[tuple[int, ...], ...]  # per route, the labels (indices) it stands for
+    prompts: tuple[str, ...]  # the prompts that may be sent
+    accuracy: tuple[tuple[float, ...], ...]  # labels x prompts
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(rule: str) -> ValueError:
+            return ValueError(f"RouteTable: {rule}; rebuild it from the run's D0 (qpo export).")
+
+        if not self.labels or len(self.shares) != len(self.labels):
+            raise bad("labels and shares must be non-empty and the same length")
+        if not all(isinstance(s, int | float) and math.isfinite(s) and s > 0 for s in self.shares):
+            raise bad("every label share must be a number > 0")
+        if not self.routes or len(self.route_labels) != len(self.routes):
+            raise bad("routes and route_labels must be non-empty and the same length")
+        covered = [i for group in self.route_labels for i in group]
+        if sorted(covered) != list(range(len(self.labels))):
+            raise bad("every label must stand under exactly one route")
+        if not self.prompts or len(self.accuracy) != len(self.labels) or \
+                any(len(row) != len(self.prompts) for row in self.accuracy):
+            raise bad("accuracy must hold one row per label and one column per prompt")
+        if not all(isinstance(a, int | float) and 0.0 <= a <= 1.0 for row in self.accuracy for a in row):
+            raise bad("every accuracy must be a number in [0, 1]")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not (math.isfinite(t) and t > 0):
+            raise bad(f"temperature must be a number > 0, not {t!r}")
+
+    def label_posterior(self, route_scores: np.ndarray) -> np.ndarray:
+        """``p(label | query)`` for route scores of shape ``(..., len(routes))``: shape ``(..., len(labels))``."""
+        scores = np.asarray(route_scores, dtype=np.float64)
+        if scores.shape[-1] != len(self.routes):
+            raise ValueError(f"RouteTable: expected {len(self.routes)} route scores per query, got {scores.shape[-1]}.")
+        shifted = scores / self.temperature
+        shifted = shifted - shifted.max(axis=-1, keepdims=True)
+        route_p = np.exp(shifted)
+        route_p /= route_p.sum(axis=-1, keepdims=True)
+        shares = np.asarray(self.shares, dtype=np.float64)
+        split = np.zeros((len(self.routes), len(self.labels)))  # route -> its labels, by share
+        for r, group in enumerate(self.route_labels):
+            split[r, list(group)] = shares[list(group)] / shares[list(group)].sum()
+        return route_p @ split
+
+    def expected(self, route_scores: np.ndarray) -> np.ndarray:
+        """Each prompt's expected accuracy for each query: shape ``(..., len(prompts))``."""
+        return self.label_posterior(route_scores) @ np.asarray(self.accuracy, dtype=np.float64)
+
+    def pick(self, route_scores: np.ndarray) -> np.ndarray:
+        """The index (into ``prompts``) of the prompt with the most expected right answers (the first of ties)."""
+        return np.argmax(self.expected(route_scores), axis=-1)
+
+    def fit_temperature(self, route_scores: np.ndarray, gold: Sequence[int],
+                        grid: Sequence[float] = TEMPERATURE_GRID) -> RouteTable:
+        """A copy with the temperature from ``grid`` under which the route scores give the gold labels (indices
+        into ``labels``) the most likelihood: calibrated on labelled queries, with no target call."""
+        scores = np.asarray(route_scores, dtype=np.float64)
+        if scores.ndim != 2 or len(scores) != len(gold) or not len(gold):
+            raise ValueError(f"fit_temperature needs one row of route scores per gold label; got {scores.shape} "
+                             f"scores and {len(gold)} labels.")
+        rows = np.arange(len(gold))
+
+        def loglik(t: float) -> float:
+            posterior = replace(self, temperature=t).label_posterior(scores)
+            return float(np.log(np.maximum(posterior[rows, list(gold)], 1e-12)).mean())
+
+        return replace(self, temperature=max(grid, key=loglik))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": list(self.labels), "shares": list(self.shares), "routes": list(self.routes),
+                "route_labels": [list(g) for g in self.route_labels], "prompts": list(self.prompts),
+                "accuracy": [list(row) for row in self.accuracy], "temperature": self.temperature}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RouteTable:
+        known = {"labels", "shares", "routes", "route_labels", "prompts", "accuracy", "temperature"}
+        if not isinstance(data, Mapping) or set(data) - known or not {"labels", "routes", "prompts"} <= set(data):
+            raise ValueError(f"RouteTable: expected an object with fields {sorted(known)}; got {brief_repr(data)}.")
+        try:
+            return cls(labels=tuple(map(str, data["labels"])), shares=tuple(data["shares"]),
+                       routes=tuple(map(str, data["routes"])),
+                       route_labels=tuple(tuple(int(i) for i in g) for g in data["route_labels"]),
+                       prompts=tuple(map(str, data["prompts"])),
+                       accuracy=tuple(tuple(row) for row in data["accuracy"]),
+                       temperature=data.get("temperature", 1.0))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"RouteTable: malformed field ({error}); rebuild it from the run's D0 (qpo export).") \
+                from error

@@ -15,8 +15,10 @@ never output.
 With the ``choose`` strategy (:mod:`qpo_middleware.choice`) the library is also the set the policy
 chooses from: each prompt may carry an ``offset``, the mean log-probability of the prompt under the
 policy's DPO reference over training queries, subtracted from the policy's score so that a prompt
-the reference already favoured on every query gets no credit for that. This module is the one
-definition of the library file.
+the reference already favoured on every query gets no credit for that. A policy trained on label routes
+carries a route table instead (``routes``, :class:`~qpo_middleware.choice.RouteTable`): 'choose' scores
+only the routes and sends the library prompt with the most expected right answers under the label
+posterior they give. This module is the one definition of the library file.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import BundleError
+from .choice import RouteTable
 from .policy_format import PolicyFormat, brief_repr
 
 LIBRARY_FILE = "library.json"
 LIBRARY_FORMAT = "qpo-prompt-library"
-LIBRARY_VERSION = 2  # 2 added the optional per-prompt "offset"; version 1 files are still read
-READ_VERSIONS = (1, 2)
+# 2 added the optional per-prompt "offset", 3 the optional top-level "routes"; older files are still read
+LIBRARY_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 MAX_LIBRARY_PROMPTS = 1_000_000
 # Prompt lookup: the longest and shortest suffix of a row that is looked up in the library, and the most
 # tokens such a guess drafts (a guess from 2-3 tokens is often wrong, and a wide pass that is rejected costs more
@@ -85,19 +89,38 @@ def build_library(prompts: Mapping[str, int], policy: PolicyFormat, tokenize: Ca
     return sorted(entries, key=lambda e: (-e.count, e.text))
 
 
-def write_library(path: str | os.PathLike[str], entries: Iterable[LibraryPrompt]) -> None:
-    """Write ``library.json`` (the caller makes the write atomic: export writes into a staging directory)."""
+def write_library(path: str | os.PathLike[str], entries: Iterable[LibraryPrompt],
+                  routes: RouteTable | None = None) -> None:
+    """Write ``library.json`` (the caller makes the write atomic: export writes into a staging directory), with
+    ``routes`` when given (every prompt it names must be an entry)."""
+    entries = list(entries)
+    if routes is not None and (missing := _unlisted(routes, entries)):
+        raise ValueError(f"The route table names {len(missing)} prompt(s) the library does not hold, e.g. "
+                         f"{brief_repr(missing[0])}; build the library from the same run as the routes.")
     data = {
         "format": LIBRARY_FORMAT,
         "version": LIBRARY_VERSION,
         "prompts": [{"text": e.text, "ids": list(e.ids), "count": e.count,
                      **({} if e.offset is None else {"offset": e.offset})} for e in entries],
+        **({} if routes is None else {"routes": routes.to_dict()}),
     }
     Path(path).write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
 
 
+def _unlisted(routes: RouteTable, entries: Sequence[LibraryPrompt]) -> list[str]:
+    texts = {e.text for e in entries}
+    return [text for text in (*routes.routes, *routes.prompts) if text not in texts]
+
+
 def read_library(path: str | os.PathLike[str], *, vocab_size: int, max_ids: int) -> list[LibraryPrompt]:
-    """Read and validate ``library.json``: every id inside the vocabulary, at most ``max_ids`` ids per prompt.
+    """Read and validate ``library.json``'s prompts (:func:`load_library` without the route table)."""
+    return load_library(path, vocab_size=vocab_size, max_ids=max_ids)[0]
+
+
+def load_library(path: str | os.PathLike[str], *, vocab_size: int,
+                 max_ids: int) -> tuple[list[LibraryPrompt], RouteTable | None]:
+    """Read and validate ``library.json``: every id inside the vocabulary, at most ``max_ids`` ids per prompt; and
+    its route table, if it has one, naming only library prompts.
 
     Raises :class:`BundleError` naming what is wrong. The checksum is checked with the other bundle files.
     """
@@ -140,7 +163,17 @@ def read_library(path: str | os.PathLike[str], *, vocab_size: int, max_ids: int)
     with_offset = {e.offset is None for e in entries}
     if len(with_offset) > 1:
         raise bad("either every prompt has an offset or none has")
-    return entries
+    if set(data) - {"format", "version", "prompts", *(("routes",) if version >= 3 else ())}:
+        raise bad(f"unknown field(s) {brief_repr(sorted(set(data) - {'format', 'version', 'prompts', 'routes'}))}")
+    routes = None
+    if "routes" in data:
+        try:
+            routes = RouteTable.from_dict(data["routes"])
+        except ValueError as exc:
+            raise bad(f"routes: {exc}") from exc
+        if missing := _unlisted(routes, entries):
+            raise bad(f"routes name {len(missing)} prompt(s) the library does not hold, e.g. {brief_repr(missing[0])}")
+    return entries, routes
 
 
 class _Node:

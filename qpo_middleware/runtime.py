@@ -36,11 +36,11 @@ from tokenizers import Tokenizer
 
 from .batching import MicroBatcher, QueueFullError
 from .bundle import BundleError, GenerationConfig, Manifest, load_manifest
-from .choice import candidate_logps, choose
+from .choice import RouteTable, candidate_logps, choose
 from .config import Provider, RuntimeConfig, ort  # ort: ONNX Runtime, imported with the install fix
 from .decoder import OnnxDecoder, make_session, session_providers
 from .generator import Generator
-from .library import Drafter, LibraryPrompt, library_stats, read_library
+from .library import Drafter, LibraryPrompt, library_stats, load_library
 from .policy_format import PolicyFormat
 from .template import Template
 from .text import clean_prompt, finish_prompt, special_token_strings, strip_strings
@@ -210,16 +210,26 @@ class PromptOptimizer:
         self.library: dict[str, Any] | None = None
         self._choices: list[LibraryPrompt] = []  # what strategy 'choose' picks from: the library
         self._offsets: np.ndarray | None = None
+        # A label_route policy's route table: 'choose' scores only the routes and sends by the table.
+        self._routes: RouteTable | None = None
+        self._route_ids: list[tuple[int, ...]] = []
+        self._send_ids: list[tuple[int, ...]] = []
         if manifest.library_path is not None:
-            entries = read_library(manifest.library_path, vocab_size=manifest.model.vocab_size,
-                                   max_ids=manifest.policy.prompt_max_tokens + 1)
+            entries, self._routes = load_library(manifest.library_path, vocab_size=manifest.model.vocab_size,
+                                                 max_ids=manifest.policy.prompt_max_tokens + 1)
             self.library = library_stats(entries)
             self._choices = _distinct_choices(entries)
             if entries and entries[0].offset is not None:
                 self._offsets = np.array([e.offset for e in self._choices], dtype=np.float64)
             if config.speculative:
                 self.drafter = Drafter(entries)
+            if self._routes is not None:
+                ids_of = {e.text: e.ids for e in entries}
+                self._route_ids = [ids_of[text] for text in self._routes.routes]
+                self._send_ids = [ids_of[text] for text in self._routes.prompts]
         self._choice_text = {e.ids: e.text for e in self._choices}
+        if self._routes is not None:  # the table sends its prompts by text, whatever other prompt shares cut ids
+            self._choice_text |= dict(zip(self._send_ids, self._routes.prompts, strict=True))
         if manifest.generation.strategy == "choose" and not self._choices:
             raise BundleError(f"{manifest.root}: generation.strategy is 'choose' but the bundle has no prompt library "
                               "to choose from; re-export it from a run directory with `qpo export --strategy choose`.")
@@ -323,11 +333,14 @@ class PromptOptimizer:
                     "send the query on without a prompt."
                 )
 
-        candidates = [e.ids for e in self._choices]
+        candidates = self._route_ids or [e.ids for e in self._choices]
         out = []
         for row in rows:
             scores = candidate_logps(self.decoder, row, candidates, pad_token_id=self.policy.pad_token_id, check=check)
-            out.append(list(candidates[choose(scores, self._offsets)]))
+            if self._routes is not None:  # the prompt with the most expected right answers under the label posterior
+                out.append(list(self._send_ids[int(self._routes.pick(scores))]))
+            else:
+                out.append(list(candidates[choose(scores, self._offsets)]))
         with self._counts_lock:
             self._decode_counts["choices"] += len(rows)
         return out
@@ -604,6 +617,10 @@ class PromptOptimizer:
             "provider": self.provider,
             "io_binding": self.decoder.io_binding,
             "library": self.library,
+            # label_route bundles: 'choose' scores these routes and sends by the table (None: the whole library)
+            "routes": None if self._routes is None else {"routes": len(self._routes.routes),
+                                                         "prompts": len(self._routes.prompts),
+                                                         "labels": list(self._routes.labels)},
             "speculative": self.drafter is not None,
             "strategy": m.generation.strategy,
             "created_by": m.created_by,

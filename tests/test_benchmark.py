@@ -665,6 +665,18 @@ def test_pool_choice_route_reads_count_the_queries_sent_their_gold_labels_route(
     lines = module.route_lines({"route_reads": {"dev": reads, "test": {}},
                                 "route_remaps": {"label_route_top4": {"read": 0.5, "serve": {"C": "A", "B": "B"}}}})
     assert lines[-1] == "- `label_route_top4`: at a route read of 50.0% on dev, `C` sends `A`"
+    # Rule "posterior": the recipe's route table, its temperature fit on the gold labels from the route scores
+    # (columns B and C of the policy's scores over prompts A, B, C); a sure read sends its label's best prompt.
+    prompts = ["A", "B", "C"]
+    top = [[0.0, -9.0, 0.0], [0.0, -9.0, 0.0], [0.0, 0.0, -9.0], [0.0, 0.0, -9.0]]  # pos, pos, neg, neg: sure
+    table = module.posterior_table("label_route_top4", d0, top, prompts, golds)
+    assert table.routes == ("B", "C") and table.labels == ("neg", "pos") and table.temperature == 0.125
+    best = {label: table.prompts[max(range(3), key=table.accuracy[i].__getitem__)]
+            for i, label in enumerate(table.labels)}
+    assert module.posterior_picks(table, top, prompts) == [best[g] for g in golds]
+    lines = module.route_lines({"route_reads": {"dev": reads, "test": {}},
+                                "route_tables": {"label_route_top4": {**table.to_dict(), "temperature": 0.5}}})
+    assert lines[-1] == "- `label_route_top4`: temperature 0.5; routes `B`, `C`; 3 prompts to send"
 
 
 def test_label_router_routes_by_predicted_label_on_real_sst2(

@@ -132,7 +132,7 @@ def test_a_library_without_offsets_chooses_by_likelihood_and_no_library_cannot_c
 
 def test_library_offsets_are_validated_and_version_1_still_reads(tmp_path: Path, bundle: Path) -> None:
     data = json.loads((bundle / LIBRARY_FILE).read_text())
-    assert data["version"] == 2 and all("offset" in p for p in data["prompts"])
+    assert data["version"] == 3 and all("offset" in p for p in data["prompts"]) and "routes" not in data
     path = tmp_path / LIBRARY_FILE
     old = {**data, "version": 1, "prompts": [{k: v for k, v in p.items() if k != "offset"} for p in data["prompts"]]}
     path.write_text(json.dumps(old))
@@ -167,3 +167,113 @@ def test_choose_through_the_micro_batcher_cache_and_async_calls(bundle: Path, op
         assert served.optimize(QUERIES[0], strategy="generate").status == "rewritten"
     finally:
         served.close()
+
+
+def _table(**changes):
+    from qpo_middleware.choice import RouteTable
+
+    # Two labels of equal share. P is right on 88% of pos and 2% of neg, N the mirror image, G on 70% of both.
+    fields = {"labels": ("pos", "neg"), "shares": (0.5, 0.5), "routes": ("P", "N"), "route_labels": ((0,), (1,)),
+              "prompts": ("G", "N", "P"), "accuracy": ((0.70, 0.02, 0.88), (0.70, 0.88, 0.02))}
+    return RouteTable(**{**fields, **changes})
+
+
+def test_route_table_sends_the_specialist_only_when_the_read_is_sure() -> None:
+    # p = p(pos | query) = sigmoid(score_P - score_N). P's expected accuracy 0.86 p + 0.02 beats G's 0.70 above
+    # p = 0.791: at p = 0.8 the route P, at p = 0.75 the generalist G; N mirrors it.
+    table = _table()
+    sure, unsure = np.log(0.8 / 0.2), np.log(0.75 / 0.25)
+    scores = np.array([[sure, 0.0], [unsure, 0.0], [0.0, sure], [0.0, unsure]])
+    assert table.label_posterior(scores)[:, 0] == pytest.approx([0.8, 0.75, 0.2, 0.25])
+    assert [table.prompts[i] for i in table.pick(scores)] == ["P", "G", "N", "G"]
+    # A higher temperature makes every read less sure: the generalist everywhere.
+    assert [table.prompts[i] for i in _table(temperature=4.0).pick(scores)] == ["G"] * 4
+    with pytest.raises(ValueError, match="expected 2 route scores per query, got 3"):
+        table.pick(np.zeros((1, 3)))
+
+
+def test_a_shared_route_splits_its_labels_by_share() -> None:
+    from qpo_middleware.choice import RouteTable
+
+    # joy (0.3) and optimism (0.1) share route J; anger (0.6) has route A. A sure read of J is 75% joy.
+    table = RouteTable(labels=("anger", "joy", "optimism"), shares=(0.6, 0.3, 0.1), routes=("A", "J"),
+                       route_labels=((0,), (1, 2)), prompts=("A", "J", "O"),
+                       accuracy=((0.9, 0.1, 0.1), (0.1, 0.8, 0.1), (0.1, 0.5, 0.9)))
+    assert table.label_posterior(np.array([[0.0, 50.0]]))[0] == pytest.approx([0.0, 0.75, 0.25])
+    # J: 0.75 * 0.8 + 0.25 * 0.5 = 0.725 against O: 0.75 * 0.1 + 0.25 * 0.9 = 0.3
+    assert table.expected(np.array([[0.0, 50.0]]))[0] == pytest.approx([0.1, 0.725, 0.3])
+
+
+def test_route_table_temperature_is_fit_on_labels_and_round_trips() -> None:
+    from qpo_middleware.choice import RouteTable
+
+    table = _table()
+    scores = np.tile([4.0, 0.0], (10, 1))
+    assert table.fit_temperature(scores, [0] * 10).temperature == 0.125  # always right: as sharp as the grid goes
+    assert table.fit_temperature(scores, [0, 1] * 5).temperature == 64.0  # a coin: as flat as it goes
+    # Right on 8 of 10: the likelihood is highest where sigmoid(4 / T) is nearest 0.8 (T = 2.9): T = 4 beats T = 2
+    # (-0.513 against -0.527 per query).
+    assert table.fit_temperature(scores, [0] * 8 + [1] * 2).temperature == 4.0
+    with pytest.raises(ValueError, match="one row of route scores per gold label"):
+        table.fit_temperature(scores, [0])
+    fitted = table.fit_temperature(scores, [0] * 8 + [1] * 2)
+    assert RouteTable.from_dict(json.loads(json.dumps(fitted.to_dict()))) == fitted
+    with pytest.raises(ValueError, match="every label must stand under exactly one route"):
+        _table(route_labels=((0,), (0,)))
+    with pytest.raises(ValueError, match="accuracy must be a number in"):
+        _table(accuracy=((0.7, 0.02, 1.5), (0.7, 0.88, 0.02)))
+    with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        _table(temperature=0.0)
+    with pytest.raises(ValueError, match="expected an object with fields"):
+        RouteTable.from_dict({"labels": ["a"], "bogus": 1})
+
+
+def test_a_route_table_bundle_scores_the_routes_and_sends_by_the_table(tiny, tmp_path: Path) -> None:
+    """A label_route bundle: 'choose' scores only the table's routes (as training's candidate_logps does) and sends
+    the prompt the table picks from those scores, which need not be a route; the table travels in library.json."""
+    from dataclasses import replace
+
+    from _tiny import export_tiny
+
+    from qpo_middleware import PromptOptimizer
+    from qpo_middleware.choice import RouteTable
+    from qpo_middleware.library import load_library
+    from qpo_middleware.training.export import ExportError
+
+    routes = ["Classify the sentiment of this review.", "Is it positive or negative?"]
+    # A generalist ("Answer with one word.") beats either route unless the read is sure, so the pick depends on
+    # how far apart the two route scores are, not only on which is higher.
+    table = RouteTable(labels=("neg", "pos"), shares=(0.5, 0.5), routes=tuple(routes), route_labels=((0,), (1,)),
+                       prompts=("Answer with one word.", *routes), accuracy=((0.7, 0.95, 0.05), (0.7, 0.05, 0.95)))
+    scores = torch_scores(tiny, QUERIES, routes)
+    margins = np.abs(scores[:, 0] - scores[:, 1])
+    table = replace(table, temperature=float(np.median(margins)))  # some reads sure, some not, on this policy
+    expected = [table.prompts[i] for i in table.pick(scores)]
+    assert len(set(expected)) > 1
+
+    bundle = export_tiny(tiny, tmp_path / "routed", library=LIBRARY, routes=table)
+    optimizer = PromptOptimizer.from_bundle(bundle)
+    assert optimizer.info()["strategy"] == "choose"  # a route table makes 'choose' the default
+    assert optimizer.info()["routes"] == {"routes": 2, "prompts": 3, "labels": ["neg", "pos"]}
+    results = optimizer.optimize_batch(QUERIES)
+    assert [r.prompt for r in results] == expected
+    assert all(query in r.text for query, r in zip(QUERIES, results, strict=True))
+    assert load_library(bundle / LIBRARY_FILE, vocab_size=10**6, max_ids=13)[1] == table
+
+    # A table naming a prompt outside the library is refused at export and at load, with the fix named.
+    with pytest.raises(ExportError, match="does not hold"):
+        export_tiny(tiny, tmp_path / "bad", library={routes[0]: 1, routes[1]: 1}, routes=table)
+    assert not (tmp_path / "bad").exists()
+    data = json.loads((bundle / LIBRARY_FILE).read_text())
+    path = tmp_path / LIBRARY_FILE
+    path.write_text(json.dumps({**data, "routes": {**data["routes"], "prompts": ["not in the library"],
+                                                   "accuracy": [[0.5], [0.5]]}}))
+    with pytest.raises(BundleError, match="routes name 1 prompt"):
+        load_library(path, vocab_size=10**6, max_ids=13)
+    path.write_text(json.dumps({**data, "routes": {**data["routes"], "temperature": -1}}))
+    with pytest.raises(BundleError, match="temperature must be a number > 0"):
+        load_library(path, vocab_size=10**6, max_ids=13)
+    path.write_text(json.dumps({**data, "version": 2}))
+    with pytest.raises(BundleError, match="unknown field"):  # version 2 has no routes
+        load_library(path, vocab_size=10**6, max_ids=13)
+

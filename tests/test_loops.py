@@ -175,6 +175,12 @@ def test_label_route_conditioning_trains_two_imputed_examples_per_query(tmp_path
     assert not any(r.prompt_source.startswith("label_route") for r in records)
     assert RewardBuckets.from_dict(json.loads(RunPaths(tmp_path).buckets.read_text())) == RewardBuckets.even(
         4, "label_route")
+    # The checkpoint carries the route table its bundle sends by: the routes it trained on.
+    from qpo_middleware.training.export import read_route_table
+    from qpo_middleware.training.policy import route_table
+
+    assert read_route_table(RunPaths(tmp_path).checkpoint(1)) == route_table(records)
+    assert metrics[0].policy_strategy == "choose"
 
     # More labelled queries from the train pool (no target call): each gets the same two examples, none is in any
     # split of the run, and asking for more than the pool holds is refused with the fix named.

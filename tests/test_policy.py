@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from _tiny_policy import load_tokenizer, make_records, tiny_model
@@ -382,7 +383,7 @@ def test_route_remap_weighs_what_a_misread_costs(caplog):
     import logging
     from dataclasses import replace
 
-    from qpo_middleware.training.policy import label_routes, route_remap
+    from qpo_middleware.training.policy import label_routes, route_remap, route_table
 
     # 100 pos and 100 neg queries. P is right on 90 pos and 0 neg, N the mirror image, G on 70 of each; label
     # accuracies shrink a little towards each prompt's mean (P on pos: 0.883, on neg: 0.017). Routes: pos -> P,
@@ -401,6 +402,11 @@ def test_route_remap_weighs_what_a_misread_costs(caplog):
     # The search one route at a time finds the same map here.
     assert route_remap(records, 0.75, exhaustive_limit=0) == {"P": "G", "N": "G"}
     assert route_remap(records, 0.9, exhaustive_limit=0) == {"P": "P", "N": "N"}
+    # Per query: the table route_remap reads, with the same accuracies and shares.
+    table = route_table(records)
+    assert table.labels == ("neg", "pos") and table.shares == (0.5, 0.5) and table.routes == ("N", "P")
+    assert table.route_labels == ((0,), (1,)) and table.prompts == ("G", "N", "P")
+    assert table.accuracy[1][2] == pytest.approx(0.883, abs=1e-3) and table.accuracy[0][2] == pytest.approx(0.017, abs=1e-3)
     # A share, so a number in [0, 1]; the error says what it is.
     with pytest.raises(ValueError, match=r"share of queries the policy sends their label's route.*got 1.5"):
         route_remap(records, 1.5)
@@ -413,7 +419,7 @@ def test_route_distinct_on_smollm2_verdicts_of_real_ag_news(real_data, smollm2_t
     import itertools
 
     from qpo_middleware.training.dataset import Record
-    from qpo_middleware.training.policy import label_accuracy, label_routes, route_remap
+    from qpo_middleware.training.policy import label_accuracy, label_routes, route_remap, route_table
     from qpo_middleware.training.targets import Pair
     from qpo_middleware.training.tasks import get_task
 
@@ -447,6 +453,13 @@ def test_route_distinct_on_smollm2_verdicts_of_real_ag_news(real_data, smollm2_t
         return sum(share[label] * (read * accuracy[(label, serve[top[label]])] + (1 - read) * sum(
             share[other] / (1 - share[label]) * accuracy[(label, serve[top[other]])] for other in labels
             if other != label)) for label in labels)
+
+    # The same table per query: a sure read of a topic sends the prompt most often right on that topic.
+    table = route_table(records, distinct=True)
+    assert sorted(table.routes) == sorted(top.values()) and set(table.prompts) == set(prompts)
+    for label in labels:
+        sure = np.array([[50.0 if route == top[label] else 0.0 for route in table.routes]])
+        assert table.prompts[table.pick(sure)[0]] == max(prompts, key=lambda p: accuracy[(label, p)])
 
     for read in (1.0, 0.6, 0.25):
         served = route_remap(records, read, distinct=True)

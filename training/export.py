@@ -38,6 +38,7 @@ from qpo_middleware.bundle import (
     load_manifest,
     sha256_file,
 )
+from qpo_middleware.choice import RouteTable
 from qpo_middleware.library import LIBRARY_FILE, build_library, write_library
 from qpo_middleware.policy_format import PolicyFormat
 from qpo_middleware.template import Template
@@ -50,6 +51,8 @@ POLICY_META_NAME = "qpo_policy.json"
 POLICY_META_FORMAT = "qpo-policy-meta"
 CHOICE_OFFSETS_NAME = "qpo_choice_offsets.json"
 CHOICE_OFFSETS_FORMAT = "qpo-choice-offsets"
+ROUTE_TABLE_NAME = "qpo_route_table.json"
+ROUTE_TABLE_FORMAT = "qpo-route-table"
 EXPORT_TASK = "text-generation-with-past"
 # "int8": weight-only int8 (MatMulNBits, blocks of 32 along the input dimension, symmetric,
 # int8 compute). Each row's activations are quantized on their own, so a row's prompt does not
@@ -202,6 +205,29 @@ def read_choice_offsets(checkpoint_dir: str | os.PathLike[str]) -> ChoiceOffsets
                                   for k, v in offsets.items()}, queries=data.get("queries"))
 
 
+def write_route_table(checkpoint_dir: str | os.PathLike[str], table: RouteTable) -> Path:
+    """Write ``qpo_route_table.json`` into a checkpoint: what a ``label_route`` policy's 'choose' sends by
+    (:class:`~qpo_middleware.choice.RouteTable`); export copies it into the bundle's ``library.json``."""
+    path = Path(checkpoint_dir) / ROUTE_TABLE_NAME
+    atomic_write_json(path, {"format": ROUTE_TABLE_FORMAT, "format_version": 1, "table": table.to_dict()})
+    return path
+
+
+def read_route_table(checkpoint_dir: str | os.PathLike[str]) -> RouteTable | None:
+    """A checkpoint's route table, or None when training wrote none (not a ``label_route`` policy)."""
+    path = Path(checkpoint_dir) / ROUTE_TABLE_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("format") != ROUTE_TABLE_FORMAT or data.get("format_version") != 1:
+            raise ValueError(f"not a version-1 {ROUTE_TABLE_FORMAT!r} file")
+        return RouteTable.from_dict(data.get("table"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"Cannot read {path}: {exc}; retrain the loop to rewrite it, or delete it to export "
+                          "a bundle that chooses by likelihood alone.") from exc
+
+
 def export_bundle(
     checkpoint_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -214,6 +240,7 @@ def export_bundle(
     on_step: Callable[[str], None] | None = None,
     library: Mapping[str, int] | None = None,
     offsets: Mapping[str, float] | None = None,
+    routes: RouteTable | None = None,
 ) -> Path:
     """Export ``checkpoint_dir`` (a Hugging Face causal LM + tokenizer) as a bundle at ``out_dir``.
 
@@ -231,6 +258,9 @@ def export_bundle(
     ``generation={"strategy": "choose"}`` the bundle picks a library prompt per query by default; without a
     strategy in ``generation`` it does so when there are offsets (a preference-trained policy, the default
     recipe, ranks the library's prompts: its own greedy text is not a prompt) and writes one otherwise.
+    ``routes`` (a ``label_route`` policy's :class:`~qpo_middleware.choice.RouteTable`; by default the checkpoint's
+    own, :func:`read_route_table`, when the library holds its prompts) go into the library too, and make 'choose'
+    the default strategy: the bundle scores the routes and sends by the table.
     Returns ``out_dir``.
     """
     checkpoint = Path(checkpoint_dir).expanduser()
@@ -267,6 +297,17 @@ def export_bundle(
                            len(library))
         else:
             offsets = recorded.offsets
+    if routes is None and library and (routes := read_route_table(checkpoint)) is not None and \
+            (missing := [t for t in (*routes.routes, *routes.prompts) if t not in library]):
+        logger.warning("%s has a route table naming %d prompt(s) outside the library: exporting without it, so "
+                       "strategy 'choose' scores by log-probability alone", checkpoint, len(missing))
+        routes = None
+    if routes is not None and not library:
+        raise ExportError("routes= sends library prompts, and this export writes no library: pass library= too.")
+    if "strategy" not in asked and routes is not None and not gen.do_sample:
+        gen = dataclasses.replace(gen, strategy="choose")
+        step(f"{checkpoint} carries a route table (a label_route policy): the bundle scores its "
+             f"{len(routes.routes)} routes per query and sends by the table by default")
     if "strategy" not in asked and offsets is not None and not gen.do_sample:
         gen = dataclasses.replace(gen, strategy="choose")
         step(f"{checkpoint} carries choice offsets (a preference-trained policy): the bundle chooses one of its "
@@ -305,7 +346,7 @@ def export_bundle(
         _check_tokenizer(staging / TOKENIZER_FILE, policy, gen, vocab_size)
         files = [*model_files, TOKENIZER_FILE]
         if library:
-            files.append(_write_library(staging, library, policy, offsets))
+            files.append(_write_library(staging, library, policy, offsets, routes))
 
         from qpo_middleware import __version__
 
@@ -359,7 +400,7 @@ def run_prompt_library(checkpoint: str | os.PathLike[str]) -> dict[str, int] | N
 
 
 def _write_library(staging: Path, prompts: Mapping[str, int], policy: PolicyFormat,
-                   offsets: Mapping[str, float] | None = None) -> str:
+                   offsets: Mapping[str, float] | None = None, routes: RouteTable | None = None) -> str:
     """Tokenize the prompts with the bundle's own tokenizer file, as the policy was trained to write them."""
     from tokenizers import Tokenizer
 
@@ -367,9 +408,9 @@ def _write_library(staging: Path, prompts: Mapping[str, int], policy: PolicyForm
     try:
         entries = build_library(prompts, policy, lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
                                 offsets)
+        write_library(staging / LIBRARY_FILE, entries, routes)
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
-    write_library(staging / LIBRARY_FILE, entries)
     logger.info("Prompt library: %d distinct prompts", len(entries))
     return LIBRARY_FILE
 

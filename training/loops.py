@@ -36,14 +36,21 @@ from typing import Any
 import numpy as np
 
 from qpo_middleware.bundle import GenerationConfig
-from qpo_middleware.choice import choose
+from qpo_middleware.choice import RouteTable, choose
 from qpo_middleware.policy_format import PolicyFormat
 from qpo_middleware.stats import quantile
 
 from .collect import make_records, score_pairs
 from .config import LoopConfig, TrainConfig
 from .dataset import OfflineDataset, Record, require_labels, steering_prompts
-from .export import ChoiceOffsets, PolicyMeta, read_choice_offsets, write_choice_offsets, write_policy_meta
+from .export import (
+    ChoiceOffsets,
+    PolicyMeta,
+    read_choice_offsets,
+    write_choice_offsets,
+    write_policy_meta,
+    write_route_table,
+)
 from .forward import FrozenLayerCache, frozen_layer_cache
 from .induce import Inducer, make_inducer, mutate
 from .io import atomic_write_json
@@ -53,6 +60,7 @@ from .policy import (
     build_examples,
     conditioning_values,
     label_route_data,
+    route_table,
     top_bucket_coverage,
 )
 from .preference import (
@@ -307,18 +315,25 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
                                                  training_data_sha256=dataset.content_hash()))
         if offsets is not None:
             write_choice_offsets(checkpoint, offsets)
+        routes = None
+        if train.conditioning == "label_route":  # what its bundle's 'choose' sends by: the routes it trained on
+            routes = route_table([r for r in dataset.records if r.loop <= loop],
+                                 without_steering=train.route_without_steering,
+                                 without_leaning=train.route_without_leaning, distinct=train.route_distinct)
+            write_route_table(checkpoint, routes)
         metrics.train_records = len(examples)
         metrics.first_loss, metrics.last_loss, metrics.train_seconds = result.first_loss, result.last_loss, result.seconds
         metrics.checkpoint = str(checkpoint)
 
         # --- Evaluate: the policy's prompts (as its bundle serves them) on the collect and dev splits ----
-        metrics.policy_strategy = "generate" if offsets is None else "choose"
+        metrics.policy_strategy = "generate" if offsets is None and routes is None else "choose"
         if loops.eval_greedy and run is not None and target is not None:
             for split, examples in (("collect", collect_split), ("dev", run.splits.dev)):
                 if not examples:
                     continue
                 phase(loop, f"scoring the policy's prompts ({metrics.policy_strategy}) on the {split} split")
-                accuracy, calls = greedy_accuracy(model, tokenizer, fmt, run, target, examples, loops, offsets)
+                accuracy, calls = greedy_accuracy(model, tokenizer, fmt, run, target, examples, loops, offsets,
+                                                  routes)
                 setattr(metrics, f"greedy_accuracy_{split}", accuracy)
                 metrics.target_calls += calls
 
@@ -331,12 +346,17 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
 
 def greedy_accuracy(model: Any, tokenizer: Any, fmt: PolicyFormat, run: Run, target: Target,
                     examples: Sequence[Example], loops: LoopConfig,
-                    offsets: ChoiceOffsets | None = None) -> tuple[float, int]:
+                    offsets: ChoiceOffsets | None = None,
+                    routes: RouteTable | None = None) -> tuple[float, int]:
     """The target's accuracy with the policy's prompt per query, and the target calls it took: its greedy prompt,
     or with ``offsets`` the library prompt strategy 'choose' picks (log-probability after the top token minus the
-    prompt's offset), as the exported bundle serves them."""
+    prompt's offset), or with ``routes`` the prompt the route table sends by the routes' log-probabilities, as the
+    exported bundle serves them."""
     queries = [e.query for e in examples]
-    if offsets is None:
+    if routes is not None:
+        scores = candidate_logps(model, tokenizer, fmt, queries, list(routes.routes), (fmt.top_bucket,))[0].numpy()
+        prompts = [routes.prompts[i] for i in routes.pick(scores)]
+    elif offsets is None:
         prompts = [g[0] for g in generate_prompts(model, tokenizer, fmt, queries, GenerationConfig.for_policy(fmt),
                                                   batch_size=loops.generation_batch_size)]
     else:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qpo_middleware.choice import RouteTable
 from qpo_middleware.library import prompt_target_ids
 from qpo_middleware.policy_format import PolicyFormat, brief_repr, reward_token
 
@@ -388,6 +389,30 @@ def _routes_among(ranked: Sequence[Record], distinct: bool) -> dict[tuple[str, f
     return ends
 
 
+def route_table(records: Sequence[Record], *, without_steering: bool = False, without_leaning: bool = False,
+                distinct: bool = False) -> RouteTable:
+    """The :class:`~qpo_middleware.choice.RouteTable` of a ``label_route`` policy trained on ``records`` (D0) with
+    these lines: its routes (:func:`label_routes`) and the labels each stands for, the labels' shares of D0's
+    queries, and the target's accuracy with every prompt the routes may be drawn from on each label's D0 queries
+    (:func:`label_accuracy`; a label never scored with a prompt counts at its mean accuracy). Temperature 1: fit it
+    on labelled queries with :meth:`~qpo_middleware.choice.RouteTable.fit_temperature`."""
+    ranked = _route_records(records, without_steering=without_steering, without_leaning=without_leaning)
+    route_of = {label: prompt for (label, value), prompt in _routes_among(ranked, distinct).items() if value == 1.0}
+    labels = sorted(route_of, key=str)
+    counts = Counter(r.label for r in {r.query_id: r for r in ranked}.values())
+    total = sum(counts[label] for label in labels)
+    by_label = label_accuracy(ranked)
+    label_mean = {label: statistics.fmean(r.correct for r in ranked if r.label == label) for label in labels}
+    routes = sorted(set(route_of.values()))
+    prompts = sorted({r.prompt for r in ranked})
+    return RouteTable(
+        labels=tuple(labels), shares=tuple(counts[label] / total for label in labels), routes=tuple(routes),
+        route_labels=tuple(tuple(i for i, label in enumerate(labels) if route_of[label] == route) for route in routes),
+        prompts=tuple(prompts),
+        accuracy=tuple(tuple(by_label.get((label, prompt), label_mean[label]) for prompt in prompts)
+                       for label in labels))
+
+
 def route_remap(records: Sequence[Record], read: float, *, without_steering: bool = False,
                 without_leaning: bool = False, distinct: bool = False,
                 exhaustive_limit: int = 200_000) -> dict[str, str]:
@@ -395,30 +420,22 @@ def route_remap(records: Sequence[Record], read: float, *, without_steering: boo
     gold label only a share ``read`` of the time (a label-only measure: the route read on a dev split), and
     otherwise another label's, in proportion to the labels' shares of D0. ``route -> prompt`` over the routes of
     :func:`label_routes` (same lines), choosing among the same prompts the map with the most expected right answers
-    on D0 (:func:`label_accuracy`; a label never scored with a prompt counts at its mean accuracy). At ``read`` 1
+    on D0 (:func:`route_table`'s accuracy). At ``read`` 1
     each route sends the prompt best on D0 for the labels it stands for (a ``distinct`` route may go back to the
     prompt another route sends: distinct routes help the policy learn to read the label, not the target answer);
     as ``read`` falls, routes that fail off their own label give way to prompts that hold up on every label, down
-    to the best single prompt.
+    to the best single prompt. (:class:`~qpo_middleware.choice.RouteTable` makes the same trade per query, from
+    how sure the policy is of its read.)
     The map is searched whole (``len(prompts) ** len(routes)`` maps, up to ``exhaustive_limit``), else improved
     one route at a time from the identity; ties keep the trained route."""
     if not 0.0 <= read <= 1.0:
         raise ValueError(f"read is the share of queries the policy sends their label's route: a number in [0, 1]; "
                          f"got {read!r}.")
-    ranked = _route_records(records, without_steering=without_steering, without_leaning=without_leaning)
-    ends = _routes_among(ranked, distinct)
-    route_of = {label: prompt for (label, value), prompt in ends.items() if value == 1.0}
-    labels = sorted(route_of, key=str)
-    counts = Counter(r.label for r in {r.query_id: r for r in ranked}.values())
-    total = sum(counts[label] for label in labels)
-    share = {label: counts[label] / total for label in labels}
-    by_label = label_accuracy(ranked)
-    label_mean = {label: statistics.fmean(r.correct for r in ranked if r.label == label) for label in labels}
-    routes = sorted(set(route_of.values()))
-    prompts = sorted({r.prompt for r in ranked})
-
-    def accuracy(label: str, prompt: str) -> float:
-        return by_label.get((label, prompt), label_mean[label])
+    table = route_table(records, without_steering=without_steering, without_leaning=without_leaning,
+                        distinct=distinct)
+    labels, share, routes, prompts = range(len(table.labels)), table.shares, table.routes, table.prompts
+    route_of = {i: r for r, group in enumerate(table.route_labels) for i in group}
+    column = {prompt: j for j, prompt in enumerate(prompts)}
 
     def expected(serve: Mapping[str, str]) -> float:
         total_right = 0.0
@@ -429,7 +446,7 @@ def route_remap(records: Sequence[Record], read: float, *, without_steering: boo
                     weight = read if rest > 0 else 1.0
                 else:
                     weight = (1.0 - read) * share[other] / rest if rest > 0 else 0.0
-                total_right += share[label] * weight * accuracy(label, serve[route_of[other]])
+                total_right += share[label] * weight * table.accuracy[label][column[serve[routes[route_of[other]]]]]
         return total_right
 
     best = {route: route for route in routes}

@@ -148,8 +148,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 # dpo_ratio: recipes with a preference step only; choose: checkpoints whose training recorded choice offsets
 RULES = ("likelihood", "implicit", "dpo_ratio", "choose")
 # Rules derived after the policy's passes: "remap" sends, for a label_route recipe, its likelihood pick through
-# training.policy.route_remap at the route read the policy reached on dev (labels only; benchmarks/pool_choice.py)
-ROUTE_RULES = ("remap",)
+# training.policy.route_remap at the route read the policy reached on dev (labels only; benchmarks/pool_choice.py);
+# "posterior" sends per query the prompt with the most expected right answers under the label posterior of the
+# policy's route scores (qpo_middleware.choice.RouteTable, its temperature fit on dev's labels)
+ROUTE_RULES = ("remap", "posterior")
 
 
 def recipe_dir(runs: Path, recipe: str, suffix: str) -> Path:
