@@ -59,7 +59,7 @@ def test_library_file_round_trips_and_refuses_bad_content(tmp_path: Path) -> Non
     with pytest.raises(BundleError, match="1..1 token ids"):
         read_library(path, vocab_size=10, max_ids=1)
     data = json.loads(path.read_text())
-    for bad, message in (({**data, "format": "x"}, "not a prompt library"), ({**data, "version": 3}, "version 3"),
+    for bad, message in (({**data, "format": "x"}, "not a prompt library"), ({**data, "version": 4}, "version 4"),
                          ({**data, "prompts": [{"text": "a", "ids": [1], "count": 0}]}, "count must be"),
                          ({**data, "prompts": [{"text": "a", "ids": [True], "count": 1}]}, "token ids"),
                          ({**data, "prompts": [{"text": "a", "ids": [1]}]}, "text, ids and count")):
