@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from qpo_middleware.training.config import PAPER_LOOPS, PAPER_TRAIN
+from qpo_middleware.training.config import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -95,8 +95,8 @@ def cpu_profile() -> Profile:
         name="cpu", queries=160, prompts="13", prompts_per_query=5, collect_queries=32, test_queries=100,
         dev_queries=100, target_batch_size=16,
         train={"epochs": 4, "learning_rate": 2e-4, "batch_size": 8, "trainable": "top:4", "prompt_max_tokens": 32,
-               "query_max_tokens": 40, **PAPER_TRAIN},
-        loops={"loops": 3, "samples_per_query": 2, "later_epochs": 1, **PAPER_LOOPS},
+               "query_max_tokens": 40, **RECIPES["paper"].train},
+        loops={"loops": 3, "samples_per_query": 2, "later_epochs": 1, **RECIPES["paper"].loops},
         bench={"oracle": True, "best_of_n": 4, "quantize": "int8"},
     )
 
@@ -113,9 +113,9 @@ def gpu_profile() -> Profile:
         name="gpu", queries=500, prompts="all", prompts_per_query=0, collect_queries=200, test_queries=500,
         dev_queries=200, target_batch_size=64,
         train={"epochs": 3, "learning_rate": 1e-4, "batch_size": 32, "trainable": "all", "prompt_max_tokens": 40,
-               "query_max_tokens": 40, **PAPER_TRAIN},
+               "query_max_tokens": 40, **RECIPES["paper"].train},
         loops={"loops": 4, "samples_per_query": 4, "later_epochs": 1, "generation_batch_size": 64,
-               **PAPER_LOOPS},
+               **RECIPES["paper"].loops},
         bench={"oracle": True, "best_of_n": 8, "quantize": None, "policy_backend": "torch", "policy_batch_size": 256},
     )
 

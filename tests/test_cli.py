@@ -34,12 +34,16 @@ def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> N
 
     # The paper's recipe: the tiny random target is right on every prompt of a query or on none, so the default
     # recipe's right-vs-wrong pairs do not exist here (tests/test_real_pipeline.py runs it on SmolLM2).
-    result = runner.invoke(app, ["train", "--run", str(run), "--loops", "2", "--base-model", tiny_model,
-                                 "--epochs", "1", "--num-buckets", "4", "--prompt-max-tokens", "6",
-                                 "--trainable", "all", "--device", "cpu", "--conditioning", "absolute",
-                                 "--preference", "off", "--d0-floor-quantile", "0.5"])
+    result = runner.invoke(app, ["train", "--run", str(run), "--recipe", "paper", "--loops", "2",
+                                 "--base-model", tiny_model, "--epochs", "1", "--num-buckets", "4",
+                                 "--prompt-max-tokens", "6", "--trainable", "all", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "QPO loops" in result.output
+    assert "recipe paper: conditioning=absolute, d0_floor_quantile=0.5, preference=off" in result.output
+    import json
+
+    loop1 = json.loads(paths.metrics(1).read_text())
+    assert loop1["preference_pairs"] == 0 and 0 < loop1["train_records"] < 24  # supervised, on D0's better half
 
     result = runner.invoke(app, ["export", str(run)])
     assert result.exit_code == 0, result.output
@@ -49,7 +53,6 @@ def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> N
     assert result.exit_code == 0, result.output
     assert "best_pool" in result.output and paths.eval_results.is_file()
     assert "leakage check, qpo:" in result.output and "leakage check, best_pool" not in result.output
-    import json
 
     checked = {m["method"]: m for m in json.loads(paths.eval_results.read_text())["methods"]}
     assert checked["best_pool"]["steered_share"] is None  # a task-level method: nothing to check per query
@@ -83,6 +86,9 @@ def test_collect_train_export_eval_rewrite(tmp_path: Path, tiny_model: str) -> N
         (["collect", "--task", "sst2_sample", "--prompts", "nope.json"], "--prompts"),
         (["train", "--run", "{tmp}"], "qpo collect"),
         (["train", "--run", "{tmp}", "--preference-label-smoothing", "1.5"], "preference_label_smoothing must be in [0, 1]"),
+        (["train", "--run", "{tmp}", "--recipe", "best"], "recipe must be one of default, paper, route"),
+        (["train", "--run", "{tmp}", "--recipe", "paper", "--route-distinct"],
+         "route_distinct only applies to --conditioning label_route"),
         (["export", "{tmp}", "--out", "{tmp}/b"], "qpo_policy.json"),
         (["eval", "--run", "{tmp}"], "qpo collect"),
     ],
@@ -95,3 +101,24 @@ def test_errors_are_one_line_with_the_fix(tmp_path: Path, args: list[str], messa
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_recipe_settings_under_explicit_options() -> None:
+    """`qpo train --recipe NAME` sets the recipe's fields, except those given on the command line; every field a
+    recipe sets is a `qpo train` option, so each can be overridden."""
+    from qpo_middleware.cli import load_command
+    from qpo_middleware.cli.train import recipe_settings
+    from qpo_middleware.training.config import RECIPES, LoopConfig, TrainConfig
+
+    options = {p.name for p in load_command("train").params}
+    for name, recipe in RECIPES.items():
+        assert set(recipe.train) | set(recipe.loops) <= options, name
+    values = {"epochs": 3, "learning_rate": 1e-4, "conditioning": "query_rank", "route_queries": 0,
+              "preference": "instead", "loops": 1, "seed": 7}
+    train, loops = recipe_settings("route", values, given={"epochs"})
+    assert train["epochs"] == 3 and train["learning_rate"] == 5e-5 and train["conditioning"] == "label_route"
+    assert train["route_queries"] == 1000 and train["route_distinct"] and train["trainable"] == "all"
+    assert loops["preference"] == "off" and loops["loops"] == 1 and train["seed"] == loops["seed"] == 7
+    TrainConfig(**train), LoopConfig(**loops)  # a valid pair
+    train, loops = recipe_settings("default", values, given=set())
+    assert loops["preference_learning_rate"] == 1e-4 and train["conditioning"] == "query_rank"

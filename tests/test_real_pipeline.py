@@ -35,7 +35,7 @@ def collected(path: Path, data: Path, shared: Any) -> Any:
 def test_smollm2_collect_train_export_rewrite(tmp_path: Path, real_data: Path, smollm2_target) -> None:  # noqa: ANN001
     from qpo_middleware import PromptOptimizer
     from qpo_middleware.bundle import GenerationConfig
-    from qpo_middleware.training.config import PAPER_LOOPS, PAPER_TRAIN, LoopConfig, TrainConfig
+    from qpo_middleware.training.config import RECIPES, LoopConfig, TrainConfig
     from qpo_middleware.training.dataset import OfflineDataset
     from qpo_middleware.training.export import export_bundle
     from qpo_middleware.training.loops import final_checkpoint, load_policy, run_loops
@@ -44,8 +44,8 @@ def test_smollm2_collect_train_export_rewrite(tmp_path: Path, real_data: Path, s
 
     target = collected(tmp_path, real_data, smollm2_target)
     train = TrainConfig(epochs=1, max_steps=2, batch_size=4, trainable="top:2", prompt_max_tokens=12,
-                        learning_rate=1e-4, **PAPER_TRAIN)
-    metrics = run_loops(tmp_path, train, LoopConfig(loops=1, eval_greedy=False, **PAPER_LOOPS), target=target)
+                        learning_rate=1e-4, **RECIPES["paper"].train)
+    metrics = run_loops(tmp_path, train, LoopConfig(loops=1, eval_greedy=False, **RECIPES["paper"].loops), target=target)
     rewards = sorted(r.reward for r in OfflineDataset(tmp_path).records)
     assert metrics[0].train_records == sum(r >= rewards[round(0.5 * 23)] for r in rewards) < 24  # D0's better half
     assert metrics[0].last_loss > 0

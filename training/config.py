@@ -2,7 +2,8 @@
 
 * :class:`CollectConfig` (and its :class:`RewardConfig`) — what ``qpo collect`` scores, stored as ``run.json``;
 * :class:`TrainConfig` — one fine-tuning of the policy;
-* :class:`LoopConfig` — the multi-loop procedure of ``qpo train``.
+* :class:`LoopConfig` — the multi-loop procedure of ``qpo train``;
+* :data:`RECIPES` — named sets of their fields (``qpo train --recipe``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,44 @@ from .models import DEFAULT_MODEL, QWEN_MODEL
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PREFERENCE_MODES = ("off", "after", "instead")
 CONDITIONING_KINDS = ("absolute", "query_rank", "label_rank", "label_route")  # what a reward token encodes: training.policy.conditioning_values
-# The paper's recipe (arXiv 2408.10504), where the defaults differ from it: the absolute reward token, loop 1 on D0's
-# better half, supervised training only. The defaults are the recipe docs/benchmarks.md measured best (DPO from the
-# base model on right-vs-wrong pairs, on all of D0).
-PAPER_TRAIN: dict[str, object] = {"conditioning": "absolute"}
-PAPER_LOOPS: dict[str, object] = {"d0_floor_quantile": 0.5, "preference": "off"}
 DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of :class:`TrainConfig` (``train``) and :class:`LoopConfig` (``loops``) fields: what
+    ``qpo train --recipe`` applies under the options given explicitly, and what the benchmarks train."""
+
+    train: dict[str, Any]
+    loops: dict[str, Any]
+    summary: str
+
+
+RECIPES: dict[str, Recipe] = {
+    "default": Recipe(
+        train={"conditioning": "query_rank"},
+        loops={"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
+               "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4},
+        summary="DPO from the base model on the right-vs-wrong prompt pairs of each D0 query, one loop; export it "
+                "with strategy 'choose' (it picks one of D0's prompts per query). Any task; measured on SmolLM2 "
+                "sst2 and ag_news (benchmark recipe dpo_only)."),
+    "paper": Recipe(
+        train={"conditioning": "absolute"},
+        loops={"d0_floor_quantile": 0.5, "preference": "off"},
+        summary="The paper (arXiv 2408.10504): the absolute reward token, supervised training on D0's better half; "
+                "add --loops 2 or more for its later loops, which sample new prompt text from the policy."),
+    "route": Recipe(
+        train={"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
+               "route_without_leaning": True, "route_distinct": True, "route_queries": 1000, "epochs": 1},
+        loops={"d0_floor_quantile": 0.0, "preference": "off"},
+        summary="Classification tasks: one prompt per label (the one D0 says is right most often on the label's "
+                "queries, among the prompts that do not lean the target to one label, a different one per label); "
+                "the policy learns to read the label from D0's queries and 1,000 more labelled train queries (no "
+                "target call) and the bundle sends by its route table. Every weight trains: slow on CPU. Measured "
+                "on Qwen2.5-Coder-0.5B ag_news (benchmark recipe label_route_distinct_q1000)."),
+}
+"""The recipes ``qpo train --recipe`` knows. The dataclass defaults are the ``default`` recipe's values where it
+sets none; docs/benchmarks.md has what each was measured to do."""
 
 
 class TrainConfigError(ValueError):

@@ -28,7 +28,8 @@ import numpy as np
 
 from qpo_middleware.choice import choose
 from qpo_middleware.stats import bootstrap_ci, paired_bootstrap_ci
-from qpo_middleware.training.config import PAPER_LOOPS, PAPER_TRAIN, LoopConfig, TrainConfig
+from qpo_middleware.training.config import RECIPES as PRESETS
+from qpo_middleware.training.config import LoopConfig, TrainConfig
 from qpo_middleware.training.dataset import OfflineDataset, Record
 from qpo_middleware.training.export import read_choice_offsets
 from qpo_middleware.training.io import atomic_write_json
@@ -44,7 +45,7 @@ TRAIN: dict[str, Any] = {"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "t
                          "prompt_max_tokens": 32, "query_max_tokens": 40, "device": "cpu"}
 RECIPES: dict[str, dict[str, Any]] = {
     # The paper: absolute reward token, loop 1 on D0's better half ("expert" D0).
-    "paper": {"train": dict(PAPER_TRAIN), "loops": dict(PAPER_LOOPS)},
+    "paper": {"train": dict(PRESETS["paper"].train), "loops": dict(PRESETS["paper"].loops)},
     # Query-relative token: the top bucket is this query's right prompt; every D0 record trains.
     "query_rank": {"train": {"conditioning": "query_rank"}, "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
     # The same, then DPO on (query, right prompt, wrong prompt) against the supervised policy: loop 1 with
@@ -62,9 +63,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # probe of SmolLM2's hidden states knows ag_news labels ~83% of the time; the target answers 63-69% right).
     "label_rank": {"train": {"conditioning": "label_rank"}, "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
     # DPO alone from the base model (no supervised step): the preference signal without imitation.
-    "dpo_only": {"train": {"conditioning": "query_rank"},
-                 "loops": {"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
-                           "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4}},
+    # (`qpo train --recipe default`.)
+    "dpo_only": {"train": dict(PRESETS["default"].train), "loops": dict(PRESETS["default"].loops)},
     # dpo_only with no pair whose chosen prompt steers the target to one label on D0 (those stay rejected ones): the
     # preference signal without being taught to prefer a prompt that answers for the query (route_without_steering's
     # analogue for the default recipe).
@@ -137,10 +137,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # label_route_no_lean_q1000 with a different top route per label: on Qwen ag_news seed 2 two topics shared one
     # route (a 0.2-point tie on D0) and the policy sent it 69% of test queries, reading 70.0% of topics right
     # (seed 1, four routes: 84.0%). Do distinct routes read better?
-    "label_route_distinct_q1000": {"train": {"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
-                                             "route_without_leaning": True, "route_distinct": True,
-                                             "route_queries": 1000, "epochs": 1},
-                                   "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},
+    # (`qpo train --recipe route`.)
+    "label_route_distinct_q1000": {"train": dict(PRESETS["route"].train), "loops": dict(PRESETS["route"].loops)},
     # The same on the top 4 layers only (the other recipes' setting): is the label read there?
     "label_route_top4": {"train": {"conditioning": "label_route"},
                          "loops": {"d0_floor_quantile": 0.0, "preference": "off"}},

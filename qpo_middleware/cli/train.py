@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from qpo_middleware.training.config import LoopConfig, TrainConfig, help_of
+from qpo_middleware.training.config import RECIPES, LoopConfig, TrainConfig, TrainConfigError, help_of
 
 from ._common import console, progress_bar, user_errors
 
 
 def command(
+    ctx: typer.Context,
     run: Annotated[Path, typer.Option(
         help="Run directory made by `qpo collect`, or by `qpo import-oirl` (then --loops 1: there is no target "
              "to score new prompts on). Resumes where it stopped.")],
+    recipe: Annotated[str, typer.Option(help=(
+        "Named settings applied under the options given here explicitly: "
+        + "; ".join(f"'{name}': {r.summary}" for name, r in RECIPES.items())))] = "default",
     loops: Annotated[int, typer.Option(help=help_of(LoopConfig, "loops"))] = LoopConfig.loops,
     base_model: Annotated[str, typer.Option(help=help_of(LoopConfig, "base_model"))] = "smollm2-135m-instruct",
     epochs: Annotated[int, typer.Option(help=help_of(TrainConfig, "epochs"))] = 3,
@@ -66,28 +71,32 @@ def command(
 ) -> None:
     """Fine-tune the policy on D0, then for each later loop sample, score, filter, merge and fine-tune again."""
     with user_errors():
-        train_config = TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-                                   grad_accum_steps=grad_accum_steps, trainable=resolve_trainable(trainable, device),
-                                   max_steps=max_steps, num_buckets=num_buckets, query_max_tokens=query_max_tokens,
-                                   prompt_max_tokens=prompt_max_tokens, device=device, seed=seed,
-                                   train_policy_tokens=train_policy_tokens, conditioning=conditioning,
-                                   route_without_steering=route_without_steering,
-                                   route_without_leaning=route_without_leaning, route_distinct=route_distinct,
-                                   route_queries=route_queries,
-                                   frozen_layer_cache_gib=frozen_layer_cache_gib)
-        loop_config = LoopConfig(loops=loops, base_model=base_model, later_epochs=later_epochs,
-                                 samples_per_query=samples_per_query, collect_queries=collect_queries,
-                                 reward_floor_quantile=reward_floor_quantile, d0_floor_quantile=d0_floor_quantile,
-                                 top_k=top_k, top_p=top_p, temperature=temperature, seed=seed, preference=preference,
-                                 preference_beta=preference_beta, preference_pairs_per_query=preference_pairs_per_query,
-                                 preference_epochs=preference_epochs, preference_label_smoothing=preference_label_smoothing,
-                                 preference_without_steering=preference_without_steering,
-                                 preference_learning_rate=preference_learning_rate, mutations=mutations,
-                                 choice_offset_queries=choice_offset_queries,
-                                 mutation_model=mutation_model)
+        # by name: typer may vendor its own click, whose ParameterSource is another enum than click's
+        given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") != "DEFAULT"}
+        train_values, loop_values = recipe_settings(recipe, ctx.params, given)
+        train_values["trainable"] = resolve_trainable(train_values["trainable"], train_values["device"])
+        train_config, loop_config = TrainConfig(**train_values), LoopConfig(**loop_values)
+        applied = {**RECIPES[recipe].train, **RECIPES[recipe].loops}
+        console.print(f"[dim]recipe {recipe}: " + ", ".join(
+            f"{k}={v}" + (f" (--{k.replace('_', '-')} given: {ctx.params[k]})" if k in given else "")
+            for k, v in applied.items()) + "[/]")
         metrics = train_with_progress(run, train_config, loop_config)
     print_loops(metrics)
     console.print(f"[green]Policy:[/] {metrics[-1].checkpoint}   next: qpo export --run {run}")
+
+
+def recipe_settings(recipe: str, values: dict[str, Any], given: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The TrainConfig and LoopConfig fields of ``qpo train``: the option ``values``, with the recipe's settings in
+    place of every option not ``given`` on the command line (an explicit option wins over the recipe)."""
+    if recipe not in RECIPES:
+        raise TrainConfigError(f"recipe must be one of {', '.join(RECIPES)}; got {recipe!r}.")
+    chosen = RECIPES[recipe]
+    train_names, loop_names = ({f.name for f in fields(c)} for c in (TrainConfig, LoopConfig))
+    train = {k: v for k, v in values.items() if k in train_names}
+    loops = {k: v for k, v in values.items() if k in loop_names}
+    for settings, target in ((chosen.train, train), (chosen.loops, loops)):
+        target.update({k: v for k, v in settings.items() if k not in given})
+    return train, loops
 
 
 def resolve_trainable(trainable: str, device: str) -> str:
