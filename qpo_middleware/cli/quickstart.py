@@ -32,7 +32,7 @@ def command(
         import torch
 
         from qpo_middleware.training.collect import collect
-        from qpo_middleware.training.config import CollectConfig, LoopConfig, TrainConfig
+        from qpo_middleware.training.config import RECIPES, CollectConfig, LoopConfig, TrainConfig
         from qpo_middleware.training.evaluate import evaluate
         from qpo_middleware.training.export import export_bundle
         from qpo_middleware.training.io import atomic_write_json
@@ -52,14 +52,16 @@ def command(
                                        collect_queries=min(180, n(32)),  # the sample's pool holds 400 queries
                                        test_queries=min(200, n(100)), prompts=str(min(27, n(14))),
                                        prompts_per_query=n(5), seed=seed, batch_size=32 if gpu else 16)
-        train_config = TrainConfig(epochs=max(2, int(round(4 * budget))), learning_rate=2e-4, batch_size=8,
-                                   trainable="all" if gpu else "top:4", prompt_max_tokens=32, query_max_tokens=40,
-                                   seed=seed)
-        # The default recipe (training.config): DPO from the base model on D0's right-vs-wrong prompt pairs; the
-        # bundle then chooses one of D0's prompts per query (strategy 'choose'), each offset by its mean
+        # The default recipe (training.config.RECIPES): DPO from the base model on D0's right-vs-wrong prompt
+        # pairs; the bundle then chooses one of D0's prompts per query (strategy 'choose'), each offset by its mean
         # log-probability under the base model over a few train queries.
-        loop_config = LoopConfig(base_model=model, preference_learning_rate=1e-4, choice_offset_queries=n(64),
-                                 seed=seed)
+        recipe = RECIPES["default"]
+        train_config = TrainConfig(**{**recipe.train, "epochs": max(2, int(round(4 * budget))),
+                                      "learning_rate": 2e-4, "batch_size": 8,
+                                      "trainable": "all" if gpu else "top:4", "prompt_max_tokens": 32,
+                                      "query_max_tokens": 40, "seed": seed})
+        loop_config = LoopConfig(**{**recipe.loops, "base_model": model, "choice_offset_queries": n(64),
+                                    "seed": seed})
 
         console.rule("[bold]1/4 collect: score the prompt pool on the target (D0)")
         with progress_bar() as bar:
