@@ -107,7 +107,7 @@ def test_recipe_settings_under_explicit_options() -> None:
     """`qpo train --recipe NAME` sets the recipe's fields, except those given on the command line; every field a
     recipe sets is a `qpo train` option, so each can be overridden."""
     from qpo_middleware.cli import load_command
-    from qpo_middleware.cli.train import recipe_settings
+    from qpo_middleware.cli.train import given_options, recipe_settings
     from qpo_middleware.training.config import RECIPES, LoopConfig, TrainConfig
 
     options = {p.name for p in load_command("train").params}
@@ -120,5 +120,12 @@ def test_recipe_settings_under_explicit_options() -> None:
     assert train["route_queries"] == 1000 and train["route_distinct"] and train["trainable"] == "all"
     assert loops["preference"] == "off" and loops["loops"] == 1 and train["seed"] == loops["seed"] == 7
     TrainConfig(**train), LoopConfig(**loops)  # a valid pair
+    # a recipe's switch can be turned off: route_distinct needs as many non-leaning prompts as labels
+    ctx = load_command("train").make_context("train", ["--run", "x", "--recipe", "route", "--no-route-distinct"])
+    assert ctx.params["route_distinct"] is False
+    given = given_options(ctx)
+    assert given == {"run", "recipe", "route_distinct"}
+    train, _ = recipe_settings("route", ctx.params, given)
+    assert train["route_distinct"] is False and train["route_without_leaning"] is True
     train, loops = recipe_settings("default", values, given=set())
     assert loops["preference_learning_rate"] == 1e-4 and train["conditioning"] == "query_rank"

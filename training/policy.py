@@ -326,14 +326,15 @@ def _distinct_best(records: Sequence[Record], by_label: Mapping[tuple[str | None
     prompts = sorted({prompt for _, prompt in by_label})
     if len(prompts) < len(labels):
         raise ValueError(f"route_distinct needs a prompt per label: {len(labels)} labels, {len(prompts)} prompts to "
-                         "route among. Grow the pool (qpo collect --mutate N or --induce N) or train without it.")
+                         "route among. Grow the pool (qpo collect --mutate N or --induce N) or train without it "
+                         "(--no-route-distinct).")
     gain = [[len(queries[label]) * by_label.get((label, prompt), -1.0) + 1e-6 * standing.get((label, prompt), 0.0)
              for prompt in prompts] for label in labels]
     chosen = {label: prompts[j] for label, j in zip(labels, best_assignment(gain), strict=True)}
     for label, prompt in chosen.items():
         if (label, prompt) not in by_label:
             raise ValueError(f"route_distinct: no prompt left that D0 scored on label {label!r}; grow the pool or "
-                             "train without it.")
+                             "train without it (--no-route-distinct).")
     return chosen
 
 

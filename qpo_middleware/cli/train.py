@@ -37,11 +37,11 @@ def command(
     num_buckets: Annotated[int, typer.Option(help=help_of(TrainConfig, "num_buckets"))] = 10,
     conditioning: Annotated[str, typer.Option(help=help_of(TrainConfig, "conditioning"))] = TrainConfig.conditioning,
     route_without_steering: Annotated[bool, typer.Option(
-        "--route-without-steering", help=help_of(TrainConfig, "route_without_steering"))] = False,
+        "--route-without-steering/--no-route-without-steering", help=help_of(TrainConfig, "route_without_steering"))] = False,
     route_without_leaning: Annotated[bool, typer.Option(
-        "--route-without-leaning", help=help_of(TrainConfig, "route_without_leaning"))] = False,
+        "--route-without-leaning/--no-route-without-leaning", help=help_of(TrainConfig, "route_without_leaning"))] = False,
     route_distinct: Annotated[bool, typer.Option(
-        "--route-distinct", help=help_of(TrainConfig, "route_distinct"))] = False,
+        "--route-distinct/--no-route-distinct", help=help_of(TrainConfig, "route_distinct"))] = False,
     route_queries: Annotated[int, typer.Option(help=help_of(TrainConfig, "route_queries"))] = 0,
     query_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "query_max_tokens"))] = 40,
     prompt_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "prompt_max_tokens"))] = 40,
@@ -56,7 +56,7 @@ def command(
     preference_label_smoothing: Annotated[float, typer.Option(
         help=help_of(LoopConfig, "preference_label_smoothing"))] = 0.0,
     preference_without_steering: Annotated[bool, typer.Option(
-        "--preference-without-steering", help=help_of(LoopConfig, "preference_without_steering"))] = False,
+        "--preference-without-steering/--no-preference-without-steering", help=help_of(LoopConfig, "preference_without_steering"))] = False,
     preference_epochs: Annotated[int, typer.Option(help=help_of(LoopConfig, "preference_epochs"))] = LoopConfig.preference_epochs,
     preference_learning_rate: Annotated[float | None, typer.Option(
         help=help_of(LoopConfig, "preference_learning_rate"))] = None,
@@ -71,8 +71,7 @@ def command(
 ) -> None:
     """Fine-tune the policy on D0, then for each later loop sample, score, filter, merge and fine-tune again."""
     with user_errors():
-        # by name: typer may vendor its own click, whose ParameterSource is another enum than click's
-        given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") != "DEFAULT"}
+        given = given_options(ctx)
         train_values, loop_values = recipe_settings(recipe, ctx.params, given)
         train_values["trainable"] = resolve_trainable(train_values["trainable"], train_values["device"])
         train_config, loop_config = TrainConfig(**train_values), LoopConfig(**loop_values)
@@ -83,6 +82,12 @@ def command(
         metrics = train_with_progress(run, train_config, loop_config)
     print_loops(metrics)
     console.print(f"[green]Policy:[/] {metrics[-1].checkpoint}   next: qpo export --run {run}")
+
+
+def given_options(ctx: typer.Context) -> set[str]:
+    """The options of this command given on the command line (or by the environment), not left at their default."""
+    # by name: typer may vendor its own click, whose ParameterSource is another enum than click's
+    return {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") != "DEFAULT"}
 
 
 def recipe_settings(recipe: str, values: dict[str, Any], given: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
