@@ -36,12 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from qpo_bench.environment import code_version, environment
-from qpo_bench.offline import TRAIN, method_line, method_row, recipe_dir, reference_model
+from qpo_bench.offline import TRAIN, method_line, method_row, posterior_picks, recipe_dir, reference_model
 from qpo_middleware.stats import percentiles
 from qpo_middleware.training.config import LoopConfig, TrainConfig
 from qpo_middleware.training.dataset import OfflineDataset
 from qpo_middleware.training.io import atomic_write_json, atomic_write_text
 from qpo_middleware.training.run import Run, RunPaths
+
+# The rows each method is compared with: fixed prompts, the selector and the run's own rules.
+REFERENCES = ("best_prompt", "best_prompt_dev", "selector", "dpo_ratio", "likelihood", "posterior")
 
 
 def main() -> None:
@@ -69,14 +72,21 @@ def main() -> None:
                  "are not committed); re-run benchmarks/pool_choice.py with the same arguments first.")
 
     # -- the offsets training writes now (the run predates them): the reference over training queries ----------
-    from qpo_middleware.training.export import export_bundle, read_choice_offsets, write_choice_offsets
+    from qpo_middleware.training.export import (
+        export_bundle,
+        read_choice_offsets,
+        read_route_table,
+        write_choice_offsets,
+    )
     from qpo_middleware.training.loops import library_offsets, load_policy
 
     seed = settings["seed"]
     timings: dict[str, float] = {}
+    # A label_route policy's bundle sends by the route table training wrote: no offsets.
+    table = read_route_table(checkpoint)
     recorded = read_choice_offsets(checkpoint)
-    if recorded is None or recorded.queries != min(args.offset_queries, len({r.query_id for r in
-                                                                           OfflineDataset(run_dir).records})):
+    if table is None and (recorded is None or recorded.queries != min(
+            args.offset_queries, len({r.query_id for r in OfflineDataset(run_dir).records}))):
         reference = reference_model(runs, recipe, suffix)
         if reference is None:
             sys.exit(f"Recipe {recipe!r} has no preference step, so no reference to take offsets from.")
@@ -126,21 +136,29 @@ def main() -> None:
         grid = [part["grid"][e.id] for e in exs]
         verdicts = [row[c] == "1" for row, c in zip(grid, picks, strict=True)]
         head = {k: [c == "1" for c in v[:n]] for k, v in part["hits"].items()}
-        ratio = f"qpo_{recipe}_dpo_ratio"
-        rows = {"bundle (choose)": verdicts, **({"dpo_ratio": head[ratio]} if ratio in head else {}),
+        own = [f"qpo_{recipe}_{rule}" for rule in (("likelihood", "posterior") if table else ("dpo_ratio",))]
+        rows = {"bundle (choose)": verdicts, **{k.removeprefix(f"qpo_{recipe}_"): head[k] for k in own if k in head},
                 **{k: head[k] for k in ("best_prompt", "best_prompt_dev", "selector") if k in head}}
-        references = {k: rows[k] for k in ("best_prompt", "best_prompt_dev", "selector", "dpo_ratio") if k in rows}
+        references = {k: rows[k] for k in REFERENCES if k in rows}
         out_rows[split] = {"queries": n, "methods": {k: method_row(v, {r: h for r, h in references.items() if r != k})
                                                      for k, v in rows.items()}}
         logps = part["policy_logps"][recipe]
-        dev_logps = data["splits"]["dev"]["policy_logps"][recipe]
-        offsets = [statistics.fmean(col) for col in zip(*dev_logps["reference"], strict=True)]
-        offline = {
-            "ratio_prior (dev offsets, torch)": [max(range(len(r)), key=lambda j, r=r: r[j] - offsets[j])
-                                                 for r in logps["top"][:n]],
-            "dpo_ratio (torch)": [max(range(len(t)), key=lambda j, t=t, f=f: t[j] - f[j])
-                                  for t, f in zip(logps["top"][:n], logps["reference"][:n], strict=True)],
-        }
+        if table is not None:  # the same rules from torch's scores of the pool prompts
+            texts = [pool[src] for src in ids]
+            offline = {
+                "likelihood (torch)": [max(range(len(r)), key=r.__getitem__) for r in logps["top"][:n]],
+                "posterior (torch, the checkpoint's table)": [column[p] for p in posterior_picks(
+                    table, logps["top"][:n], texts)],
+            }
+        else:
+            dev_logps = data["splits"]["dev"]["policy_logps"][recipe]
+            offsets = [statistics.fmean(col) for col in zip(*dev_logps["reference"], strict=True)]
+            offline = {
+                "ratio_prior (dev offsets, torch)": [max(range(len(r)), key=lambda j, r=r: r[j] - offsets[j])
+                                                     for r in logps["top"][:n]],
+                "dpo_ratio (torch)": [max(range(len(t)), key=lambda j, t=t, f=f: t[j] - f[j])
+                                      for t, f in zip(logps["top"][:n], logps["reference"][:n], strict=True)],
+            }
         agreement[split] = {k: statistics.fmean(a == b for a, b in zip(v, picks, strict=True)) for k, v in offline.items()}
         sent[split] = {ids[c]: picks.count(c) for c in sorted(set(picks), key=lambda c: -picks.count(c))}
 
@@ -162,16 +180,21 @@ def main() -> None:
 
     out = {"benchmark": "choose_bundle", "run": args.run.as_posix(), "recipe": recipe, "checkpoint": str(checkpoint),
            "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), **code,
-           "environment": environment(), "dtype": dtype, "offsets": {"queries": recorded.queries, "seed": seed + 1,
+           "environment": environment(), "dtype": dtype,
+           "offsets": None if recorded is None else {"queries": recorded.queries, "seed": seed + 1,
                                                      "prompts": len(recorded.offsets)},
+           "route_table": None if table is None else table.to_dict(),
            "splits": out_rows, "agreement": agreement, "prompts_sent": sent, "latency": latency, "timings": timings}
     stem = "choose_bundle" + (f"-{args.quantize}" if args.quantize else "")
     atomic_write_json(args.run / f"{stem}.json", out)
     lines = [f"# The exported `--strategy choose` bundle: {results['task']} seed {seed}, recipe {recipe}", "",
-             f"`{out['command']}` — commit `{out['commit']}`; run `{results['commit']}`; offsets from "
-             f"{recorded.queries} training queries (the reference, seed {seed + 1}); ONNX {dtype} on CPU.", ""]
+             f"`{out['command']}` — commit `{out['commit']}`; run `{results['commit']}`; "
+             + (f"offsets from {recorded.queries} training queries (the reference, seed {seed + 1})" if table is None
+                else f"the checkpoint's route table ({len(table.routes)} routes, {len(table.prompts)} prompts to "
+                     f"send, temperature {table.temperature:g})")
+             + f"; ONNX {dtype} on CPU.", ""]
     for split, part in out_rows.items():
-        refs = [r for r in ("best_prompt", "best_prompt_dev", "selector", "dpo_ratio") if r in part["methods"]]
+        refs = [r for r in REFERENCES if r in part["methods"]]
         lines += [f"## {split}: {part['queries']} queries (every pool prompt scored)", "",
                   "| method | accuracy % [95% CI] | " + " | ".join(f"vs {r.replace('_', ' ')}" for r in refs) + " |",
                   "|---|---|" + "---|" * len(refs),

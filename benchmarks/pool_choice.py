@@ -52,6 +52,7 @@ from qpo_bench.offline import (
     method_line,
     method_row,
     policy_choices,
+    posterior_picks,
     recipe_dir,
     reference_model,
     rules_of,
@@ -385,12 +386,6 @@ def posterior_table(recipe: str, d0: list[Any], top: list[list[float]], prompts:
     route_scores = np.asarray(top)[:, [prompts.index(p) for p in table.routes]]
     rows = [i for i, g in enumerate(golds) if g in table.labels]
     return table.fit_temperature(route_scores[rows], [table.labels.index(golds[i]) for i in rows])
-
-
-def posterior_picks(table: RouteTable, top: list[list[float]], prompts: list[str]) -> list[str]:
-    """The prompt rule ``posterior`` sends each query: the most expected right answers under the label posterior."""
-    route_scores = np.asarray(top)[:, [prompts.index(p) for p in table.routes]]
-    return [table.prompts[i] for i in table.pick(route_scores)]
 
 
 def remap_routes(recipe: str, d0: list[Any], picks: list[str], golds: list[str]) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from qpo_middleware.choice import choose
+from qpo_middleware.choice import RouteTable, choose
 from qpo_middleware.stats import bootstrap_ci, paired_bootstrap_ci
 from qpo_middleware.training.config import RECIPES as PRESETS
 from qpo_middleware.training.config import LoopConfig, TrainConfig
@@ -432,3 +432,10 @@ def gsm8k_logs(runs: Path) -> tuple[dict[str, dict[str, bool]], dict[str, dict[s
             texts[record.query_id] = record.query
             aliases[record.prompt] = record.prompt_source.removeprefix("oirl:")
     return outcomes["train"], outcomes["test"], texts, aliases
+
+
+def posterior_picks(table: RouteTable, top: Sequence[Sequence[float]], prompts: Sequence[str]) -> list[str]:
+    """The prompt rule ``posterior`` sends each query: the most expected right answers under the label posterior
+    of ``table`` from the policy's top-token scores of the routes (``top``: queries x ``prompts``)."""
+    route_scores = np.asarray(top)[:, [list(prompts).index(p) for p in table.routes]]
+    return [table.prompts[i] for i in table.pick(route_scores)]
