@@ -34,23 +34,22 @@ RECIPES: dict[str, Recipe] = {
         train={"conditioning": "query_rank"},
         loops={"d0_floor_quantile": 0.0, "preference": "instead", "preference_epochs": 2,
                "preference_pairs_per_query": 4, "preference_learning_rate": 1e-4},
-        summary="DPO from the base model on the right-vs-wrong prompt pairs of each D0 query, one loop; export it "
-                "with strategy 'choose' (it picks one of D0's prompts per query). Any task; measured on SmolLM2 "
-                "sst2 and ag_news (benchmark recipe dpo_only)."),
+        summary="DPO on each D0 query's right-vs-wrong prompt pairs, one loop; the bundle chooses among D0's "
+                "prompts (benchmark row dpo_only)"),
     "paper": Recipe(
         train={"conditioning": "absolute"},
         loops={"d0_floor_quantile": 0.5, "preference": "off"},
-        summary="The paper (arXiv 2408.10504): the absolute reward token, supervised training on D0's better half; "
-                "add --loops 2 or more for its later loops, which sample new prompt text from the policy."),
+        summary="arXiv 2408.10504: the absolute reward token, supervised on D0's better half; add --loops 2+"),
     "route": Recipe(
         train={"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
                "route_without_leaning": True, "route_distinct": True, "route_queries": 1000, "epochs": 1},
         loops={"d0_floor_quantile": 0.0, "preference": "off"},
-        summary="Classification tasks: one prompt per label (the one D0 says is right most often on the label's "
-                "queries, among the prompts that do not lean the target to one label, a different one per label); "
-                "the policy learns to read the label from D0's queries and 1,000 more labelled train queries (no "
-                "target call) and the bundle sends by its route table. Every weight trains: slow on CPU. Measured "
-                "on Qwen2.5-Coder-0.5B ag_news (benchmark recipe label_route_distinct_q1000)."),
+        # One prompt per label (the one D0 finds right most often on the label's queries, among the prompts that do
+        # not lean the target to one label, a different one per label); the policy learns to read the label from
+        # D0's queries and 1,000 more labelled train queries (no target call), and the bundle sends by its route
+        # table. Measured on Qwen2.5-Coder-0.5B ag_news (benchmark row label_route_distinct_q1000).
+        summary="classification tasks: one prompt per label, read by the policy, sent by the bundle's route table; "
+                "trains every weight (label_route_distinct_q1000)"),
 }
 """The recipes ``qpo train --recipe`` knows. The dataclass defaults are the ``default`` recipe's values where it
 sets none; docs/benchmarks.md has what each was measured to do."""

@@ -20,8 +20,8 @@ def command(
         help="Run directory made by `qpo collect`, or by `qpo import-oirl` (then --loops 1: there is no target "
              "to score new prompts on). Resumes where it stopped.")],
     recipe: Annotated[str, typer.Option(help=(
-        "Named settings applied under the options given here explicitly: "
-        + "; ".join(f"'{name}': {r.summary}" for name, r in RECIPES.items())))] = "default",
+        "Named settings; an option given explicitly wins. "
+        + " ".join(f"'{name}': {r.summary}." for name, r in RECIPES.items())))] = "default",
     loops: Annotated[int, typer.Option(help=help_of(LoopConfig, "loops"))] = LoopConfig.loops,
     base_model: Annotated[str, typer.Option(help=help_of(LoopConfig, "base_model"))] = "smollm2-135m-instruct",
     epochs: Annotated[int, typer.Option(help=help_of(TrainConfig, "epochs"))] = 3,
