@@ -321,7 +321,8 @@ class TrainConfig:
         for name in ("route_without_steering", "route_without_leaning", "route_distinct", "route_queries"):
             if getattr(self, name) and self.conditioning != "label_route":
                 raise TrainConfigError(f"{name} only applies to --conditioning label_route; got "
-                                       f"conditioning {self.conditioning!r}.")
+                                       f"conditioning {self.conditioning!r}. Drop --{name.replace('_', '-')}, or "
+                                       "train another recipe than 'route' (qpo train --recipe default).")
         _ = self.top_layers  # parses and validates `trainable`
 
     @property

@@ -242,7 +242,7 @@ def conditioning_values(records: Sequence[Record], kind: str = "absolute") -> li
 
 def _require_labels(records: Sequence[Record], kind: str) -> None:
     require_labels(records, f"conditioning {kind!r} ranks prompts by their accuracy per gold label",
-                   "use --conditioning query_rank")
+                   "use --conditioning query_rank (with --recipe route: --recipe default)")
 
 
 def pool_label_standing(records: Sequence[Record]) -> dict[tuple[str | None, str], float]:
@@ -353,7 +353,8 @@ def _route_records(records: Sequence[Record], *, without_steering: bool, without
     if not ranked:
         raise ValueError(f"Every one of the {len(left_out)} prompts in D0 {verb} the target to one label, so "
                          f"route_without_{'leaning' if without_leaning else 'steering'} leaves no route; grow "
-                         "the pool (qpo collect --mutate N or --induce N) or train without it.")
+                         "the pool (qpo collect --mutate N or --induce N) or train without it (--no-route-without-"
+                         f"{'leaning' if without_leaning else 'steering'}).")
     logger.info("label_route: %d of %d prompts %s the target to one label on D0 and are left out of the routes",
                 len(left_out), len({r.prompt for r in records}), verb.removesuffix("s"))
     return ranked
