@@ -84,7 +84,7 @@ def main() -> None:
     timings: dict[str, float] = {}
     # A label_route policy's bundle sends by the route table training wrote: no offsets.
     table = read_route_table(checkpoint)
-    recorded = read_choice_offsets(checkpoint)
+    recorded = read_choice_offsets(checkpoint) if table is None else None
     if table is None and (recorded is None or recorded.queries != min(
             args.offset_queries, len({r.query_id for r in OfflineDataset(run_dir).records}))):
         reference = reference_model(runs, recipe, suffix)

@@ -38,7 +38,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from quality import DEFAULT_MODEL, reuse_d0
 
 from qpo_bench.environment import code_version, environment
@@ -55,6 +54,7 @@ from qpo_bench.offline import (
     posterior_picks,
     recipe_dir,
     reference_model,
+    route_scores,
     rules_of,
     steering_check,
     train_recipes,
@@ -383,9 +383,9 @@ def posterior_table(recipe: str, d0: list[Any], top: list[list[float]], prompts:
     temperature fit on dev's labels (no target call) from the policy's top-token scores of the routes (``top``:
     queries x ``prompts``)."""
     table = route_table(d0, **recipe_route_lines(recipe))
-    route_scores = np.asarray(top)[:, [prompts.index(p) for p in table.routes]]
+    scores = route_scores(table, top, prompts)
     rows = [i for i, g in enumerate(golds) if g in table.labels]
-    return table.fit_temperature(route_scores[rows], [table.labels.index(golds[i]) for i in rows])
+    return table.fit_temperature(scores[rows], [table.labels.index(golds[i]) for i in rows])
 
 
 def remap_routes(recipe: str, d0: list[Any], picks: list[str], golds: list[str]) -> dict[str, Any] | None:

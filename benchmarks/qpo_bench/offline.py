@@ -434,8 +434,13 @@ def gsm8k_logs(runs: Path) -> tuple[dict[str, dict[str, bool]], dict[str, dict[s
     return outcomes["train"], outcomes["test"], texts, aliases
 
 
+def route_scores(table: RouteTable, top: Sequence[Sequence[float]], prompts: Sequence[str]) -> np.ndarray:
+    """The policy's top-token scores of ``table``'s routes, in its order: the columns of ``top`` (queries x
+    ``prompts``) that hold them."""
+    return np.asarray(top)[:, [list(prompts).index(p) for p in table.routes]]
+
+
 def posterior_picks(table: RouteTable, top: Sequence[Sequence[float]], prompts: Sequence[str]) -> list[str]:
     """The prompt rule ``posterior`` sends each query: the most expected right answers under the label posterior
     of ``table`` from the policy's top-token scores of the routes (``top``: queries x ``prompts``)."""
-    route_scores = np.asarray(top)[:, [list(prompts).index(p) for p in table.routes]]
-    return [table.prompts[i] for i in table.pick(route_scores)]
+    return [table.prompts[i] for i in table.pick(route_scores(table, top, prompts))]
