@@ -76,14 +76,16 @@ def test_smollm2_collect_train_export_rewrite(tmp_path: Path, real_data: Path, s
 def test_smollm2_default_recipe_trains_by_dpo_and_the_bundle_chooses(tmp_path: Path, real_data: Path,
                                                                      smollm2_target) -> None:  # noqa: ANN001
     from qpo_middleware import PromptOptimizer
-    from qpo_middleware.training.config import LoopConfig, TrainConfig
+    from qpo_middleware.training.config import RECIPES, LoopConfig, TrainConfig
     from qpo_middleware.training.export import export_bundle, read_choice_offsets, run_prompt_library
     from qpo_middleware.training.loops import final_checkpoint, load_policy, run_loops
     from qpo_middleware.training.preference import candidate_logps
 
     target = collected(tmp_path, real_data, smollm2_target)
-    train = TrainConfig(epochs=1, max_steps=2, batch_size=4, trainable="top:2", prompt_max_tokens=12)
-    loops = LoopConfig(choice_offset_queries=3)
+    recipe = RECIPES["default"]  # what `qpo train --recipe default` sets, at a test's size
+    train = TrainConfig(**{**recipe.train, "epochs": 1, "max_steps": 2, "batch_size": 4, "trainable": "top:2",
+                           "prompt_max_tokens": 12})
+    loops = LoopConfig(**{**recipe.loops, "choice_offset_queries": 3})
     assert (train.conditioning, loops.preference, loops.loops) == ("query_rank", "instead", 1)
     metrics = run_loops(tmp_path, train, loops, target=target)
     assert metrics[0].preference_pairs > 0 and metrics[0].train_records == 0  # DPO instead of imitation
