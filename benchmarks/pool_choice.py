@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from quality import DEFAULT_MODEL, reuse_d0
+from verdicts import seed_cache
 
 from qpo_bench.environment import code_version, environment
 from qpo_bench.harness import label_routing
@@ -106,7 +106,8 @@ def main() -> None:
     parser.add_argument("--verdicts-from", type=Path, default=None,
                         help="Another run of the same task and target whose scores.sqlite seeds a new D0's score "
                              "cache (verdicts are keyed by target, task, rendered input and gold, so only identical "
-                             "pairs hit): a bigger D0 then pays only for its new pairs.")
+                             "pairs hit): a bigger D0 then pays only for its new pairs. Or a verdicts.jsonl.gz that "
+                             "benchmarks/verdicts.py saved: a run resumed on a fresh machine pays only for the rest.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started, code = time.perf_counter(), code_version()
@@ -123,13 +124,8 @@ def main() -> None:
     # -- D0, and every pool prompt on every dev and test query (one target, cached) --------------------
     d0_dir = runs / "d0"
     if args.verdicts_from is not None and not d0_dir.exists():
-        source_scores = RunPaths(args.verdicts_from).scores
-        if not source_scores.is_file():
-            sys.exit(f"--verdicts-from {args.verdicts_from}: no {source_scores.name} there; pass a run directory.")
         d0_dir.mkdir(parents=True)
-        partial = d0_dir / f"{source_scores.name}.partial"  # a copy cut short never poses as the cache
-        shutil.copy2(source_scores, partial)
-        partial.replace(RunPaths(d0_dir).scores)
+        seed_cache(args.verdicts_from, RunPaths(d0_dir).scores)
     # D0 keeps the test size it was made with; the test split is drawn below at the size asked for.
     d0_test = Run.open(d0_dir).config.test_queries if RunPaths(d0_dir).run_file.is_file() else args.test_queries
     config = CollectConfig(task=args.task, target=args.target, queries=args.train_queries,

@@ -1191,6 +1191,36 @@ def test_compare_runs_pairs_two_runs_queries_and_refuses_other_queries(tmp_path:
         compare_runs.compare([(new, "qpo_z"), (old, "qpo_y_likelihood")])
 
 
+def test_verdicts_script_seeds_a_run_from_a_saved_file_or_another_run(tmp_path: Path) -> None:
+    """verdicts.py / pool_choice --verdicts-from: a committed verdicts.jsonl.gz (or another run's directory) becomes
+    a new run's score cache; a bad source exits naming the fix and leaves no cache behind."""
+    from qpo_middleware.training.targets import Score, ScoreCache
+
+    verdicts = load_script("verdicts")
+    source = tmp_path / "source"
+    cache = ScoreCache(source / "scores.sqlite")
+    cache.put_many([(f"k{i}", Score(correct=i % 2 == 0, prediction="positive", label_nll=0.1 * i, tokens=9))
+                    for i in range(5)])
+    assert cache.dump(tmp_path / "verdicts.jsonl.gz") == 5
+    for seed in (tmp_path / "verdicts.jsonl.gz", source):
+        scores = tmp_path / f"from-{seed.name}" / "scores.sqlite"
+        scores.parent.mkdir()
+        assert verdicts.seed_cache(seed, scores) == 5
+        seeded = ScoreCache(scores)
+        assert seeded.get("k3") == Score(correct=False, prediction="positive", label_nll=0.1 * 3, tokens=9,
+                                         cached=True)
+        assert {p.name for p in scores.parent.iterdir()} <= {"scores.sqlite", "scores.sqlite-wal", "scores.sqlite-shm"}
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_text("not gzip")
+    scores = tmp_path / "from-bad" / "scores.sqlite"
+    scores.parent.mkdir()
+    with pytest.raises(SystemExit, match="bad.jsonl.gz: not a gzipped verdict dump"):
+        verdicts.seed_cache(bad, scores)
+    with pytest.raises(SystemExit, match="no scores.sqlite there; pass a run directory or a verdicts.jsonl.gz"):
+        verdicts.seed_cache(tmp_path / "nowhere", scores)
+    assert list(scores.parent.iterdir()) == []
+
+
 def test_label_scoring_batching_times_sorted_against_call_order_on_d0_pairs(
         tmp_path: Path, tiny_target_model: str, real_data: Path) -> None:
     """label_scoring.py --batching: D0's pairs (queries x 5 pool prompts) scored both ways, less padding sorted,

@@ -160,6 +160,37 @@ def test_interrupted_collect_resumes_without_loss_duplicates_or_extra_calls(tmp_
     assert collect(config(target=tiny_target_model), resumed).records_written == 0
 
 
+def test_verdicts_dumped_on_one_machine_resume_a_collect_on_another(tmp_path: Path, tiny_target_model: str) -> None:
+    """ScoreCache.dump/load: an interrupted collect's verdicts, carried as a file to a fresh run directory, resume
+    it there paying only for the pairs not yet scored, and give the uninterrupted run's D0."""
+    full = tmp_path / "full"
+    collect(config(target=tiny_target_model), full)
+    first = tmp_path / "first"
+    crashing = CountingTarget(HFTarget(model=tiny_target_model, batch_size=3,
+                                       cache=ScoreCache(first / "scores.sqlite")), crash_after_chunks=3)
+    with pytest.raises(Interrupt):
+        collect(config(target=tiny_target_model), first, target=crashing)
+    dump = tmp_path / "verdicts.jsonl.gz"
+    assert ScoreCache(first / "scores.sqlite").dump(dump) == 12
+    assert ScoreCache(first / "scores.sqlite").dump(tmp_path / "again.jsonl.gz") == 12
+    assert dump.read_bytes() == (tmp_path / "again.jsonl.gz").read_bytes()  # same verdicts, same bytes
+
+    moved = tmp_path / "moved"
+    cache = ScoreCache(moved / "scores.sqlite")
+    assert cache.load(dump) == 12 and cache.load(dump) == 0  # a second load adds nothing
+    second = CountingTarget(HFTarget(model=tiny_target_model, batch_size=3, cache=cache))
+    summary = collect(config(target=tiny_target_model), moved, target=second)
+    assert second.pairs_scored == 12 and summary.cached_pairs == 12
+    assert [r.to_dict() for r in OfflineDataset(moved).records] == [r.to_dict() for r in OfflineDataset(full).records]
+
+    torn = tmp_path / "torn.jsonl.gz"
+    torn.write_bytes(dump.read_bytes()[:-20])
+    fresh = ScoreCache(tmp_path / "fresh.sqlite")
+    with pytest.raises(ValueError, match="not a gzipped verdict dump.*ScoreCache.dump"):
+        fresh.load(torn)
+    assert fresh.count() == 0  # a bad file adds nothing
+
+
 def test_resume_refuses_other_settings(tmp_path: Path, tiny_target_model: str) -> None:
     collect(config(target=tiny_target_model), tmp_path)
     with pytest.raises(ValueError, match="queries: run has 6, asked 7"):
@@ -283,9 +314,16 @@ def test_real_collect_resumes_after_interruption(tmp_path: Path, smollm2_target:
     first = target(tmp_path, crash=2)
     with pytest.raises(Interrupt):
         collect(cfg, tmp_path, target=first)
+    # The cut-short verdicts carried as a file to a fresh directory (another machine) resume there too.
+    ScoreCache(tmp_path / "scores.sqlite").dump(tmp_path / "verdicts.jsonl.gz")
+    ScoreCache(tmp_path / "moved" / "scores.sqlite").load(tmp_path / "verdicts.jsonl.gz")
+    moved = target(tmp_path / "moved")
+    collect(cfg, tmp_path / "moved", target=moved)
     second = target(tmp_path)
     summary = collect(cfg, tmp_path, target=second)
     assert first.pairs_scored + second.pairs_scored == 32  # 8 queries x 4 prompts, each paid once
+    assert moved.pairs_scored == second.pairs_scored
+    assert [r.to_dict() for r in OfflineDataset(tmp_path / "moved")] == [r.to_dict() for r in OfflineDataset(tmp_path)]
     assert summary.dataset_records == 32
     assert len({r.key() for r in OfflineDataset(tmp_path)}) == 32
 

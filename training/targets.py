@@ -17,6 +17,7 @@ signature, rendered input), so a re-run or a resumed crash never pays twice.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Protocol
 
 from qpo_middleware.template import Demo
 
+from .io import atomic_write_bytes
 from .tasks import Example, Task
 
 Progress = Callable[[int], None]  # called with the number of pairs just finished
@@ -119,6 +121,55 @@ class ScoreCache:
         with self._lock:
             self._db.executemany("INSERT OR REPLACE INTO scores (key, value) VALUES (?, ?)", rows)
             self._db.commit()
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM scores").fetchone()[0]
+
+    def copy(self, path: str | os.PathLike[str]) -> int:
+        """A consistent copy of this cache as a new SQLite file at ``path`` (SQLite's backup, so verdicts still in
+        the write-ahead log of a run in progress come too, unlike a file copy). Returns the number copied."""
+        target = sqlite3.connect(path)
+        try:
+            with self._lock:
+                self._db.backup(target)
+        finally:
+            target.close()
+        return self.count()
+
+    def dump(self, path: str | os.PathLike[str]) -> int:
+        """Write every verdict to ``path`` as gzipped JSON lines (``{"key", "score"}``, sorted by key; the same
+        cache always gives the same bytes), atomically. A portable copy of what the target was paid for: a fresh
+        machine's :meth:`load` makes a re-run pay only for the pairs not in it. Returns the number written."""
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM scores ORDER BY key").fetchall()
+        text = "".join(json.dumps({"key": key, "score": json.loads(value)}, sort_keys=True) + "\n"
+                       for key, value in rows)
+        atomic_write_bytes(path, gzip.compress(text.encode("utf-8"), mtime=0))
+        return len(rows)
+
+    def load(self, path: str | os.PathLike[str]) -> int:
+        """Add the verdicts of a :meth:`dump` file, keeping any this cache already holds (one transaction: a bad
+        file adds nothing). Returns how many were new."""
+        rows = []
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as lines:
+                for number, line in enumerate(lines, 1):
+                    try:
+                        item = json.loads(line)
+                        key, score = item["key"], Score(**item["score"])
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise ValueError(f"{path}, line {number}: not a verdict ({exc}); pass a file written by "
+                                         "ScoreCache.dump (benchmarks/verdicts.py save).") from exc
+                    rows.append((key, score.to_json()))
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a gzipped verdict dump ({exc}); pass a file written by ScoreCache.dump "
+                             "(benchmarks/verdicts.py save).") from exc
+        before = self.count()
+        with self._lock:
+            self._db.executemany("INSERT OR IGNORE INTO scores (key, value) VALUES (?, ?)", rows)
+            self._db.commit()
+        return self.count() - before
 
     def close(self) -> None:
         with self._lock:
