@@ -17,6 +17,12 @@ order, alternating per chunk, and counts the padded tokens each way:
 
     python benchmarks/label_scoring.py --batching --tasks ag_news --targets qwen2.5-coder-0.5b-instruct \
         --queries 64 --out benchmarks/results/target-batching-cpu
+
+``--shared-prefix`` does the same with ``HFTarget.share_prefix`` on and off (the tokens every context of a
+batch starts with, run once, against whole contexts; both length-sorted):
+
+    python benchmarks/label_scoring.py --shared-prefix --tasks tweet_emotion,ag_news \
+        --targets qwen2.5-coder-0.5b-instruct --queries 64 --out benchmarks/results/target-prefix-cpu
 """
 
 from __future__ import annotations
@@ -81,40 +87,53 @@ def measure(target: HFTarget, task: Task, queries: int, batch_size: int, data: P
             "max_abs_logprob_difference": gap}
 
 
+# What --batching and --shared-prefix switch on HFTarget, and the names of its off and on settings.
+SWITCHES = {"sort_by_length": ("call_order", "length_sorted"), "share_prefix": ("whole_contexts", "shared_prefix")}
+
+
 def measure_batching(target: HFTarget, task_name: str, queries: int, data: Path, folder: Path,
-                     chunk: int = 64) -> dict[str, Any]:
-    """``target.score`` on D0's pairs, chunk by chunk, with length-sorted batches and in call order."""
+                     chunk: int = 64, switch: str = "sort_by_length") -> dict[str, Any]:
+    """``target.score`` on D0's pairs, chunk by chunk, with ``target.<switch>`` off and on (alternating which
+    goes first per chunk), counting the tokens each way runs through the model: length-sorted batches against
+    call order, or a batch's shared prefix run once against whole contexts (both length-sorted)."""
+    from qpo_middleware.training.hf_target import shared_prefix_length
+
     config = CollectConfig(task=task_name, target=target.model, queries=queries, prompts="13", prompts_per_query=5,
                            data_dir=str(data))
     run = Run.open(folder / f"{task_name}-{target.model}", config)
     pairs = run.d0_pairs(run.base_prompts())
     seconds = {True: 0.0, False: 0.0}
-    padded = {True: 0, False: 0}
-    predictions: dict[bool, list[str]] = {True: [], False: []}
+    fed = {True: 0, False: 0}
+    scores: dict[bool, list[Any]] = {True: [], False: []}
     inner = target._label_logprobs
 
     def counted(contexts: list[list[int]], label_ids: list[list[int]]) -> Any:
-        padded[target.sort_by_length] += len(contexts) * max(map(len, contexts))
+        shared = shared_prefix_length(contexts) if target.share_prefix and len(contexts) > 1 else 0
+        fed[getattr(target, switch)] += shared + len(contexts) * (max(map(len, contexts)) - shared)
         return inner(contexts, label_ids)
 
     target._label_logprobs = counted  # type: ignore[method-assign]
     target.score(run.task, pairs[: target.batch_size])  # warm-up
-    padded = {True: 0, False: 0}
+    fed = {True: 0, False: 0}
     for i, start in enumerate(range(0, len(pairs), chunk)):
-        for sort in (True, False) if i % 2 else (False, True):
-            target.sort_by_length = sort
+        for on in (True, False) if i % 2 else (False, True):
+            setattr(target, switch, on)
             began = time.perf_counter()
-            predictions[sort] += [s.prediction for s in target.score(run.task, pairs[start : start + chunk])]
-            seconds[sort] += time.perf_counter() - began
+            scores[on] += target.score(run.task, pairs[start : start + chunk])
+            seconds[on] += time.perf_counter() - began
     del target._label_logprobs
-    target.sort_by_length = True
+    setattr(target, switch, True)
     real = sum(len(target.tokenizer(target.context_text(run.task, p), add_special_tokens=False).input_ids)
                for p in pairs)
-    rates = {"call_order": len(pairs) / seconds[False], "length_sorted": len(pairs) / seconds[True]}
-    return {"pairs": len(pairs), "chunk": chunk, "real_tokens": real,
-            "padded_tokens": {"call_order": padded[False], "length_sorted": padded[True]},
-            "pairs_per_second": rates, "speedup": rates["length_sorted"] / rates["call_order"],
-            "predictions_differ": sum(a != b for a, b in zip(predictions[True], predictions[False], strict=True))}
+    off, on = SWITCHES[switch]
+    rates = {off: len(pairs) / seconds[False], on: len(pairs) / seconds[True]}
+    return {"pairs": len(pairs), "chunk": chunk, "real_tokens": real, "switch": switch,
+            "padded_tokens": {off: fed[False], on: fed[True]},  # tokens run through the model, padding included
+            "pairs_per_second": rates, "speedup": rates[on] / rates[off],
+            "predictions_differ": sum(a.prediction != b.prediction
+                                      for a, b in zip(scores[True], scores[False], strict=True)),
+            "max_abs_label_nll_difference": max(abs(a.label_nll - b.label_nll)
+                                                for a, b in zip(scores[True], scores[False], strict=True))}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -125,17 +144,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     rows = [(f"{task}\n{target}", r) for target, tasks in results["targets"].items() for task, r in tasks.items()]
     fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
-    (slow, slow_name), (fast, fast_name) = ((("call_order", "batches in call order"),
-                                             ("length_sorted", "length-sorted batches")) if results.get("batching")
-                                            else (("full_sequences", "full sequence per label"),
-                                                  ("shared_context", "shared context")))
+    names = {"call_order": "batches in call order", "length_sorted": "length-sorted batches",
+             "whole_contexts": "whole contexts", "shared_prefix": "shared prefix run once per batch",
+             "full_sequences": "full sequence per label", "shared_context": "shared context"}
+    slow, fast = SWITCHES[results["switch"]] if results.get("switch") else ("full_sequences", "shared_context")
+    slow_name, fast_name = names[slow], names[fast]
     for i, (_, r) in enumerate(rows):
         ax.bar(i - 0.2, r["pairs_per_second"][slow], 0.4, color="tab:gray", label=slow_name if i == 0 else None)
         ax.bar(i + 0.2, r["pairs_per_second"][fast], 0.4, color="tab:blue", label=fast_name if i == 0 else None)
         ax.text(i + 0.2, r["pairs_per_second"][fast], f"{r['speedup']:.2f}x", ha="center", va="bottom")
     ax.set_xticks(range(len(rows)), [name for name, _ in rows], fontsize=8)
     ax.set_ylabel("pairs / second")
-    ax.set_title("Target scoring: D0 pairs" if results.get("batching") else "Target label scoring")
+    ax.set_title("Target scoring: D0 pairs" if results.get("switch") else "Target label scoring")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -150,24 +170,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batching", action="store_true",
                         help="time length-sorted batches against call order on D0's pairs instead")
+    parser.add_argument("--shared-prefix", action="store_true",
+                        help="time a batch's shared prefix run once against whole contexts on D0's pairs instead")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/label-scoring-cpu"))
     args = parser.parse_args(argv)
+    if args.batching and args.shared_prefix:
+        parser.error("--batching and --shared-prefix each time one switch; give one of them.")
+    switch = "sort_by_length" if args.batching else "share_prefix" if args.shared_prefix else None
     data = resolve_data_dir()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     results: dict[str, Any] = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
                                "commit": commit, "environment": environment(), "batch_size": args.batch_size,
-                               "batching": args.batching,
+                               "batching": args.batching, "switch": switch,
                                "targets": {}}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.targets.split(","):
             target = HFTarget(model=name, batch_size=args.batch_size)
             for task_name in args.tasks.split(","):
-                if args.batching:
-                    row = measure_batching(target, task_name, args.queries, data, Path(folder))
+                if switch:
+                    row = measure_batching(target, task_name, args.queries, data, Path(folder), switch=switch)
                     results["targets"].setdefault(name, {})[task_name] = row
-                    print(f"{name} {task_name}: {row['pairs_per_second']['call_order']:.2f} -> "
-                          f"{row['pairs_per_second']['length_sorted']:.2f} pairs/s ({row['speedup']:.2f}x); "
-                          f"padded tokens {row['padded_tokens']} of {row['real_tokens']} real", flush=True)
+                    off, on = SWITCHES[switch]
+                    print(f"{name} {task_name}: {row['pairs_per_second'][off]:.2f} -> "
+                          f"{row['pairs_per_second'][on]:.2f} pairs/s ({row['speedup']:.2f}x); "
+                          f"tokens run {row['padded_tokens']} of {row['real_tokens']} real", flush=True)
                     continue
                 task = six_label_task(Path(folder), data) if task_name == "six_labels" else get_task(task_name)
                 row = measure(target, task, args.queries, args.batch_size, data)

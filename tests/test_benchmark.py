@@ -1231,5 +1231,14 @@ def test_label_scoring_batching_times_sorted_against_call_order_on_d0_pairs(
                                "--out", str(out)]) == 0
     row = json.loads((out / "results.json").read_text())["targets"][tiny_target_model]["ag_news"]
     assert row["pairs"] == 40 and row["predictions_differ"] == 0
-    assert row["real_tokens"] <= row["padded_tokens"]["length_sorted"] < row["padded_tokens"]["call_order"]
+    assert row["padded_tokens"]["length_sorted"] < row["padded_tokens"]["call_order"]
     assert (out / "pairs_per_second.png").stat().st_size > 0
+    # --shared-prefix: the template's system turn runs once per batch; fewer tokens than the real ones, same answers
+    assert label_scoring.main(["--shared-prefix", "--tasks", "tweet_emotion", "--targets", tiny_target_model,
+                               "--queries", "8", "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["targets"][tiny_target_model]["tweet_emotion"]
+    assert row["switch"] == "share_prefix" and row["pairs"] == 40 and row["predictions_differ"] == 0
+    assert row["padded_tokens"]["shared_prefix"] < row["real_tokens"] <= row["padded_tokens"]["whole_contexts"]
+    assert row["max_abs_label_nll_difference"] < 1e-4
+    with pytest.raises(SystemExit):
+        label_scoring.main(["--batching", "--shared-prefix"])

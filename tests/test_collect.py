@@ -95,6 +95,34 @@ def test_shared_context_label_scoring_equals_full_sequences(tiny_target_model: s
     assert label_scoring_gap(target, real_data) < LABEL_SCORING_TOL
 
 
+def test_a_batchs_shared_prefix_runs_once_and_scores_as_the_full_contexts(tiny_target_model: str,
+                                                                            real_data: Path) -> None:
+    """share_prefix: the chat template's system turn that every context starts with runs once per batch; the
+    label log-probs equal those of the contexts run whole (left-padded), prompts and lengths mixed."""
+    from qpo_middleware.training.hf_target import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 7]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # each context keeps a token to read its answer at
+    task = get_task("tweet_emotion")
+    examples = task.splits(real_data, seed=0, n_train=8, n_collect=0, n_test=0).train
+    shared, whole = HFTarget(model=tiny_target_model), HFTarget(model=tiny_target_model, share_prefix=False)
+    whole._tok = shared.tokenizer  # loads the model
+    whole._lm = shared._lm
+    pairs = [Pair(e, ["", "Which emotion?", "Name the tweet's emotion in one word."][i % 3])
+             for i, e in enumerate(examples)]
+    contexts = [shared.tokenizer(shared.context_text(task, p), add_special_tokens=False).input_ids for p in pairs]
+    assert shared_prefix_length(contexts) >= 10  # SmolLM2's system turn
+    # One long prompt for every query: the shared prefix is longer than what follows it.
+    long = "Read the tweet below with care, weigh every word and hashtag, and then name its emotion. " * 3
+    same = [shared.tokenizer(shared.context_text(task, Pair(e, long)), add_special_tokens=False).input_ids
+            for e in examples]
+    assert shared_prefix_length(same) > max(len(c) - shared_prefix_length(same) for c in same)
+    label_ids = shared.label_token_ids(task)
+    for batch in (contexts, same):
+        gap = (shared._label_logprobs(batch, label_ids) - whole._label_logprobs(batch, label_ids)).abs().max()
+        assert float(gap) < 1e-4
+
+
 def assert_sorted_batching_only_saves_padding(target: HFTarget, data: Path | None) -> None:
     runs = sorted_batching(target, data)
     (by_length, padded), (in_order, padded_in_order) = runs["sorted"], runs["call_order"]

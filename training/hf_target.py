@@ -24,6 +24,16 @@ def _logsumexp(values: Sequence[float]) -> float:
     return top + math.log(sum(math.exp(v - top) for v in values))
 
 
+def shared_prefix_length(contexts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``contexts`` share, leaving each at least one token of its own (the position
+    its answer is read from)."""
+    limit = min(map(len, contexts)) - 1
+    length = 0
+    while length < limit and all(context[length] == contexts[0][length] for context in contexts[1:]):
+        length += 1
+    return length
+
+
 @dataclass
 class HFTarget:
     """A local causal LM as target. ``model`` is a name for :func:`resolve_model` (default: SmolLM2).
@@ -31,11 +41,15 @@ class HFTarget:
     ``sort_by_length``: each call's pairs are batched shortest context first, so left padding only fills a
     batch up to contexts of like length (on ag_news D0 chunks of 64 pairs on Qwen, 1.43x the real tokens in
     call order, 1.15x sorted); results come back in call order either way.
+
+    ``share_prefix``: the tokens every context of a batch starts with (at least the chat template's system turn,
+    24 of Qwen's ~65 tokens on tweet_emotion) run once and their cache serves the whole batch.
     """
 
     model: str = "smollm2-135m-instruct"
     batch_size: int = 16
     sort_by_length: bool = True
+    share_prefix: bool = True
     max_new_tokens: int | None = None
     cache: ScoreCache | None = None
     device: str = "auto"
@@ -142,19 +156,28 @@ class HFTarget:
         """log p(label | context) for every (context, label), summed over the label's tokens: (batch, labels).
 
         The contexts run once (left-padded, KV cache kept); the first label token is read from the last
-        position's distribution. Labels of several tokens then continue from that cache in one batched
-        step of ``batch x labels`` rows holding only the label tokens, and log-probabilities are taken
+        position's distribution. With ``share_prefix`` the tokens all contexts start with run first, once, and
+        the rest of each context continues from their cache (its padding sits between the two, masked, and
+        positions count on from the prefix). Labels of several tokens then continue from that cache in one
+        batched step of ``batch x labels`` rows holding only the label tokens, and log-probabilities are taken
         only where a label token is read.
         """
         import torch
 
         from .sampling import position_ids
 
-        ids, mask = self._left_pad(contexts)
         longest = max(map(len, label_ids))
+        shared = shared_prefix_length(contexts) if self.share_prefix and len(contexts) > 1 else 0
         with torch.inference_mode():
-            out = self._lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                           use_cache=longest > 1, logits_to_keep=1)
+            cache = None
+            if shared:
+                prefix = torch.tensor([contexts[0][:shared]], device=self._device())
+                cache = self._lm(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+                cache.batch_repeat_interleave(len(contexts))
+            ids, rest_mask = self._left_pad([context[shared:] for context in contexts])
+            mask = torch.cat([rest_mask.new_ones((len(contexts), shared)), rest_mask], dim=1)
+            out = self._lm(input_ids=ids, attention_mask=mask, position_ids=shared + position_ids(rest_mask),
+                           past_key_values=cache, use_cache=longest > 1 or cache is not None, logits_to_keep=1)
             first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (batch, vocab)
             total = first[:, [label[0] for label in label_ids]]  # (batch, labels)
             if longest == 1:
