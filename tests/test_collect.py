@@ -168,16 +168,21 @@ def test_collect_writes_d0_and_summary(tmp_path: Path, tiny_target_model: str) -
     assert saved["dataset_records"] == 24
 
 
-def test_interrupted_collect_resumes_without_loss_duplicates_or_extra_calls(tmp_path: Path, tiny_target_model: str) -> None:
+def full_and_crashed_collect(tmp_path: Path, model: str, name: str) -> tuple[Path, Path]:
+    """An uninterrupted collect (``full``) and one into ``name`` that crashed after three of its six chunks."""
     full = tmp_path / "full"
-    collect(config(target=tiny_target_model), full)
-
-    resumed = tmp_path / "resumed"
-    crashing = CountingTarget(HFTarget(model=tiny_target_model, batch_size=3,
-                                       cache=ScoreCache(resumed / "scores.sqlite")), crash_after_chunks=3)
+    collect(config(target=model), full)
+    crashed = tmp_path / name
+    crashing = CountingTarget(HFTarget(model=model, batch_size=3, cache=ScoreCache(crashed / "scores.sqlite")),
+                              crash_after_chunks=3)
     with pytest.raises(Interrupt):
-        collect(config(target=tiny_target_model), resumed, target=crashing)
+        collect(config(target=model), crashed, target=crashing)
     assert crashing.pairs_scored == 12  # three chunks of 4 reached the cache before the crash
+    return full, crashed
+
+
+def test_interrupted_collect_resumes_without_loss_duplicates_or_extra_calls(tmp_path: Path, tiny_target_model: str) -> None:
+    full, resumed = full_and_crashed_collect(tmp_path, tiny_target_model, "resumed")
     second = CountingTarget(HFTarget(model=tiny_target_model, batch_size=3,
                                      cache=ScoreCache(resumed / "scores.sqlite")))
     summary = collect(config(target=tiny_target_model), resumed, target=second)
@@ -191,13 +196,7 @@ def test_interrupted_collect_resumes_without_loss_duplicates_or_extra_calls(tmp_
 def test_verdicts_dumped_on_one_machine_resume_a_collect_on_another(tmp_path: Path, tiny_target_model: str) -> None:
     """ScoreCache.dump/load: an interrupted collect's verdicts, carried as a file to a fresh run directory, resume
     it there paying only for the pairs not yet scored, and give the uninterrupted run's D0."""
-    full = tmp_path / "full"
-    collect(config(target=tiny_target_model), full)
-    first = tmp_path / "first"
-    crashing = CountingTarget(HFTarget(model=tiny_target_model, batch_size=3,
-                                       cache=ScoreCache(first / "scores.sqlite")), crash_after_chunks=3)
-    with pytest.raises(Interrupt):
-        collect(config(target=tiny_target_model), first, target=crashing)
+    full, first = full_and_crashed_collect(tmp_path, tiny_target_model, "first")
     dump = tmp_path / "verdicts.jsonl.gz"
     assert ScoreCache(first / "scores.sqlite").dump(dump) == 12
     assert ScoreCache(first / "scores.sqlite").dump(tmp_path / "again.jsonl.gz") == 12
