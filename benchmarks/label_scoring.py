@@ -96,8 +96,6 @@ def measure_batching(target: HFTarget, task_name: str, queries: int, data: Path,
     """``target.score`` on D0's pairs, chunk by chunk, with ``target.<switch>`` off and on (alternating which
     goes first per chunk), counting the tokens each way runs through the model: length-sorted batches against
     call order, or a batch's shared prefix run once against whole contexts (both length-sorted)."""
-    from qpo_middleware.training.hf_target import shared_prefix_length
-
     config = CollectConfig(task=task_name, target=target.model, queries=queries, prompts="13", prompts_per_query=5,
                            data_dir=str(data))
     run = Run.open(folder / f"{task_name}-{target.model}", config)
@@ -108,7 +106,7 @@ def measure_batching(target: HFTarget, task_name: str, queries: int, data: Path,
     inner = target._label_logprobs
 
     def counted(contexts: list[list[int]], label_ids: list[list[int]]) -> Any:
-        shared = shared_prefix_length(contexts) if target.share_prefix and len(contexts) > 1 else 0
+        shared = target.prefix_to_share(contexts)
         fed[getattr(target, switch)] += shared + len(contexts) * (max(map(len, contexts)) - shared)
         return inner(contexts, label_ids)
 

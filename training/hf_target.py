@@ -152,6 +152,10 @@ class HFTarget:
         ids, mask = left_pad(seqs, self._tok.pad_token_id)
         return ids.to(self._device()), mask.to(self._device())
 
+    def prefix_to_share(self, contexts: Sequence[Sequence[int]]) -> int:
+        """How many leading tokens of a batch's ``contexts`` run once (0 without ``share_prefix`` or for one row)."""
+        return shared_prefix_length(contexts) if self.share_prefix and len(contexts) > 1 else 0
+
     def _label_logprobs(self, contexts: list[list[int]], label_ids: list[list[int]]) -> Any:
         """log p(label | context) for every (context, label), summed over the label's tokens: (batch, labels).
 
@@ -167,7 +171,7 @@ class HFTarget:
         from .sampling import position_ids
 
         longest = max(map(len, label_ids))
-        shared = shared_prefix_length(contexts) if self.share_prefix and len(contexts) > 1 else 0
+        shared = self.prefix_to_share(contexts)
         with torch.inference_mode():
             cache = None
             if shared:
