@@ -113,6 +113,16 @@ class RouteTable:
     ``accuracy`` is the target's accuracy with each prompt on D0's queries of each label. A confident read sends
     the label's specialist; an unsure one a prompt that holds up on the labels in doubt. ``temperature``
     calibrates the scores (:meth:`fit_temperature`, on labelled queries: no target call).
+
+    With ``read`` set (rule ``remap``) the table trusts only which route scores highest, and how often that is the
+    query's own: the policy is taken to pick its gold label's route a share ``read`` of the time (the route read,
+    measured on labelled held-out queries) and otherwise another label's, in proportion to the labels' shares::
+
+        p(label | top route r)  ~  share(label) * p(r | label)
+
+    so each route sends one fixed prompt, the one with the most expected right answers at that read rate: the
+    route itself when reads are good, a prompt that holds up on every label as they fall. ``temperature`` plays
+    no part then. On ties a route keeps its own prompt.
     """
 
     labels: tuple[str, ...]
@@ -122,6 +132,7 @@ class RouteTable:
     prompts: tuple[str, ...]  # the prompts that may be sent
     accuracy: tuple[tuple[float, ...], ...]  # labels x prompts
     temperature: float = 1.0
+    read: float | None = None  # rule remap: the share of queries whose top route is their label's (None: posterior)
 
     def __post_init__(self) -> None:
         def bad(rule: str) -> ValueError:
@@ -144,12 +155,17 @@ class RouteTable:
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, int | float) or not (math.isfinite(t) and t > 0):
             raise bad(f"temperature must be a number > 0, not {t!r}")
+        r = self.read
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 <= r <= 1.0):
+            raise bad(f"read must be None or a share in [0, 1], not {r!r}")
 
     def label_posterior(self, route_scores: np.ndarray) -> np.ndarray:
         """``p(label | query)`` for route scores of shape ``(..., len(routes))``: shape ``(..., len(labels))``."""
         scores = np.asarray(route_scores, dtype=np.float64)
         if scores.shape[-1] != len(self.routes):
             raise ValueError(f"RouteTable: expected {len(self.routes)} route scores per query, got {scores.shape[-1]}.")
+        if self.read is not None:  # only the top route counts: its row of the misread model
+            return self._misread_posterior()[np.argmax(scores, axis=-1)]
         shifted = scores / self.temperature
         shifted = shifted - shifted.max(axis=-1, keepdims=True)
         route_p = np.exp(shifted)
@@ -160,13 +176,49 @@ class RouteTable:
             split[r, list(group)] = shares[list(group)] / shares[list(group)].sum()
         return route_p @ split
 
+    def _misread_posterior(self) -> np.ndarray:
+        """``p(label | top route)`` under ``read`` (routes x labels): a label's queries go to its own route a share
+        ``read`` of the time and to each other label's route in proportion to that label's share of the rest."""
+        read = float(self.read if self.read is not None else 1.0)
+        shares = np.asarray(self.shares, dtype=np.float64) / sum(self.shares)
+        n = len(self.labels)
+        rest = 1.0 - shares
+        send = np.zeros((n, n))  # gold label -> the label whose route it is sent
+        for gold in range(n):
+            if rest[gold] <= 0:  # one label: always its own route
+                send[gold, gold] = 1.0
+                continue
+            send[gold] = (1.0 - read) * shares / rest[gold]
+            send[gold, gold] = read
+        to_route = np.zeros((n, len(self.routes)))
+        for r, group in enumerate(self.route_labels):
+            to_route[:, r] = send[:, list(group)].sum(axis=1)
+        joint = shares[:, None] * to_route  # labels x routes
+        mass = joint.sum(axis=0)
+        return (joint / np.where(mass > 0, mass, 1.0)).T
+
     def expected(self, route_scores: np.ndarray) -> np.ndarray:
         """Each prompt's expected accuracy for each query: shape ``(..., len(prompts))``."""
         return self.label_posterior(route_scores) @ np.asarray(self.accuracy, dtype=np.float64)
 
     def pick(self, route_scores: np.ndarray) -> np.ndarray:
-        """The index (into ``prompts``) of the prompt with the most expected right answers (the first of ties)."""
-        return np.argmax(self.expected(route_scores), axis=-1)
+        """The index (into ``prompts``) of the prompt with the most expected right answers (the first of ties; with
+        ``read`` set, a route's own prompt where it ties)."""
+        expected = self.expected(route_scores)
+        best = np.argmax(expected, axis=-1)
+        if self.read is None:
+            return best
+        column = {prompt: j for j, prompt in enumerate(self.prompts)}
+        own = np.array([column.get(route, -1) for route in self.routes])[np.argmax(route_scores, axis=-1)]
+        own_value = np.take_along_axis(expected, np.maximum(own, 0)[..., None], axis=-1)[..., 0]
+        keep = (own >= 0) & (own_value >= np.max(expected, axis=-1) - 1e-12)
+        return np.where(keep, own, best)
+
+    def sent_by_route(self) -> dict[str, str]:
+        """``route -> prompt``: what the table sends when that route scores far above the others (under ``read``,
+        when it scores highest at all: rule remap's fixed map)."""
+        top = np.where(np.eye(len(self.routes), dtype=bool), 0.0, -1e9)
+        return {route: self.prompts[i] for route, i in zip(self.routes, self.pick(top).tolist(), strict=True)}
 
     def fit_temperature(self, route_scores: np.ndarray, gold: Sequence[int],
                         grid: Sequence[float] = TEMPERATURE_GRID) -> RouteTable:
@@ -187,11 +239,12 @@ class RouteTable:
     def to_dict(self) -> dict[str, Any]:
         return {"labels": list(self.labels), "shares": list(self.shares), "routes": list(self.routes),
                 "route_labels": [list(g) for g in self.route_labels], "prompts": list(self.prompts),
-                "accuracy": [list(row) for row in self.accuracy], "temperature": self.temperature}
+                "accuracy": [list(row) for row in self.accuracy], "temperature": self.temperature,
+                **({"read": self.read} if self.read is not None else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RouteTable:
-        known = {"labels", "shares", "routes", "route_labels", "prompts", "accuracy", "temperature"}
+        known = {"labels", "shares", "routes", "route_labels", "prompts", "accuracy", "temperature", "read"}
         if not isinstance(data, Mapping) or set(data) - known or not {"labels", "routes", "prompts"} <= set(data):
             raise ValueError(f"RouteTable: expected an object with fields {sorted(known)}; got {brief_repr(data)}.")
         try:
@@ -200,7 +253,7 @@ class RouteTable:
                        route_labels=tuple(tuple(int(i) for i in g) for g in data["route_labels"]),
                        prompts=tuple(map(str, data["prompts"])),
                        accuracy=tuple(tuple(row) for row in data["accuracy"]),
-                       temperature=data.get("temperature", 1.0))
+                       temperature=data.get("temperature", 1.0), read=data.get("read"))
         except (KeyError, TypeError) as error:
             raise ValueError(f"RouteTable: malformed field ({error}); rebuild it from the run's D0 (qpo export).") \
                 from error

@@ -617,10 +617,13 @@ class PromptOptimizer:
             "provider": self.provider,
             "io_binding": self.decoder.io_binding,
             "library": self.library,
-            # label_route bundles: 'choose' scores these routes and sends by the table (None: the whole library)
+            # label_route bundles: 'choose' scores these routes and sends by the table (None: the whole library),
+            # by rule 'remap' (a fixed prompt per top route, for the route read training measured) or 'posterior'
             "routes": None if self._routes is None else {"routes": len(self._routes.routes),
                                                          "prompts": len(self._routes.prompts),
-                                                         "labels": list(self._routes.labels)},
+                                                         "labels": list(self._routes.labels),
+                                                         "rule": "posterior" if self._routes.read is None else "remap",
+                                                         "read": self._routes.read},
             "speculative": self.drafter is not None,
             "strategy": m.generation.strategy,
             "created_by": m.created_by,

@@ -254,10 +254,22 @@ def test_a_route_table_bundle_scores_the_routes_and_sends_by_the_table(tiny, tmp
     bundle = export_tiny(tiny, tmp_path / "routed", library=LIBRARY, routes=table)
     optimizer = PromptOptimizer.from_bundle(bundle)
     assert optimizer.info()["strategy"] == "choose"  # a route table makes 'choose' the default
-    assert optimizer.info()["routes"] == {"routes": 2, "prompts": 3, "labels": ["neg", "pos"]}
+    assert optimizer.info()["routes"] == {"routes": 2, "prompts": 3, "labels": ["neg", "pos"], "rule": "posterior",
+                                          "read": None}
     results = optimizer.optimize_batch(QUERIES)
     assert [r.prompt for r in results] == expected
     assert all(query in r.text for query, r in zip(QUERIES, results, strict=True))
+
+    # With the route read set (rule remap) only the top route counts: at a read of 0.9 each route sends itself
+    # (0.95 * 0.9 + 0.05 * 0.1 = 0.86 beats the generalist's 0.7), at 0.6 the generalist (0.59 < 0.7).
+    for read, sends in ((0.9, {r: r for r in routes}), (0.6, {r: "Answer with one word." for r in routes})):
+        remapped = replace(table, read=read)
+        assert remapped.sent_by_route() == sends
+        optimizer = PromptOptimizer.from_bundle(export_tiny(tiny, tmp_path / f"remap{read}", library=LIBRARY,
+                                                            routes=remapped))
+        assert optimizer.info()["routes"]["rule"] == "remap" and optimizer.info()["routes"]["read"] == read
+        assert [r.prompt for r in optimizer.optimize_batch(QUERIES)] == [sends[routes[int(i)]]
+                                                                          for i in scores.argmax(-1)]
     assert load_library(bundle / LIBRARY_FILE, vocab_size=10**6, max_ids=13)[1] == table
 
     # A table naming a prompt outside the library is refused at export and at load, with the fix named.
@@ -272,6 +284,9 @@ def test_a_route_table_bundle_scores_the_routes_and_sends_by_the_table(tiny, tmp
         load_library(path, vocab_size=10**6, max_ids=13)
     path.write_text(json.dumps({**data, "routes": {**data["routes"], "temperature": -1}}))
     with pytest.raises(BundleError, match="temperature must be a number > 0"):
+        load_library(path, vocab_size=10**6, max_ids=13)
+    path.write_text(json.dumps({**data, "routes": {**data["routes"], "read": 1.5}}))
+    with pytest.raises(BundleError, match=r"read must be None or a share in \[0, 1\]"):
         load_library(path, vocab_size=10**6, max_ids=13)
     path.write_text(json.dumps({**data, "version": 2}))
     with pytest.raises(BundleError, match="unknown field"):  # version 2 has no routes

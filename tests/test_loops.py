@@ -199,6 +199,32 @@ def test_label_route_conditioning_trains_two_imputed_examples_per_query(tmp_path
         route_query_records(run, 100_000, more[0])
     with pytest.raises(TrainConfigError, match="route_queries only applies to --conditioning label_route"):
         TrainConfig(route_queries=3)
+    with pytest.raises(TrainConfigError, match="route_read_queries only applies to --conditioning label_route"):
+        TrainConfig(route_read_queries=3)
+    with pytest.raises(TrainConfigError, match="route_read_queries must be an integer >= 0"):
+        TrainConfig(conditioning="label_route", route_read_queries=-1)
+
+    # With route_read_queries the table carries the read (rule remap): the share of the first 4 collect queries
+    # (of 6) whose top route under the trained policy is their gold label's; nothing else in it changes.
+    from dataclasses import replace
+
+    from qpo_middleware.training.loops import final_checkpoint, load_policy
+    from qpo_middleware.training.preference import candidate_logps
+
+    small_run(tmp_path / "read", tiny_base)
+    reads = TrainConfig(**{**routed.__dict__, "route_read_queries": 4})
+    metrics = run_loops(tmp_path / "read", reads, LoopConfig(**{**loops.__dict__, "loops": 1}))
+    table = read_route_table(final_checkpoint(tmp_path / "read"))
+    assert replace(table, read=None) == route_table(OfflineDataset(tmp_path / "read").records)
+    run = Run.open(tmp_path / "read")
+    held_out = run.splits.collect[:4]
+    assert len(run.splits.collect) == 6
+    model, tokenizer, fmt = load_policy(final_checkpoint(tmp_path / "read"), reads)
+    top = candidate_logps(model, tokenizer, fmt, [e.query for e in held_out], list(table.routes),
+                          (fmt.top_bucket,))[0].argmax(-1).tolist()
+    own = [next(r for r, group in enumerate(table.route_labels) if table.labels.index(run.task.gold_text(e)) in group)
+           for e in held_out]
+    assert table.read == metrics[0].route_read == sum(t == o for t, o in zip(top, own, strict=True)) / 4
 
     # Distinct routes reach training: every label's top route is a different prompt, and the loop trains on them.
     from qpo_middleware.training.loops import training_data

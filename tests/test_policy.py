@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -399,14 +400,23 @@ def test_route_remap_weighs_what_a_misread_costs(caplog):
     with caplog.at_level(logging.INFO, logger="qpo_middleware.training.policy"):
         assert route_remap(records, 0.75) == {"P": "G", "N": "G"}  # 0.666 < 0.700: the best single prompt
     assert "at a route read of 75%, the route 'P' sends 'G' instead" in caplog.text
-    # The search one route at a time finds the same map here.
-    assert route_remap(records, 0.75, exhaustive_limit=0) == {"P": "G", "N": "G"}
-    assert route_remap(records, 0.9, exhaustive_limit=0) == {"P": "P", "N": "N"}
     # Per query: the table route_remap reads, with the same accuracies and shares.
     table = route_table(records)
     assert table.labels == ("neg", "pos") and table.shares == (0.5, 0.5) and table.routes == ("N", "P")
     assert table.route_labels == ((0,), (1,)) and table.prompts == ("G", "N", "P")
     assert table.accuracy[1][2] == pytest.approx(0.883, abs=1e-3) and table.accuracy[0][2] == pytest.approx(0.017, abs=1e-3)
+    # With the read set, the table serves that map query by query (a bundle carries it): only the top route counts,
+    # however sure the scores (columns: N, P).
+    scores = np.array([[0.0, 0.1], [0.0, 50.0], [3.0, 0.0]])
+    for read, sent in ((0.8, ["P", "P", "N"]), (0.75, ["G", "G", "G"])):
+        remapped = replace(table, read=read)
+        assert [table.prompts[i] for i in remapped.pick(scores)] == sent
+        # p(pos | top route P) = read: each label is half the queries, and a misread sends the other's route
+        assert remapped.label_posterior(scores)[1] == pytest.approx([1 - read, read])
+        assert type(table).from_dict(json.loads(json.dumps(remapped.to_dict()))) == remapped
+    assert "read" not in table.to_dict()  # a posterior table's bundle file stays as it was
+    with pytest.raises(ValueError, match=r"read must be None or a share in \[0, 1\]"):
+        replace(table, read=1.2)
     # A share, so a number in [0, 1]; the error says what it is.
     with pytest.raises(ValueError, match=r"share of queries the policy sends their label's route.*got 1.5"):
         route_remap(records, 1.5)

@@ -150,8 +150,11 @@ def test_smollm2_default_recipe_trains_by_dpo_and_the_bundle_chooses(tmp_path: P
 
 def test_smollm2_label_route_bundle_sends_by_its_route_table(tmp_path: Path, real_data: Path,
                                                              smollm2_target) -> None:  # noqa: ANN001
-    """A label_route policy on real SST-2 verdicts: training writes the table of the routes it trained on, export
-    carries it, and the bundle scores the routes as torch does and sends the prompt the table picks from them."""
+    """A label_route policy on real SST-2 verdicts: training writes the table of the routes it trained on, with the
+    route read measured on the held-out collect queries (rule remap), export carries it, and the bundle scores the
+    routes as torch does and sends the prompt the table picks from them."""
+    from dataclasses import replace
+
     from qpo_middleware import PromptOptimizer
     from qpo_middleware.training.config import LoopConfig, TrainConfig
     from qpo_middleware.training.dataset import OfflineDataset
@@ -159,22 +162,34 @@ def test_smollm2_label_route_bundle_sends_by_its_route_table(tmp_path: Path, rea
     from qpo_middleware.training.loops import final_checkpoint, load_policy, run_loops
     from qpo_middleware.training.policy import route_table
     from qpo_middleware.training.preference import candidate_logps
+    from qpo_middleware.training.run import Run
 
     collected(tmp_path, real_data, smollm2_target)
     train = TrainConfig(epochs=1, max_steps=2, batch_size=4, trainable="top:2", prompt_max_tokens=12,
-                        conditioning="label_route")
-    run_loops(tmp_path, train, LoopConfig(loops=1, eval_greedy=False, d0_floor_quantile=0.0, preference="off"))
+                        conditioning="label_route", route_read_queries=10)
+    metrics = run_loops(tmp_path, train, LoopConfig(loops=1, eval_greedy=False, d0_floor_quantile=0.0,
+                                                    preference="off"))
     checkpoint = final_checkpoint(tmp_path)
     table = read_route_table(checkpoint)
-    assert table == route_table(OfflineDataset(tmp_path).loop(0))
+    assert replace(table, read=None) == route_table(OfflineDataset(tmp_path).loop(0))
     assert sorted(table.labels) == ["negative", "positive"] and len(table.prompts) == 4
 
     bundle = export_bundle(checkpoint, tmp_path / "bundle")  # no strategy asked: a route table chooses
     optimizer = PromptOptimizer.from_bundle(bundle, provider="cpu")
     assert optimizer.info()["strategy"] == "choose" and optimizer.info()["routes"]["routes"] == len(table.routes)
+    assert optimizer.info()["routes"]["rule"] == "remap" and optimizer.info()["routes"]["read"] == table.read
     queries = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés",
                "it 's a movie , with actors ."]
     model, tokenizer, fmt = load_policy(checkpoint, train)
+    # The read: the share of the run's 3 collect queries (all there are, fewer than asked) whose top route is
+    # their gold label's.
+    run = Run.open(tmp_path)
+    held_out = run.splits.collect
+    top = candidate_logps(model, tokenizer, fmt, [e.query for e in held_out], list(table.routes),
+                          (fmt.top_bucket,))[0].numpy().argmax(-1)
+    own = [next(r for r, group in enumerate(table.route_labels) if table.labels.index(run.task.gold_text(e)) in group)
+           for e in held_out]
+    assert len(held_out) == 3 and table.read == metrics[0].route_read == sum(map(int.__eq__, top.tolist(), own)) / 3
     scores = candidate_logps(model, tokenizer, fmt, queries, list(table.routes), (fmt.top_bucket,))[0].numpy()
     expected = [table.prompts[i] for i in table.pick(scores)]
     for query, want, result in zip(queries, expected, optimizer.optimize_batch(queries), strict=True):

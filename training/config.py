@@ -42,12 +42,14 @@ RECIPES: dict[str, Recipe] = {
         summary="arXiv 2408.10504: the absolute reward token, supervised on D0's better half; add --loops 2+"),
     "route": Recipe(
         train={"conditioning": "label_route", "trainable": "all", "learning_rate": 5e-5,
-               "route_without_leaning": True, "route_distinct": True, "route_queries": 1000, "epochs": 1},
+               "route_without_leaning": True, "route_distinct": True, "route_queries": 1000, "route_read_queries": 200,
+               "epochs": 1},
         loops={"d0_floor_quantile": 0.0, "preference": "off"},
         # One prompt per label (the one D0 finds right most often on the label's queries, among the prompts that do
         # not lean the target to one label, a different one per label); the policy learns to read the label from
         # D0's queries and 1,000 more labelled train queries (no target call), and the bundle sends by its route
-        # table. Measured on Qwen2.5-Coder-0.5B ag_news (benchmark row label_route_distinct_q1000).
+        # table at rule remap, the route read measured on 200 held-out labelled queries. Measured on Qwen2.5-Coder-0.5B
+        # ag_news and tweet_emotion (benchmark row label_route_distinct_q1000, rule remap).
         summary="classification tasks: one prompt per label, read by the policy, sent by the bundle's route table; "
                 "trains every weight (label_route_distinct_q1000)"),
 }
@@ -255,6 +257,12 @@ class TrainConfig:
                 "task's train pool, disjoint from every split of the run. Only their gold labels are read (no "
                 "target call): the routes come from D0's verdicts, and more queries teach the policy to read the "
                 "label (on Qwen ag_news it read 75% of test topics right from D0's 1,000 queries)."})
+    route_read_queries: int = field(default=0, metadata={
+        "help": "With --conditioning label_route: after training, measure on this many held-out collect queries "
+                "(their gold labels only, no target call) how often the policy's top route is the query's own "
+                "label's, and have the bundle send by rule remap: each route a fixed prompt, the one with the most "
+                "expected right answers on D0 at that read rate (a route that fails off its label gives way to one "
+                "that holds up). 0: send by the label posterior of the route scores instead."})
     query_max_tokens: int = field(
         default=40, metadata={"help": "Query tokens the policy sees (the rest is cut)."}
     )
@@ -316,9 +324,12 @@ class TrainConfig:
         if self.conditioning not in CONDITIONING_KINDS:
             raise TrainConfigError(
                 f"conditioning must be one of {', '.join(CONDITIONING_KINDS)}; got {self.conditioning!r}.")
-        if not isinstance(self.route_queries, int) or self.route_queries < 0:
-            raise TrainConfigError(f"route_queries must be an integer >= 0; got {self.route_queries!r}.")
-        for name in ("route_without_steering", "route_without_leaning", "route_distinct", "route_queries"):
+        for name in ("route_queries", "route_read_queries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TrainConfigError(f"{name} must be an integer >= 0; got {value!r}.")
+        for name in ("route_without_steering", "route_without_leaning", "route_distinct", "route_queries",
+                     "route_read_queries"):
             if getattr(self, name) and self.conditioning != "label_route":
                 raise TrainConfigError(f"{name} only applies to --conditioning label_route; got "
                                        f"conditioning {self.conditioning!r}. Drop --{name.replace('_', '-')}, or "

@@ -12,7 +12,6 @@ this module adds the tokens to a model, turns :class:`Record` s into
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 import math
 import statistics
@@ -416,62 +415,27 @@ def route_table(records: Sequence[Record], *, without_steering: bool = False, wi
 
 
 def route_remap(records: Sequence[Record], read: float, *, without_steering: bool = False,
-                without_leaning: bool = False, distinct: bool = False,
-                exhaustive_limit: int = 200_000) -> dict[str, str]:
+                without_leaning: bool = False, distinct: bool = False) -> dict[str, str]:
     """The prompt to send for each ``label_route`` route when the trained policy picks the route of the query's
     gold label only a share ``read`` of the time (a label-only measure: the route read on a dev split), and
-    otherwise another label's, in proportion to the labels' shares of D0. ``route -> prompt`` over the routes of
-    :func:`label_routes` (same lines), choosing among the same prompts the map with the most expected right answers
-    on D0 (:func:`route_table`'s accuracy). At ``read`` 1
-    each route sends the prompt best on D0 for the labels it stands for (a ``distinct`` route may go back to the
-    prompt another route sends: distinct routes help the policy learn to read the label, not the target answer);
-    as ``read`` falls, routes that fail off their own label give way to prompts that hold up on every label, down
-    to the best single prompt. (:class:`~qpo_middleware.choice.RouteTable` makes the same trade per query, from
-    how sure the policy is of its read.)
-    The map is searched whole (``len(prompts) ** len(routes)`` maps, up to ``exhaustive_limit``), else improved
-    one route at a time from the identity; ties keep the trained route."""
-    if not 0.0 <= read <= 1.0:
+    otherwise another label's, in proportion to the labels' shares of D0: :func:`route_table` (same lines) with
+    ``read`` set, which serves this map per query. ``route -> prompt`` over the routes of :func:`label_routes`,
+    each the prompt with the most expected right answers on D0 for the queries the route receives at that read (a
+    route keeps itself on ties). At ``read`` 1 each route sends the prompt best on D0 for the labels it stands for
+    (a ``distinct`` route may go back to the prompt another route sends: distinct routes help the policy learn to
+    read the label, not the target answer); as ``read`` falls, routes that fail off their own label give way to
+    prompts that hold up on every label, down to the best single prompt."""
+    if isinstance(read, bool) or not isinstance(read, int | float) or not 0.0 <= read <= 1.0:
         raise ValueError(f"read is the share of queries the policy sends their label's route: a number in [0, 1]; "
                          f"got {read!r}.")
-    table = route_table(records, without_steering=without_steering, without_leaning=without_leaning,
-                        distinct=distinct)
-    labels, share, routes, prompts = range(len(table.labels)), table.shares, table.routes, table.prompts
-    route_of = {i: r for r, group in enumerate(table.route_labels) for i in group}
-    column = {prompt: j for j, prompt in enumerate(prompts)}
-
-    def expected(serve: Mapping[str, str]) -> float:
-        total_right = 0.0
-        for label in labels:
-            rest = 1.0 - share[label]
-            for other in labels:
-                if other == label:
-                    weight = read if rest > 0 else 1.0
-                else:
-                    weight = (1.0 - read) * share[other] / rest if rest > 0 else 0.0
-                total_right += share[label] * weight * table.accuracy[label][column[serve[routes[route_of[other]]]]]
-        return total_right
-
-    best = {route: route for route in routes}
-    best_value = expected(best)
-    if len(prompts) ** len(routes) <= exhaustive_limit:
-        for combo in itertools.product(prompts, repeat=len(routes)):
-            serve = dict(zip(routes, combo, strict=True))
-            if (value := expected(serve)) > best_value + 1e-12:
-                best, best_value = serve, value
-    else:
-        improved = True
-        while improved:
-            improved = False
-            for route in routes:
-                for prompt in prompts:
-                    serve = {**best, route: prompt}
-                    if (value := expected(serve)) > best_value + 1e-12:
-                        best, best_value, improved = serve, value, True
-    for route, prompt in best.items():
+    table = replace(route_table(records, without_steering=without_steering, without_leaning=without_leaning,
+                                distinct=distinct), read=float(read))
+    served = table.sent_by_route()
+    for route, prompt in served.items():
         if prompt != route:
             logger.info("label_route: at a route read of %.0f%%, the route %s sends %s instead", 100 * read,
                         brief_repr(route, 40), brief_repr(prompt, 40))
-    return best
+    return served
 
 
 def label_route_data(records: Sequence[Record], *, without_steering: bool = False, without_leaning: bool = False,

@@ -43,6 +43,7 @@ def command(
     route_distinct: Annotated[bool, typer.Option(
         "--route-distinct/--no-route-distinct", help=help_of(TrainConfig, "route_distinct"))] = False,
     route_queries: Annotated[int, typer.Option(help=help_of(TrainConfig, "route_queries"))] = 0,
+    route_read_queries: Annotated[int, typer.Option(help=help_of(TrainConfig, "route_read_queries"))] = 0,
     query_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "query_max_tokens"))] = 40,
     prompt_max_tokens: Annotated[int, typer.Option(help=help_of(TrainConfig, "prompt_max_tokens"))] = 40,
     samples_per_query: Annotated[int, typer.Option(help=help_of(LoopConfig, "samples_per_query"))] = 2,
