@@ -322,8 +322,8 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
                                  without_steering=train.route_without_steering,
                                  without_leaning=train.route_without_leaning, distinct=train.route_distinct)
             if train.route_read_queries:
-                routes, metrics.route_read = with_route_read(model, tokenizer, fmt, routes, run, collect_split,
-                                                             train.route_read_queries)
+                routes = with_route_read(model, tokenizer, fmt, routes, run, collect_split, train.route_read_queries)
+                metrics.route_read = routes.read
             write_route_table(checkpoint, routes)
         metrics.train_records = len(examples)
         metrics.first_loss, metrics.last_loss, metrics.train_seconds = result.first_loss, result.last_loss, result.seconds
@@ -349,20 +349,20 @@ def run_loops(run_dir: str | os.PathLike[str], train: TrainConfig, loops: LoopCo
 
 
 def with_route_read(model: Any, tokenizer: Any, fmt: PolicyFormat, routes: RouteTable, run: Run | None,
-                    held_out: Sequence[Example], count: int) -> tuple[RouteTable, float | None]:
+                    held_out: Sequence[Example], count: int) -> RouteTable:
     """``routes`` set to rule remap (:attr:`RouteTable.read`) at the policy's route read: the share of up to
     ``count`` held-out queries (``held_out``: the collect split, which no loop-1 training sees) whose top-scoring
-    route is their gold label's. Reads labels only: no target call. Unchanged (and None) without such queries."""
+    route is their gold label's. Reads labels only: no target call. Unchanged without such queries."""
     if run is None:
         logger.warning("label_route: imported logs have no held-out labelled queries to measure the route read on; "
                        "the bundle sends by the label posterior")
-        return routes, None
+        return routes
     route_of = {label: r for r, group in enumerate(routes.route_labels) for label in group}
     golds = [(e, routes.labels.index(g)) for e in held_out if (g := run.task.gold_text(e)) in routes.labels][:count]
     if not golds:
         logger.warning("label_route: no held-out collect query with a routed label to measure the route read on; "
                        "the bundle sends by the label posterior (collect with more --collect-queries)")
-        return routes, None
+        return routes
     scores = candidate_logps(model, tokenizer, fmt, [e.query for e, _ in golds], list(routes.routes),
                              (fmt.top_bucket,))[0].numpy()
     read = statistics.fmean(int(top) == route_of[g] for top, (_, g) in zip(scores.argmax(-1), golds, strict=True))
@@ -371,7 +371,7 @@ def with_route_read(model: Any, tokenizer: Any, fmt: PolicyFormat, routes: Route
     logger.info("label_route: the policy's top route is the gold label's on %.0f%% of %d held-out queries; "
                 "the bundle sends by rule remap (%d of %d routes send another prompt)", 100 * read, len(golds),
                 sum(prompt != route for route, prompt in sent.items()), len(sent))
-    return remapped, read
+    return remapped
 
 
 def greedy_accuracy(model: Any, tokenizer: Any, fmt: PolicyFormat, run: Run, target: Target,
